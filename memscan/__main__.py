@@ -1,0 +1,5 @@
+"""`python -m memscan` runs the command line."""
+
+from memscan.cli import main
+
+main()

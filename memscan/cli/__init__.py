@@ -1,0 +1,66 @@
+"""The `memscan` command: a thin layer over the library, one module per command.
+
+Every command checks its flags, calls one library function and renders the result.
+MemscanError (and missing files) become one line on stderr and exit code 1; set
+MEMSCAN_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from memscan import __version__
+from memscan.errors import MemscanError
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="memscan")
+@click.option("-v", "--verbose", is_flag=True, help="Log every shard and block, not just the milestones.")
+def cli(verbose: bool) -> None:
+    """Measure how a language model memorizes: activations, nearest neighbours, the theory's tests."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="memscan: %(message)s",
+                        stream=sys.stderr)
+    # Loading and saving a model is quick; hide transformers' per-file progress bars.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _register() -> None:
+    from memscan.cli import demo, extract, inspect
+
+    for command in (extract.extract, inspect.verify, inspect.info, demo.demo):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the command, mapping user errors to one line and exit 1."""
+    debug = os.environ.get("MEMSCAN_DEBUG") == "1"
+    try:
+        code = cli.main(args=argv, prog_name="memscan", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("memscan: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        click.echo("memscan: interrupted; rerun the same command to resume", err=True)
+        code = EXIT_INTERRUPTED
+    except (MemscanError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        if debug:
+            raise
+        click.echo(f"memscan: error: {exc}", err=True)
+        code = EXIT_ERROR
+    sys.exit(code if isinstance(code, int) else 0)

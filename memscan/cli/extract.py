@@ -1,0 +1,40 @@
+"""`memscan extract`: activations of a causal LM over a text source, as Parquet shards."""
+
+from __future__ import annotations
+
+import click
+
+from memscan.cli.render import print_summary
+
+
+@click.command()
+@click.option("--model", required=True, help="Hugging Face model id or local folder (Auto classes).")
+@click.option("--source", required=True,
+              help="qf[:documents=N,lines=L,gen=F], hf:OWNER/NAME[:CONFIG], or a .txt/.jsonl/.parquet file or folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write (or resume).")
+@click.option("--num-chunks", type=int, default=None, help="Seeded uniform sample of this many chunks [default: all].")
+@click.option("--chunk-tokens", type=int, default=256, show_default=True, help="Tokens per chunk (the paper's T_max).")
+@click.option("--test-fraction", type=float, default=0.1, show_default=True,
+              help="Fraction of documents (by seeded hash) in the test split.")
+@click.option("--layers", default="last", show_default=True, help="last | all | indices like 0,6,-1.")
+@click.option("--positions", default="last", show_default=True, help="last | all | every:K.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
+@click.option("--vec-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float16", "float32"]),
+              help="Stored vector type; auto is float16 for 16-bit models.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Chunks per forward pass.")
+@click.option("--shard-rows", type=int, default=65536, show_default=True, help="Rows per Parquet shard.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-loss", is_flag=True, help="Skip the next-token loss (and the LM head).")
+@click.option("--text-column", default="text", show_default=True, help="Text column of .jsonl/.parquet/hf sources.")
+@click.option("--split", default="train", show_default=True, help="Split of an hf: dataset to read.")
+@click.option("--revision", default=None, help="Revision of the hub model and dataset.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
+@click.option("--overwrite", is_flag=True, help="Replace an extraction with other settings in --out.")
+def extract(out: str, overwrite: bool, no_loss: bool, **settings: object) -> None:
+    """Extract activations at chosen layers and positions, with token ids and per-token loss."""
+    from memscan.extract import ExtractSettings
+    from memscan.extract import extract as run
+
+    manifest = run(ExtractSettings(loss=not no_loss, **settings), out, overwrite=overwrite)  # type: ignore[arg-type]
+    print_summary(out, manifest)

@@ -1,0 +1,27 @@
+"""Plain-text rendering shared by the commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def print_summary(directory: str, manifest: dict[str, Any]) -> None:
+    """What a dataset holds: model, source, shape, rows per split, shards."""
+    counts = manifest.get("counts", {})
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    lines = [
+        f"dataset   {directory} ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun to resume'})",
+        f"model     {manifest['model']['id']} ({manifest['model']['class']}, "
+        f"{manifest['model']['num_parameters']:,} parameters, {manifest['dtype']})",
+        f"source    {manifest['settings']['source']} (seed {manifest['seed']})",
+        f"vectors   n={manifest['n']} {manifest['vec_dtype']}, layers {manifest['layers']}, "
+        f"positions {manifest['positions']}, chunks of {manifest['chunk_tokens']} tokens",
+    ]
+    if counts:
+        per_split = ", ".join(f"{split} {n:,}" for split, n in counts["chunks"].items())
+        rows = sum(counts["rows"].values())
+        lines.append(f"chunks    {per_split}")
+        lines.append(f"rows      {rows:,} in {len(manifest['shards'])} shards, {total_bytes / 1e6:,.1f} MB")
+    click.echo("\n".join(lines))

@@ -1,0 +1,326 @@
+"""Text sources, tokenization, chunking, seeded sampling and the train/test split.
+
+Chunking policy (the paper's T_max): each document's tokens are cut into consecutive,
+non-overlapping chunks of `chunk_tokens`; the remainder shorter than a chunk is dropped
+(its first token is still kept as the *next token* of the last chunk, so that chunk's
+last position has a loss), and documents shorter than one chunk give no chunk. Both are
+counted in `CorpusStats`. No special tokens are added.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memscan import qf
+from memscan.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TOKENIZE_BATCH_DOCUMENTS = 256
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a source; `split` is set only where the source fixes it (qf "gen")."""
+
+    doc_id: int
+    text: str
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`tokens` (chunk_tokens,) int32 and `next_tokens` (chunk_tokens,) int32, -1 where none.
+
+    `sample_key` is the chunk's seeded uniform key; the smallest keys form a sample.
+    """
+
+    doc_id: int
+    chunk_id: int
+    split: str
+    tokens: np.ndarray
+    next_tokens: np.ndarray
+    sample_key: int
+
+
+@dataclass
+class CorpusStats:
+    """What the chunker saw and kept; written into the manifest."""
+
+    documents: int = 0
+    documents_too_short: int = 0
+    tokens: int = 0
+    tokens_in_chunks: int = 0
+    longest_document_tokens: int = 0
+    chunks_available: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- sources
+
+
+class Source:
+    """A named stream of documents with a description for the manifest."""
+
+    def documents(self) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class QFSource(Source):
+    """The built-in Question-Formation generator (`qf` or `qf:documents=N,lines=L,gen=F`)."""
+
+    config: qf.QFConfig
+    seed: int
+
+    def documents(self) -> Iterator[Document]:
+        for doc_id, text, split in qf.documents(self.config, self.seed):
+            yield Document(doc_id, text, split)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "qf", "config": asdict(self.config), "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class FileSource(Source):
+    """Local .txt (one document per line), .jsonl or .parquet files, in sorted path order."""
+
+    paths: tuple[Path, ...]
+    text_column: str
+
+    def documents(self) -> Iterator[Document]:
+        doc_id = 0
+        for path in self.paths:
+            for text in _read_texts(path, self.text_column):
+                yield Document(doc_id, text)
+                doc_id += 1
+
+    def describe(self) -> dict[str, Any]:
+        from memscan.store import sha256_of
+
+        files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in self.paths]
+        return {"kind": "files", "text_column": self.text_column, "files": files}
+
+
+@dataclass(frozen=True)
+class HFSource(Source):
+    """A Hugging Face dataset (`hf:OWNER/NAME[:CONFIG]`), streamed through `datasets`."""
+
+    name: str
+    config_name: str | None
+    split: str
+    text_column: str
+    revision: str | None
+
+    def documents(self) -> Iterator[Document]:
+        import datasets
+
+        try:
+            stream = datasets.load_dataset(
+                self.name, self.config_name, split=self.split, streaming=True, revision=self.revision
+            )
+        except (FileNotFoundError, ValueError, ConnectionError) as exc:
+            raise InputError(f"could not open dataset '{self.name}': {_first_line(exc)}") from exc
+        for doc_id, record in enumerate(stream):
+            if self.text_column not in record:
+                raise InputError(
+                    f"dataset '{self.name}' has no column '{self.text_column}'; "
+                    f"columns are: {', '.join(record)} (choose one with --text-column)"
+                )
+            yield Document(doc_id, record[self.text_column])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "hf", "name": self.name, "config": self.config_name, "split": self.split,
+                "text_column": self.text_column, "revision": self.revision}
+
+
+def open_source(spec: str, *, seed: int, text_column: str = "text", split: str = "train",
+                revision: str | None = None) -> Source:
+    """Parse `--source`: `qf[:k=v,...]`, `hf:OWNER/NAME[:CONFIG]`, or a local file or folder."""
+    if spec == "qf" or spec.startswith("qf:"):
+        return QFSource(_parse_qf_options(spec[3:]), seed)
+    if spec.startswith("hf:"):
+        name, _, config_name = spec[3:].partition(":")
+        return HFSource(name, config_name or None, split, text_column, revision)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"--source '{spec}' does not exist (give a file, a folder, 'qf' or 'hf:OWNER/NAME')")
+    if path.is_dir():
+        paths = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES))
+        if not paths:
+            raise InputError(f"folder '{spec}' holds no {'/'.join(TEXT_SUFFIXES)} files")
+    elif path.suffix in TEXT_SUFFIXES:
+        paths = (path,)
+    else:
+        raise InputError(f"--source '{spec}' is not a {'/'.join(TEXT_SUFFIXES)} file")
+    return FileSource(paths, text_column)
+
+
+def _parse_qf_options(options: str) -> qf.QFConfig:
+    names = {"documents": ("documents", int), "lines": ("lines_per_document", int),
+             "gen": ("generalization_fraction", float)}
+    values: dict[str, Any] = {}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key not in names:
+            raise InputError(f"unknown qf option '{key}'; known: {', '.join(names)} (e.g. qf:documents=200)")
+        field_name, kind = names[key]
+        try:
+            values[field_name] = kind(value)
+        except ValueError:
+            raise InputError(f"qf option {key} must be a {kind.__name__}; got '{value}'") from None
+    config = qf.QFConfig(**values)
+    if config.documents < 1 or config.lines_per_document < 1 or not 0 <= config.generalization_fraction < 1:
+        raise InputError(f"qf options out of range: {config}")
+    return config
+
+
+def _read_texts(path: Path, text_column: str) -> Iterator[str]:
+    if path.suffix == ".parquet":
+        yield from _read_parquet_texts(path, text_column)
+        return
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if path.suffix == ".txt":
+                    if line.strip():
+                        yield line.rstrip("\n")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{line_number} is not valid JSON: {exc.msg}") from None
+                if not isinstance(record, dict) or text_column not in record:
+                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                    raise InputError(f"{path}:{line_number} has no column '{text_column}' (has: {keys}); "
+                                     "choose one with --text-column")
+                yield str(record[text_column])
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def _read_parquet_texts(path: Path, text_column: str) -> Iterator[str]:
+    from memscan import store
+
+    yield from store.read_text_column(path, text_column)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# ---------------------------------------------------------------- hashing, splits, chunks
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer over uint64 arrays: a fast, portable, seedable hash."""
+    x = np.asarray(x, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (x ^ (x >> np.uint64(31))) & _MASK64
+
+
+def _keyed(seed: int, purpose: int, values: np.ndarray) -> np.ndarray:
+    salt = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) ^ np.uint64(purpose))
+    return splitmix64(np.asarray(values, dtype=np.uint64) ^ salt)
+
+
+_SPLIT_PURPOSE, _SAMPLE_PURPOSE = 1, 2
+
+
+def document_split(doc_id: int, forced: str | None, test_fraction: float, seed: int) -> str:
+    """"test" for a seeded-hash fraction of documents, else "train"; a forced split wins."""
+    if forced is not None:
+        return forced
+    u = float(_keyed(seed, _SPLIT_PURPOSE, np.array([doc_id]))[0]) / 2.0**64
+    return "test" if u < test_fraction else "train"
+
+
+def sample_keys(seed: int, doc_id: int, chunk_ids: np.ndarray) -> np.ndarray:
+    """Uniform uint64 keys per chunk; the K smallest form the seeded sample (bottom-k)."""
+    return _keyed(seed, _SAMPLE_PURPOSE, _keyed(seed, _SAMPLE_PURPOSE, np.array([doc_id])) ^ chunk_ids.astype(np.uint64))
+
+
+def tokenize(documents: Iterable[Document], tokenizer: Any) -> Iterator[tuple[Document, np.ndarray]]:
+    """(document, token ids int32) in source order, tokenizing in batches for speed."""
+    batch: list[Document] = []
+
+    def flush() -> Iterator[tuple[Document, np.ndarray]]:
+        encoded = tokenizer([d.text for d in batch], add_special_tokens=False,
+                            return_attention_mask=False, verbose=False)["input_ids"]
+        for doc, ids in zip(batch, encoded):
+            yield doc, np.asarray(ids, dtype=np.int32)
+        batch.clear()
+
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == TOKENIZE_BATCH_DOCUMENTS:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def chunk_tokens(ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one document: chunks (m, length) int32 and next tokens (m, length) int32, -1 at the end."""
+    m = len(ids) // length
+    chunks = ids[: m * length].reshape(m, length)
+    following = np.full(m * length, -1, dtype=np.int32)
+    upto = min(len(ids) - 1, m * length)
+    following[:upto] = ids[1: upto + 1]
+    return chunks, following.reshape(m, length)
+
+
+def iter_chunks(documents: Iterable[Document], tokenizer: Any, length: int, test_fraction: float,
+                seed: int, stats: CorpusStats) -> Iterator[Chunk]:
+    """Every chunk of every document in (doc_id, chunk_id) order, updating `stats` as it goes."""
+    for doc, ids in tokenize(documents, tokenizer):
+        stats.documents += 1
+        stats.tokens += len(ids)
+        stats.longest_document_tokens = max(stats.longest_document_tokens, len(ids))
+        chunks, following = chunk_tokens(ids, length)
+        if len(chunks) == 0:
+            stats.documents_too_short += 1
+            continue
+        stats.tokens_in_chunks += chunks.size
+        stats.chunks_available += len(chunks)
+        split = document_split(doc.doc_id, doc.split, test_fraction, seed)
+        keys = sample_keys(seed, doc.doc_id, np.arange(len(chunks))).tolist()
+        for chunk_id in range(len(chunks)):
+            yield Chunk(doc.doc_id, chunk_id, split, chunks[chunk_id], following[chunk_id], keys[chunk_id])
+
+
+def sample_chunks(chunks: Iterable[Chunk], k: int) -> list[Chunk]:
+    """A uniform sample of k chunks without replacement, seeded, in O(k) memory, sorted by id.
+
+    Bottom-k sampling: every chunk gets a hashed key and the k smallest keys win, so the
+    sample does not depend on the stream's length or order, and samples of disjoint
+    streams merge by keeping the k smallest keys.
+    """
+    heap: list[tuple[int, int, int, Chunk]] = []  # (-key, -doc, -chunk, chunk): a max-heap
+    for chunk in chunks:
+        entry = (-chunk.sample_key, -chunk.doc_id, -chunk.chunk_id, chunk)
+        if len(heap) < k:
+            heapq.heappush(heap, entry)
+        elif entry[:3] > heap[0][:3]:
+            heapq.heapreplace(heap, entry)
+    return sorted((e[3] for e in heap), key=lambda c: (c.doc_id, c.chunk_id))

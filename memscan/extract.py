@@ -1,0 +1,379 @@
+"""`memscan extract`: stream chunks through a model and store their activations as shards.
+
+Rows are ordered by chunk (doc_id, chunk_id), then layer, then position, and numbered
+densely from 0. Batches are aligned to fixed chunk ranges, so a resumed run recomputes
+exactly the batches an uninterrupted run computes, and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import platform
+import queue
+import shutil
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from memscan import corpus, store
+from memscan.errors import InputError, NonFiniteActivationsError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that decides an extraction's output (see `memscan extract --help`)."""
+
+    model: str
+    source: str
+    num_chunks: int | None = None        # None: every chunk of the corpus
+    chunk_tokens: int = 256              # the paper's T_max
+    test_fraction: float = 0.1
+    layers: str = "last"                 # last | all | comma-separated indices (negative from the end)
+    positions: str = "last"              # last | all | every:K
+    dtype: str = "auto"                  # auto | bf16 | fp16 | fp32
+    vec_dtype: str = "auto"              # auto (float16 for 16-bit models) | float16 | float32
+    device: str = "auto"
+    batch_size: int = 8
+    shard_rows: int = 65536
+    seed: int = 0
+    loss: bool = True
+    text_column: str = "text"
+    split: str = "train"                 # the split of an hf: dataset to read
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        """Refuse out-of-range settings with a message that names the flag."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise InputError(message)
+
+        need(self.num_chunks is None or self.num_chunks >= 1, f"--num-chunks must be at least 1; got {self.num_chunks}")
+        need(self.chunk_tokens >= 1, f"--chunk-tokens must be at least 1; got {self.chunk_tokens}")
+        need(0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1); got {self.test_fraction}")
+        need(self.dtype in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32; got '{self.dtype}'")
+        need(self.vec_dtype in ("auto", *store.VEC_DTYPES), f"--vec-dtype must be auto, float16 or float32; got '{self.vec_dtype}'")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}")
+        need(self.shard_rows >= 1, f"--shard-rows must be at least 1; got {self.shard_rows}")
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """`last`, `all` or indices such as `0,6,-1` (-1 is the last) -> sorted layers in [0, num_layers]."""
+    if spec == "last":
+        return [num_layers]
+    if spec == "all":
+        return list(range(num_layers + 1))
+    try:
+        raw = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise InputError(f"--layers must be last, all or comma-separated integers; got '{spec}'") from None
+    layers = sorted({layer + num_layers + 1 if layer < 0 else layer for layer in raw})
+    if layers[0] < 0 or layers[-1] > num_layers:
+        raise InputError(f"--layers {spec} is out of range: this model has layers 0-{num_layers} "
+                         f"(0 = embeddings, {num_layers} = final hidden state)")
+    return layers
+
+
+def parse_positions(spec: str, chunk_tokens: int) -> list[int]:
+    """`last` (the vector that predicts the next token), `all`, or `every:K` (K-1, 2K-1, ...)."""
+    if spec == "last":
+        return [chunk_tokens - 1]
+    if spec == "all":
+        return list(range(chunk_tokens))
+    if spec.startswith("every:"):
+        try:
+            step = int(spec[6:])
+        except ValueError:
+            step = 0
+        if 1 <= step <= chunk_tokens:
+            return list(range(step - 1, chunk_tokens, step))
+    raise InputError(f"--positions must be last, all or every:K with 1 <= K <= {chunk_tokens}; got '{spec}'")
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Run an iterator in a background thread, `depth` items ahead; its errors surface here."""
+    buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put((False, exc))
+
+    threading.Thread(target=produce, daemon=True, name="memscan-prefetch").start()
+    try:
+        while True:
+            ok, item = buffer.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def batched(chunks: Iterable[corpus.Chunk], size: int) -> Iterator[list[corpus.Chunk]]:
+    iterator = iter(chunks)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _fingerprint(document: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import torch
+    import transformers
+
+    from memscan import __version__
+
+    return {"memscan": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__}
+
+
+def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest to resume from, or None for a fresh start; refuses to clobber another run."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return None
+    if not out.is_dir():
+        raise InputError(f"--out '{out}' exists and is not a folder")
+    ours = [p for p in out.iterdir() if p.name == store.MANIFEST or p.name.startswith("part-")]
+    if not (out / store.MANIFEST).exists():
+        if any(p for p in out.iterdir() if p not in ours):
+            raise InputError(f"--out '{out}' holds files that are not a memscan dataset; choose an empty folder")
+        for p in ours:
+            p.unlink()
+        return None
+    manifest = store.read_manifest(out)
+    if manifest.get("fingerprint") == fingerprint:
+        return manifest
+    if not overwrite:
+        raise InputError(f"--out '{out}' holds another extraction (different settings, model or data); "
+                         "choose another folder or pass --overwrite")
+    log.warning("--overwrite: removing the extraction in %s", out)
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return None
+
+
+class BackgroundWriter:
+    """Feeds a ShardWriter from a thread, so Parquet encoding and hashing overlap the forward pass."""
+
+    _CLOSE, _ABORT = object(), object()
+
+    def __init__(self, writer: store.ShardWriter, depth: int = 2):
+        self.writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="memscan-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is self._ABORT:
+                    self.writer.abort()
+                    return
+                if item is self._CLOSE:
+                    self.writer.close()
+                    return
+                if self._error is None:
+                    self.writer.write(item)
+            except BaseException as exc:
+                self._error = exc
+                self.writer.abort()
+
+    def put(self, table: Any) -> None:
+        self._raise_if_failed()
+        self._queue.put(table)
+
+    def close(self) -> None:
+        self._queue.put(self._CLOSE)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        self._queue.put(self._ABORT)
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _batch_table(batch: list[corpus.Chunk], vec: Any, nll: Any, layers: list[int], positions: list[int],
+                 first_row: int, table_schema: Any, vec_dtype: str) -> Any:
+    """Rows of one batch, ordered (chunk, layer, position); refuses NaN/Inf activations."""
+    import torch
+
+    n_chunks, n_layers, n_positions, n = vec.shape
+    stored = vec.to(getattr(torch, vec_dtype))
+    finite = torch.isfinite(stored).all(dim=-1)                       # (B, L, P)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().tolist()
+        b, l, p = bad[0]
+        hint = " (they fit in float32: pass --vec-dtype float32)" if bool(torch.isfinite(vec[b, l, p]).all()) else ""
+        raise NonFiniteActivationsError(
+            f"the model produced NaN or Inf activations in {len(bad)} rows of chunks "
+            f"{batch[0].doc_id}:{batch[0].chunk_id}-{batch[-1].doc_id}:{batch[-1].chunk_id}, first at doc "
+            f"{batch[b].doc_id} chunk {batch[b].chunk_id} layer {layers[l]} position {positions[p]}{hint}; "
+            "that batch was not written, earlier shards are kept")
+    per_chunk = n_layers * n_positions
+    tokens = np.stack([c.tokens for c in batch])[:, positions]           # (B, P)
+    following = np.stack([c.next_tokens for c in batch])[:, positions]   # (B, P)
+    losses = np.full(tokens.shape, np.nan, np.float32) if nll is None else nll.cpu().numpy()
+
+    def over_layers(per_position: np.ndarray) -> np.ndarray:             # (B, P) -> (B * L * P,)
+        return np.broadcast_to(per_position[:, None, :], (n_chunks, n_layers, n_positions)).reshape(-1)
+
+    columns = {
+        "row_id": first_row + np.arange(n_chunks * per_chunk, dtype=np.int64),
+        "doc_id": np.repeat([c.doc_id for c in batch], per_chunk),
+        "chunk_id": np.repeat([c.chunk_id for c in batch], per_chunk),
+        "position": np.tile(np.asarray(positions, np.int32), n_chunks * n_layers),
+        "token_id": over_layers(tokens),
+        "next_token_id": over_layers(following),
+        "nll": over_layers(losses),
+        "split": np.repeat([c.split for c in batch], per_chunk),
+        "layer": np.tile(np.repeat(np.asarray(layers, np.int16), n_positions), n_chunks),
+    }
+    return store.rows_table(columns, stored.cpu().numpy().reshape(-1, n), table_schema)
+
+
+def _no_chunk_error(source: str, stats: corpus.CorpusStats, chunk_tokens: int) -> InputError:
+    if stats.documents == 0:
+        return InputError(f"--source '{source}' holds no documents")
+    return InputError(f"no document of --source '{source}' has {chunk_tokens} tokens (the longest of "
+                      f"{stats.documents:,} has {stats.longest_document_tokens:,}); lower --chunk-tokens")
+
+
+def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume, or find complete) one extraction into `out`; returns its manifest."""
+    import torch
+
+    from memscan import models
+
+    settings.check()
+    out = Path(out)
+    source = corpus.open_source(settings.source, seed=settings.seed, text_column=settings.text_column,
+                                split=settings.split, revision=settings.revision)
+    device = models.resolve_device(settings.device)
+    dtype = models.resolve_dtype(settings.dtype, device)
+    loaded = models.load(settings.model, dtype=dtype, device=device, revision=settings.revision,
+                         trust_remote_code=settings.trust_remote_code)
+    if loaded.context_length and settings.chunk_tokens > loaded.context_length:
+        raise InputError(f"--chunk-tokens {settings.chunk_tokens} is longer than the model's context of "
+                         f"{loaded.context_length} tokens")
+    layers = parse_layers(settings.layers, loaded.num_layers)
+    positions = parse_positions(settings.positions, settings.chunk_tokens)
+    dtype_name = {v: k for k, v in models.DTYPES.items()}[dtype]
+    vec_dtype = settings.vec_dtype if settings.vec_dtype != "auto" else (
+        "float32" if dtype == torch.float32 else "float16")
+    resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype)
+    identity = {"settings": asdict(resolved), "model": loaded.info, "source": source.describe()}
+    fingerprint = _fingerprint(identity)
+    manifest = prepare_output(out, fingerprint, overwrite)
+    if manifest is not None and manifest["complete"]:
+        log.info("%s is already complete", out)
+        return manifest
+
+    stats = corpus.CorpusStats()
+    chunks: Iterable[corpus.Chunk] = corpus.iter_chunks(
+        source.documents(), loaded.tokenizer, settings.chunk_tokens, settings.test_fraction, settings.seed, stats)
+    total_chunks = None
+    if settings.num_chunks is not None:
+        chunks = corpus.sample_chunks(chunks, settings.num_chunks)
+        if not chunks:
+            raise _no_chunk_error(settings.source, stats, settings.chunk_tokens)
+        if len(chunks) < settings.num_chunks:
+            raise InputError(f"--num-chunks {settings.num_chunks:,} is more than the {len(chunks):,} chunks of "
+                             f"{settings.chunk_tokens} tokens in the corpus; lower it, or omit it to take all")
+        total_chunks = len(chunks)
+    else:
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            raise _no_chunk_error(settings.source, stats, settings.chunk_tokens)
+        chunks = itertools.chain([first], chunks)
+
+    if manifest is None:
+        manifest = {
+            "format": store.FORMAT, "format_version": store.FORMAT_VERSION, "complete": False,
+            "fingerprint": fingerprint, **identity, "n": loaded.hidden_size, "layers": layers,
+            "positions": settings.positions, "chunk_tokens": settings.chunk_tokens, "dtype": dtype_name,
+            "vec_dtype": vec_dtype, "seed": settings.seed, "rows_per_chunk": len(layers) * len(positions),
+            "versions": _versions(), "shards": [],
+        }
+        store.write_json_atomic(out / store.MANIFEST, manifest)
+    per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
+    rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
+    first_batch, skip_rows = divmod(rows_done, batch_size * per_chunk)
+    if rows_done:
+        log.info("resuming %s after %d shards (%d rows)", out, len(manifest["shards"]), rows_done)
+
+    def record_shard(info: store.ShardInfo) -> None:
+        manifest["shards"].append(info.to_dict())
+        store.write_json_atomic(out / store.MANIFEST, manifest)
+
+    table_schema = store.schema(loaded.hidden_size, vec_dtype)
+    writer = BackgroundWriter(store.ShardWriter(out, table_schema, settings.shard_rows, rows_done, record_shard))
+    chunk_counts: dict[str, int] = {}
+    positions_index = torch.tensor(positions, device=device)
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_chunks, unit="chunk", desc="extract", disable=None)
+    try:
+        for b, batch in enumerate(prefetch(batched(chunks, batch_size))):
+            for chunk in batch:
+                chunk_counts[chunk.split] = chunk_counts.get(chunk.split, 0) + 1
+            progress.update(len(batch))
+            if b < first_batch:
+                continue
+            input_ids = torch.from_numpy(np.stack([c.tokens for c in batch])).to(device, torch.long)
+            next_ids = torch.from_numpy(np.stack([c.next_tokens for c in batch])).to(device, torch.long)
+            vec, nll = models.capture(loaded.model, input_ids, next_ids, layers, positions_index, settings.loss)
+            table = _batch_table(batch, vec, nll, layers, positions, b * batch_size * per_chunk, table_schema, vec_dtype)
+            if b == first_batch and skip_rows:
+                table = table.slice(skip_rows)
+            writer.put(table)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    writer.close()
+    manifest["counts"] = {"chunks": dict(sorted(chunk_counts.items())),
+                          "rows": {k: v * per_chunk for k, v in sorted(chunk_counts.items())}}
+    manifest["corpus"] = stats.to_dict()
+    manifest["complete"] = True
+    store.write_json_atomic(out / store.MANIFEST, manifest)
+    log.info("extracted %d rows into %s", sum(manifest["counts"]["rows"].values()), out)
+    return manifest

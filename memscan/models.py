@@ -1,0 +1,154 @@
+"""Causal LMs: loading, device and dtype choice, and the activation-capturing forward pass.
+
+Layer numbering follows `output_hidden_states`: layer 0 is the embedding output, layer i
+the output of block i, and the last layer (= number of blocks) is the final hidden state
+that feeds the LM head, after the final layer norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from memscan.errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LOSS_BLOCK_ROWS = 1024  # rows of vocabulary-wide logits alive at once: ~200 MB for a 50k vocabulary
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when torch sees it; `cuda` without a GPU is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name} was asked for, but torch sees no CUDA device "
+                         "(use --device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device must be auto, cpu or cuda[:N]; got '{name}'") from None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs and CPUs that run it natively (measured 5.8x fp32 on AVX512-BF16), else fp16/fp32."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode on its device, its tokenizer, and what the manifest records."""
+
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[1])
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
+         trust_remote_code: bool = False) -> LoadedModel:
+    """Load a hub id or local folder with the Auto classes; one-line errors for what users get wrong."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(model_id).expanduser()
+    if _looks_like_path(model_id) and not local.exists():
+        raise InputError(f"--model '{model_id}' does not exist")
+    source = str(local) if local.exists() else model_id
+    common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load model '{model_id}': {_first_line(exc)}") from None
+    model.to(device).eval()
+    info = {
+        "id": model_id,
+        "path": str(local.resolve()) if local.exists() else None,
+        "revision": getattr(model.config, "_commit_hash", None) or revision,
+        "weights_sha256": _weights_digest(local) if local.is_dir() else None,
+        "class": type(model).__name__,
+        "model_type": model.config.model_type,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
+    }
+    return LoadedModel(model, tokenizer, info)
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _weights_digest(folder: Path) -> str:
+    """One sha256 over the weight files of a local model, so a resume notices changed weights."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def capture(model: Any, input_ids: torch.Tensor, next_ids: torch.Tensor, layers: list[int],
+            positions: torch.Tensor, with_loss: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Activations and next-token losses of one batch of equal-length chunks.
+
+    input_ids, next_ids: (B, T) int64, next_ids -1 where no next token is known.
+    Returns vec (B, len(layers), P, n) in the model's dtype and nll (B, P) float32
+    (NaN where no next token) or None. Runs the backbone only; the LM head sees just the
+    P kept positions, and only when their loss is asked for.
+    """
+    last = int(model.config.num_hidden_layers)
+    inner = any(layer != last for layer in layers)
+    out = model.base_model(input_ids=input_ids, output_hidden_states=inner, use_cache=False)
+    final = out.last_hidden_state                                    # (B, T, n)
+    states = [final if layer == last else out.hidden_states[layer] for layer in layers]
+    vec = torch.stack([h[:, positions] for h in states], dim=1)      # (B, L, P, n)
+    nll = next_token_nll(model, final[:, positions], next_ids[:, positions]) if with_loss else None
+    return vec, nll
+
+
+def next_token_nll(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target | prefix) from final hidden states (B, P, n); NaN where target is -1."""
+    head = model.get_output_embeddings()
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    nll = torch.full(flat_targets.shape, float("nan"), dtype=torch.float32, device=hidden.device)
+    rows = (flat_targets >= 0).nonzero().squeeze(1)
+    for block in rows.split(LOSS_BLOCK_ROWS):
+        logits = head(flat_hidden[block]).float()                   # (rows, vocab)
+        nll[block] = F.cross_entropy(logits, flat_targets[block], reduction="none")
+    return nll.reshape(targets.shape)

@@ -1,0 +1,342 @@
+"""The activation store: shard schema, manifest, atomic writes, checksums, streaming reads.
+
+The only module that touches Parquet. A dataset folder holds `part-00000.parquet`, ...
+and `manifest.json`; a shard is listed in the manifest only after it is fully written,
+fsynced and renamed into place, so a listed shard is always whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memscan.errors import DataError, InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "memscan.activations"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "part-{:05d}.parquet"
+ROW_GROUP_BYTES = 32 << 20  # tens of MB: big enough to stream fast, small enough to bound memory
+VEC_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+METADATA_COLUMNS = ("row_id", "doc_id", "chunk_id", "position", "token_id", "next_token_id",
+                    "nll", "split", "layer")
+
+
+def schema(n: int, vec_dtype: str) -> pa.Schema:
+    """The shard schema of DESIGN.md; `vec` is fixed_size_list<vec_dtype>[n]."""
+    return pa.schema([
+        ("row_id", pa.int64()), ("doc_id", pa.int64()), ("chunk_id", pa.int64()),
+        ("position", pa.int32()), ("token_id", pa.int32()), ("next_token_id", pa.int32()),
+        ("nll", pa.float32()), ("split", pa.dictionary(pa.int8(), pa.string())),
+        ("layer", pa.int16()), ("vec", pa.list_(VEC_DTYPES[vec_dtype], n)),
+    ])
+
+
+def rows_table(columns: dict[str, np.ndarray], vec: np.ndarray, table_schema: pa.Schema) -> pa.Table:
+    """Build one table of rows: metadata columns (m,) and `vec` (m, n), without copying vec."""
+    arrays = [_arrow_column(columns[name], table_schema.field(name).type) for name in METADATA_COLUMNS]
+    vec_type = table_schema.field("vec").type
+    flat = pa.array(np.ascontiguousarray(vec).reshape(-1), type=vec_type.value_type)
+    arrays.append(pa.FixedSizeListArray.from_arrays(flat, vec_type.list_size))
+    return pa.Table.from_arrays(arrays, schema=table_schema)
+
+
+def _arrow_column(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    if pa.types.is_dictionary(arrow_type):
+        return pa.array(values, type=arrow_type.value_type).dictionary_encode().cast(arrow_type)
+    return pa.array(values, type=arrow_type)
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit_file(tmp: Path, final: Path) -> None:
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_directory(final.parent)
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    _commit_file(tmp, path)
+
+
+def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise InputError(f"'{directory}' is not a folder")
+    if not path.exists():
+        raise DataError(f"'{directory}' is not a memscan dataset: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); the dataset must be re-extracted") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not a memscan activation manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {manifest.get('format_version')}; "
+                        f"this memscan reads version {FORMAT_VERSION}")
+    return manifest
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One completed shard, as the manifest records it."""
+
+    name: str
+    row_start: int
+    row_stop: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "row_start": self.row_start, "row_stop": self.row_stop,
+                "num_rows": self.row_stop - self.row_start, "bytes": self.bytes, "sha256": self.sha256}
+
+
+class ShardWriter:
+    """Cuts a stream of row tables into shards of `shard_rows` rows, each written atomically.
+
+    Row groups hold a fixed number of rows counted from the shard's start, so a shard's
+    bytes depend only on its rows, never on how the rows arrived: a resumed run writes
+    the same bytes as an uninterrupted one.
+    """
+
+    def __init__(self, directory: Path, table_schema: pa.Schema, shard_rows: int, first_row: int,
+                 on_shard: Callable[[ShardInfo], None]):
+        self.directory, self.schema, self.shard_rows = Path(directory), table_schema, shard_rows
+        self.on_shard = on_shard
+        row_bytes = table_schema.field("vec").type.list_size * table_schema.field("vec").type.value_type.byte_width + 40
+        self.group_rows = max(1, min(shard_rows, ROW_GROUP_BYTES // row_bytes))
+        self.shard_index, remainder = divmod(first_row, shard_rows)
+        if remainder:
+            raise ValueError(f"resume must start at a shard boundary; got row {first_row}")
+        self.next_row = first_row
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._rows_in_shard = 0
+
+    @property
+    def _tmp_path(self) -> Path:
+        return self.directory / (SHARD_PATTERN.format(self.shard_index) + ".tmp")
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows whose row_id runs on from the last row written."""
+        while table.num_rows:
+            room = min(self.shard_rows - self._rows_in_shard, self.group_rows - self._pending_rows)
+            head, table = table.slice(0, room), table.slice(room)
+            self._pending.append(head)
+            self._pending_rows += head.num_rows
+            self._rows_in_shard += head.num_rows
+            self.next_row += head.num_rows
+            if self._pending_rows == self.group_rows or self._rows_in_shard == self.shard_rows:
+                self._flush_group()
+            if self._rows_in_shard == self.shard_rows:
+                self._finish_shard()
+
+    def close(self) -> None:
+        """Write the last, partial shard."""
+        if self._pending_rows:
+            self._flush_group()
+        if self._rows_in_shard:
+            self._finish_shard()
+
+    def abort(self) -> None:
+        """Drop the shard in progress; completed shards stay as they are."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp_path.unlink(missing_ok=True)
+
+    def _flush_group(self) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self._tmp_path, self.schema, compression={name: "zstd" for name in METADATA_COLUMNS},
+                use_dictionary=["split"], write_statistics=list(METADATA_COLUMNS),
+            )
+        group = pa.concat_tables(self._pending).combine_chunks()
+        self._writer.write_table(group, row_group_size=self.group_rows)
+        self._pending, self._pending_rows = [], 0
+
+    def _finish_shard(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+        final = self.directory / SHARD_PATTERN.format(self.shard_index)
+        _commit_file(self._tmp_path, final)
+        info = ShardInfo(final.name, self.next_row - self._rows_in_shard, self.next_row,
+                         final.stat().st_size, sha256_of(final))
+        log.debug("wrote %s: rows %d-%d, %.1f MB", info.name, info.row_start, info.row_stop - 1, info.bytes / 1e6)
+        self._rows_in_shard = 0
+        self.shard_index += 1
+        self.on_shard(info)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class ActivationDataset:
+    """A dataset folder opened for reading: the manifest checked, shards streamed.
+
+    Every shard's size and sha256 are checked against the manifest before its first
+    row is read, so a corrupt or truncated shard is named, never half-read.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if not self.manifest.get("complete"):
+            raise DataError(f"dataset '{directory}' is incomplete: rerun the same `memscan extract` "
+                            "command to finish it")
+
+    @property
+    def n(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def count(self, split: str | None = None, layer: int | None = None) -> int:
+        """Rows in a split (all splits when None) at a layer (all layers when None)."""
+        per_split = self.manifest["counts"]["rows"]
+        rows = sum(per_split.values()) if split is None else per_split.get(split, 0)
+        return rows if layer is None else rows // len(self.layers) * (layer in self.layers)
+
+    def iter_batches(self, split: str | None = None, layer: int | None = None,
+                     columns: Sequence[str] = ("row_id",), batch_rows: int = 65536,
+                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Yield (X float32 (m, n), {column: (m,) array}) for the rows of a split and layer.
+
+        Memory is bounded by one batch; X is a read-only view (no copy) where the store
+        holds float32, a float32 copy where it holds float16.
+        """
+        if layer is not None and layer not in self.layers:
+            raise InputError(f"layer {layer} is not in dataset '{self.directory}' (layers: {self.layers})")
+        wanted = list(dict.fromkeys([*columns, "vec", "split", "layer"]))
+        for shard in self.shards:
+            parquet = self._open_checked(shard)
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+                batch = _filter(batch, split, layer)
+                if batch.num_rows == 0:
+                    continue
+                vec = batch.column("vec").flatten().to_numpy(zero_copy_only=False).reshape(-1, self.n)
+                meta = {name: _column_numpy(batch.column(name)) for name in columns}
+                yield vec.astype(np.float32, copy=False), meta
+
+    def _open_checked(self, shard: dict[str, Any]) -> pq.ParquetFile:
+        path = self.directory / shard["name"]
+        problem = shard_problem(path, shard)
+        if problem:
+            raise DataError(f"{problem}; run `memscan verify {self.directory}`")
+        return pq.ParquetFile(path, memory_map=True)
+
+
+def _filter(batch: pa.RecordBatch, split: str | None, layer: int | None) -> pa.RecordBatch:
+    mask = None
+    if split is not None:
+        mask = pc.equal(batch.column("split").dictionary_decode(), split)
+    if layer is not None:
+        at_layer = pc.equal(batch.column("layer"), layer)
+        mask = at_layer if mask is None else pc.and_(mask, at_layer)
+    return batch if mask is None else batch.filter(mask)
+
+
+def _column_numpy(column: pa.Array) -> np.ndarray:
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column.to_numpy(zero_copy_only=False)
+
+
+def shard_problem(path: Path, shard: dict[str, Any]) -> str | None:
+    """What is wrong with one listed shard (missing, resized, altered), or None."""
+    if not path.exists():
+        return f"shard {shard['name']} is missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"shard {shard['name']} is {size:,} bytes; the manifest says {shard['bytes']:,} (truncated or overwritten)"
+    if sha256_of(path) != shard["sha256"]:
+        return f"shard {shard['name']} fails its sha256 checksum (corrupted)"
+    return None
+
+
+def verify(directory: str | os.PathLike[str]) -> list[str]:
+    """Every problem found in a dataset folder: manifest, completeness, shards, schema, counts."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = [] if manifest.get("complete") else ["the dataset is incomplete (extraction did not finish)"]
+    expected_schema = schema(manifest["n"], manifest["vec_dtype"])
+    next_row = 0
+    for shard in manifest["shards"]:
+        path = directory / shard["name"]
+        problem = shard_problem(path, shard)
+        if problem:
+            problems.append(problem)
+            next_row = shard["row_stop"]
+            continue
+        parquet = pq.ParquetFile(path)
+        if not parquet.schema_arrow.equals(expected_schema):
+            problems.append(f"shard {shard['name']} has schema {parquet.schema_arrow}, expected {expected_schema}")
+        row_ids = parquet.read(columns=["row_id"]).column("row_id").to_numpy()
+        expected = np.arange(shard["row_start"], shard["row_stop"])
+        if shard["row_start"] != next_row or not np.array_equal(row_ids, expected):
+            problems.append(f"shard {shard['name']} does not hold rows {shard['row_start']}-{shard['row_stop'] - 1} in order")
+        next_row = shard["row_stop"]
+    if manifest.get("complete"):
+        total = sum(manifest["counts"]["rows"].values())
+        if total != next_row:
+            problems.append(f"the manifest counts {total:,} rows but the shards hold {next_row:,}")
+    return problems
+
+
+def read_text_column(path: Path, column: str, batch_rows: int = 4096) -> Iterator[str]:
+    """Stream one string column of a user's Parquet file (a text source)."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
+    if column not in parquet.schema_arrow.names:
+        raise InputError(f"{path} has no column '{column}'; columns are: "
+                         f"{', '.join(parquet.schema_arrow.names)} (choose one with --text-column)")
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
+        yield from (text for text in batch.column(0).to_pylist() if text)

@@ -1,0 +1,106 @@
+"""Sources, chunking, the seeded uniform sample and the document-level split."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats as scipy_stats
+
+from memscan import corpus, qf
+from memscan.corpus import Chunk, CorpusStats
+
+
+def test_chunks_drop_the_remainder_but_keep_its_first_token_as_next():
+    chunks, following = corpus.chunk_tokens(np.arange(11, dtype=np.int32), 3)
+    assert chunks.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert following.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    chunks, following = corpus.chunk_tokens(np.arange(6, dtype=np.int32), 3)
+    assert following.tolist() == [[1, 2, 3], [4, 5, -1]]
+    assert corpus.chunk_tokens(np.arange(2, dtype=np.int32), 3)[0].shape == (0, 3)
+
+
+def test_iter_chunks_counts_what_it_keeps_and_drops():
+    tokenizer = qf.tokenizer()
+    docs = [corpus.Document(0, "the newt does giggle ."), corpus.Document(1, "the newt does giggle . " * 3)]
+    stats = CorpusStats()
+    chunks = list(corpus.iter_chunks(docs, tokenizer, 6, 0.0, 0, stats))
+    assert [(c.doc_id, c.chunk_id) for c in chunks] == [(1, 0), (1, 1)]
+    assert (stats.documents, stats.documents_too_short, stats.tokens, stats.tokens_in_chunks) == (2, 1, 20, 12)
+    assert chunks[1].next_tokens[-1] == tokenizer.convert_tokens_to_ids("does")  # token 12 opens the dropped remainder
+
+
+def make_chunks(n_docs: int, per_doc: int, seed: int) -> list[Chunk]:
+    return [Chunk(d, c, "train", np.zeros(1, np.int32), np.zeros(1, np.int32), int(key))
+            for d in range(n_docs)
+            for c, key in enumerate(corpus.sample_keys(seed, d, np.arange(per_doc)))]
+
+
+def test_sample_is_uniform_over_chunks():
+    k, n_docs, per_doc, seeds = 20, 40, 5, 600
+    hits = np.zeros((n_docs, per_doc))
+    for seed in range(seeds):
+        for chunk in corpus.sample_chunks(make_chunks(n_docs, per_doc, seed), k):
+            hits[chunk.doc_id, chunk.chunk_id] += 1
+    expected = seeds * k / (n_docs * per_doc)
+    assert scipy_stats.chisquare(hits.ravel(), np.full(hits.size, expected)).pvalue > 1e-3
+
+
+def test_sample_ignores_stream_order_and_is_sorted():
+    chunks = make_chunks(30, 7, seed=9)
+    shuffled = chunks[:]
+    random.Random(0).shuffle(shuffled)
+    first, second = corpus.sample_chunks(chunks, 25), corpus.sample_chunks(shuffled, 25)
+    ids = [(c.doc_id, c.chunk_id) for c in first]
+    assert ids == [(c.doc_id, c.chunk_id) for c in second] == sorted(ids) and len(ids) == 25
+    smallest = sorted(chunks, key=lambda c: c.sample_key)[:25]
+    assert set(ids) == {(c.doc_id, c.chunk_id) for c in smallest}
+
+
+def test_document_split_fraction_and_forced_splits():
+    splits = [corpus.document_split(d, None, 0.2, seed=4) for d in range(20000)]
+    assert splits.count("test") / len(splits) == pytest.approx(0.2, abs=0.01)
+    assert splits != [corpus.document_split(d, None, 0.2, seed=5) for d in range(20000)]
+    assert corpus.document_split(3, "gen", 0.2, seed=4) == "gen"
+    assert {corpus.document_split(d, None, 0.0, seed=4) for d in range(100)} == {"train"}
+
+
+def texts_of(source: corpus.Source) -> list[tuple[int, str]]:
+    return [(d.doc_id, d.text) for d in source.documents()]
+
+
+def test_local_sources_txt_jsonl_parquet_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth"}) + "\n")
+    pq.write_table(pa.table({"text": ["fifth", None, "sixth"], "x": [1, 2, 3]}), tmp_path / "c.parquet")
+    (tmp_path / "ignored.md").write_text("not a source")
+    open_ = lambda p: corpus.open_source(str(p), seed=0)  # noqa: E731
+    assert texts_of(open_(tmp_path / "a.txt")) == [(0, "first doc"), (1, "second doc")]
+    assert texts_of(open_(tmp_path / "b.jsonl")) == [(0, "third"), (1, "fourth")]
+    assert texts_of(open_(tmp_path / "c.parquet")) == [(0, "fifth"), (1, "sixth")]
+    assert [t for _, t in texts_of(open_(tmp_path))] == ["first doc", "second doc", "third", "fourth", "fifth", "sixth"]
+    files = open_(tmp_path).describe()["files"]
+    assert [f["path"].rsplit("/", 1)[1] for f in files] == ["a.txt", "b.jsonl", "c.parquet"]
+    assert all(len(f["sha256"]) == 64 for f in files)
+
+
+def test_hf_source_streams_local_files_through_datasets(tmp_path):
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    rows = [{"content": f"document number {i}", "meta": i} for i in range(7)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = corpus.open_source(f"hf:{folder}", seed=0, text_column="content", split="train")
+    assert texts_of(source) == [(i, f"document number {i}") for i in range(7)]
+    assert source.describe()["kind"] == "hf"
+
+
+def test_qf_source_options_and_forced_gen_split():
+    source = corpus.open_source("qf:documents=40,lines=4,gen=0.5", seed=1)
+    docs = list(source.documents())
+    assert len(docs) == 40 and all(d.text.count(qf.LINE_SEPARATOR) == 3 for d in docs)
+    assert 5 < sum(d.split == "gen" for d in docs) < 35
+    assert all(d.split in (None, "gen") for d in docs)

@@ -1,0 +1,137 @@
+"""Shards and manifest: determinism, resume after SIGKILL, corruption found, streaming reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from memscan import store
+from memscan.errors import DataError
+from memscan.extract import ExtractSettings, extract
+
+
+def settings_for(model: Path, **overrides) -> ExtractSettings:
+    base = dict(model=str(model), source="qf:documents=20,lines=16", chunk_tokens=32, layers="all",
+                positions="every:4", batch_size=3, shard_rows=700, num_chunks=150, seed=5, test_fraction=0.25)
+    return ExtractSettings(**{**base, **overrides})
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("part-*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def reference(qf_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "data"
+    extract(settings_for(qf_model), out)
+    return out
+
+
+def test_same_seed_gives_byte_identical_shards(reference, qf_model, tmp_path):
+    extract(settings_for(qf_model), tmp_path / "again")
+    assert shard_bytes(tmp_path / "again") == shard_bytes(reference)
+    assert len(shard_bytes(reference)) > 3
+    other = extract(settings_for(qf_model, seed=6), tmp_path / "other")
+    first = json.loads((reference / store.MANIFEST).read_text())
+    assert other["shards"][0]["sha256"] != first["shards"][0]["sha256"]
+
+
+def test_rerun_of_a_complete_dataset_changes_nothing(reference, qf_model):
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+    extract(settings_for(qf_model), reference)
+    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "memscan", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def _shards_listed(directory: Path) -> int:
+    try:
+        return len(json.loads((directory / store.MANIFEST).read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_rerun_equals_uninterrupted_run(reference, qf_model, tmp_path):
+    out = tmp_path / "killed"
+    s = settings_for(qf_model)
+    args = ["extract", "--model", s.model, "--source", s.source, "--out", str(out), "--chunk-tokens", "32",
+            "--layers", "all", "--positions", "every:4", "--batch-size", "3", "--shard-rows", "700",
+            "--num-chunks", "150", "--seed", "5", "--test-fraction", "0.25", "--dtype", "bf16"]
+    total = len(shard_bytes(reference))
+    kills = 0
+    for wait_for_shards in (0, 2, total // 2, total - 1):
+        process = _start(args)
+        deadline = time.monotonic() + 120
+        while _shards_listed(out) < wait_for_shards and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if process.poll() is None:
+            time.sleep(0.05 if wait_for_shards else 1.5)
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills >= 3
+    finish = _start(args)
+    assert finish.wait() == 0, finish.stderr.read().decode()
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not list(out.glob("*.tmp"))
+    assert store.verify(out) == []
+
+
+def test_truncated_and_flipped_shards_are_named_by_verify_and_refused_by_the_reader(reference, tmp_path):
+    for damage in ("truncate", "flip"):
+        copy = tmp_path / damage
+        copy.mkdir()
+        for p in reference.iterdir():
+            (copy / p.name).write_bytes(p.read_bytes())
+        victim = copy / "part-00002.parquet"
+        data = bytearray(victim.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 3] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        problems = store.verify(copy)
+        assert len(problems) == 1 and "part-00002.parquet" in problems[0]
+        with pytest.raises(DataError, match="part-00002.parquet"):
+            for _ in store.ActivationDataset(copy).iter_batches():
+                pass
+
+
+def test_reader_filters_by_split_and_layer_in_row_order(reference):
+    dataset = store.ActivationDataset(reference)
+    table = pq.read_table(sorted(reference.glob("part-*.parquet"))).to_pandas()
+    for split, layer in (("train", 2), ("test", 0), (None, 1), ("train", None)):
+        blocks = list(dataset.iter_batches(split=split, layer=layer, columns=("row_id", "layer"), batch_rows=97))
+        X = np.concatenate([b[0] for b in blocks])
+        row_ids = np.concatenate([b[1]["row_id"] for b in blocks])
+        expected = table[((table.split == split) if split else True) & ((table.layer == layer) if layer is not None else True)]
+        assert np.array_equal(row_ids, expected.row_id.to_numpy())
+        assert X.dtype == np.float32 and X.shape == (len(expected), dataset.n)
+        np.testing.assert_array_equal(X, np.stack(expected.vec.to_numpy()).astype(np.float32))
+        assert len(row_ids) == dataset.count(split, layer)
+
+
+def test_shards_are_sized_and_listed_in_the_manifest(reference):
+    manifest = json.loads((reference / store.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["counts"]["chunks"] == {
+        split: n for split, n in manifest["counts"]["chunks"].items() if n}
+    assert sum(manifest["counts"]["chunks"].values()) == 150
+    rows = [s["num_rows"] for s in manifest["shards"]]
+    assert all(r == 700 for r in rows[:-1]) and 0 < rows[-1] <= 700
+    assert sum(rows) == 150 * 3 * 8
+    for shard in manifest["shards"]:
+        assert store.sha256_of(reference / shard["name"]) == shard["sha256"]
+    assert {"torch", "transformers", "memscan"} <= set(manifest["versions"])
