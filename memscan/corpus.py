@@ -133,15 +133,15 @@ class HFSource(Source):
             stream = datasets.load_dataset(
                 self.name, self.config_name, split=self.split, streaming=True, revision=self.revision
             )
-        except (FileNotFoundError, ValueError, ConnectionError) as exc:
-            raise InputError(f"could not open dataset '{self.name}': {_first_line(exc)}") from exc
-        for doc_id, record in enumerate(stream):
-            if self.text_column not in record:
-                raise InputError(
-                    f"dataset '{self.name}' has no column '{self.text_column}'; "
-                    f"columns are: {', '.join(record)} (choose one with --text-column)"
-                )
-            yield Document(doc_id, record[self.text_column])
+            for doc_id, record in enumerate(stream):
+                if self.text_column not in record:
+                    raise InputError(
+                        f"dataset '{self.name}' has no column '{self.text_column}'; "
+                        f"columns are: {', '.join(record)} (choose one with --text-column)"
+                    )
+                yield Document(doc_id, record[self.text_column])
+        except (OSError, ValueError) as exc:  # missing, unreachable or unreadable: one line
+            raise InputError(f"could not read dataset '{self.name}': {_first_line(exc)}") from None
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "hf", "name": self.name, "config": self.config_name, "split": self.split,

@@ -54,6 +54,11 @@ def test_unknown_hub_model(capsys, txt, tmp_path):
           match="could not load model 'memscan-nobody/no-such-model'")
 
 
+def test_unknown_hub_dataset(capsys, qf_model, tmp_path):
+    fails(capsys, *extract_args(qf_model, "hf:memscan-nobody/no-such-data", tmp_path / "out"),
+          match="could not read dataset 'memscan-nobody/no-such-data'")
+
+
 def test_chunk_longer_than_the_context(capsys, qf_model, txt, tmp_path):
     fails(capsys, *extract_args(qf_model, txt, tmp_path / "out"), "--chunk-tokens", "100",
           match="longer than the model's context of 64 tokens")
