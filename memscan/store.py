@@ -224,6 +224,7 @@ class ActivationDataset:
         if not self.manifest.get("complete"):
             raise DataError(f"dataset '{directory}' is incomplete: rerun the same `memscan extract` "
                             "command to finish it")
+        self._verified: set[str] = set()
 
     @property
     def n(self) -> int:
@@ -248,27 +249,61 @@ class ActivationDataset:
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Yield (X float32 (m, n), {column: (m,) array}) for the rows of a split and layer.
 
-        Memory is bounded by one batch; X is a read-only view (no copy) where the store
-        holds float32, a float32 copy where it holds float16.
+        Every batch but the last holds exactly `batch_rows` rows, in row order, whatever
+        the shard and row-group boundaries; memory is bounded by about one batch.
         """
         if layer is not None and layer not in self.layers:
             raise InputError(f"layer {layer} is not in dataset '{self.directory}' (layers: {self.layers})")
         wanted = list(dict.fromkeys([*columns, "vec", "split", "layer"]))
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
         for shard in self.shards:
-            parquet = self._open_checked(shard)
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            for batch in self._open_checked(shard).iter_batches(batch_size=batch_rows, columns=wanted):
                 batch = _filter(batch, split, layer)
-                if batch.num_rows == 0:
-                    continue
-                vec = batch.column("vec").flatten().to_numpy(zero_copy_only=False).reshape(-1, self.n)
-                meta = {name: _column_numpy(batch.column(name)) for name in columns}
-                yield vec.astype(np.float32, copy=False), meta
+                while batch.num_rows:
+                    head, batch = batch.slice(0, batch_rows - pending_rows), batch.slice(batch_rows - pending_rows)
+                    pending.append(head)
+                    pending_rows += head.num_rows
+                    if pending_rows == batch_rows:
+                        yield self._to_numpy(pending, columns)
+                        pending, pending_rows = [], 0
+        if pending_rows:
+            yield self._to_numpy(pending, columns)
+
+    def take(self, row_ids: np.ndarray) -> np.ndarray:
+        """Vectors of the given row ids, float32 (m, n) in the order given; reads only their row groups."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        out = np.empty((len(row_ids), self.n), np.float32)
+        starts = np.array([s["row_start"] for s in self.shards])
+        shard_of = np.searchsorted(starts, row_ids, side="right") - 1
+        if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= self.shards[-1]["row_stop"]):
+            raise InputError(f"row ids must lie in [0, {self.shards[-1]['row_stop']}); got {row_ids.min()}..{row_ids.max()}")
+        for index in np.unique(shard_of):
+            shard, here = self.shards[index], np.flatnonzero(shard_of == index)
+            parquet = self._open_checked(shard)
+            group_rows = parquet.metadata.row_group(0).num_rows
+            local = row_ids[here] - shard["row_start"]
+            groups = np.unique(local // group_rows)
+            table = parquet.read_row_groups(groups.tolist(), columns=["vec"])
+            position = np.searchsorted(groups, local // group_rows) * group_rows + local % group_rows
+            vec = table.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.n)
+            out[here] = vec[position]
+        return out
+
+    def _to_numpy(self, batches: list[pa.RecordBatch], columns: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        table = pa.Table.from_batches(batches).combine_chunks()
+        vec = table.column("vec").chunk(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, self.n)
+        meta = {name: _column_numpy(table.column(name).chunk(0)) for name in columns}
+        return vec.astype(np.float32, copy=False), meta
 
     def _open_checked(self, shard: dict[str, Any]) -> pq.ParquetFile:
+        """Open a shard, checking its size and sha256 the first time this dataset reads it."""
         path = self.directory / shard["name"]
-        problem = shard_problem(path, shard)
-        if problem:
-            raise DataError(f"{problem}; run `memscan verify {self.directory}`")
+        if shard["name"] not in self._verified:
+            problem = shard_problem(path, shard)
+            if problem:
+                raise DataError(f"{problem}; run `memscan verify {self.directory}`")
+            self._verified.add(shard["name"])
         return pq.ParquetFile(path, memory_map=True)
 
 
@@ -340,3 +375,39 @@ def read_text_column(path: Path, column: str, batch_rows: int = 4096) -> Iterato
                          f"{', '.join(parquet.schema_arrow.names)} (choose one with --text-column)")
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
         yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequence[str] | np.ndarray,
+                  *, model: str = "external", layer: int = 0, shard_rows: int = 65536,
+                  vec_dtype: str = "float32") -> dict[str, Any]:
+    """Store vectors that came from elsewhere (arrays, another tool) as a complete dataset.
+
+    X (m, n) becomes rows 0..m-1, one per pseudo-chunk (doc_id = chunk = row), at one layer
+    and position 0, with no tokens or loss; the manifest says where they came from.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / MANIFEST).exists():
+        raise InputError(f"'{directory}' already holds a dataset")
+    m, n = X.shape
+    splits = np.asarray(splits, dtype=object)
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "fingerprint": None,
+        "settings": {"source": "vectors", "imported": True}, "model": {"id": model, "class": None,
+                                                                         "num_parameters": 0},
+        "source": {"kind": "vectors"}, "n": n, "layers": [layer], "positions": "n/a", "chunk_tokens": 0,
+        "dtype": "n/a", "vec_dtype": vec_dtype, "seed": None, "rows_per_chunk": 1, "shards": [],
+    }
+    writer = ShardWriter(directory, schema(n, vec_dtype), shard_rows, 0, lambda info: manifest["shards"].append(info.to_dict()))
+    rows = np.arange(m, dtype=np.int64)
+    columns = {"row_id": rows, "doc_id": rows, "chunk_id": np.zeros(m, np.int64), "position": np.zeros(m, np.int32),
+               "token_id": np.full(m, -1, np.int32), "next_token_id": np.full(m, -1, np.int32),
+               "nll": np.full(m, np.nan, np.float32), "split": splits, "layer": np.full(m, layer, np.int16)}
+    writer.write(rows_table(columns, X.astype(vec_dtype, copy=False), writer.schema))
+    writer.close()
+    names, counts = np.unique(splits, return_counts=True)
+    manifest["counts"] = {"chunks": {str(s): int(c) for s, c in zip(names, counts)},
+                          "rows": {str(s): int(c) for s, c in zip(names, counts)}}
+    manifest["complete"] = True
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest

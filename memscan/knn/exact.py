@@ -1,0 +1,193 @@
+"""Exact k-nearest-neighbour search and self-join over iterators of blocks.
+
+Work larger than memory is a loop over (query block, database block) pairs: each pair's
+candidates come from a backend (faiss on CPU or GPU, or torch on any device), their
+distances are recomputed exactly from the vectors (float64 accumulation), the pattern
+itself is removed by id, and the survivors merge into a per-query heap. A duplicate of
+a pattern is a neighbour at distance 0; only the pattern itself is excluded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from memscan.errors import InputError
+
+log = logging.getLogger(__name__)
+
+Block = tuple[np.ndarray, np.ndarray]  # (ids int64 (m,), X float32 (m, n))
+METRICS = ("l2", "ip")
+GPU_MAX_K = 2048  # faiss-gpu's limit on k (and nprobe) per search
+RECOMPUTE_ROWS = 2048  # query rows per float64 recomputation: bounds its memory to ~150 MB at k=10, n=1024
+
+
+class Backend:
+    """Candidate search within one block pair: (nq, k) scores and local indices."""
+
+    name = "abstract"
+
+    def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class FaissBackend(Backend):
+    """faiss.knn on the CPU; faiss.knn_gpu when `gpu` is set (k above 2048 falls back to the CPU)."""
+
+    def __init__(self, gpu: bool = False):
+        import faiss
+
+        self.faiss, self.gpu = faiss, gpu
+        self.resources = faiss.StandardGpuResources() if gpu else None
+        self.name = "faiss-gpu" if gpu else "faiss-cpu"
+
+    def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        faiss_metric = self.faiss.METRIC_L2 if metric == "l2" else self.faiss.METRIC_INNER_PRODUCT
+        if self.gpu and k <= GPU_MAX_K:
+            return self.faiss.knn_gpu(self.resources, xq, xb, k, metric=faiss_metric)
+        if self.gpu:
+            log.info("k=%d is above faiss-gpu's limit of %d: this block pair runs on the CPU", k, GPU_MAX_K)
+        return self.faiss.knn(xq, xb, k, metric=faiss_metric)
+
+
+class TorchBackend(Backend):
+    """Blocked matrix product plus top-k in torch: for CUDA torch without faiss-gpu, or the CPU.
+
+    `dtype` float32, bfloat16 or float16 sets the product's inputs; it accumulates in fp32
+    and the exact recomputation afterwards repairs the rounding of the candidates' scores.
+    """
+
+    def __init__(self, device: str = "cpu", dtype: str = "float32"):
+        import torch
+
+        self.torch, self.device, self.dtype = torch, torch.device(device), getattr(torch, dtype)
+        self.name = f"torch-{self.device.type}-{dtype}"
+
+    def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        q = torch.from_numpy(xq).to(self.device)
+        b = torch.from_numpy(xb).to(self.device)
+        scores = torch.mm(q.to(self.dtype), b.to(self.dtype).T).float()          # (nq, nb)
+        if metric == "l2":
+            scores = (q * q).sum(1, keepdim=True) - 2 * scores + (b * b).sum(1)[None, :]
+        values, indices = torch.topk(scores, k, dim=1, largest=(metric == "ip"), sorted=True)
+        return values.cpu().numpy(), indices.cpu().numpy()
+
+
+def choose_backend(device: str = "auto", torch_dtype: str = "float32") -> Backend:
+    """auto: faiss-gpu if it sees a GPU, else torch on CUDA, else faiss on the CPU."""
+    import faiss
+
+    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device in ("auto", "gpu") and faiss_gpus > 0:
+        return FaissBackend(gpu=True)
+    if device in ("auto", "gpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            return TorchBackend("cuda", torch_dtype)
+        if device == "gpu":
+            raise InputError("--device gpu was asked for, but neither faiss nor torch sees a GPU "
+                             "(use --device cpu or auto)")
+    if device not in ("auto", "cpu", "gpu"):
+        raise InputError(f"--device must be auto, cpu or gpu; got '{device}'")
+    return FaissBackend(gpu=False)
+
+
+def exact_scores(xq: np.ndarray, xb: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+    """Scores of each query against its candidates, float64 accumulation: (nq, c) float64.
+
+    xq (nq, n), xb (nb, n), candidates (nq, c) local indices into xb, -1 where none (-> nan).
+    l2 gives squared distances sum((x - y)^2); ip gives inner products.
+    """
+    out = np.full(candidates.shape, np.nan)
+    for start in range(0, len(xq), RECOMPUTE_ROWS):
+        rows = slice(start, start + RECOMPUTE_ROWS)
+        cand = candidates[rows]
+        valid = cand >= 0
+        y = xb[np.where(valid, cand, 0)].astype(np.float64)                    # (r, c, n)
+        x = xq[rows].astype(np.float64)[:, None, :]
+        scores = ((x - y) ** 2).sum(-1) if metric == "l2" else (x * y).sum(-1)
+        out[rows] = np.where(valid, scores, np.nan)
+    return out
+
+
+@dataclass
+class _Heap:
+    """Best k (id, score) per query, merged block by block (faiss.ResultHeap)."""
+
+    k: int
+    metric: str
+    nq: int
+
+    def __post_init__(self) -> None:
+        import faiss
+
+        self.heap = faiss.ResultHeap(self.nq, self.k, keep_max=(self.metric == "ip"))
+
+    def add(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        worst = -np.inf if self.metric == "ip" else np.inf
+        self.heap.add_result(np.where(ids >= 0, scores, worst).astype(np.float32), ids)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) best first; empty slots (fewer than k candidates) are id -1 at +inf (-inf for ip)."""
+        self.heap.finalize()
+        worst = -np.inf if self.metric == "ip" else np.inf
+        return np.where(self.heap.I >= 0, self.heap.D, worst).astype(np.float32), self.heap.I
+
+
+def search_blocks(query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
+                  metric: str = "l2", exclude_self: bool = False, backend: Backend | None = None,
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Exact kNN of every query block against the whole database, streamed twice over.
+
+    Yields (query ids (m,), D (m, k) float32, I (m, k) int64) per query block: D holds
+    exact squared L2 distances (metric l2) or inner products (ip), best first; I global
+    database ids, -1 where the database has fewer than k candidates. With `exclude_self`,
+    a database row whose id equals the query's id is never returned.
+    """
+    backend = backend or choose_backend("cpu")
+    for query_ids, xq in query_blocks:
+        started, heap, rows = time.perf_counter(), _Heap(k, metric, len(xq)), 0
+        for db_ids, xb in database_blocks():
+            wanted = min(k + int(exclude_self), len(xb))
+            _, local = backend.search(xq, xb, wanted, metric)
+            scores = exact_scores(xq, xb, local, metric)
+            ids = np.where(local >= 0, db_ids[np.maximum(local, 0)], -1)
+            if exclude_self:
+                ids = np.where(ids == query_ids[:, None], -1, ids)
+            heap.add(scores, ids)
+            rows += len(xb)
+        D, I = heap.result()
+        log.debug("searched %d queries against %d rows in %.2f s (%s)", len(xq), rows,
+                  time.perf_counter() - started, backend.name)
+        yield query_ids, D, I
+
+
+def knn(query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
+        metric: str = "l2", exclude_self: bool = False, backend: Backend | None = None,
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All of `search_blocks` concatenated: (query ids (nq,), D (nq, k), I (nq, k))."""
+    parts = list(search_blocks(query_blocks, database_blocks, k, metric=metric, exclude_self=exclude_self,
+                               backend=backend))
+    if not parts:
+        return np.empty(0, np.int64), np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+
+
+def self_join(blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l2",
+              backend: Backend | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every pattern its k nearest OTHER patterns (excluded by id, not by distance 0)."""
+    return knn(blocks(), blocks, k, metric=metric, exclude_self=True, backend=backend)
+
+
+def array_blocks(ids: np.ndarray, X: np.ndarray, block_rows: int) -> Callable[[], Iterator[Block]]:
+    """In-memory arrays as a re-startable iterator of blocks (for tests and small sets)."""
+    def blocks() -> Iterator[Block]:
+        for start in range(0, len(X), block_rows):
+            yield ids[start:start + block_rows], X[start:start + block_rows]
+    return blocks

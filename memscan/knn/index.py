@@ -1,0 +1,358 @@
+"""FAISS indexes over a dataset's vectors: choose, train, fill, save, load, search, evaluate.
+
+An index folder holds `index.faiss` (always a CPU index), `row_ids.npy` (FAISS id i is
+dataset row `row_ids[i]`) and `index.json` (factory and why it was chosen, metric,
+dimension, count, the dataset manifest's sha256, device, build parameters and times,
+search parameters, and recall against exact search).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memscan import store
+from memscan.errors import DataError, InputError
+from memscan.knn import exact
+
+log = logging.getLogger(__name__)
+
+FORMAT, FORMAT_VERSION = "memscan.index", 1
+INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "row_ids.npy", "index.json"
+FLAT_MAX = 50_000            # below this, exact search costs less than training an IVF
+MIN_TRAIN_PER_LIST = 39      # FAISS warns below 39 training points per centroid
+TRAIN_PER_LIST = 256         # default sample: FAISS's own cap on points per centroid
+ADD_BATCH_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What `memscan index` builds (see `memscan index --help`)."""
+
+    split: str = "train"
+    layer: int | None = None         # None: the dataset's last layer
+    factory: str = "auto"
+    metric: str = "l2"
+    device: str = "auto"
+    train_size: int | None = None    # None: 256 per IVF list, at least 39 per list
+    seed: int = 0
+    nprobe: int | None = None        # None: 1/16 of the lists, at least 8
+    ef_search: int | None = None     # None: 64
+    eval_recall: int = 0             # queries for recall against exact (0: none)
+    recall_k: int = 10
+
+
+def auto_factory(count: int) -> tuple[str, str]:
+    """FAISS's guidelines: exact while it pays, then IVF with nlist in [4, 16] x sqrt(count).
+
+    nlist is a power of 2 near 8 sqrt(count), and never more than count / 39 so that
+    every list gets FAISS's minimum of 39 training points.
+    """
+    if count < FLAT_MAX:
+        return "Flat", f"{count:,} vectors: below {FLAT_MAX:,}, exact search is cheaper than training IVF"
+    root, most = math.sqrt(count), count / MIN_TRAIN_PER_LIST
+    nlist = int(min(max(2 ** round(math.log2(min(8 * root, most))), 4 * root), 16 * root, most))
+    return f"IVF{nlist},Flat", (f"{count:,} vectors: IVF with {nlist} lists, a power of 2 near 8 sqrt(count) "
+                                f"within [4, 16] sqrt(count) = [{4 * root:.0f}, {16 * root:.0f}] and at most "
+                                f"count / {MIN_TRAIN_PER_LIST} = {most:.0f}")
+
+
+def _faiss_metric(metric: str) -> int:
+    import faiss
+
+    if metric not in exact.METRICS:
+        raise InputError(f"--metric must be l2 or ip; got '{metric}'")
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def _make_index(factory: str, n: int, metric: str) -> Any:
+    import faiss
+
+    try:
+        return faiss.index_factory(n, factory, _faiss_metric(metric))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise InputError(f"--factory '{factory}' is not a FAISS factory string FAISS accepts ({reason})") from None
+
+
+def _train_sample(dataset: store.ActivationDataset, split: str, layer: int, count: int, size: int,
+                  seed: int) -> np.ndarray:
+    """A seeded uniform sample of `size` of the `count` vectors, gathered in one streaming pass."""
+    chosen = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+    sample, seen, filled = np.empty((size, dataset.n), np.float32), 0, 0
+    for X, _ in dataset.iter_batches(split=split, layer=layer):
+        lo, hi = np.searchsorted(chosen, [seen, seen + len(X)])
+        sample[filled:filled + hi - lo] = X[chosen[lo:hi] - seen]
+        filled, seen = filled + hi - lo, seen + len(X)
+    return sample
+
+
+def _check_finite(X: np.ndarray, where: str) -> None:
+    if not np.isfinite(X).all():
+        rows = int((~np.isfinite(X)).any(axis=1).sum())
+        raise DataError(f"{rows} vectors of {where} hold NaN or Inf; they cannot be indexed")
+
+
+def manifest_sha256(data_dir: Path) -> str:
+    return store.sha256_of(Path(data_dir) / store.MANIFEST)
+
+
+def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
+    if layer is None:
+        return max(dataset.layers)
+    if layer not in dataset.layers:
+        raise InputError(f"--layer {layer} is not in dataset '{dataset.directory}' (layers: {dataset.layers})")
+    return layer
+
+
+def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings()) -> dict[str, Any]:
+    """Build, evaluate and save an index over one split and layer of a dataset; returns index.json."""
+    import faiss
+
+    started = time.perf_counter()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    problems = store.verify(data_dir)
+    if problems:
+        raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
+    dataset = store.ActivationDataset(data_dir)
+    layer = resolve_layer(dataset, settings.layer)
+    count = dataset.count(settings.split, layer)
+    if count == 0:
+        raise InputError(f"split '{settings.split}' has no rows at layer {layer} in '{data_dir}' "
+                         f"(splits: {', '.join(dataset.manifest['counts']['rows'])})")
+    factory, reason = (auto_factory(count) if settings.factory == "auto"
+                       else (settings.factory, "given with --factory"))
+    index = _make_index(factory, dataset.n, settings.metric)
+    lists = nlist(index)
+    backend = exact.choose_backend(settings.device)
+    on_gpu = backend.name == "faiss-gpu"
+    if on_gpu:
+        index = faiss.index_cpu_to_gpu(backend.resources, 0, index)
+
+    train_seconds, train_size = 0.0, 0
+    if not index.is_trained:
+        minimum = MIN_TRAIN_PER_LIST * (lists or 1)
+        train_size = min(count, settings.train_size or max(minimum, TRAIN_PER_LIST * (lists or 256)))
+        if lists and train_size < minimum:
+            hint = "raise --train-size" if count >= minimum else "use fewer lists or --factory Flat"
+            raise InputError(f"IVF with {lists:,} lists needs at least {minimum:,} training vectors "
+                             f"({MIN_TRAIN_PER_LIST} per list); got {train_size:,} of the split's {count:,}; {hint}")
+        t = time.perf_counter()
+        sample = _train_sample(dataset, settings.split, layer, count, train_size, settings.seed)
+        _check_finite(sample, f"split '{settings.split}'")
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise InputError(f"FAISS could not train '{factory}' on {train_size:,} vectors: "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
+        train_seconds = time.perf_counter() - t
+
+    row_ids, t = [], time.perf_counter()
+    # One add on a GPU flat index: it reallocates the whole index on every add.
+    batch_rows = count if on_gpu and factory == "Flat" else ADD_BATCH_ROWS
+    for X, meta in dataset.iter_batches(split=settings.split, layer=layer, batch_rows=batch_rows):
+        _check_finite(X, f"split '{settings.split}'")
+        index.add(X)
+        row_ids.append(meta["row_id"])
+    add_seconds = time.perf_counter() - t
+    if on_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = np.concatenate(row_ids)
+    info: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "factory": factory, "factory_reason": reason, "metric": settings.metric,
+        "n": dataset.n, "ntotal": int(index.ntotal),
+        "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": manifest_sha256(data_dir),
+                    "model": dataset.manifest["model"]["id"], "layer": layer, "split": settings.split},
+        "device": backend.name if on_gpu else "cpu",
+        "build": {"settings": asdict(settings), "train_size": train_size, "train_seconds": round(train_seconds, 3),
+                  "add_seconds": round(add_seconds, 3), "faiss": faiss.__version__},
+        "search": _default_search_params(factory, lists, settings),
+        "recall": None,
+    }
+    loaded = KnnIndex(index, ids, info, dataset)
+    if settings.eval_recall:
+        info["recall"] = loaded.recall(settings.eval_recall, settings.recall_k, settings.seed)
+    info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    faiss.write_index(index, str(out_dir / INDEX_FILE))
+    np.save(out_dir / IDS_FILE, ids)
+    store.write_json_atomic(out_dir / INFO_FILE, info)
+    log.info("indexed %d vectors (%s) into %s in %.1f s", index.ntotal, factory, out_dir, info["build"]["total_seconds"])
+    return info
+
+
+def nlist(index: Any) -> int | None:
+    """The number of inverted lists of an IVF index, None for any other kind."""
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def _default_search_params(factory: str, lists: int | None, settings: IndexSettings) -> dict[str, int]:
+    params: dict[str, int] = {}
+    if lists:
+        params["nprobe"] = min(lists, settings.nprobe or max(8, lists // 16))
+    if "HNSW" in factory:
+        params["efSearch"] = settings.ef_search or 64
+    return params
+
+
+class KnnIndex:
+    """A loaded index: search by vectors, self-join, and recall against exact search."""
+
+    def __init__(self, index: Any, row_ids: np.ndarray, info: dict[str, Any], dataset: store.ActivationDataset):
+        self.index, self.row_ids, self.info, self.dataset = index, row_ids, info, dataset
+        self.metric = info["metric"]
+        self.set_search_params(**info["search"])
+
+    @classmethod
+    def load(cls, index_dir: str | Path) -> KnnIndex:
+        """Open an index folder; refuses one whose dataset changed since it was built."""
+        import faiss
+
+        index_dir = Path(index_dir)
+        if not (index_dir / INFO_FILE).exists():
+            raise DataError(f"'{index_dir}' is not a memscan index folder: it has no {INFO_FILE}")
+        info = json.loads((index_dir / INFO_FILE).read_text())
+        if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{index_dir / INFO_FILE} is not a memscan index of format version {FORMAT_VERSION}")
+        data_dir = Path(info["dataset"]["path"])
+        if manifest_sha256(data_dir) != info["dataset"]["manifest_sha256"]:
+            raise DataError(f"dataset '{data_dir}' changed since index '{index_dir}' was built; rebuild the index")
+        index = faiss.read_index(str(index_dir / INDEX_FILE))
+        row_ids = np.load(index_dir / IDS_FILE, allow_pickle=False)
+        if len(row_ids) != index.ntotal:
+            raise DataError(f"{index_dir / IDS_FILE} maps {len(row_ids)} ids; the index holds {index.ntotal}")
+        return cls(index, row_ids, info, store.ActivationDataset(data_dir))
+
+    @property
+    def exact(self) -> bool:
+        return self.info["factory"] == "Flat"
+
+    def check_queries(self, dataset: store.ActivationDataset, layer: int | None = None) -> int:
+        """The layer to query at; refuses queries from another model, layer or dimension than the index's."""
+        built = self.info["dataset"]
+        layer = built["layer"] if layer is None else layer
+        if dataset.n != self.info["n"]:
+            raise InputError(f"queries in '{dataset.directory}' have dimension {dataset.n}; "
+                             f"the index holds dimension {self.info['n']}")
+        if dataset.manifest["model"]["id"] != built["model"]:
+            raise InputError(f"queries in '{dataset.directory}' come from model '{dataset.manifest['model']['id']}'; "
+                             f"the index was built from '{built['model']}'")
+        if layer != built["layer"] or layer not in dataset.layers:
+            raise InputError(f"the index holds layer {built['layer']}; the queries ask for layer {layer} "
+                             f"(dataset '{dataset.directory}' has layers {dataset.layers})")
+        return layer
+
+    def search_dataset(self, data_dir: str | Path, k: int, split: str = "test",
+                       batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """kNN of one split of another dataset: (query row ids, D, I), checked for compatibility."""
+        dataset = store.ActivationDataset(data_dir)
+        layer = self.check_queries(dataset)
+        if dataset.count(split, layer) == 0:
+            raise InputError(f"split '{split}' of '{data_dir}' has no rows to query")
+        parts = [(meta["row_id"], *self.search(X, k))
+                 for X, meta in dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows)]
+        return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+
+    def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
+        """nprobe (IVF) and efSearch (HNSW); values above faiss-gpu's 2048 stay on the CPU index here."""
+        import faiss
+
+        space = faiss.ParameterSpace()
+        for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
+            if value is not None:
+                if value < 1:
+                    raise InputError(f"--{name.lower()} must be at least 1; got {value}")
+                space.set_index_parameter(self.index, name, value)
+                self.info["search"][name] = value
+
+    def check_k(self, k: int, exclude_self: bool = False) -> None:
+        available = self.index.ntotal - int(exclude_self)
+        if not 1 <= k <= available:
+            raise InputError(f"--k must be between 1 and the {available:,} indexed patterns"
+                             f"{' other than the query itself' if exclude_self else ''}; got {k:,}")
+
+    def search(self, X: np.ndarray, k: int, query_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(D (nq, k) exact float32 scores, I (nq, k) row ids); with query_ids, each query's own row is excluded."""
+        self.check_k(k, query_ids is not None)
+        if X.shape[1] != self.info["n"]:
+            raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
+        _check_finite(X, "the queries")
+        wanted = k + int(query_ids is not None)
+        _, local = self.index.search(np.ascontiguousarray(X, dtype=np.float32), wanted)
+        return self._finish(X, local, k, query_ids)
+
+    def self_join(self, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every indexed pattern its k nearest OTHER patterns: (row ids, D, I).
+
+        IVF indexes group the queries by inverted list (faiss.contrib.big_batch_search),
+        so each list's codes are scanned once per query batch instead of once per query.
+        """
+        import faiss
+        from faiss.contrib.big_batch_search import big_batch_search
+
+        self.check_k(k, exclude_self=True)
+        split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
+        parts = []
+        for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
+            ivf = faiss.downcast_index(self.index)
+            if isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)):
+                _, local = big_batch_search(ivf, X, k + 1)
+            else:  # Flat, HNSW, or an IVF behind a transform: the plain search
+                _, local = self.index.search(X, k + 1)
+            parts.append((meta["row_id"], *self._finish(X, local, k, meta["row_id"])))
+        return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+
+    def _finish(self, X: np.ndarray, local: np.ndarray, k: int, query_ids: np.ndarray | None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS ids -> row ids, drop each query's own row, keep k, recompute scores exactly, re-sort."""
+        ids = np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+        if query_ids is not None:
+            ids = np.where(ids == query_ids[:, None], -1, ids)
+        order = np.argsort(ids < 0, axis=1, kind="stable")[:, :k]            # valid ids first, rank kept
+        ids = np.take_along_axis(ids, order, axis=1)
+        valid = ids >= 0
+        vectors = self.dataset.take(np.where(valid, ids, self.row_ids[0]).ravel()).reshape(*ids.shape, -1)
+        D = exact.exact_scores(X, vectors.reshape(-1, X.shape[1]),
+                               np.arange(ids.size).reshape(ids.shape), self.metric)
+        D = np.where(valid, D, np.inf if self.metric == "l2" else -np.inf)
+        resort = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")
+        return (np.take_along_axis(D, resort, axis=1).astype(np.float32),
+                np.take_along_axis(np.where(valid, ids, -1), resort, axis=1))
+
+    def recall(self, queries: int, k: int, seed: int = 0) -> dict[str, Any]:
+        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns."""
+        k = min(k, self.index.ntotal - 1)
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
+        query_ids = self.row_ids[pick]
+        X = self.dataset.take(query_ids)
+        _, approx = self.search(X, k, query_ids)
+        split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
+        database = dataset_blocks(self.dataset, split, layer)
+        _, _, truth = exact.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
+        at_k = np.mean([len(np.intersect1d(a, t)) / k for a, t in zip(approx, truth)])
+        return {"queries": len(query_ids), "k": k, "recall_1_at_1": float(np.mean(approx[:, 0] == truth[:, 0])),
+                "recall_k_at_k": float(at_k), "search": dict(self.info["search"])}
+
+
+def dataset_blocks(dataset: store.ActivationDataset, split: str, layer: int,
+                   block_rows: int = 65536) -> Any:
+    """A dataset's split and layer as a re-startable iterator of (row ids, X) blocks."""
+    def blocks():
+        for X, meta in dataset.iter_batches(split=split, layer=layer, batch_rows=block_rows):
+            yield meta["row_id"], X
+    return blocks
