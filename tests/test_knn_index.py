@@ -102,6 +102,30 @@ def test_save_and_load_give_the_same_results_and_provenance(small, tmp_path):
     np.testing.assert_array_equal(first[1], second[1])
 
 
+def test_exact_entry_points_and_pq_distances_are_exact(small, tmp_path):
+    build(small, tmp_path / "pq", IndexSettings(factory="IVF16,PQ4", nprobe=16, train_size=2_600))
+    index = KnnIndex.load(tmp_path / "pq")
+    ids, X = vectors(small, "train")
+    _, D_exact, I_exact = exact.self_join(exact.array_blocks(ids, X, 500), 4)
+    row_ids, D, I = index.exact_self_join(4, block_rows=777)
+    assert np.array_equal(row_ids, ids)
+    np.testing.assert_allclose(D, D_exact, rtol=1e-6, atol=1e-6)
+    _, Dq, Iq = index.search_dataset(small, 4)                # approximate (PQ) candidates ...
+    qids, Q = vectors(small, "test")
+    true = ((Q[:, None, :].astype(np.float64) - X[Iq].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(Dq, true, rtol=1e-6)           # ... with exact distances
+    _, De, _ = index.exact_search_dataset(small, 4)
+    assert (De <= Dq + 1e-6).all() and (De[:, 0] == Dq[:, 0]).mean() > 0.5
+
+
+def test_an_existing_index_is_kept_unless_overwrite(small, tmp_path):
+    build(small, tmp_path / "idx")
+    with pytest.raises(MemscanError, match="already holds an index"):
+        build(small, tmp_path / "idx", IndexSettings(factory="HNSW16"))
+    assert build(small, tmp_path / "idx", IndexSettings(factory="HNSW16"), overwrite=True)["factory"] == "HNSW16"
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "index.json", "row_ids.npy"]
+
+
 def test_take_reads_rows_in_the_order_asked(small):
     data = store.ActivationDataset(small)
     ids, X = vectors(small, None)

@@ -20,11 +20,12 @@ import click
 @click.option("--eval-recall", type=int, default=0, show_default=True,
               help="Queries for recall against exact search, written into index.json.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def index(data_dir: str, out: str, **settings: object) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
+def index(data_dir: str, out: str, overwrite: bool, **settings: object) -> None:
     """Build a FAISS index (GPU when present) and record its provenance in index.json."""
     from memscan.knn.index import IndexSettings, build
 
-    info = build(data_dir, out, IndexSettings(**settings))  # type: ignore[arg-type]
+    info = build(data_dir, out, IndexSettings(**settings), overwrite=overwrite)  # type: ignore[arg-type]
     click.echo(f"index     {out}: {info['ntotal']:,} vectors of n={info['n']}, {info['factory']} ({info['metric']}), "
                f"{info['device']}, built in {info['build']['total_seconds']:.1f} s")
     click.echo(f"why       {info['factory_reason']}")

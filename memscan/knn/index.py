@@ -112,12 +112,15 @@ def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
     return layer
 
 
-def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings()) -> dict[str, Any]:
+def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
+          overwrite: bool = False) -> dict[str, Any]:
     """Build, evaluate and save an index over one split and layer of a dataset; returns index.json."""
     import faiss
 
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if (out_dir / INFO_FILE).exists() and not overwrite:
+        raise InputError(f"--out '{out_dir}' already holds an index; choose another folder or pass --overwrite")
     problems = store.verify(data_dir)
     if problems:
         raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
@@ -179,12 +182,16 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
         "search": _default_search_params(factory, lists, settings),
         "recall": None,
     }
-    loaded = KnnIndex(index, ids, info, dataset)
+    loaded = KnnIndex(index, ids, info, dataset, settings.device)
     if settings.eval_recall:
         info["recall"] = loaded.recall(settings.eval_recall, settings.recall_k, settings.seed)
     info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
-    faiss.write_index(index, str(out_dir / INDEX_FILE))
-    np.save(out_dir / IDS_FILE, ids)
+    (out_dir / INFO_FILE).unlink(missing_ok=True)  # index.json comes last: its presence means complete
+    faiss.write_index(index, str(out_dir / (INDEX_FILE + ".tmp")))
+    (out_dir / (INDEX_FILE + ".tmp")).replace(out_dir / INDEX_FILE)
+    with (out_dir / (IDS_FILE + ".tmp")).open("wb") as f:
+        np.save(f, ids)
+    (out_dir / (IDS_FILE + ".tmp")).replace(out_dir / IDS_FILE)
     store.write_json_atomic(out_dir / INFO_FILE, info)
     log.info("indexed %d vectors (%s) into %s in %.1f s", index.ntotal, factory, out_dir, info["build"]["total_seconds"])
     return info
@@ -212,14 +219,21 @@ def _default_search_params(factory: str, lists: int | None, settings: IndexSetti
 class KnnIndex:
     """A loaded index: search by vectors, self-join, and recall against exact search."""
 
-    def __init__(self, index: Any, row_ids: np.ndarray, info: dict[str, Any], dataset: store.ActivationDataset):
+    def __init__(self, index: Any, row_ids: np.ndarray, info: dict[str, Any], dataset: store.ActivationDataset,
+                 device: str = "cpu"):
         self.index, self.row_ids, self.info, self.dataset = index, row_ids, info, dataset
         self.metric = info["metric"]
+        self.backend = exact.choose_backend(device)
+        self.gpu_index = None
+        if self.backend.name == "faiss-gpu":
+            import faiss
+
+            self.gpu_index = faiss.index_cpu_to_gpu(self.backend.resources, 0, index)
         self.set_search_params(**info["search"])
 
     @classmethod
-    def load(cls, index_dir: str | Path) -> KnnIndex:
-        """Open an index folder; refuses one whose dataset changed since it was built."""
+    def load(cls, index_dir: str | Path, device: str = "cpu") -> KnnIndex:
+        """Open an index folder (on the GPU with device auto|gpu where faiss sees one); refuses a stale one."""
         import faiss
 
         index_dir = Path(index_dir)
@@ -235,7 +249,7 @@ class KnnIndex:
         row_ids = np.load(index_dir / IDS_FILE, allow_pickle=False)
         if len(row_ids) != index.ntotal:
             raise DataError(f"{index_dir / IDS_FILE} maps {len(row_ids)} ids; the index holds {index.ntotal}")
-        return cls(index, row_ids, info, store.ActivationDataset(data_dir))
+        return cls(index, row_ids, info, store.ActivationDataset(data_dir), device)
 
     @property
     def exact(self) -> bool:
@@ -267,6 +281,24 @@ class KnnIndex:
                  for X, meta in dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows)]
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
+    def exact_self_join(self, k: int, block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The exact self-join of the indexed patterns, blockwise over the dataset (no index used)."""
+        self.check_k(k, exclude_self=True)
+        blocks = dataset_blocks(self.dataset, self.info["dataset"]["split"], self.info["dataset"]["layer"], block_rows)
+        return exact.self_join(blocks, k, metric=self.metric, backend=self.backend)
+
+    def exact_search_dataset(self, data_dir: str | Path, k: int, split: str = "test",
+                             block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact kNN of one split of another dataset against the indexed patterns, blockwise."""
+        self.check_k(k)
+        queries = store.ActivationDataset(data_dir)
+        layer = self.check_queries(queries)
+        if queries.count(split, layer) == 0:
+            raise InputError(f"split '{split}' of '{data_dir}' has no rows to query")
+        database = dataset_blocks(self.dataset, self.info["dataset"]["split"], layer, block_rows)
+        return exact.knn(dataset_blocks(queries, split, layer, block_rows)(), database, k, metric=self.metric,
+                         backend=self.backend)
+
     def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
         """nprobe (IVF) and efSearch (HNSW); values above faiss-gpu's 2048 stay on the CPU index here."""
         import faiss
@@ -277,7 +309,18 @@ class KnnIndex:
                 if value < 1:
                     raise InputError(f"--{name.lower()} must be at least 1; got {value}")
                 space.set_index_parameter(self.index, name, value)
+                if self.gpu_index is not None and value <= exact.GPU_MAX_K:
+                    faiss.GpuParameterSpace().set_index_parameter(self.gpu_index, name, value)
                 self.info["search"][name] = value
+
+    def _searcher(self, k: int) -> Any:
+        """The GPU index when there is one and k and nprobe fit its limit of 2048, else the CPU index."""
+        if self.gpu_index is None:
+            return self.index
+        if max(k, self.info["search"].get("nprobe", 0)) > exact.GPU_MAX_K:
+            log.info("k=%d or nprobe above faiss-gpu's limit of %d: searching on the CPU", k, exact.GPU_MAX_K)
+            return self.index
+        return self.gpu_index
 
     def check_k(self, k: int, exclude_self: bool = False) -> None:
         available = self.index.ntotal - int(exclude_self)
@@ -292,7 +335,7 @@ class KnnIndex:
             raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
         _check_finite(X, "the queries")
         wanted = k + int(query_ids is not None)
-        _, local = self.index.search(np.ascontiguousarray(X, dtype=np.float32), wanted)
+        _, local = self._searcher(wanted).search(np.ascontiguousarray(X, dtype=np.float32), wanted)
         return self._finish(X, local, k, query_ids)
 
     def self_join(self, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,7 +355,7 @@ class KnnIndex:
             if isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)):
                 _, local = big_batch_search(ivf, X, k + 1)
             else:  # Flat, HNSW, or an IVF behind a transform: the plain search
-                _, local = self.index.search(X, k + 1)
+                _, local = self._searcher(k + 1).search(X, k + 1)
             parts.append((meta["row_id"], *self._finish(X, local, k, meta["row_id"])))
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
@@ -343,7 +386,8 @@ class KnnIndex:
         _, approx = self.search(X, k, query_ids)
         split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
         database = dataset_blocks(self.dataset, split, layer)
-        _, _, truth = exact.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
+        _, _, truth = exact.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True,
+                                backend=self.backend)
         at_k = np.mean([len(np.intersect1d(a, t)) / k for a, t in zip(approx, truth)])
         return {"queries": len(query_ids), "k": k, "recall_1_at_1": float(np.mean(approx[:, 0] == truth[:, 0])),
                 "recall_k_at_k": float(at_k), "search": dict(self.info["search"])}
