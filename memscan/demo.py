@@ -1,7 +1,8 @@
 """`memscan demo`: the whole pipeline on the built-in default, offline, on a CPU.
 
-The Question-Formation corpus and a small GPT-2 that the demo builds and saves itself;
-each stage writes to its own folder under `out` and a rerun reuses finished stages.
+The Question-Formation corpus and a small GPT-2 that the demo builds and saves itself,
+then extract, index, query and report; each stage writes to its own folder under `out`
+and a rerun reuses finished stages.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memscan import qf
+from memscan import qf, query, report
 from memscan.extract import ExtractSettings, extract
+from memscan.knn import index as knn_index
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ class DemoResult:
     model_dir: Path
     dataset_dir: Path
     manifest: dict[str, Any]
+    index_dir: Path
+    run_dir: Path
+    summary: dict[str, Any]
+    report: Path
 
 
 def build_model(directory: Path, size: DemoSize, seed: int = 0) -> Path:
@@ -66,7 +72,7 @@ def build_model(directory: Path, size: DemoSize, seed: int = 0) -> Path:
 
 
 def run(out: str | Path, quick: bool = False, seed: int = 0) -> DemoResult:
-    """Build the model, then extract its activations over the Question-Formation corpus."""
+    """Build the model, extract its activations, index the train split, query with the test split, report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
@@ -76,4 +82,12 @@ def run(out: str | Path, quick: bool = False, seed: int = 0) -> DemoResult:
         chunk_tokens=size.chunk_tokens, layers="all", positions="last", seed=seed,
     )
     dataset_dir = out / "activations"
-    return DemoResult(model_dir, dataset_dir, extract(settings, dataset_dir))
+    manifest = extract(settings, dataset_dir)
+    index_dir, run_dir = out / "index", out / "run"
+    if not (index_dir / knn_index.INFO_FILE).exists():
+        knn_index.build(dataset_dir, index_dir, knn_index.IndexSettings(seed=seed))
+    if (run_dir / query.SUMMARY).exists():
+        summary = query.load(run_dir).summary
+    else:
+        summary = query.run(index_dir, dataset_dir, run_dir, query.QuerySettings(seed=seed, k=5 if quick else 10))
+    return DemoResult(model_dir, dataset_dir, manifest, index_dir, run_dir, summary, report.render(run_dir))

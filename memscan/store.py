@@ -411,3 +411,20 @@ def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequ
     manifest["complete"] = True
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
+
+
+def write_table(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> None:
+    """Write a plain result table (neighbours, queries, patterns, histograms) atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table({name: np.asarray(values) for name, values in columns.items()}), tmp,
+                   compression="zstd")
+    _commit_file(tmp, path)
+
+
+def read_table(path: str | os.PathLike[str]) -> pa.Table:
+    """Read a result table written by `write_table`."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path} is not a readable result table: {exc}") from None

@@ -33,9 +33,9 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from memscan.cli import demo, extract, index, inspect
+    from memscan.cli import demo, extract, index, inspect, query
 
-    for command in (extract.extract, index.index, inspect.verify, inspect.info, demo.demo):
+    for command in (extract.extract, index.index, query.query, query.report, inspect.verify, inspect.info, demo.demo):
         cli.add_command(command)
 
 

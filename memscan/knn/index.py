@@ -8,6 +8,8 @@ search parameters, and recall against exact search).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -353,7 +355,8 @@ class KnnIndex:
         for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
             ivf = faiss.downcast_index(self.index)
             if isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)):
-                _, local = big_batch_search(ivf, X, k + 1)
+                with contextlib.redirect_stdout(io.StringIO()):  # it prints progress at every verbosity
+                    _, local = big_batch_search(ivf, X, k + 1, verbose=1)
             else:  # Flat, HNSW, or an IVF behind a transform: the plain search
                 _, local = self._searcher(k + 1).search(X, k + 1)
             parts.append((meta["row_id"], *self._finish(X, local, k, meta["row_id"])))

@@ -1,0 +1,146 @@
+"""`memscan report`: PNG plots and one offline HTML page from a `memscan query` run folder."""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memscan.query import RunTables, load
+
+log = logging.getLogger(__name__)
+
+PAGE = "report.html"
+
+# (path in a layer's summary, label, what it tests): one row of the page each.
+ROWS: list[tuple[str, str, str]] = [
+    ("d", "patterns d", "stored (training) activations searched"),
+    ("d_prime", "queries d'", "held-out activations put to them"),
+    ("n", "dimension n", "width of the activations"),
+    ("search", "search", "exact, or the approximate index and its parameters"),
+    ("recall.recall_1_at_1", "1-recall@1", "how often the approximate search found the true nearest pattern"),
+    ("query_nearest_dist.median", "median query-to-pattern distance", "how far held-out activations sit from training ones"),
+    ("pattern_nearest_dist.median", "median pattern-to-pattern distance s_i", "how far apart stored patterns are"),
+    ("r_star", "r* = sqrt(n / 2 pi e)", "radius of the unit-volume ball, the theory's reference scale"),
+    ("typical_radius", "typical radius (median s_i / 2)", "the largest common radius at which the median pattern's ball is disjoint"),
+    ("typical_over_r_star", "typical radius / r*", "above 1: balls are larger than the unit-volume ball (the paper: about 10 / 7.74)"),
+    ("A2.coverage_at_r_star", "A2 coverage at r*", "held-out activations inside some training ball of radius r*"),
+    ("A2.coverage_at_typical", "A2 coverage at the typical radius", "held-out activations inside some training ball of the typical radius"),
+    ("A3.disjoint_at_r_star", "A3 disjoint at r*", "patterns whose ball of radius r* meets no other (s_i > 2 r*)"),
+    ("A3.ramsauer_well_separated", "A3 Ramsauer-separated", "patterns with Delta_i above Ramsauer's threshold for a fixed point"),
+    ("A1.retrieval_rate", "A1 retrieval rate", "queries the update carries to within epsilon of their nearest pattern"),
+    ("A1.next_token_agreement", "A1 next-token agreement", "queries whose nearest pattern predicts the same next token"),
+    ("A1.train_loss", "train loss (nats)", "model's next-token loss on the patterns"),
+    ("A1.test_loss", "held-out loss (nats)", "model's next-token loss on the queries"),
+    ("floor.log_z", "log Z_t", "log partition function of the balls (Eq. 13)"),
+    ("floor.predicted_floor", "predicted floor log Z + 1/Z", "Proposition 4's cross-entropy floor (at least 1 nat)"),
+    ("size.N_over_D2", "N / D^2", "size condition: Z_t = 1 needs N = O(D^2) (paper: ~8.6e-10)"),
+]
+
+
+def _get(summary: dict[str, Any], path: str) -> Any:
+    value: Any = summary
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+def _plots(run: RunTables, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    last = run.summary["layers"][-1]
+    layer, r_star = last["layer"], last["r_star"]
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    h = run.histograms[run.histograms.layer == layer]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for table, style in (("query_nearest", "-"), ("pattern_nearest_100", "--")):
+        rows = h[h.table == table]
+        ax.step(rows.bin_left, rows["count"], where="post", linestyle=style, label=table.replace("_", " "))
+    for x, label in ((r_star, "r*"), (2 * r_star, "2r*")):
+        ax.axvline(x, color="k", linestyle=":", linewidth=1)
+        ax.text(x, ax.get_ylim()[1] * 0.95, f" {label}", va="top")
+    ax.set(xlabel="nearest-neighbour distance", ylabel="count", title=f"Nearest distances, layer {layer}")
+    ax.legend()
+    save(fig, "nearest_distances.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for table in sorted(t for t in h.table.unique() if t.startswith("pattern_nearest_")):
+        rows = h[h.table == table]
+        ax.step(rows.bin_left, rows["count"], where="post", label=f"{table.rsplit('_', 1)[1]}% of the patterns")
+    ax.axvline(2 * r_star, color="k", linestyle=":", linewidth=1)
+    ax.set(xlabel="nearest-other distance s_i", ylabel="count", title="Pattern spacing over subsets (the paper's 25-100%)")
+    ax.legend()
+    save(fig, "subset_histograms.png")
+
+    c = run.coverage[run.coverage.layer == layer]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(c.radius, c.coverage)
+    ax.axvline(r_star, color="k", linestyle=":", linewidth=1, label="r*")
+    ax.axvline(last["typical_radius"], color="r", linestyle="--", linewidth=1, label="typical radius")
+    ax.set(xlabel="ball radius", ylabel="fraction of queries covered", ylim=(0, 1.02), title="A2 coverage")
+    ax.legend()
+    save(fig, "coverage.png")
+
+    q = run.queries[(run.queries.layer == layer) & np.isfinite(run.queries.nll)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(q.nearest_dist, q.nll, s=6, alpha=0.5)
+    ax.set(xlabel="distance to nearest pattern", ylabel="next-token loss (nats)", title="Distance against loss")
+    save(fig, "distance_vs_nll.png")
+
+    layers = [s["layer"] for s in run.summary["layers"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(layers, [s["typical_radius"] for s in run.summary["layers"]], marker="o", label="typical radius")
+    ax.plot(layers, [s["r_star"] for s in run.summary["layers"]], linestyle=":", label="r*")
+    ax.set(xlabel="layer", ylabel="radius", title="Radius through depth")
+    ax.legend()
+    save(fig, "radius_by_layer.png")
+    return names
+
+
+def render(run_dir: str | Path) -> Path:
+    """Write the plots and report.html into the run folder; returns the page's path."""
+    run_dir = Path(run_dir)
+    run = load(run_dir)
+    images = _plots(run, run_dir)
+    layers = run.summary["layers"]
+    header = "".join(f"<th>layer {s['layer']}</th>" for s in layers)
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{_format(_get(s, path))}</td>' for s in layers)}"
+        f"<td class='why'>{html.escape(why)}</td></tr>" for path, label, why in ROWS)
+    figures = "".join(f"<figure><img src='{name}' alt='{name}'></figure>" for name in images)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>memscan report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd;
+text-align:right}}td:first-child,.why{{text-align:left}}.why{{color:#555;font-size:90%}}img{{max-width:100%}}</style>
+</head><body><h1>memscan report</h1>
+<p>Index <code>{html.escape(run.summary['index'])}</code>, queries <code>{html.escape(run.summary['queries'])}</code>
+(split <code>{html.escape(run.summary['settings']['split'])}</code>), k = {run.summary['settings']['k']},
+beta = {run.summary['settings']['beta']}.</p>
+<table><tr><th>quantity</th>{header}<th>what it tests</th></tr>{body}</table>
+{figures}</body></html>"""
+    path = run_dir / PAGE
+    path.write_text(page)
+    log.info("report: %s", path)
+    return path
