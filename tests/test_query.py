@@ -61,6 +61,10 @@ def test_summary_equals_a_numpy_recomputation_from_the_shards(pipeline, layer):
     assert close(got["A2"]["coverage_at_r_star"], (q_near <= r_star).mean())
     assert close(got["A2"]["coverage_at_typical"], (q_near <= typical).mean())
     assert close(got["A3"]["disjoint_at_r_star"], (s > 2 * r_star).mean())
+    assert close(got["typical_over_r_star"], typical / r_star) and got["radius"] == {"mode": "r*", "value": got["r_star"]}
+    assert close(got["A2"]["coverage_at_radius"], (q_near <= r_star).mean())
+    assert close(got["A3"]["disjoint_at_radius"], (s > 2 * r_star).mean())
+    assert close(got["A3"]["max_norm"], math.sqrt((P * P).sum(1).max()))
 
     gram = P @ P.T
     delta = np.diag(gram) - np.where(np.eye(d, dtype=bool), -np.inf, gram).max(1)
@@ -73,11 +77,13 @@ def test_summary_equals_a_numpy_recomputation_from_the_shards(pipeline, layer):
     assert close(got["floor"]["log_z"], log_z) and close(got["floor"]["predicted_floor"], log_z + math.exp(-log_z))
 
     assert close(got["A1"]["train_loss"], train.nll.mean()) and close(got["A1"]["test_loss"], test.nll.mean())
+    assert close(got["A1"]["loss_gap"], test.nll.astype(float).mean() - train.nll.astype(float).mean())
     nearest_next = train.next_token_id.to_numpy()[qp.argmin(1)]
     assert close(got["A1"]["next_token_agreement"], (nearest_next == test.next_token_id.to_numpy()).mean())
     manifest = store.read_manifest(pipeline["data"])
     D = manifest["chunk_tokens"] * d
-    assert close(got["size"]["N_over_D2"], manifest["model"]["num_parameters"] / D**2)
+    assert got["size"] == {"N": manifest["model"]["num_parameters"], "D": D, "chunk_tokens": 32,
+                           "N_over_D2": pytest.approx(manifest["model"]["num_parameters"] / D**2, rel=1e-12)}
 
     tables = memscan.load(pipeline["run"])
     q = tables.queries[tables.queries.layer == layer]
@@ -86,8 +92,25 @@ def test_summary_equals_a_numpy_recomputation_from_the_shards(pipeline, layer):
     mchn = -logsumexp(beta * Q @ P.T, axis=1) / beta + 0.5 * (Q * Q).sum(1) + math.log(d) / beta + 0.5 * M2
     np.testing.assert_allclose(q.mchn_energy, mchn, rtol=1e-9)
     assert close(got["energy"]["mean_mchn"], mchn.mean())
-    assert (q.retrieved <= q.retrieval_converged).all()
-    assert close(got["A1"]["retrieval_rate"], q.retrieved.mean())
+    top = np.sort(qp, axis=1)[:, :4]
+    upper = -logsumexp(-beta * top, axis=1) / beta
+    lower = -np.logaddexp(logsumexp(-beta * top, axis=1), math.log(d - 4) - beta * top[:, -1]) / beta
+    assert close(got["energy"]["mean_upper"], upper.mean()) and close(got["energy"]["mean_lower"], lower.mean())
+
+    epsilon = 0.01 * np.median(s)                      # retrieval, by an independent loop
+    assert close(got["A1"]["epsilon"], epsilon)
+    retrieved = []
+    for x, order in zip(Q, np.argsort(qp, axis=1)[:, :4]):
+        near, xi = P[order], x.copy()
+        for _ in range(100):
+            w = np.exp(-beta * ((near - xi) ** 2).sum(1) + beta * ((near - xi) ** 2).sum(1).min())
+            new = w @ near / w.sum()
+            step, xi = np.linalg.norm(new - xi), new
+            if step < 1e-6 * np.median(s):
+                break
+        retrieved.append(step < 1e-6 * np.median(s) and np.linalg.norm(xi - near[0]) <= epsilon)
+    assert np.array_equal(q.retrieved.to_numpy(), retrieved)
+    assert close(got["A1"]["retrieval_rate"], np.mean(retrieved))
     pat = tables.patterns[tables.patterns.layer == layer]
     np.testing.assert_allclose(pat.nearest_other_dist, s, rtol=1e-6)
     np.testing.assert_allclose(pat.ramsauer_delta, delta, rtol=1e-6, atol=1e-6)
