@@ -1,19 +1,20 @@
 """`memscan demo`: the whole pipeline on the built-in default, offline, on a CPU.
 
-The Question-Formation corpus and a small GPT-2 that the demo builds and saves itself,
-then extract, index, query and report; each stage writes to its own folder under `out`
-and a rerun reuses finished stages.
+Generates the Question-Formation corpus, trains a small GPT-2 on a token budget of it,
+extracts the activations of exactly its training and held-out chunks, indexes the
+training ones, queries with the held-out ones, measures norm growth and saturation, and
+writes the report. Each stage writes to its own folder under `out`; a rerun reuses
+every finished stage.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memscan import qf, query, report
+from memscan import query, report, saturation, train
 from memscan.extract import ExtractSettings, extract
 from memscan.knn import index as knn_index
 
@@ -24,70 +25,57 @@ log = logging.getLogger(__name__)
 class DemoSize:
     """How big the demo runs; `quick` is the test suite's size."""
 
-    qf_documents: int
-    num_chunks: int
-    chunk_tokens: int = 64
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
+    source: str
+    train_tokens: int
+    epochs: float
+    n_layer: int
+    n_embd: int
+    context: int
+    batch_size: int
+    lr: float
+    k: int
 
 
-FULL = DemoSize(qf_documents=qf.QFConfig().documents, num_chunks=4096)
-QUICK = DemoSize(qf_documents=40, num_chunks=256, n_layer=2, n_embd=32)
+FULL = DemoSize(source="qf", train_tokens=300_000, epochs=4, n_layer=4, n_embd=128, context=64, batch_size=32, lr=3e-3, k=10)
+QUICK = DemoSize(source="qf:lines=16", train_tokens=12_000, epochs=1, n_layer=2, n_embd=32, context=32, batch_size=16, lr=1e-2, k=5)
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    model_dir: Path
+    train: dict[str, Any]
     dataset_dir: Path
     manifest: dict[str, Any]
-    index_dir: Path
     run_dir: Path
     summary: dict[str, Any]
+    saturation: dict[str, Any]
     report: Path
 
 
-def build_model(directory: Path, size: DemoSize, seed: int = 0) -> Path:
-    """A GPT-2 over the Question-Formation tokenizer, saved with `save_pretrained` (reused if present)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
-        return directory
-    tokenizer = qf.tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max(128, size.chunk_tokens), n_embd=size.n_embd,
-        n_layer=size.n_layer, n_head=size.n_head, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    GPT2LMHeadModel(config).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(directory)
-    log.info("built a %d-layer GPT-2 (n=%d) over the Question-Formation vocabulary in %s",
-             size.n_layer, size.n_embd, directory)
-    return directory
-
-
 def run(out: str | Path, quick: bool = False, seed: int = 0) -> DemoResult:
-    """Build the model, extract its activations, index the train split, query with the test split, report."""
+    """Train, extract, index, query, analyse saturation and report; returns every stage's result."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
-    model_dir = build_model(out / "model", size, seed)
-    settings = ExtractSettings(
-        model=str(model_dir), source=f"qf:documents={size.qf_documents}", num_chunks=size.num_chunks,
-        chunk_tokens=size.chunk_tokens, layers="all", positions="last", seed=seed,
-    )
+    trained = train.train(train.TrainSettings(
+        source=size.source, tokens=size.train_tokens, n_layer=size.n_layer, n_embd=size.n_embd, n_head=4,
+        context=size.context, batch_size=size.batch_size, epochs=size.epochs, lr=size.lr, warmup_steps=20,
+        eval_every=50, seed=seed), out / "train")
+    data = trained["data"]
     dataset_dir = out / "activations"
-    manifest = extract(settings, dataset_dir)
+    manifest = extract(ExtractSettings(
+        model=trained["final"], source=data["source"], max_documents=data["documents"], chunk_tokens=data["context"],
+        test_fraction=data["test_fraction"], seed=data["seed"], layers="all", positions="last"), dataset_dir)
     index_dir, run_dir = out / "index", out / "run"
     if not (index_dir / knn_index.INFO_FILE).exists():
         knn_index.build(dataset_dir, index_dir, knn_index.IndexSettings(seed=seed))
     if (run_dir / query.SUMMARY).exists():
         summary = query.load(run_dir).summary
     else:
-        summary = query.run(index_dir, dataset_dir, run_dir, query.QuerySettings(seed=seed, k=5 if quick else 10))
-    return DemoResult(model_dir, dataset_dir, manifest, index_dir, run_dir, summary, report.render(run_dir))
+        summary = query.run(index_dir, dataset_dir, run_dir, query.QuerySettings(seed=seed, k=size.k))
+    saturation_dir = run_dir / "saturation"
+    if (saturation_dir / saturation.SUMMARY).exists():
+        import json
+
+        saturated = json.loads((saturation_dir / saturation.SUMMARY).read_text())
+    else:
+        saturated = saturation.analyse(str(out / "train"), str(saturation_dir), chunks=4, seed=seed)
+    return DemoResult(trained, dataset_dir, manifest, run_dir, summary, saturated, report.render(run_dir))

@@ -36,6 +36,7 @@ class ExtractSettings:
     model: str
     source: str
     num_chunks: int | None = None        # None: every chunk of the corpus
+    max_documents: int | None = None     # None: the whole source; else its first N documents (a training run's prefix)
     chunk_tokens: int = 256              # the paper's T_max
     test_fraction: float = 0.1
     layers: str = "last"                 # last | all | comma-separated indices (negative from the end)
@@ -59,6 +60,8 @@ class ExtractSettings:
                 raise InputError(message)
 
         need(self.num_chunks is None or self.num_chunks >= 1, f"--num-chunks must be at least 1; got {self.num_chunks}")
+        need(self.max_documents is None or self.max_documents >= 1,
+             f"--max-documents must be at least 1; got {self.max_documents}")
         need(self.chunk_tokens >= 1, f"--chunk-tokens must be at least 1; got {self.chunk_tokens}")
         need(0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1); got {self.test_fraction}")
         need(self.dtype in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32; got '{self.dtype}'")
@@ -164,7 +167,8 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, An
         return None
     if not out.is_dir():
         raise InputError(f"--out '{out}' exists and is not a folder")
-    ours = [p for p in out.iterdir() if p.name == store.MANIFEST or p.name.startswith("part-")]
+    ours = [p for p in out.iterdir()
+            if p.name.startswith((store.MANIFEST, "part-"))]  # manifest.json(.tmp), part-*.parquet(.tmp)
     if not (out / store.MANIFEST).exists():
         if any(p for p in out.iterdir() if p not in ours):
             raise InputError(f"--out '{out}' holds files that are not a memscan dataset; choose an empty folder")
@@ -196,20 +200,30 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
+        """Write until CLOSE or ABORT; after a failure drop the shard in progress and only wait to be told."""
         while True:
             item = self._queue.get()
+            if item is self._ABORT or (item is self._CLOSE and self._error is not None):
+                self._abort_quietly()
+                return
+            if self._error is not None:
+                continue
             try:
-                if item is self._ABORT:
-                    self.writer.abort()
-                    return
                 if item is self._CLOSE:
                     self.writer.close()
                     return
-                if self._error is None:
-                    self.writer.write(item)
+                self.writer.write(item)
             except BaseException as exc:
                 self._error = exc
-                self.writer.abort()
+                self._abort_quietly()
+                if item is self._CLOSE:
+                    return
+
+    def _abort_quietly(self) -> None:
+        try:
+            self.writer.abort()
+        except OSError:
+            log.warning("could not remove the partial shard %s", self.writer.tmp_path)
 
     def put(self, table: Any) -> None:
         self._raise_if_failed()
@@ -306,8 +320,9 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False)
         return manifest
 
     stats = corpus.CorpusStats()
+    documents = itertools.islice(source.documents(), settings.max_documents)
     chunks: Iterable[corpus.Chunk] = corpus.iter_chunks(
-        source.documents(), loaded.tokenizer, settings.chunk_tokens, settings.test_fraction, settings.seed, stats)
+        documents, loaded.tokenizer, settings.chunk_tokens, settings.test_fraction, settings.seed, stats)
     total_chunks = None
     if settings.num_chunks is not None:
         chunks = corpus.sample_chunks(chunks, settings.num_chunks)
@@ -336,6 +351,8 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
     rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
     first_batch, skip_rows = divmod(rows_done, batch_size * per_chunk)
+    # A listed partial shard is the last one: every row is written, only the counts are missing.
+    all_written = rows_done % settings.shard_rows != 0
     if rows_done:
         log.info("resuming %s after %d shards (%d rows)", out, len(manifest["shards"]), rows_done)
 
@@ -344,7 +361,8 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False)
         store.write_json_atomic(out / store.MANIFEST, manifest)
 
     table_schema = store.schema(loaded.hidden_size, vec_dtype)
-    writer = BackgroundWriter(store.ShardWriter(out, table_schema, settings.shard_rows, rows_done, record_shard))
+    writer = BackgroundWriter(store.ShardWriter(out, table_schema, settings.shard_rows,
+                                                rows_done - rows_done % settings.shard_rows, record_shard))
     chunk_counts: dict[str, int] = {}
     positions_index = torch.tensor(positions, device=device)
     from tqdm.auto import tqdm
@@ -355,7 +373,7 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False)
             for chunk in batch:
                 chunk_counts[chunk.split] = chunk_counts.get(chunk.split, 0) + 1
             progress.update(len(batch))
-            if b < first_batch:
+            if b < first_batch or all_written:
                 continue
             input_ids = torch.from_numpy(np.stack([c.tokens for c in batch])).to(device, torch.long)
             next_ids = torch.from_numpy(np.stack([c.next_tokens for c in batch])).to(device, torch.long)

@@ -121,6 +121,10 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     else:
         pid, Dp, Ip = exact.self_join(blocks, settings.k, backend=index.backend)
         _, Dq, Iq = exact.knn(iter([(qmeta["row_id"], Xq)]), blocks, settings.k, backend=index.backend)
+    missing = int((Iq < 0).any(axis=1).sum() + (Ip < 0).any(axis=1).sum())
+    if missing:
+        raise InputError(f"the approximate index found fewer than k={k} neighbours for {missing:,} vectors; "
+                         "raise the index's nprobe / efSearch, lower --k, or pass --exact")
     pmeta = _pattern_meta(patterns, pattern_split, layer)
     assert np.array_equal(pmeta["row_id"], pid)
     n, k, beta = patterns.n, settings.k, settings.beta
@@ -129,6 +133,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
 
     # A3: disjoint balls and Ramsauer's separation (a maximum-inner-product self-join)
     r_star, typical = theory.unit_volume_radius(n), float(np.median(s) / 2)
+    scale = float(np.median(s[s > 0])) if (s > 0).any() else 1.0  # spacing, for tolerances (duplicates give s = 0)
     radius = _radius(settings.radius, r_star, typical)
     _, Dip, _ = exact.self_join(blocks, 1, metric="ip", backend=index.backend)
     delta = theory.ramsauer_separation(pmeta["sq_norm"], Dip[:, 0])
@@ -136,15 +141,15 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     threshold = theory.ramsauer_threshold(d, beta, M)
 
     # energies and retrieval (A1)
-    lower, upper = theory.energy_interval(Dq.astype(np.float64), d, beta)
+    lower, upper = theory.energy_interval(Dq.astype(np.float64), d, beta)  # certified when the k are exact
     mchn = analysis.mchn_over_blocks(Xq, blocks(), beta)
-    epsilon = settings.epsilon or 0.01 * float(np.median(s))
+    epsilon = settings.epsilon or 0.01 * scale
     converged, steps, retrieved = (np.zeros(len(Xq), bool), np.zeros(len(Xq), np.int32), np.zeros(len(Xq), bool))
     for start in range(0, len(Xq), RETRIEVAL_CHUNK):
         rows = slice(start, start + RETRIEVAL_CHUNK)
         neighbours = patterns.take(Iq[rows].ravel()).reshape(-1, k, n)
         converged[rows], steps[rows], retrieved[rows] = analysis.retrieval(
-            Xq[rows], neighbours, beta, epsilon, tol=1e-6 * float(np.median(s)), max_steps=settings.max_steps)
+            Xq[rows], neighbours, beta, epsilon, tol=1e-6 * scale, max_steps=settings.max_steps)
     nearest_next = pmeta["next_token_id"][np.searchsorted(pid, Iq[:, 0])]
     next_match = (qmeta["next_token_id"] >= 0) & (nearest_next == qmeta["next_token_id"])
 
@@ -172,7 +177,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
 
     tables = {
         "neighbours": {"layer": np.full(Iq.size, layer, np.int16), "query_row_id": np.repeat(qmeta["row_id"], k),
-                       "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), len(Iq)),
+                       "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(Iq)),
                        "neighbour_row_id": Iq.ravel(), "dist": np.sqrt(Dq).ravel(), "sqdist": Dq.ravel()},
         "queries": {"layer": np.full(len(Xq), layer, np.int16), "query_row_id": qmeta["row_id"],
                     "nearest_dist": q_near, "nearest_sqdist": Dq[:, 0], "energy_lower": lower,

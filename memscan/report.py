@@ -69,10 +69,7 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     layer, r_star = last["layer"], last["r_star"]
 
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-        names.append(name)
+        names.append(_save(fig, folder / name))
 
     h = run.histograms[run.histograms.layer == layer]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -120,6 +117,55 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     return names
 
 
+def render_saturation(folder: str | Path) -> list[str]:
+    """Plots of a `memscan saturation` folder: norm growth with its fits, cosines by layer, head spread."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memscan import saturation, store
+
+    folder = Path(folder)
+    summary = json.loads((folder / saturation.SUMMARY).read_text())
+    names = []
+    growth = summary["norm_growth"]
+    if growth:
+        steps, norms = np.array(growth["steps"], float), np.array(growth["norms"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, norms, "o", label="||theta_t||")
+        grid = np.linspace(steps.min(), steps.max(), 200)
+        for law, fit in growth["fits"].items():
+            ax.plot(grid, fit["a"] + fit["b"] * saturation.GROWTH_LAWS[law](grid), label=f"{law}: R^2 {fit['r2']:.3f}")
+        ax.set(xlabel="step t", ylabel="parameter norm", title="Norm growth")
+        ax.legend()
+        names.append(_save(fig, folder / "norm_growth.png"))
+    cos = store.read_table(folder / "saturation.parquet").to_pandas()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(cos.layer, cos.cosine, marker="o")
+    ax.set(xlabel="layer", ylabel=f"cos(h(theta), h({summary['scale']:g} theta))", ylim=(-1.02, 1.02),
+           title="Saturation by layer")
+    names.append(_save(fig, folder / "saturation.png"))
+    heads = store.read_table(folder / "heads.parquet").to_pandas()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(heads.mean_fraction, bins=20, range=(0, 1))
+    ax.set(xlabel="mean share of the causal prefix attended (> 1e-5)", ylabel="heads",
+           title="Saturated heads: argmax (left) to uniform (right)")
+    names.append(_save(fig, folder / "heads.png"))
+    return names
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def render(run_dir: str | Path) -> Path:
     """Write the plots and report.html into the run folder; returns the page's path."""
     run_dir = Path(run_dir)
@@ -131,6 +177,10 @@ def render(run_dir: str | Path) -> Path:
         f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{_format(_get(s, path))}</td>' for s in layers)}"
         f"<td class='why'>{html.escape(why)}</td></tr>" for path, label, why in ROWS)
     figures = "".join(f"<figure><img src='{name}' alt='{name}'></figure>" for name in images)
+    saturation_dir = run_dir / "saturation"
+    if (saturation_dir / "summary.json").exists():
+        figures += "<h2>Norm growth and saturation</h2>" + "".join(
+            f"<figure><img src='saturation/{name}' alt='{name}'></figure>" for name in render_saturation(saturation_dir))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>memscan report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd;
 text-align:right}}td:first-child,.why{{text-align:left}}.why{{color:#555;font-size:90%}}img{{max-width:100%}}</style>

@@ -153,7 +153,7 @@ class ShardWriter:
         self._rows_in_shard = 0
 
     @property
-    def _tmp_path(self) -> Path:
+    def tmp_path(self) -> Path:
         return self.directory / (SHARD_PATTERN.format(self.shard_index) + ".tmp")
 
     def write(self, table: pa.Table) -> None:
@@ -178,16 +178,19 @@ class ShardWriter:
             self._finish_shard()
 
     def abort(self) -> None:
-        """Drop the shard in progress; completed shards stay as they are."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._tmp_path.unlink(missing_ok=True)
+        """Drop the shard in progress and its pending rows; completed shards stay as they are."""
+        writer, self._writer = self._writer, None
+        self._pending, self._pending_rows, self._rows_in_shard = [], 0, 0
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def _flush_group(self) -> None:
         if self._writer is None:
             self._writer = pq.ParquetWriter(
-                self._tmp_path, self.schema, compression={name: "zstd" for name in METADATA_COLUMNS},
+                self.tmp_path, self.schema, compression={name: "zstd" for name in METADATA_COLUMNS},
                 use_dictionary=["split"], write_statistics=list(METADATA_COLUMNS),
             )
         group = pa.concat_tables(self._pending).combine_chunks()
@@ -199,7 +202,7 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         final = self.directory / SHARD_PATTERN.format(self.shard_index)
-        _commit_file(self._tmp_path, final)
+        _commit_file(self.tmp_path, final)
         info = ShardInfo(final.name, self.next_row - self._rows_in_shard, self.next_row,
                          final.stat().st_size, sha256_of(final))
         log.debug("wrote %s: rows %d-%d, %.1f MB", info.name, info.row_start, info.row_stop - 1, info.bytes / 1e6)
@@ -391,6 +394,8 @@ def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequ
         raise InputError(f"'{directory}' already holds a dataset")
     m, n = X.shape
     splits = np.asarray(splits, dtype=object)
+    if len(splits) != m:
+        raise InputError(f"write_vectors needs one split per vector: {len(splits):,} splits for {m:,} vectors")
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "fingerprint": None,
         "settings": {"source": "vectors", "imported": True}, "model": {"id": model, "class": None,

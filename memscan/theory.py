@@ -90,10 +90,32 @@ def unit_volume_radius(n: int) -> float:
     return math.sqrt(n / (2 * math.pi * math.e))
 
 
+def log_lower_gamma_regularized(a: float, x: np.ndarray | float) -> np.ndarray:
+    """log P(a, x), finite where P itself underflows float64 (x far below a, as for radii below r*).
+
+    Where gammainc underflows, P = x^a e^-x / Gamma(a + 1) * sum_j x^j / ((a+1)...(a+j)),
+    a series whose terms shrink geometrically there since x < a.
+    """
+    shape = np.shape(x)
+    x = np.atleast_1d(np.asarray(x, np.float64))
+    with np.errstate(divide="ignore"):
+        out = np.log(gammainc(a, x))
+    small = ~np.isfinite(out) & (x > 0)
+    if small.any():
+        xs = x[small]
+        term, total = np.ones_like(xs), np.ones_like(xs)
+        for j in range(1, 100_000):
+            term *= xs / (a + j)
+            total += term
+            if (term < 1e-17 * total).all():
+                break
+        out[small] = a * np.log(xs) - xs - gammaln(a + 1) + np.log(total)
+    return out.reshape(shape)
+
+
 def log_ball_integral(n: int, r: np.ndarray | float) -> np.ndarray:
     """Eq. 12 corrected: log of the integral over B(rho, r) of exp(-||x - rho||^2) dx = pi^(n/2) P(n/2, r^2)."""
-    with np.errstate(divide="ignore"):
-        return 0.5 * n * math.log(math.pi) + np.log(gammainc(0.5 * n, np.square(r)))
+    return 0.5 * n * math.log(math.pi) + log_lower_gamma_regularized(0.5 * n, np.square(r))
 
 
 def ball_integral_log_bounds(n: int, r: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +130,8 @@ def log_partition(n: int, radii: np.ndarray) -> float:
 
 
 def cross_entropy_floor(log_z: float) -> float:
-    """Proposition 4: L ~ log Z + 1/Z, at least 1 nat, reached at Z = 1."""
-    return log_z + math.exp(-log_z)
+    """Proposition 4: L ~ log Z + 1/Z, at least 1 nat, reached at Z = 1 (inf where 1/Z overflows)."""
+    return log_z + math.exp(-log_z) if -log_z < 709 else math.inf
 
 
 def gpt2_parameter_formula(layers: int, d_emb: int) -> float:

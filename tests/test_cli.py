@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -18,16 +19,22 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code, captured.out, captured.err
 
 
-def test_demo_quick_builds_extracts_and_reuses(capsys, tmp_path):
+def test_demo_quick_runs_the_whole_pipeline_and_reuses_it(capsys, tmp_path):
     code, out, _ = run(capsys, "demo", "--quick", "--out", str(tmp_path))
-    assert code == 0 and "(complete)" in out and "rows" in out
+    assert code == 0 and "trained" in out and "typical" in out and "report" in out
     manifest = store.read_manifest(tmp_path / "activations")
+    trained = json.loads((tmp_path / "train" / "run.json").read_text())
     assert manifest["complete"] and manifest["layers"] == [0, 1, 2]
-    assert sum(manifest["counts"]["chunks"].values()) == 256
+    assert manifest["counts"]["chunks"]["train"] == trained["data"]["train_chunks"]
+    assert manifest["counts"]["chunks"]["test"] == trained["data"]["heldout_chunks"]
     assert store.verify(tmp_path / "activations") == []
-    stamp = (tmp_path / "activations" / store.MANIFEST).stat().st_mtime_ns
+    for page in ("run/report.html", "run/saturation/norm_growth.png", "run/saturation/heads.png"):
+        assert (tmp_path / page).stat().st_size > 0
+    assert "Norm growth and saturation" in (tmp_path / "run" / "report.html").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "activations" / store.MANIFEST, tmp_path / "run" / "summary.json",
+                                                tmp_path / "train" / "run.json")}
     assert run(capsys, "demo", "--quick", "--out", str(tmp_path))[0] == 0
-    assert (tmp_path / "activations" / store.MANIFEST).stat().st_mtime_ns == stamp
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     code, out, _ = run(capsys, "info", str(tmp_path / "activations"))
     assert code == 0 and "n=32 float16" in out and "train" in out

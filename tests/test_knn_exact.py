@@ -96,6 +96,14 @@ def test_torch_half_precision_backend_agrees_after_exact_recomputation():
     np.testing.assert_allclose(D16[same], D32[same], rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [exact.TorchBackend("cpu", "bfloat16")], ids=lambda b: b.name)
+def test_large_norms_do_not_cancel_the_ranking(backend):
+    X = tricky_vectors() + np.float32(4000.0)  # activations sit far from the origin; neighbours are close
+    ids = np.arange(len(X), dtype=np.int64)
+    _, D, I = exact.self_join(exact.array_blocks(ids, X, 100), 5, backend=backend)
+    assert_matches(D, I, brute_force(X, X, "l2", exclude=np.eye(len(X), dtype=bool)), 5, "l2")
+
+
 def test_gpu_asked_for_without_one():
     import torch
 

@@ -135,3 +135,45 @@ def test_shards_are_sized_and_listed_in_the_manifest(reference):
     for shard in manifest["shards"]:
         assert store.sha256_of(reference / shard["name"]) == shard["sha256"]
     assert {"torch", "transformers", "memscan"} <= set(manifest["versions"])
+
+
+def test_resume_when_only_the_complete_flag_is_missing(reference, qf_model, tmp_path):
+    out = tmp_path / "almost"
+    extract(settings_for(qf_model), out)
+    manifest = json.loads((out / store.MANIFEST).read_text())
+    for key in ("counts", "corpus"):
+        manifest.pop(key)
+    manifest["complete"] = False  # killed after the last (partial) shard was listed, before the end
+    store.write_json_atomic(out / store.MANIFEST, manifest)
+    finished = extract(settings_for(qf_model), out)
+    assert finished["complete"] and shard_bytes(out) == shard_bytes(reference)
+    assert finished["counts"] == json.loads((reference / store.MANIFEST).read_text())["counts"]
+
+
+def test_a_failing_write_stops_without_hanging_or_recording_a_bad_shard(reference, qf_model, tmp_path, monkeypatch):
+    flushes = {"count": 0}
+    original = store.ShardWriter._flush_group
+
+    def flaky(self):
+        flushes["count"] += 1
+        if flushes["count"] == 3:
+            raise OSError("disk full (simulated)")
+        original(self)
+
+    monkeypatch.setattr(store.ShardWriter, "_flush_group", flaky)
+    out = tmp_path / "flaky"
+    with pytest.raises(OSError, match="disk full"):
+        extract(settings_for(qf_model), out)
+    assert store.verify(out) == ["the dataset is incomplete (extraction did not finish)"]
+    assert len(json.loads((out / store.MANIFEST).read_text())["shards"]) == 2
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    extract(settings_for(qf_model), out)
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_a_leftover_temporary_manifest_does_not_block_a_rerun(qf_model, tmp_path):
+    out = tmp_path / "tmp_left"
+    out.mkdir()
+    (out / "manifest.json.tmp").write_text('{"half": ')
+    assert extract(settings_for(qf_model), out)["complete"]

@@ -104,6 +104,18 @@ def test_ball_integral_against_a_grid_in_two_dimensions():
     assert math.exp(theory.log_ball_integral(2, r)) == pytest.approx(numeric, rel=2e-3)
 
 
+def test_log_ball_integral_stays_finite_where_the_integral_underflows():
+    from mpmath import gammainc as mp_gammainc, log as mp_log, mpf
+
+    for n, r in ((1024, 7.0), (1024, 5.0), (128, 0.447), (4096, 20.0), (1024, 40.0)):
+        a, x = mpf(n) / 2, mpf(r) ** 2
+        exact = float(mp_log(mp_gammainc(a, 0, x, regularized=True)))
+        got = float(theory.log_lower_gamma_regularized(n / 2, r * r))
+        assert got == pytest.approx(exact, rel=1e-10), (n, r)
+    assert np.isfinite(theory.log_partition(1024, np.full(1000, 5.0)))
+    assert theory.cross_entropy_floor(-800.0) == math.inf
+
+
 def test_the_printed_lower_bound_fails_and_the_corrected_one_holds_at_large_n():
     n, r = 1024, 10.0
     exact_log = theory.log_ball_integral(n, r)

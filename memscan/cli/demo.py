@@ -11,24 +11,31 @@ from memscan.cli.render import print_summary
 
 @click.command()
 @click.option("--out", default="memscan-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the model, the activations and everything after.")
+              help="Folder for the training run, the activations and everything after.")
 @click.option("--quick", is_flag=True, help="A tiny run (seconds), as the test suite uses.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out: str, quick: bool, seed: int) -> None:
-    """Build a small GPT-2 on the Question-Formation language; extract, index, query and report."""
+    """Train a small GPT-2 on the Question-Formation language, then extract, index, query and report."""
     from memscan import demo as pipeline
 
     started = time.perf_counter()
     result = pipeline.run(out, quick=quick, seed=seed)
+    trained, last = result.train, result.summary["layers"][-1]
+    click.echo(f"trained   {trained['steps']:,} steps on {trained['data']['train_tokens']:,} Question-Formation "
+               f"tokens: train loss {trained['final_train_loss']:.3f}, held-out {trained['final_heldout_loss']:.3f}")
     print_summary(str(result.dataset_dir), result.manifest)
-    click.echo(f"model     {result.model_dir}")
-    last = result.summary["layers"][-1]
     click.echo(f"radius    typical {last['typical_radius']:.3g} vs r* {last['r_star']:.3g} at the last layer "
                f"({last['typical_over_r_star']:.2f}x)")
     click.echo(f"tests     A2 coverage at the typical radius {last['A2']['coverage_at_typical']:.1%}; "
                f"A3 disjoint at r* {last['A3']['disjoint_at_r_star']:.1%}, Ramsauer-separated "
-               f"{last['A3']['ramsauer_well_separated']:.1%}; A1 retrieval {last['A1']['retrieval_rate']:.1%}")
-    loss = last["A1"]["test_loss"]
-    click.echo(f"loss      held-out {loss:.3f} nats vs predicted floor {last['floor']['predicted_floor']:.4g}")
+               f"{last['A3']['ramsauer_well_separated']:.1%}; A1 retrieval {last['A1']['retrieval_rate']:.1%}, "
+               f"next-token agreement {last['A1']['next_token_agreement']:.1%}")
+    click.echo(f"loss      held-out {last['A1']['test_loss']:.3f} nats vs predicted floor "
+               f"{last['floor']['predicted_floor']:.4g} (train {last['A1']['train_loss']:.3f})")
+    growth = result.saturation["norm_growth"]
+    if growth:
+        best = max(growth["fits"], key=lambda law: growth["fits"][law]["r2"])
+        click.echo(f"norms     best fit {best} (R^2 {growth['fits'][best]['r2']:.3f}); "
+                   f"{result.saturation['argmax_heads']} of {result.saturation['heads']} saturated heads are argmax")
     click.echo(f"report    {result.report}")
     click.echo(f"done in {time.perf_counter() - started:.1f} s")

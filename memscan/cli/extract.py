@@ -13,6 +13,8 @@ from memscan.cli.render import print_summary
               help="qf[:documents=N,lines=L,gen=F], hf:OWNER/NAME[:CONFIG], or a .txt/.jsonl/.parquet file or folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write (or resume).")
 @click.option("--num-chunks", type=int, default=None, help="Seeded uniform sample of this many chunks [default: all].")
+@click.option("--max-documents", type=int, default=None,
+              help="Read only the first N documents (the prefix a `memscan train` run used).")
 @click.option("--chunk-tokens", type=int, default=256, show_default=True, help="Tokens per chunk (the paper's T_max).")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True,
               help="Fraction of documents (by seeded hash) in the test split.")

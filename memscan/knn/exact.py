@@ -155,6 +155,15 @@ class _Heap:
         return np.where(self.heap.I >= 0, self.heap.D, worst).astype(np.float32), self.heap.I
 
 
+def _centred(xq: np.ndarray, xb: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """For l2, both sides moved by the database block's mean: distances stay, but the matrix-product
+    form ||x||^2 + ||y||^2 - 2 x.y no longer cancels at the activations' large norms."""
+    if metric != "l2":
+        return xq, xb
+    centre = xb.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return xq - centre, xb - centre
+
+
 def search_blocks(query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
                   metric: str = "l2", exclude_self: bool = False, backend: Backend | None = None,
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -170,7 +179,7 @@ def search_blocks(query_blocks: Iterable[Block], database_blocks: Callable[[], I
         started, heap, rows = time.perf_counter(), _Heap(k, metric, len(xq)), 0
         for db_ids, xb in database_blocks():
             wanted = min(backend.candidates(k + int(exclude_self)), len(xb))
-            _, local = backend.search(xq, xb, wanted, metric)
+            _, local = backend.search(*_centred(xq, xb, metric), wanted, metric)
             scores = exact_scores(xq, xb, local, metric)
             ids = np.where(local >= 0, db_ids[np.maximum(local, 0)], -1)
             if exclude_self:

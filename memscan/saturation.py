@@ -1,0 +1,182 @@
+"""Norm growth and saturated attention (Merrill et al. 2021), as THEORY.md states them.
+
+- Norm growth: rho(t) = ||theta_t|| over all non-scalar parameters, in total and per
+  layer, across a training run's checkpoints; least-squares fits of rho against t,
+  sqrt(t) and t^(1/4) with R^2; the cosine between consecutive checkpoints.
+- Saturation: the network at c theta (every parameter scaled, c = 1000) against theta;
+  per layer, the mean cosine between their hidden states over the tokens of a text.
+- Heads of the saturated model: per query, the positions whose attention weight exceeds
+  1e-5; per head the mean count, P(count > 1) and its spread. Count 1 is an argmax head;
+  about half the causal prefix is a uniform (averaging) head.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+ATTENTION_THRESHOLD = 1e-5
+GROWTH_LAWS = {"t": lambda t: t, "sqrt_t": np.sqrt, "t_quarter": lambda t: t ** 0.25}
+_LAYER = re.compile(r"\.h\.(\d+)\.|\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """'layer_3' for a block's parameter, 'other' for embeddings and the final norm."""
+    match = _LAYER.search(name)
+    return f"layer_{int(next(g for g in match.groups() if g is not None))}" if match else "other"
+
+
+def parameter_norms(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||theta|| over non-scalar parameters, in total ('total') and per layer group."""
+    squares: dict[str, float] = {}
+    for name, tensor in state.items():
+        if tensor.numel() > 1:
+            value = float(tensor.double().square().sum())
+            squares["total"] = squares.get("total", 0.0) + value
+            squares[layer_of(name)] = squares.get(layer_of(name), 0.0) + value
+    return {group: float(np.sqrt(value)) for group, value in squares.items()}
+
+
+def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """cos(theta_a, theta_b) over their shared non-scalar parameters, as one flat vector each."""
+    dot = norm_a = norm_b = 0.0
+    for name, tensor in a.items():
+        if tensor.numel() > 1 and name in b:
+            x, y = tensor.double().flatten(), b[name].double().flatten()
+            dot, norm_a, norm_b = dot + float(x @ y), norm_a + float(x @ x), norm_b + float(y @ y)
+    return dot / np.sqrt(norm_a * norm_b)
+
+
+def fit_growth(steps: np.ndarray, norms: np.ndarray) -> dict[str, dict[str, float]]:
+    """Least squares rho = a + b f(t) for f in t, sqrt(t), t^(1/4): a, b and R^2 for each."""
+    steps, norms = np.asarray(steps, np.float64), np.asarray(norms, np.float64)
+    fits = {}
+    for law, f in GROWTH_LAWS.items():
+        design = np.column_stack([np.ones_like(steps), f(steps)])
+        (a, b), *_ = np.linalg.lstsq(design, norms, rcond=None)
+        residual = norms - design @ np.array([a, b])
+        total = ((norms - norms.mean()) ** 2).sum()
+        fits[law] = {"a": float(a), "b": float(b), "r2": float(1 - (residual ** 2).sum() / total) if total else 1.0}
+    return fits
+
+
+def norm_growth(checkpoints: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, np.ndarray]:
+    """Per checkpoint (step order): step, norms per group, cosine to the previous checkpoint (NaN first)."""
+    rows: dict[str, list[Any]] = {"step": [], "group": [], "norm": []}
+    cosines: list[float] = []
+    previous = None
+    for step, state in checkpoints:
+        for group, value in parameter_norms(state).items():
+            rows["step"].append(step)
+            rows["group"].append(group)
+            rows["norm"].append(value)
+        cosines.append(float("nan") if previous is None else cosine(previous, state))
+        previous = state
+    return {**{k: np.asarray(v) for k, v in rows.items()}, "cosine_to_previous": np.asarray(cosines)}
+
+
+def scaled(model: Any, c: float) -> Any:
+    """A float32 copy of the model with every parameter multiplied by c."""
+    copy_ = copy.deepcopy(model).float()
+    with torch.no_grad():
+        for parameter in copy_.parameters():
+            parameter.mul_(c)
+    return copy_
+
+
+@torch.inference_mode()
+def saturation_cosines(model: Any, input_ids: torch.Tensor, c: float = 1000.0) -> np.ndarray:
+    """Per layer (0 = embeddings), the mean over tokens of cos(h_theta, h_{c theta}): (layers + 1,)."""
+    base = scaled(model, 1.0)(input_ids=input_ids, output_hidden_states=True).hidden_states
+    big = scaled(model, c)(input_ids=input_ids, output_hidden_states=True).hidden_states
+    return np.array([float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+                     for a, b in zip(base, big)])
+
+
+@torch.inference_mode()
+def saturated_attentions(model: Any, input_ids: torch.Tensor, c: float = 1000.0) -> np.ndarray:
+    """Attention weights of the saturated model: (layers, batch, heads, T, T) float64."""
+    big = scaled(model, c)
+    big.set_attn_implementation("eager")  # only eager attention returns its weights
+    attentions = big(input_ids=input_ids, output_attentions=True).attentions
+    return np.stack([a.double().numpy() for a in attentions])
+
+
+def head_statistics(attentions: np.ndarray, threshold: float = ATTENTION_THRESHOLD) -> dict[str, np.ndarray]:
+    """Per (layer, head) from weights (layers, batch, heads, T, T): counts of weights above threshold.
+
+    Returns arrays of length layers x heads: layer, head, mean_count, p_count_above_1,
+    std_count, and mean_fraction = count / (query position + 1), 1/T-ish for argmax heads and
+    near 1 for heads that spread over the whole causal prefix.
+    """
+    layers, _, heads, length, _ = attentions.shape
+    counts = (attentions > threshold).sum(-1).astype(np.float64)            # (L, B, H, T)
+    prefix = np.arange(1, length + 1, dtype=np.float64)
+    per_head = counts.transpose(0, 2, 1, 3).reshape(layers, heads, -1)        # (L, H, B * T)
+    fraction = (counts / prefix).transpose(0, 2, 1, 3).reshape(layers, heads, -1)
+    return {
+        "layer": np.repeat(np.arange(layers), heads), "head": np.tile(np.arange(heads), layers),
+        "mean_count": per_head.mean(-1).ravel(), "p_count_above_1": (per_head > 1).mean(-1).ravel(),
+        "std_count": per_head.std(-1).ravel(), "mean_fraction": fraction.mean(-1).ravel(),
+    }
+
+
+SUMMARY = "summary.json"
+
+
+def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int | None = None,
+            chunks: int = 8, scale: float = 1000.0, seed: int = 0) -> dict[str, Any]:
+    """Norm growth over a training run's checkpoints (if `target` is one) and saturation of its model.
+
+    `target` is a `memscan train` run folder (its last checkpoint and its own source and
+    context are used) or any model; the text is the first `chunks` chunks of `source`.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from memscan import corpus, models, store, train
+    from memscan.errors import InputError
+
+    target_path, out_path = Path(target), Path(out)
+    summary: dict[str, Any] = {"target": target, "scale": scale, "norm_growth": None}
+    if (target_path / train.RUN_FILE).exists():
+        run = json.loads((target_path / train.RUN_FILE).read_text())
+        found = train.checkpoints(target_path)
+        if not found:
+            raise InputError(f"training run '{target}' has no checkpoints yet; train it first")
+        growth = norm_growth((step, load_file(folder / "model.safetensors")) for step, folder in found)
+        total = growth["group"] == "total"
+        summary["norm_growth"] = {"fits": fit_growth(growth["step"][total], growth["norm"][total]),
+                                  "steps": growth["step"][total].tolist(), "norms": growth["norm"][total].tolist(),
+                                  "cosine_to_previous": growth.pop("cosine_to_previous").tolist()}
+        out_path.mkdir(parents=True, exist_ok=True)
+        store.write_table(out_path / "norms.parquet", growth)
+        model_dir, source = str(found[-1][1]), source or run["data"]["source"]
+        chunk_tokens = chunk_tokens or run["data"]["context"]
+    else:
+        model_dir, source, chunk_tokens = target, source or "qf", chunk_tokens or 64
+    loaded = models.load(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    stats = corpus.CorpusStats()
+    text = corpus.open_source(source, seed=seed)
+    taken = [c.tokens for c, _ in zip(corpus.iter_chunks(text.documents(), loaded.tokenizer, chunk_tokens, 0.0, seed,
+                                                          stats), range(chunks))]
+    if not taken:
+        raise InputError(f"no chunk of {chunk_tokens} tokens in --source '{source}'")
+    input_ids = torch.from_numpy(np.stack(taken).astype(np.int64))
+    cosines = saturation_cosines(loaded.model, input_ids, scale)
+    heads = head_statistics(saturated_attentions(loaded.model, input_ids, scale))
+    out_path.mkdir(parents=True, exist_ok=True)
+    store.write_table(out_path / "saturation.parquet", {"layer": np.arange(len(cosines)), "cosine": cosines})
+    store.write_table(out_path / "heads.parquet", heads)
+    summary.update(model=model_dir, source=source, tokens=int(input_ids.numel()), layer_cosines=cosines.tolist(),
+                   argmax_heads=int((heads["mean_count"] <= 1.05).sum()), heads=int(len(heads["head"])),
+                   mean_heads_fraction=float(heads["mean_fraction"].mean()))
+    store.write_json_atomic(out_path / SUMMARY, summary)
+    return summary
