@@ -82,7 +82,7 @@ def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(model_id).expanduser()
-    if _looks_like_path(model_id) and not local.exists():
+    if looks_like_path(model_id) and not local.exists():
         raise InputError(f"--model '{model_id}' does not exist")
     source = str(local) if local.exists() else model_id
     common = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -120,7 +120,7 @@ def use_native_gelu(model: Any) -> None:
                 setattr(parent, name, torch.nn.GELU(approximate="tanh"))
 
 
-def _looks_like_path(model_id: str) -> bool:
+def looks_like_path(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 

@@ -145,6 +145,8 @@ def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int 
     from memscan.errors import InputError
 
     target_path, out_path = Path(target), Path(out)
+    if not target_path.exists() and models.looks_like_path(target):
+        raise InputError(f"'{target}' does not exist (give a `memscan train` run folder or a model)")
     summary: dict[str, Any] = {"target": target, "scale": scale, "norm_growth": None}
     if (target_path / train.RUN_FILE).exists():
         run = json.loads((target_path / train.RUN_FILE).read_text())

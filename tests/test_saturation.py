@@ -74,3 +74,5 @@ def test_saturation_command_on_a_training_run(tmp_path, capsys):
     (empty / "run.json").write_text("{}")
     with pytest.raises(InputError, match="has no checkpoints"):
         saturation.analyse(str(empty), str(tmp_path / "x"))
+    with pytest.raises(InputError, match="does not exist"):
+        saturation.analyse(str(tmp_path / "nowhere"), str(tmp_path / "x"))
