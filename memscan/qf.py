@@ -11,6 +11,7 @@ random-access, so any document can be produced without producing the ones before
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,25 +95,37 @@ class Item:
 
 
 class _Grammar:
-    """Draws the rules of THEORY.md from one `random.Random` (portable across Pythons)."""
+    """Draws the rules of THEORY.md from one `random.Random` (portable across Pythons).
+
+    `nats` sums -log p of every choice made: a line parses uniquely, so this is the
+    line's exact surprisal under the generator, and its mean is the language's entropy.
+    """
 
     def __init__(self, rng: random.Random):
         self.rng = rng
+        self.nats = 0.0
 
     def pick(self, options: tuple[str, ...]) -> str:
+        self.nats += math.log(len(options))
         return options[int(self.rng.random() * len(options))]
+
+    def coin(self, p: float) -> bool:
+        outcome = self.rng.random() < p
+        self.nats -= math.log(p if outcome else 1 - p)
+        return outcome
 
     def draw(self, probabilities: dict[str, float]) -> str:
         u, total = self.rng.random(), 0.0
         for outcome, p in probabilities.items():
             total += p
             if u < total:
-                return outcome
+                break
+        self.nats -= math.log(probabilities[outcome])
         return outcome
 
     def noun(self) -> tuple[str, bool]:
         """A noun and whether it is plural (singular and plural equally likely)."""
-        plural = self.rng.random() < 0.5
+        plural = self.coin(0.5)
         return self.pick(PLURAL_NOUNS if plural else SINGULAR_NOUNS), plural
 
     def aux(self, plural: bool) -> str:
@@ -121,6 +134,7 @@ class _Grammar:
     def relative_clause(self, head_plural: bool) -> list[str]:
         """Rel Aux V_intrans | Rel Det N Aux V_trans | Rel Aux V_trans Det N."""
         rel, form = self.pick(RELATIVIZERS), int(self.rng.random() * 3)
+        self.nats += math.log(3)
         if form == 0:
             return [rel, self.aux(head_plural), self.pick(INTRANSITIVE_VERBS)]
         if form == 1:
@@ -142,7 +156,7 @@ class _Grammar:
     def item(self, task: str, subject_modifier: str) -> Item:
         subject, plural = self.noun_phrase(subject_modifier)
         verb_phrase = [self.aux(plural)]
-        if self.rng.random() < TRANSITIVE_P:
+        if self.coin(TRANSITIVE_P):
             obj, _ = self.noun_phrase(self.draw(OBJECT_MODIFIER_P))
             verb_phrase += [self.pick(TRANSITIVE_VERBS)] + obj
         else:
@@ -155,13 +169,24 @@ def _document_rng(seed: int, doc_id: int) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def sample_item(rng: random.Random, generalization: bool = False) -> Item:
-    """One train/test item, or one generalization item (a question whose subject has an RC)."""
+def sample_item(rng: random.Random, generalization: bool = False) -> tuple[Item, float]:
+    """One train/test item, or one generalization item (a question whose subject has an RC), and its surprisal in nats."""
     grammar = _Grammar(rng)
     if generalization:
-        return grammar.item("quest", "rc")
-    task = "quest" if rng.random() < QUESTION_P else "decl"
-    return grammar.item(task, grammar.draw(SUBJECT_MODIFIER_GIVEN_TASK[task]))
+        return grammar.item("quest", "rc"), grammar.nats
+    task = "quest" if grammar.coin(QUESTION_P) else "decl"
+    return grammar.item(task, grammar.draw(SUBJECT_MODIFIER_GIVEN_TASK[task])), grammar.nats
+
+
+def entropy_rate(lines: int = 20_000, seed: int = 0) -> float:
+    """The train/test language's entropy in nats per token (each line's <eos> included): the loss
+    a Bayes-optimal model reaches. It is 1.00, the value the paper's QF training loss settles near."""
+    rng = random.Random(seed)
+    nats = tokens = 0.0
+    for _ in range(lines):
+        item, surprisal = sample_item(rng)
+        nats, tokens = nats + surprisal, tokens + len(item.tokens) + 1
+    return nats / tokens
 
 
 @dataclass(frozen=True)
@@ -178,7 +203,7 @@ def document(config: QFConfig, seed: int, doc_id: int) -> tuple[list[Item], bool
     """Document `doc_id`'s items and whether it belongs to the generalization split."""
     rng = _document_rng(seed, doc_id)
     generalization = rng.random() < config.generalization_fraction
-    return [sample_item(rng, generalization) for _ in range(config.lines_per_document)], generalization
+    return [sample_item(rng, generalization)[0] for _ in range(config.lines_per_document)], generalization
 
 
 def documents(config: QFConfig, seed: int) -> Iterator[tuple[int, str, str | None]]:

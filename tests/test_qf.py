@@ -136,3 +136,19 @@ def test_tokenizer_maps_every_word_and_separates_lines():
     assert line_ids.count(tokenizer.eos_token_id) == 1 and len(line_ids) == 11
     assert tokenizer("the dragon", add_special_tokens=False)["input_ids"][1] == tokenizer.unk_token_id
     assert tokenizer.decode(ids) == " ".join(qf.VOCABULARY)
+
+
+def test_surprisal_accounting_and_the_entropy_rate():
+    import math
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        item, nats = qf.sample_item(rng)
+        if item.task == "decl" and item.subject_modifier == "none" and len(item.declarative) == 4:
+            break
+    p_none = qf.SUBJECT_MODIFIER_GIVEN_TASK["decl"]["none"]
+    expected = (-math.log(1 - qf.QUESTION_P) - math.log(p_none) + math.log(6) + math.log(2) + math.log(13)
+                + math.log(2) - math.log(1 - qf.TRANSITIVE_P) + math.log(9))   # the det noun aux verb line
+    assert nats == pytest.approx(expected)
+    assert qf.entropy_rate(20_000, seed=0) == pytest.approx(1.0, abs=0.02)
