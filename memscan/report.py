@@ -194,3 +194,61 @@ beta = {run.summary['settings']['beta']}.</p>
     path.write_text(page)
     log.info("report: %s", path)
     return path
+
+
+def render_assoc(folder: str | Path) -> list[str]:
+    """Error against d and against T with THEORY.md's rates, and SGD's q against q_gamma."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memscan import assoc, store
+
+    folder = Path(folder)
+    settings = json.loads((folder / assoc.SETTINGS_FILE).read_text())["settings"]
+    table = store.read_table(folder / assoc.SWEEP_TABLE).to_pandas()
+    alpha, largest_T, largest_d = settings["alpha"], max(settings["samples"]), max(settings["dims"])
+    names = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scheme in ("p", "p_hat", "threshold", "top_seen", "seen"):
+        rows = table[(table.scheme == scheme) & ((table["T"] == 0) | (table["T"] == largest_T))]
+        if rows.empty:
+            continue
+        curve = rows.groupby("d").error.mean()
+        line, = ax.loglog(curve.index, curve.values, marker="o", label=scheme)
+        if scheme in assoc.THEORY_SLOPES and assoc.THEORY_SLOPES[scheme][0] == "d":
+            rate = assoc.THEORY_SLOPES[scheme][1](alpha)
+            ax.loglog(curve.index, curve.values[0] * (curve.index / curve.index[0]) ** rate, ":", color=line.get_color())
+    ax.set(xlabel="memory dimension d", ylabel="population error", title=f"Error against d (T = {largest_T:,}; dotted: theory)")
+    ax.legend()
+    names.append(_save(fig, folder / "error_vs_d.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d_value, style in ((largest_d, "-"), (min(settings["dims"]), "--")):
+        for scheme in ("seen", "p_hat", "top_seen"):
+            rows = table[(table.scheme == scheme) & (table.d == d_value)]
+            if not rows.empty:
+                curve = rows.groupby("T").error.mean()
+                ax.loglog(curve.index, curve.values, style, marker="o", label=f"{scheme}, d={d_value}")
+    T = np.array(sorted(settings["samples"]), float)
+    ax.loglog(T, 0.5 * T ** (-1 + 1 / alpha), "k:", label=f"T^({-1 + 1 / alpha:.2f})")
+    ax.set(xlabel="samples T", ylabel="population error", title="Error against T (dashed: overflow at small d)")
+    ax.legend(fontsize=8)
+    names.append(_save(fig, folder / "error_vs_T.png"))
+
+    q = store.read_table(folder / assoc.Q_TABLE).to_pandas()
+    if not q.empty:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for scheme, marker in (("sgd_small", "o"), ("sgd_large", "x")):
+            rows = q[(q.scheme == scheme) & (q["T"] == q["T"].max()) & (q.d == q.d.max())]
+            ax.scatter(rows["count"], rows.q_measured, s=10, marker=marker, label=f"{scheme}: measured")
+            ax.scatter(rows["count"], rows.q_gamma, s=10, marker="_", label=f"{scheme}: q_gamma")
+        ax.set(xscale="log", yscale="symlog", xlabel="times the token was seen", ylabel="q(x)",
+               title="SGD's learned q against the q_gamma approximation")
+        ax.legend(fontsize=8)
+        names.append(_save(fig, folder / "sgd_q.png"))
+    return names

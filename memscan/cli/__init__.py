@@ -33,10 +33,10 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from memscan.cli import demo, extract, index, inspect, query, train
+    from memscan.cli import assoc, demo, extract, index, inspect, query, train
 
     for command in (extract.extract, index.index, query.query, query.report, train.train, train.saturation,
-                    inspect.verify, inspect.info, demo.demo):
+                    assoc.assoc, inspect.verify, inspect.info, demo.demo):
         cli.add_command(command)
 
 
