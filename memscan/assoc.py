@@ -64,6 +64,18 @@ class SweepSettings:
         unknown = set(self.schemes) - set(SCHEMES)
         if unknown:
             raise InputError(f"unknown scheme(s) {sorted(unknown)}; known: {', '.join(SCHEMES)}")
+        if set(self.schemes) & {"sgd_small", "sgd_large", "adam"} and not (self.trained_dims and self.trained_samples):
+            raise InputError(f"trained schemes run at d in {self.sgd_dims} and T in {self.sgd_samples}, which must "
+                             f"appear in --dims and --samples to be compared with p_hat and seen")
+
+    @property
+    def trained_dims(self) -> tuple[int, ...]:
+        """The dimensions where trained memories run: those of sgd_dims that the sweep also has."""
+        return tuple(d for d in self.sgd_dims if d in self.dims)
+
+    @property
+    def trained_samples(self) -> tuple[int, ...]:
+        return tuple(t for t in self.sgd_samples if t in self.samples)
 
 
 def zipf(n_tokens: int, alpha: float) -> np.ndarray:
@@ -205,10 +217,10 @@ def _trained(settings: SweepSettings, p: np.ndarray, rows: dict[str, list[Any]])
     trained = [s for s in settings.schemes if s in ("sgd_small", "sgd_large", "adam")]
     steps = {"sgd_small": settings.sgd_steps[0], "sgd_large": settings.sgd_steps[1], "adam": settings.adam_lr}
     seeds = range(min(settings.seeds, settings.sgd_seeds))
-    for d in settings.sgd_dims if trained else ():
+    for d in settings.trained_dims if trained else ():
         geometry = [embeddings(settings.n_tokens, settings.classes, d, seed) for seed in seeds]
         E, U, target = np.stack([g[0] for g in geometry]), np.stack([g[1] for g in geometry]), geometry[0][2]
-        for T in settings.sgd_samples:
+        for T in settings.trained_samples:
             counts = [sample_counts(seed, T, p) for seed in seeds]
             tokens = np.stack([np.random.default_rng([seed, d, T]).permutation(np.repeat(np.arange(len(p)), c))
                                for seed, c in zip(seeds, counts)])
@@ -241,14 +253,18 @@ def slope(x: np.ndarray, errors: np.ndarray, seeds: np.ndarray, resamples: int =
     """Log-log slope of the seed-mean error against x, with a 95% bootstrap interval over seeds."""
     xs = np.unique(x)
     by_seed = np.array([[errors[(x == v) & (seeds == s)].mean() for v in xs] for s in np.unique(seeds)])
+    positive = by_seed.mean(0) > 0                 # an error of exactly 0 has no logarithm: leave the point out
+    xs, by_seed = xs[positive], by_seed[:, positive]
+    if len(xs) < 2:
+        return {"points": int(len(xs)), "dropped_zero_error": int((~positive).sum())}
 
     def fit(curves: np.ndarray) -> float:
-        return float(np.polyfit(np.log(xs), np.log(np.maximum(curves.mean(0), 1e-12)), 1)[0])
+        return float(np.polyfit(np.log(xs), np.log(np.maximum(curves.mean(0), 1e-300)), 1)[0])
 
     rng = np.random.default_rng(rng_seed)
     boot = [fit(by_seed[rng.integers(0, len(by_seed), len(by_seed))]) for _ in range(resamples)]
     return {"slope": fit(by_seed), "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975)),
-            "points": int(len(xs))}
+            "points": int(len(xs)), "dropped_zero_error": int((~positive).sum())}
 
 
 def fit(table: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, Any]:
@@ -269,10 +285,10 @@ def fit(table: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, Any
             rows = at & np.isin(T, early)
             x = T
         out["slopes"][name] = {"axis": axis, "theory": rate(alpha)}
-        if len(np.unique(x[rows])) >= 2:
-            out["slopes"][name].update(slope(x[rows], table["error"][rows], table["seed"][rows]))
-        else:
-            out["slopes"][name]["missing"] = f"fewer than 2 values of {axis} to fit (widen the sweep)"
+        fitted = slope(x[rows], table["error"][rows], table["seed"][rows]) if rows.any() else {"points": 0}
+        out["slopes"][name].update(fitted)
+        if "slope" not in fitted:
+            out["slopes"][name]["missing"] = f"fewer than 2 values of {axis} with a non-zero error (widen the sweep)"
     if "seen" in set(scheme):
         small = min(settings["dims"])
         rows = (scheme == "seen") & (d == small)

@@ -52,6 +52,7 @@ class ExtractSettings:
     split: str = "train"                 # the split of an hf: dataset to read
     revision: str | None = None
     trust_remote_code: bool = False
+    engine: str = "local"                # local | ray (same rows; part of the identity, so never mixed)
 
     def check(self) -> None:
         """Refuse out-of-range settings with a message that names the flag."""
@@ -68,6 +69,7 @@ class ExtractSettings:
         need(self.vec_dtype in ("auto", *store.VEC_DTYPES), f"--vec-dtype must be auto, float16 or float32; got '{self.vec_dtype}'")
         need(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}")
         need(self.shard_rows >= 1, f"--shard-rows must be at least 1; got {self.shard_rows}")
+        need(self.engine in ("local", "ray"), f"--engine must be local or ray; got '{self.engine}'")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -263,7 +265,8 @@ def _batch_table(batch: list[corpus.Chunk], vec: Any, nll: Any, layers: list[int
     per_chunk = n_layers * n_positions
     tokens = np.stack([c.tokens for c in batch])[:, positions]           # (B, P)
     following = np.stack([c.next_tokens for c in batch])[:, positions]   # (B, P)
-    losses = np.full(tokens.shape, np.nan, np.float32) if nll is None else nll.cpu().numpy()
+    losses = np.full(tokens.shape, np.nan, np.float32) if nll is None else np.asarray(
+        nll.cpu() if hasattr(nll, "cpu") else nll, np.float32)
 
     def over_layers(per_position: np.ndarray) -> np.ndarray:             # (B, P) -> (B * L * P,)
         return np.broadcast_to(per_position[:, None, :], (n_chunks, n_layers, n_positions)).reshape(-1)
@@ -289,8 +292,13 @@ def _no_chunk_error(source: str, stats: corpus.CorpusStats, chunk_tokens: int) -
                       f"{stats.documents:,} has {stats.longest_document_tokens:,}); lower --chunk-tokens")
 
 
-def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume, or find complete) one extraction into `out`; returns its manifest."""
+def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
+            ray_options: Any = None) -> dict[str, Any]:
+    """Run (or resume, or find complete) one extraction into `out`; returns its manifest.
+
+    With `settings.engine == "ray"` the forward passes run in Ray actors (`ray_options`:
+    memscan.engines.ray_runner.RayOptions); planning, ordering and writing stay here.
+    """
     import torch
 
     from memscan import models
@@ -368,6 +376,11 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False)
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_chunks, unit="chunk", desc="extract", disable=None)
+    def write(b: int, batch: list[corpus.Chunk], vec: Any, nll: Any) -> None:
+        table = _batch_table(batch, vec, nll, layers, positions, b * batch_size * per_chunk, table_schema, vec_dtype)
+        writer.put(table.slice(skip_rows) if b == first_batch and skip_rows else table)
+
+    remote: dict[int, list[corpus.Chunk]] = {}
     try:
         for b, batch in enumerate(prefetch(batched(chunks, batch_size))):
             for chunk in batch:
@@ -375,13 +388,21 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False)
             progress.update(len(batch))
             if b < first_batch or all_written:
                 continue
+            if settings.engine == "ray":
+                remote[b] = batch
+                continue
             input_ids = torch.from_numpy(np.stack([c.tokens for c in batch])).to(device, torch.long)
             next_ids = torch.from_numpy(np.stack([c.next_tokens for c in batch])).to(device, torch.long)
-            vec, nll = models.capture(loaded.model, input_ids, next_ids, layers, positions_index, settings.loss)
-            table = _batch_table(batch, vec, nll, layers, positions, b * batch_size * per_chunk, table_schema, vec_dtype)
-            if b == first_batch and skip_rows:
-                table = table.slice(skip_rows)
-            writer.put(table)
+            write(b, batch, *models.capture(loaded.model, input_ids, next_ids, layers, positions_index, settings.loss))
+        if remote:
+            from memscan.engines import ray_runner
+
+            work = [(b, np.stack([c.tokens for c in batch]), np.stack([c.next_tokens for c in batch]))
+                    for b, batch in remote.items()]
+            for b, vec, nll in ray_runner.capture_batches(
+                    work, settings.model, dtype_name, settings.revision, settings.trust_remote_code, layers,
+                    positions, settings.loss, ray_options or ray_runner.RayOptions()):
+                write(b, remote.pop(b), vec, nll)
     except BaseException:
         writer.abort()
         raise

@@ -82,7 +82,7 @@ def norm_growth(checkpoints: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> d
 
 def scaled(model: Any, c: float) -> Any:
     """A float32 copy of the model with every parameter multiplied by c."""
-    copy_ = copy.deepcopy(model).float()
+    copy_ = copy.deepcopy(model).float().eval()
     with torch.no_grad():
         for parameter in copy_.parameters():
             parameter.mul_(c)
@@ -162,11 +162,12 @@ def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int 
         store.write_table(out_path / "norms.parquet", growth)
         model_dir, source = str(found[-1][1]), source or run["data"]["source"]
         chunk_tokens = chunk_tokens or run["data"]["context"]
+        seed, text_column = run["settings"]["seed"], run["settings"]["text_column"]
     else:
-        model_dir, source, chunk_tokens = target, source or "qf", chunk_tokens or 64
+        model_dir, source, chunk_tokens, text_column = target, source or "qf", chunk_tokens or 64, "text"
     loaded = models.load(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     stats = corpus.CorpusStats()
-    text = corpus.open_source(source, seed=seed)
+    text = corpus.open_source(source, seed=seed, text_column=text_column)
     taken = [c.tokens for c, _ in zip(corpus.iter_chunks(text.documents(), loaded.tokenizer, chunk_tokens, 0.0, seed,
                                                           stats), range(chunks))]
     if not taken:

@@ -162,7 +162,8 @@ def build_model(settings: TrainSettings, tokenizer: Any) -> Any:
 
 
 def total_steps(settings: TrainSettings, train_chunks: int) -> int:
-    return settings.steps or max(1, math.ceil(settings.epochs * train_chunks / settings.batch_size))
+    """--steps, or `epochs` passes in which every training chunk is in exactly one batch."""
+    return settings.steps or max(1, round(settings.epochs * math.ceil(train_chunks / settings.batch_size)))
 
 
 def learning_rate(settings: TrainSettings, step: int, total: int) -> float:
@@ -175,8 +176,8 @@ def learning_rate(settings: TrainSettings, step: int, total: int) -> float:
 
 
 def batch_rows(seed: int, step: int, batch_size: int, rows: int) -> torch.Tensor:
-    """Row indices of step `step`: epoch-wise seeded permutations, cut into batches."""
-    per_epoch = max(1, rows // batch_size)
+    """Row indices of step `step`: epoch-wise seeded permutations, cut into batches (the last one shorter)."""
+    per_epoch = math.ceil(rows / batch_size)
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[index * batch_size:(index + 1) * batch_size]
@@ -223,14 +224,19 @@ def _save(model: Any, tokenizer: Any, optimizer: Any, folder: Path, state: dict[
     tokenizer.save_pretrained(staging)
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(folder, ignore_errors=True)
+    old = folder.with_name(folder.name + ".old")   # a kill at any point leaves one whole folder to resume from
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
     staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint (rolling or log-spaced) with the highest step, or None."""
     found = [(json.loads((p / "state.json").read_text())["step"], p)
-             for p in (run_dir / CHECKPOINTS).glob("*") if (p / "state.json").exists() and not p.name.endswith(".tmp")]
+             for p in (run_dir / CHECKPOINTS).glob("*")
+             if (p / "state.json").exists() and not p.name.endswith((".tmp", ".old"))]
     return max(found)[1] if found else None
 
 
@@ -238,7 +244,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """The log-spaced checkpoints of a run, (step, folder) in step order."""
     return sorted((json.loads((p / "state.json").read_text())["step"], p)
                   for p in (Path(run_dir) / CHECKPOINTS).glob("step-*")
-                  if (p / "state.json").exists() and not p.name.endswith(".tmp"))
+                  if (p / "state.json").exists() and not p.name.endswith((".tmp", ".old")))
 
 
 def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
@@ -248,7 +254,9 @@ def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
     out = Path(out)
     tokenizer = load_tokenizer(settings)
     data = load_data(settings, tokenizer)
-    fingerprint = _fingerprint(settings, data.provenance)
+    device = models.resolve_device(settings.device)
+    use_bf16 = settings.dtype == "bf16" or (settings.dtype == "auto" and models.resolve_dtype("auto", device) == torch.bfloat16)
+    fingerprint = _fingerprint(replace(settings, dtype="bf16" if use_bf16 else "fp32"), data.provenance)
     run_file = out / RUN_FILE
     if run_file.exists() and json.loads(run_file.read_text())["fingerprint"] != fingerprint:
         if not overwrite:
@@ -264,9 +272,6 @@ def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
         if info["complete"]:
             return info
     store.write_json_atomic(run_file, info)
-
-    device = models.resolve_device(settings.device)
-    use_bf16 = settings.dtype == "bf16" or (settings.dtype == "auto" and models.resolve_dtype("auto", device) == torch.bfloat16)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -308,6 +313,8 @@ def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise InputError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
         running, running_count = running + loss.item(), running_count + 1
         done = step + 1
         if on_step is not None:

@@ -124,3 +124,17 @@ def test_sweep_and_fit_commands(capsys, tmp_path):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "threshold  slope in d" in out
     assert (tmp_path / "s" / "error_vs_d.png").stat().st_size > 0 and (tmp_path / "s" / "fit.json").exists()
+
+
+def test_zero_error_points_are_left_out_of_the_fit_not_clamped():
+    x = np.array([10, 100, 1000] * 2)
+    fitted = assoc.slope(x, np.array([0.1, 0.01, 0.0] * 2), np.array([0, 0, 0, 1, 1, 1]))
+    assert fitted["slope"] == pytest.approx(-1.0) and fitted["dropped_zero_error"] == 1 and fitted["points"] == 2
+
+
+def test_trained_schemes_need_a_grid_shared_with_the_fixed_ones():
+    from memscan.errors import InputError
+
+    with pytest.raises(InputError, match="must appear in --dims"):
+        assoc.SweepSettings(dims=(10, 100), schemes=("p_hat", "sgd_small")).check()
+    assert assoc.SweepSettings(dims=(10, 50, 100), sgd_dims=(50, 200)).trained_dims == (50,)

@@ -97,3 +97,12 @@ def test_bad_training_input(finished, tmp_path):
         train(replace(SMALL, steps=8), other)
     with pytest.raises(InputError, match="--tokenizer is needed"):
         train(replace(SMALL, source=str(tmp_path)), tmp_path / "d")
+
+
+def test_an_epoch_puts_every_training_chunk_in_exactly_one_batch():
+    from memscan.train import batch_rows, total_steps
+
+    rows, batch = 103, 8
+    steps = total_steps(replace(SMALL, steps=None, epochs=1, batch_size=batch), rows)
+    seen = torch.cat([batch_rows(5, step, batch, rows) for step in range(steps)])
+    assert steps == 13 and sorted(seen.tolist()) == list(range(rows))

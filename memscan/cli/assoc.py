@@ -48,7 +48,8 @@ def fit(folder: str) -> None:
 
     result = run_fit(folder)
     for scheme, s in result["slopes"].items():
-        fitted = s["missing"] if "missing" in s else f"{s['slope']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]"
+        fitted = s["missing"] if "missing" in s else f"{s['slope']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]" + (
+            f" ({s['dropped_zero_error']} zero-error points left out)" if s["dropped_zero_error"] else "")
         click.echo(f"{scheme:<10} slope in {s['axis']}: {fitted}  theory {s['theory']:+.3f}")
     for name, cells in result["trained"].items():
         pairs = "; ".join(f"{cell} {v['error']:.3f} (p_hat {v['p_hat']:.3f}, seen {v['seen']:.3f})" for cell, v in cells.items())

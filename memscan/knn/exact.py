@@ -178,18 +178,36 @@ def search_blocks(query_blocks: Iterable[Block], database_blocks: Callable[[], I
     for query_ids, xq in query_blocks:
         started, heap, rows = time.perf_counter(), _Heap(k, metric, len(xq)), 0
         for db_ids, xb in database_blocks():
-            wanted = min(backend.candidates(k + int(exclude_self)), len(xb))
-            _, local = backend.search(*_centred(xq, xb, metric), wanted, metric)
-            scores = exact_scores(xq, xb, local, metric)
-            ids = np.where(local >= 0, db_ids[np.maximum(local, 0)], -1)
-            if exclude_self:
-                ids = np.where(ids == query_ids[:, None], -1, ids)
-            heap.add(scores, ids)
+            heap.add(*pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, backend))
             rows += len(xb)
         D, I = heap.result()
         log.debug("searched %d queries against %d rows in %.2f s (%s)", len(xq), rows,
                   time.perf_counter() - started, backend.name)
         yield query_ids, D, I
+
+
+def pair_candidates(query_ids: np.ndarray, xq: np.ndarray, db_ids: np.ndarray, xb: np.ndarray, k: int,
+                    metric: str, exclude_self: bool, backend: Backend) -> tuple[np.ndarray, np.ndarray]:
+    """One block pair's candidates: exact scores (m, c) and global ids (m, c), the query itself as -1.
+
+    The unit of work of every engine: local and distributed runs merge the same candidates.
+    """
+    wanted = min(backend.candidates(k + int(exclude_self)), len(xb))
+    _, local = backend.search(*_centred(xq, xb, metric), wanted, metric)
+    scores = exact_scores(xq, xb, local, metric)
+    ids = np.where(local >= 0, db_ids[np.maximum(local, 0)], -1)
+    if exclude_self:
+        ids = np.where(ids == query_ids[:, None], -1, ids)
+    return scores, ids
+
+
+def merge(candidates: Iterable[tuple[np.ndarray, np.ndarray]], k: int, metric: str, nq: int,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge block pairs' candidates into the best k per query: (D, I)."""
+    heap = _Heap(k, metric, nq)
+    for scores, ids in candidates:
+        heap.add(scores, ids)
+    return heap.result()
 
 
 def knn(query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,

@@ -1,0 +1,1 @@
+"""Runners for scale-out behind the local runner's interfaces: same inputs, same outputs."""

@@ -1,0 +1,111 @@
+"""Ray: the exact kNN and self-join as tasks over block pairs, and extraction in stateful actors.
+
+Both run the local engine's units of work (`exact.pair_candidates`, `models.capture`) and
+merge or write on the driver in the local order, so their tables equal the local ones.
+Connects to `address` (a running cluster) or starts a local instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from memscan.knn import exact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide to run: `address` None starts a local instance."""
+
+    address: str | None = None
+    num_workers: int = 2
+    gpus_per_worker: float = 0.0
+
+
+def connect(options: RayOptions) -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                 num_cpus=None if options.address else options.num_workers)
+    return ray
+
+
+def _pair(query: exact.Block, database: exact.Block, k: int, metric: str, exclude_self: bool,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    (query_ids, xq), (db_ids, xb) = query, database
+    return exact.pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, exact.FaissBackend())
+
+
+def knn(query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int, *,
+        metric: str = "l2", exclude_self: bool = False, options: RayOptions = RayOptions(),
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact kNN as one Ray task per (query block, database block); each database block is put once."""
+    ray = connect(options)
+    pair = ray.remote(_pair)
+    database = [ray.put(block) for block in database_blocks()]
+    parts = []
+    for query_ids, xq in query_blocks:
+        query = ray.put((query_ids, xq))
+        candidates = ray.get([pair.remote(query, block, k, metric, exclude_self) for block in database])
+        parts.append((query_ids, *exact.merge(candidates, k, metric, len(xq))))  # database order, as locally
+    return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+
+
+def self_join(blocks: Callable[[], Iterable[exact.Block]], k: int, *, metric: str = "l2",
+              options: RayOptions = RayOptions()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every pattern its k nearest OTHER patterns, on Ray; equal to `exact.self_join`."""
+    return knn(blocks(), blocks, k, metric=metric, exclude_self=True, options=options)
+
+
+class _CaptureActor:
+    """Loads the model once per actor and runs the capturing forward pass on whole batches."""
+
+    def __init__(self, model: str, dtype: str, revision: str | None, trust_remote_code: bool, layers: list[int],
+                 positions: list[int], with_loss: bool):
+        import torch
+
+        from memscan import models
+
+        self.torch, self.models = torch, models
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.loaded = models.load(model, dtype=models.DTYPES[dtype], device=self.device, revision=revision,
+                                  trust_remote_code=trust_remote_code)
+        self.layers, self.with_loss = layers, with_loss
+        self.positions = torch.tensor(positions, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        tokens = torch.from_numpy(np.asarray(batch["tokens"][0])).to(self.device, torch.long)
+        following = torch.from_numpy(np.asarray(batch["next_tokens"][0])).to(self.device, torch.long)
+        vec, nll = self.models.capture(self.loaded.model, tokens, following, self.layers, self.positions,
+                                       self.with_loss)
+        out = {"index": batch["index"], "vec": vec.float().cpu().numpy()[None]}
+        out["nll"] = (nll.cpu().numpy() if nll is not None else np.full(tokens.shape[:1] + self.positions.shape, np.nan,
+                                                                         np.float32))[None]
+        return out
+
+
+def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, dtype: str, revision: str | None,
+                    trust_remote_code: bool, layers: list[int], positions: list[int], with_loss: bool,
+                    options: RayOptions) -> Iterator[tuple[int, Any, np.ndarray | None]]:
+    """(batch index, vec (B, L, P, n) float32 tensor, nll (B, P) or None) in batch order, from Ray Data actors."""
+    ray = connect(options)
+    import ray.data
+    import torch
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    items = [{"index": index, "tokens": tokens, "next_tokens": following} for index, tokens, following in work]
+    results = ray.data.from_items(items).map_batches(
+        _CaptureActor, batch_size=1, batch_format="numpy", concurrency=options.num_workers,
+        num_gpus=options.gpus_per_worker or None,
+        fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss))
+    for row in results.iter_rows():
+        yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]) if with_loss else None
