@@ -115,3 +115,25 @@ def test_a_worker_killed_mid_extraction_loses_and_doubles_nothing(options, qf_mo
     reference = tmp_path / "reference"
     extract(bigger, reference)
     assert_same_dataset(out, reference)
+
+
+def test_sharded_ivf_on_actors_equals_one_index_with_the_same_quantizer(options):
+    import faiss
+
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(80, 16))
+    X = (centers[rng.integers(0, 80, 6000)] + 0.2 * rng.normal(size=(6000, 16))).astype(np.float32)
+    queries = (centers[rng.integers(0, 80, 200)] + 0.2 * rng.normal(size=(200, 16))).astype(np.float32)
+    trained = faiss.index_factory(16, "IVF32,Flat")
+    trained.train(X[:3000])
+    whole = faiss.clone_index(trained)
+    whole.add(X)
+    whole.nprobe = 4
+    D_whole, I_whole = whole.search(queries, 5)
+    sharded = ray_runner.shard_index(trained, exact.array_blocks(np.arange(6000), X, 700)(), {"nprobe": 4}, "l2", 3,
+                                     options)
+    D, I = sharded.search(queries, 5)
+    np.testing.assert_allclose(D, D_whole, rtol=1e-5, atol=1e-5)
+    assert (I == I_whole).mean() > 0.99  # ids may differ only among exact ties
+    _, _, truth = exact.knn(exact.array_blocks(np.arange(200), queries, 200)(), exact.array_blocks(np.arange(6000), X, 2000), 5)
+    assert (I[:, 0] == truth[:, 0]).mean() > 0.9   # its recall, against exact search

@@ -109,3 +109,56 @@ def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, 
         fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss))
     for row in results.iter_rows():
         yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]) if with_loss else None
+
+
+class _IndexShard:
+    """One shard of an index: a copy of the trained (empty) index, filled with its share of the rows."""
+
+    def __init__(self, trained: np.ndarray, search: dict[str, int]):
+        import faiss
+
+        self.index = faiss.deserialize_index(trained)
+        space = faiss.ParameterSpace()
+        for name, value in search.items():
+            space.set_index_parameter(self.index, name, value)
+        self.row_ids: list[np.ndarray] = []
+
+    def add(self, X: np.ndarray, row_ids: np.ndarray) -> int:
+        self.index.add(X)
+        self.row_ids.append(row_ids)
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
+        D, local = self.index.search(queries, min(k, max(1, self.index.ntotal)))
+        return D, np.where(local >= 0, ids[np.maximum(local, 0)], -1)
+
+
+@dataclass
+class ShardedIndex:
+    """An index split by rows over Ray actors that share one trained quantizer; searches merge their results."""
+
+    shards: list[Any]
+    metric: str
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D (nq, k) FAISS scores, I (nq, k) row ids): the best k over every shard."""
+        import ray
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return exact.merge(ray.get([shard.search.remote(queries, k) for shard in self.shards]), k, self.metric,
+                           len(queries))
+
+
+def shard_index(trained: Any, blocks: Iterable[exact.Block], search: dict[str, int], metric: str, shards: int,
+                options: RayOptions = RayOptions()) -> ShardedIndex:
+    """Fill `shards` actors, each holding a copy of the trained index, with the blocks round-robin."""
+    import faiss
+
+    ray = connect(options)
+    actor = ray.remote(_IndexShard)
+    serialized = faiss.serialize_index(trained)
+    holders = [actor.remote(serialized, search) for _ in range(shards)]
+    ray.get([holders[i % shards].add.remote(np.ascontiguousarray(X, np.float32), ids)
+             for i, (ids, X) in enumerate(blocks)])
+    return ShardedIndex(holders, metric)
