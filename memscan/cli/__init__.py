@@ -28,7 +28,7 @@ def cli(verbose: bool) -> None:
                         stream=sys.stderr)
     # Loading and saving a model is quick; hide transformers' per-file progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "faiss", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
