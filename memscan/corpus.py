@@ -10,10 +10,11 @@ counted in `CorpusStats`. No special tokens are added.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,14 @@ class Source:
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def partitions(self, max_documents: int | None, count: int) -> list[Source]:
+        """Contiguous pieces of the first `max_documents` documents, each keeping global doc ids.
+
+        Read one after another they give exactly `documents()`; a source that can only be
+        streamed from its start is one piece.
+        """
+        return [self]
+
 
 @dataclass(frozen=True)
 class QFSource(Source):
@@ -86,10 +95,19 @@ class QFSource(Source):
 
     config: qf.QFConfig
     seed: int
+    start: int = 0
+    stop: int | None = None
 
     def documents(self) -> Iterator[Document]:
-        for doc_id, text, split in qf.documents(self.config, self.seed):
-            yield Document(doc_id, text, split)
+        for doc_id in range(self.start, self.config.documents if self.stop is None else self.stop):
+            items, generalization = qf.document(self.config, self.seed, doc_id)
+            yield Document(doc_id, qf.LINE_SEPARATOR.join(item.text for item in items), "gen" if generalization else None)
+
+    def partitions(self, max_documents: int | None, count: int) -> list[Source]:
+        """Document ranges: the generator is random-access."""
+        total = min(self.config.documents, max_documents or self.config.documents)
+        edges = np.linspace(0, total, min(count, total) + 1).round().astype(int)
+        return [replace(self, start=int(a), stop=int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "qf", "config": asdict(self.config), "seed": self.seed}
@@ -101,13 +119,26 @@ class FileSource(Source):
 
     paths: tuple[Path, ...]
     text_column: str
+    first_doc_id: int = 0
+    limit: int | None = None         # documents to read, None: all
 
     def documents(self) -> Iterator[Document]:
-        doc_id = 0
+        texts = (text for path in self.paths for text in _read_texts(path, self.text_column))
+        for doc_id, text in enumerate(itertools.islice(texts, self.limit), self.first_doc_id):
+            yield Document(doc_id, text)
+
+    def partitions(self, max_documents: int | None, count: int) -> list[Source]:
+        """One piece per file, its first doc id found by counting the documents of the files before it."""
+        pieces: list[Source] = []
+        first = 0
         for path in self.paths:
-            for text in _read_texts(path, self.text_column):
-                yield Document(doc_id, text)
-                doc_id += 1
+            if max_documents is not None and first >= max_documents:
+                break
+            size = sum(1 for _ in _read_texts(path, self.text_column))
+            limit = None if max_documents is None else min(size, max_documents - first)
+            pieces.append(replace(self, paths=(path,), first_doc_id=first, limit=limit))
+            first += size
+        return pieces
 
     def describe(self) -> dict[str, Any]:
         from memscan.store import sha256_of

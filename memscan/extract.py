@@ -328,12 +328,19 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
         return manifest
 
     stats = corpus.CorpusStats()
-    documents = itertools.islice(source.documents(), settings.max_documents)
-    chunks: Iterable[corpus.Chunk] = corpus.iter_chunks(
-        documents, loaded.tokenizer, settings.chunk_tokens, settings.test_fraction, settings.seed, stats)
+    chunks: Iterable[corpus.Chunk]
+    if settings.engine == "ray":  # planned by Ray tasks, one per piece of the source
+        from memscan.engines import ray_runner
+
+        chunks, stats = ray_runner.plan(source, settings, ray_options or ray_runner.RayOptions())
+    else:
+        documents = itertools.islice(source.documents(), settings.max_documents)
+        chunks = corpus.iter_chunks(documents, loaded.tokenizer, settings.chunk_tokens, settings.test_fraction,
+                                    settings.seed, stats)
+        if settings.num_chunks is not None:
+            chunks = corpus.sample_chunks(chunks, settings.num_chunks)
     total_chunks = None
     if settings.num_chunks is not None:
-        chunks = corpus.sample_chunks(chunks, settings.num_chunks)
         if not chunks:
             raise _no_chunk_error(settings.source, stats, settings.chunk_tokens)
         if len(chunks) < settings.num_chunks:

@@ -79,16 +79,14 @@ class LoadedModel:
 def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None,
          trust_remote_code: bool = False) -> LoadedModel:
     """Load a hub id or local folder with the Auto classes; one-line errors for what users get wrong."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     local = Path(model_id).expanduser()
-    if looks_like_path(model_id) and not local.exists():
-        raise InputError(f"--model '{model_id}' does not exist")
     source = str(local) if local.exists() else model_id
-    common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision,
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load model '{model_id}': {_first_line(exc)}") from None
     model.to(device).eval()
@@ -104,6 +102,20 @@ def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: s
         "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
     }
     return LoadedModel(model, tokenizer, info)
+
+
+def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a hub id or local model folder (without loading the model)."""
+    from transformers import AutoTokenizer
+
+    local = Path(model_id).expanduser()
+    if looks_like_path(model_id) and not local.exists():
+        raise InputError(f"--model '{model_id}' does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else model_id, revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load model '{model_id}': {_first_line(exc)}") from None
 
 
 def use_native_gelu(model: Any) -> None:

@@ -74,6 +74,7 @@ def assert_same_dataset(got, expected):
             np.testing.assert_array_equal(a[name], b[name])
     manifest, reference = (json.loads((d / store.MANIFEST).read_text()) for d in (got, expected))
     assert manifest["counts"] == reference["counts"] and manifest["complete"]
+    assert manifest["corpus"] == reference["corpus"]  # planned by Ray tasks, counted the same
 
 
 def test_ray_extraction_equals_the_local_runner(options, qf_model, local_reference, tmp_path):
@@ -81,6 +82,21 @@ def test_ray_extraction_equals_the_local_runner(options, qf_model, local_referen
     extract(replace(SETTINGS, model=str(qf_model), engine="ray"), out, ray_options=options)
     assert_same_dataset(out, local_reference)
     assert store.verify(out) == []
+
+
+def test_ray_planning_of_a_folder_of_files_streams_the_same_chunks(options, qf_model, tmp_path):
+    from tests.conftest import qf_lines
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    lines = qf_lines(18)
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text("\n".join(lines[i * 6:(i + 1) * 6]) + "\n")
+    settings = replace(SETTINGS, model=str(qf_model), source=str(folder), num_chunks=None, max_documents=14)
+    extract(settings, tmp_path / "local")
+    extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    assert_same_dataset(tmp_path / "ray", tmp_path / "local")
+    assert json.loads((tmp_path / "ray" / store.MANIFEST).read_text())["corpus"]["documents"] == 14
 
 
 def _capture_workers() -> list[psutil.Process]:

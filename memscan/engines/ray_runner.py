@@ -162,3 +162,42 @@ def shard_index(trained: Any, blocks: Iterable[exact.Block], search: dict[str, i
     ray.get([holders[i % shards].add.remote(np.ascontiguousarray(X, np.float32), ids)
              for i, (ids, X) in enumerate(blocks)])
     return ShardedIndex(holders, metric)
+
+
+def _plan_piece(piece: Any, model: str, revision: str | None, trust_remote_code: bool, chunk_tokens: int,
+                test_fraction: float, seed: int, num_chunks: int | None) -> tuple[list[Any], Any]:
+    """Tokenize and chunk one piece of the source; keep its bottom-k sample when sampling."""
+    from memscan import corpus, models
+
+    tokenizer = models.load_tokenizer(model, revision, trust_remote_code)
+    stats = corpus.CorpusStats()
+    chunks = corpus.iter_chunks(piece.documents(), tokenizer, chunk_tokens, test_fraction, seed, stats)
+    return (corpus.sample_chunks(chunks, num_chunks) if num_chunks else list(chunks)), stats
+
+
+def plan(source: Any, settings: Any, options: RayOptions) -> tuple[list[Any], Any]:
+    """The local runner's chunks (or seeded sample) and corpus counts, computed by Ray tasks per source piece.
+
+    Pieces are contiguous ranges of the document stream, so their chunks in piece order are
+    the stream's; bottom-k samples merge by keeping the k smallest keys, so the merged sample
+    is the local one.
+    """
+    from memscan import corpus
+
+    ray = connect(options)
+    pieces = source.partitions(settings.max_documents, 4 * options.num_workers)
+    if len(pieces) == 1:
+        log.info("this source streams from its start only: its chunks are planned by one task")
+    task = ray.remote(_plan_piece)
+    results = ray.get([task.remote(piece, settings.model, settings.revision, settings.trust_remote_code,
+                                   settings.chunk_tokens, settings.test_fraction, settings.seed, settings.num_chunks)
+                       for piece in pieces])
+    chunks = [chunk for piece_chunks, _ in results for chunk in piece_chunks]
+    if settings.num_chunks:
+        chunks = corpus.sample_chunks(chunks, settings.num_chunks)
+    stats = corpus.CorpusStats()
+    for _, piece_stats in results:
+        for name in ("documents", "documents_too_short", "tokens", "tokens_in_chunks", "chunks_available"):
+            setattr(stats, name, getattr(stats, name) + getattr(piece_stats, name))
+        stats.longest_document_tokens = max(stats.longest_document_tokens, piece_stats.longest_document_tokens)
+    return chunks, stats
