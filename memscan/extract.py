@@ -296,8 +296,8 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
             ray_options: Any = None) -> dict[str, Any]:
     """Run (or resume, or find complete) one extraction into `out`; returns its manifest.
 
-    With `settings.engine == "ray"` the forward passes run in Ray actors (`ray_options`:
-    memscan.engines.ray_runner.RayOptions); planning, ordering and writing stay here.
+    With `settings.engine == "ray"` planning runs in Ray tasks and the forward passes in Ray
+    actors (`ray_options`: memscan.engines.ray_runner.RayOptions); ordering and writing stay here.
     """
     import torch
 
