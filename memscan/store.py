@@ -241,6 +241,11 @@ class ActivationDataset:
     def shards(self) -> list[dict[str, Any]]:
         return list(self.manifest["shards"])
 
+    @property
+    def total_rows(self) -> int:
+        """Rows of every split and layer: row ids run from 0 to this."""
+        return int(self.manifest["shards"][-1]["row_stop"]) if self.manifest["shards"] else 0
+
     def count(self, split: str | None = None, layer: int | None = None) -> int:
         """Rows in a split (all splits when None) at a layer (all layers when None)."""
         per_split = self.manifest["counts"]["rows"]
@@ -249,20 +254,29 @@ class ActivationDataset:
 
     def iter_batches(self, split: str | None = None, layer: int | None = None,
                      columns: Sequence[str] = ("row_id",), batch_rows: int = 65536,
-                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                     rows: tuple[int, int] | None = None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Yield (X float32 (m, n), {column: (m,) array}) for the rows of a split and layer.
 
         Every batch but the last holds exactly `batch_rows` rows, in row order, whatever
-        the shard and row-group boundaries; memory is bounded by about one batch.
+        the shard and row-group boundaries; memory is bounded by about one batch. `rows`
+        (start, stop) keeps only row ids in that range and reads only its row groups.
         """
         if layer is not None and layer not in self.layers:
             raise InputError(f"layer {layer} is not in dataset '{self.directory}' (layers: {self.layers})")
-        wanted = list(dict.fromkeys([*columns, "vec", "split", "layer"]))
+        wanted = list(dict.fromkeys([*columns, "vec", "split", "layer", "row_id"]))
+        start, stop = rows or (0, self.total_rows)
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         for shard in self.shards:
-            for batch in self._open_checked(shard).iter_batches(batch_size=batch_rows, columns=wanted):
-                batch = _filter(batch, split, layer)
+            if shard["row_stop"] <= start or shard["row_start"] >= stop:
+                continue
+            parquet = self._open_checked(shard)
+            group_rows = parquet.metadata.row_group(0).num_rows
+            first = (max(start, shard["row_start"]) - shard["row_start"]) // group_rows
+            last = (min(stop, shard["row_stop"]) - shard["row_start"] - 1) // group_rows
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted,
+                                              row_groups=list(range(first, last + 1))):
+                batch = _filter(batch, split, layer, (start, stop))
                 while batch.num_rows:
                     head, batch = batch.slice(0, batch_rows - pending_rows), batch.slice(batch_rows - pending_rows)
                     pending.append(head)
@@ -279,8 +293,8 @@ class ActivationDataset:
         out = np.empty((len(row_ids), self.n), np.float32)
         starts = np.array([s["row_start"] for s in self.shards])
         shard_of = np.searchsorted(starts, row_ids, side="right") - 1
-        if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= self.shards[-1]["row_stop"]):
-            raise InputError(f"row ids must lie in [0, {self.shards[-1]['row_stop']}); got {row_ids.min()}..{row_ids.max()}")
+        if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= self.total_rows):
+            raise InputError(f"row ids must lie in [0, {self.total_rows}); got {row_ids.min()}..{row_ids.max()}")
         for index in np.unique(shard_of):
             shard, here = self.shards[index], np.flatnonzero(shard_of == index)
             parquet = self._open_checked(shard)
@@ -310,14 +324,15 @@ class ActivationDataset:
         return pq.ParquetFile(path, memory_map=True)
 
 
-def _filter(batch: pa.RecordBatch, split: str | None, layer: int | None) -> pa.RecordBatch:
-    mask = None
+def _filter(batch: pa.RecordBatch, split: str | None, layer: int | None, rows: tuple[int, int]) -> pa.RecordBatch:
+    """The batch's rows of one split and layer (None: any) with row ids in [start, stop)."""
+    row_id = batch.column("row_id")
+    mask = pc.and_(pc.greater_equal(row_id, rows[0]), pc.less(row_id, rows[1]))
     if split is not None:
-        mask = pc.equal(batch.column("split").dictionary_decode(), split)
+        mask = pc.and_(mask, pc.equal(batch.column("split").dictionary_decode(), split))
     if layer is not None:
-        at_layer = pc.equal(batch.column("layer"), layer)
-        mask = at_layer if mask is None else pc.and_(mask, at_layer)
-    return batch if mask is None else batch.filter(mask)
+        mask = pc.and_(mask, pc.equal(batch.column("layer"), layer))
+    return batch.filter(mask)
 
 
 def _column_numpy(column: pa.Array) -> np.ndarray:

@@ -124,6 +124,30 @@ def test_reader_filters_by_split_and_layer_in_row_order(reference):
         assert len(row_ids) == dataset.count(split, layer)
 
 
+def test_reader_keeps_only_a_row_range_across_shard_and_row_group_boundaries(reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 40 * 4 * 4)  # groups of a few rows
+    X = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+    store.write_vectors(tmp_path / "groups", X, ["train", "test"] * 500, shard_rows=250)
+    grouped = store.ActivationDataset(tmp_path / "groups")
+    assert pq.ParquetFile(tmp_path / "groups" / "part-00000.parquet").metadata.num_row_groups > 5
+    for start, stop in ((0, 1000), (39, 41), (245, 531), (999, 1000)):
+        blocks = list(grouped.iter_batches(split="test", batch_rows=33, rows=(start, stop)))
+        expected = np.arange(start + (start % 2 == 0), stop, 2)
+        assert np.array_equal(np.concatenate([b[1]["row_id"] for b in blocks]), expected)
+        np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), X[expected])
+
+    dataset = store.ActivationDataset(reference)
+    table = pq.read_table(sorted(reference.glob("part-*.parquet"))).to_pandas()
+    assert dataset.total_rows == len(table) == 3600
+    for start, stop in ((650, 1450), (0, 1), (1399, 1400), (700, 1400), (3000, 3600), (5, 5)):
+        blocks = list(dataset.iter_batches(split="train", layer=1, batch_rows=61, rows=(start, stop)))
+        row_ids = np.concatenate([b[1]["row_id"] for b in blocks]) if blocks else np.empty(0, np.int64)
+        expected = table[(table.split == "train") & (table.layer == 1) & (table.row_id >= start) & (table.row_id < stop)]
+        assert np.array_equal(row_ids, expected.row_id.to_numpy())
+        if blocks:
+            np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), np.stack(expected.vec.to_numpy()))
+
+
 def test_shards_are_sized_and_listed_in_the_manifest(reference):
     manifest = json.loads((reference / store.MANIFEST).read_text())
     assert manifest["complete"] and manifest["counts"]["chunks"] == {
