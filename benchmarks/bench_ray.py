@@ -1,8 +1,9 @@
 """The Ray runners against the local runner on one machine: Ray's own overhead, in one run.
 
-Exact self-join of clustered vectors (N x n) and an extraction with the GPT-2-small-sized
-model of bench_extract (256-token chunks, every position, with loss), each with the local
-runner and with `--engine ray` on a local Ray instance of `--workers` CPUs.
+Exact self-join of clustered vectors (N x n); an IVF index built and self-joined as one
+local index and as `--workers` shards in Ray actors; and an extraction with the
+GPT-2-small-sized model of bench_extract (256-token chunks, every position, with loss);
+each with the local runner and with `--engine ray` on a local Ray instance of `--workers` CPUs.
 
     python benchmarks/bench_ray.py [--n-vectors 20000] [--dim 256] [--chunks 24] [--workers 2]
 """
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from memscan import store
 from memscan.engines import ray_runner
 from memscan.extract import ExtractSettings, extract
 from memscan.knn import exact
+from memscan.knn.index import IndexSettings, KnnIndex, build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import build_model  # noqa: E402
@@ -52,9 +55,24 @@ def main() -> None:
     blocks = exact.array_blocks(np.arange(len(X)), X, args.block_rows)
     pairs = (-(-len(X) // args.block_rows)) ** 2
     local = timed(exact.self_join, blocks, 10)
-    remote = timed(ray_runner.self_join, blocks, 10, options=options)
+    remote = timed(ray_runner.RayEngine(options).self_join, blocks, 10)
     results["self_join"] = {"n_vectors": args.n_vectors, "dim": args.dim, "block_pairs": pairs,
                             "local_s": round(local, 2), "ray_s": round(remote, 2), "ray_over_local": round(remote / local, 2)}
+    print(results, file=sys.stderr)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store.write_vectors(Path(tmp) / "vectors", X, ["train"] * len(X), shard_rows=8192)
+        settings = IndexSettings(factory="IVF256,Flat", nprobe=16)
+        sharded = replace(settings, shards=args.workers)
+        timings = {
+            "local_build_s": timed(build, Path(tmp) / "vectors", Path(tmp) / "one", settings),
+            "ray_build_s": timed(build, Path(tmp) / "vectors", Path(tmp) / "sharded", sharded, ray_options=options),
+            "local_self_join_s": timed(KnnIndex.load(Path(tmp) / "one").self_join, 10),
+            "ray_self_join_s": timed(KnnIndex.load(Path(tmp) / "sharded", ray_options=options).self_join, 10),
+        }
+        results["index"] = {"factory": settings.factory, "nprobe": settings.nprobe, "shards": args.workers,
+                            **{name: round(seconds, 2) for name, seconds in timings.items()},
+                            "ray_over_local_self_join": round(timings["ray_self_join_s"] / timings["local_self_join_s"], 2)}
     print(results, file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -87,7 +87,7 @@ def _radius(mode: str, r_star: float, typical: float) -> float:
     return r_star if mode == "r*" else typical if mode == "typical" else float(mode)
 
 
-def _subset_nearest(blocks: Any, row_ids: np.ndarray, fraction: float, seed: int, backend: exact.Backend) -> np.ndarray:
+def _subset_nearest(blocks: Any, row_ids: np.ndarray, fraction: float, seed: int, engine: exact.Engine) -> np.ndarray:
     """Nearest-other distances within a seeded random `fraction` of the patterns (the paper's 25/50/75%)."""
     keep = np.zeros(len(row_ids), bool)
     keep[np.random.default_rng(seed).choice(len(row_ids), size=max(2, int(fraction * len(row_ids))), replace=False)] = True
@@ -98,7 +98,7 @@ def _subset_nearest(blocks: Any, row_ids: np.ndarray, fraction: float, seed: int
             mask = np.fromiter((i in chosen for i in ids.tolist()), bool, len(ids))
             if mask.any():
                 yield ids[mask], X[mask]
-    _, D, _ = exact.self_join(subset, 1, backend=backend)
+    _, D, _ = engine.self_join(subset, 1)
     return np.sqrt(D[:, 0])
 
 
@@ -119,8 +119,8 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
         pid, Dp, Ip = index.self_join(settings.k)
         Dq, Iq = index.search(Xq, settings.k)
     else:
-        pid, Dp, Ip = exact.self_join(blocks, settings.k, backend=index.backend)
-        _, Dq, Iq = exact.knn(iter([(qmeta["row_id"], Xq)]), blocks, settings.k, backend=index.backend)
+        pid, Dp, Ip = index.engine.self_join(blocks, settings.k)
+        _, Dq, Iq = index.engine.knn(iter([(qmeta["row_id"], Xq)]), blocks, settings.k)
     missing = int((Iq < 0).any(axis=1).sum() + (Ip < 0).any(axis=1).sum())
     if missing:
         raise InputError(f"the approximate index found fewer than k={k} neighbours for {missing:,} vectors; "
@@ -135,7 +135,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     r_star, typical = theory.unit_volume_radius(n), float(np.median(s) / 2)
     scale = float(np.median(s[s > 0])) if (s > 0).any() else 1.0  # spacing, for tolerances (duplicates give s = 0)
     radius = _radius(settings.radius, r_star, typical)
-    _, Dip, _ = exact.self_join(blocks, 1, metric="ip", backend=index.backend)
+    _, Dip, _ = index.engine.self_join(blocks, 1, metric="ip")
     delta = theory.ramsauer_separation(pmeta["sq_norm"], Dip[:, 0])
     M = math.sqrt(pmeta["sq_norm"].max())
     threshold = theory.ramsauer_threshold(d, beta, M)
@@ -165,7 +165,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     samples = {"query_nearest": q_near}
     for fraction in settings.subsets:
         samples[f"pattern_nearest_{round(100 * fraction)}"] = (
-            s if fraction == 1.0 else _subset_nearest(blocks, pid, fraction, settings.seed, index.backend))
+            s if fraction == 1.0 else _subset_nearest(blocks, pid, fraction, settings.seed, index.engine))
     bins = analysis.shared_bins(*samples.values(), count=settings.bins)  # subsets spread wider: bin them all
     histograms = {
         "layer": np.full(len(samples) * settings.bins, layer, np.int16),
@@ -224,10 +224,14 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
 
 
 def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
-        settings: QuerySettings = QuerySettings()) -> dict[str, Any]:
-    """Analyse every layer shared by the index's dataset and the queries; returns summary.json."""
+        settings: QuerySettings = QuerySettings(), ray_options: Any = None) -> dict[str, Any]:
+    """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
+
+    With `ray_options` (memscan.engines.ray_runner.RayOptions) the index shards sit in Ray
+    actors and the exact searches run as Ray tasks; the tables are the same.
+    """
     settings.check()
-    index = KnnIndex.load(index_dir, device=settings.device)
+    index = KnnIndex.load(index_dir, device=settings.device, ray_options=ray_options)
     queries = store.ActivationDataset(queries_dir)
     index.check_queries(queries)
     layers = [layer for layer in index.dataset.layers if layer in queries.layers]

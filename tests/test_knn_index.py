@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,28 @@ def test_an_existing_index_is_kept_unless_overwrite(small, tmp_path):
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "index.json", "row_ids.npy"]
 
 
+def test_a_sharded_index_answers_as_one_index(small, tmp_path):
+    settings = IndexSettings(factory="IVF16,Flat", nprobe=3, train_size=700, seed=3, eval_recall=100)
+    whole = build(small, tmp_path / "whole", settings)
+    sharded = build(small, tmp_path / "sharded", replace(settings, shards=3))
+    assert [entry["index"] for entry in sharded["shards"]] == ["shard-000.faiss", "shard-001.faiss", "shard-002.faiss"]
+    assert sum(entry["ntotal"] for entry in sharded["shards"]) == sharded["ntotal"] == 2_600
+    assert [entry["ntotal"] for entry in sharded["shards"]] == [1000, 1000, 600]   # rows 0-999, 1000-1999, ...
+    assert sharded["recall"] == whole["recall"]
+    one, three = KnnIndex.load(tmp_path / "whole"), KnnIndex.load(tmp_path / "sharded")
+    assert np.array_equal(one.row_ids, three.row_ids)
+    _, Q = vectors(small, "test")
+    for a, b in zip(one.search(Q, 6), three.search(Q, 6)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(one.self_join(4, batch_rows=500), three.self_join(4, batch_rows=500)):
+        np.testing.assert_array_equal(a, b)
+    build(small, tmp_path / "sharded", settings, overwrite=True)   # fewer shards: no stale files stay
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["index.faiss", "index.json", "row_ids.npy"]
+    with pytest.raises(MemscanError, match="shard 0 holds no vectors of split 'test'"):   # rows 0-1499 are train
+        build(small, tmp_path / "empty_shard", IndexSettings(split="test", shards=2))
+    assert not (tmp_path / "empty_shard").exists()
+
+
 def test_take_reads_rows_in_the_order_asked(small):
     data = store.ActivationDataset(small)
     ids, X = vectors(small, None)
@@ -146,6 +169,10 @@ def test_index_command_and_bad_input(capsys, small, big, tmp_path):
         main(["index", str(small), "--out", str(tmp_path / "ok"), "--eval-recall", "50"])
     assert exit_info.value.code == 0 and "1-recall@1 1.000" in capsys.readouterr().out
     fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--split", "gen", match="has no rows")
+    fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--shards", "0", match="--shards must be at least 1")
+    fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--address", "auto", match="--address auto needs --engine ray")
+    fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--engine", "ray", "--num-workers", "0",
+          match="must be at least 1")
     fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--layer", "3", match="--layer 3 is not in")
     fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--factory", "IVFbogus",
           match="not a FAISS factory string")

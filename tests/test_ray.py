@@ -10,15 +10,20 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
 
+import memscan
 from memscan import store
+from memscan.cli import main
 from memscan.engines import ray_runner
 from memscan.extract import ExtractSettings, extract
 from memscan.knn import exact
+from memscan.knn.index import IndexSettings, KnnIndex, build
+from memscan.query import QuerySettings, run
 from tests.test_knn_exact import tricky_vectors
 
 
@@ -36,12 +41,12 @@ def test_ray_self_join_and_knn_equal_the_local_exact_results(options):
     blocks = exact.array_blocks(ids, X, 53)
     for metric in ("l2", "ip"):
         local = exact.self_join(blocks, 6, metric=metric)
-        remote = ray_runner.self_join(blocks, 6, metric=metric, options=options)
+        remote = ray_runner.RayEngine(options).self_join(blocks, 6, metric=metric)
         for a, b in zip(local, remote):
             np.testing.assert_array_equal(a, b)
     queries = exact.array_blocks(np.arange(40), tricky_vectors(5)[:40], 17)
     local = exact.knn(queries(), blocks, 4)
-    remote = ray_runner.knn(queries(), blocks, 4, options=options)
+    remote = ray_runner.RayEngine(options).knn(queries(), blocks, 4)
     for a, b in zip(local, remote):
         np.testing.assert_array_equal(a, b)
 
@@ -133,23 +138,50 @@ def test_a_worker_killed_mid_extraction_loses_and_doubles_nothing(options, qf_mo
     assert_same_dataset(out, reference)
 
 
-def test_sharded_ivf_on_actors_equals_one_index_with_the_same_quantizer(options):
-    import faiss
-
+def test_index_shards_filled_and_searched_by_actors_equal_the_local_shards(options, tmp_path):
     rng = np.random.default_rng(4)
     centers = rng.normal(size=(80, 16))
-    X = (centers[rng.integers(0, 80, 6000)] + 0.2 * rng.normal(size=(6000, 16))).astype(np.float32)
-    queries = (centers[rng.integers(0, 80, 200)] + 0.2 * rng.normal(size=(200, 16))).astype(np.float32)
-    trained = faiss.index_factory(16, "IVF32,Flat")
-    trained.train(X[:3000])
-    whole = faiss.clone_index(trained)
-    whole.add(X)
-    whole.nprobe = 4
-    D_whole, I_whole = whole.search(queries, 5)
-    sharded = ray_runner.shard_index(trained, exact.array_blocks(np.arange(6000), X, 700)(), {"nprobe": 4}, "l2", 3,
-                                     options)
-    D, I = sharded.search(queries, 5)
-    np.testing.assert_allclose(D, D_whole, rtol=1e-5, atol=1e-5)
-    assert (I == I_whole).mean() > 0.99  # ids may differ only among exact ties
-    _, _, truth = exact.knn(exact.array_blocks(np.arange(200), queries, 200)(), exact.array_blocks(np.arange(6000), X, 2000), 5)
-    assert (I[:, 0] == truth[:, 0]).mean() > 0.9   # its recall, against exact search
+    X = (centers[rng.integers(0, 80, 6200)] + 0.2 * rng.normal(size=(6200, 16))).astype(np.float32)
+    store.write_vectors(tmp_path / "data", X, ["train"] * 6000 + ["test"] * 200, model="synthetic", shard_rows=1500)
+    settings = IndexSettings(factory="IVF32,Flat", nprobe=4, eval_recall=300, shards=3)
+    local = build(tmp_path / "data", tmp_path / "local", settings)
+    remote = build(tmp_path / "data", tmp_path / "ray", settings, ray_options=options)
+    assert remote["engine"] == "ray" and remote["shards"] == local["shards"] and len(remote["shards"]) == 3
+    assert remote["recall"] == local["recall"] and remote["recall"]["recall_1_at_1"] > 0.9
+    for name in ("shard-001.faiss", "shard-001.row_ids.npy"):   # each actor wrote its own files
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+    here, on_actors = KnnIndex.load(tmp_path / "ray"), KnnIndex.load(tmp_path / "ray", ray_options=options)
+    queries = X[6000:]
+    for a, b in zip(here.search(queries, 5), on_actors.search(queries, 5)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(here.self_join(3, batch_rows=2500), on_actors.self_join(3, batch_rows=2500)):
+        np.testing.assert_array_equal(a, b)
+    on_actors.set_search_params(nprobe=32)   # every list: the sharded search is then exact
+    _, D, I = exact.knn(exact.array_blocks(np.arange(6000, 6200), queries, 200)(),
+                        exact.array_blocks(np.arange(6000), X[:6000], 2000), 5)
+    np.testing.assert_allclose(on_actors.search(queries, 5)[0], D, rtol=1e-6)
+
+
+def test_query_on_ray_equals_the_local_query(options, local_reference, tmp_path):
+    build(local_reference, tmp_path / "index", IndexSettings(layer=2, factory="IVF4,Flat", nprobe=2, shards=2))
+    settings = QuerySettings(k=3, subsets=(0.5, 1.0))
+    run(tmp_path / "index", local_reference, tmp_path / "local", settings)
+    run(tmp_path / "index", local_reference, tmp_path / "ray", settings, ray_options=options)
+    here, there = memscan.load(tmp_path / "local"), memscan.load(tmp_path / "ray")
+    for name in ("neighbours", "queries", "patterns", "histograms", "coverage"):
+        pd.testing.assert_frame_equal(getattr(here, name), getattr(there, name))
+    layers = [s["layer"] for s in there.summary["layers"]]
+    assert len(layers) > 2 and [s["search"] for s in there.summary["layers"]].count("exact") == len(layers) - 1
+
+
+def test_index_and_query_commands_on_ray(options, local_reference, tmp_path, capsys):
+    for args in (["index", str(local_reference), "--out", str(tmp_path / "index"), "--shards", "2", "--engine", "ray"],
+                 ["query", str(tmp_path / "index"), "--queries", str(local_reference), "--out", str(tmp_path / "run"),
+                  "--k", "3", "--engine", "ray"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "2 shards on Ray" in out and "A1 retrieval" in out
+    assert [s["layer"] for s in memscan.load(tmp_path / "run").summary["layers"]] == [0, 1, 2]

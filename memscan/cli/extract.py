@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.ray_flags import ray_flags, ray_options
 from memscan.cli.render import print_summary
 
 
@@ -33,22 +34,14 @@ from memscan.cli.render import print_summary
 @click.option("--revision", default=None, help="Revision of the hub model and dataset.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
 @click.option("--overwrite", is_flag=True, help="Replace an extraction with other settings in --out.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="ray: forward passes in Ray actors (the `ray` extra).")
-@click.option("--address", default=None, help="Ray cluster address [default: start a local instance].")
-@click.option("--num-workers", type=int, default=2, show_default=True, help="Ray actors running the model.")
-@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
+@ray_flags
 def extract(out: str, overwrite: bool, no_loss: bool, address: str | None, num_workers: int,
             gpus_per_worker: float, **settings: object) -> None:
     """Extract activations at chosen layers and positions, with token ids and per-token loss."""
     from memscan.extract import ExtractSettings
     from memscan.extract import extract as run
 
-    options = None
-    if settings["engine"] == "ray":
-        from memscan.engines.ray_runner import RayOptions
-
-        options = RayOptions(address, num_workers, gpus_per_worker)
+    options = ray_options(settings["engine"], address, num_workers, gpus_per_worker)  # type: ignore[arg-type]
     manifest = run(ExtractSettings(loss=not no_loss, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
                    ray_options=options)
     print_summary(out, manifest)

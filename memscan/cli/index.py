@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.ray_flags import ray_flags, ray_options
+
 
 @click.command()
 @click.argument("data_dir", type=click.Path())
@@ -20,14 +22,22 @@ import click
 @click.option("--eval-recall", type=int, default=0, show_default=True,
               help="Queries for recall against exact search, written into index.json.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True,
+              help="Copies of the trained index, each over one range of rows (with --engine ray: one per actor).")
 @click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
-def index(data_dir: str, out: str, overwrite: bool, **settings: object) -> None:
+@ray_flags
+def index(data_dir: str, out: str, overwrite: bool, engine: str, address: str | None, num_workers: int,
+          gpus_per_worker: float, **settings: object) -> None:
     """Build a FAISS index (GPU when present) and record its provenance in index.json."""
     from memscan.knn.index import IndexSettings, build
 
-    info = build(data_dir, out, IndexSettings(**settings), overwrite=overwrite)  # type: ignore[arg-type]
+    options = ray_options(engine, address, num_workers, gpus_per_worker)
+    info = build(data_dir, out, IndexSettings(**settings), overwrite=overwrite,  # type: ignore[arg-type]
+                 ray_options=options)
+    shards = len(info["shards"])
     click.echo(f"index     {out}: {info['ntotal']:,} vectors of n={info['n']}, {info['factory']} ({info['metric']}), "
-               f"{info['device']}, built in {info['build']['total_seconds']:.1f} s")
+               f"{info['device']}{f', {shards} shards' if shards > 1 else ''}{' on Ray' * (options is not None)}, "
+               f"built in {info['build']['total_seconds']:.1f} s")
     click.echo(f"why       {info['factory_reason']}")
     if info["recall"]:
         r = info["recall"]

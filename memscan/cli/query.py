@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.ray_flags import ray_flags, ray_options
+
 
 @click.command()
 @click.argument("index_dir", type=click.Path())
@@ -17,11 +19,14 @@ import click
 @click.option("--epsilon", type=float, default=None, help="Retrieval tolerance [default: 1% of median s_i].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]))
 @click.option("--seed", type=int, default=0, show_default=True)
-def query(index_dir: str, queries_dir: str, out: str, **settings: object) -> None:
+@ray_flags
+def query(index_dir: str, queries_dir: str, out: str, engine: str, address: str | None, num_workers: int,
+          gpus_per_worker: float, **settings: object) -> None:
     """Nearest-neighbour tables, assumption tests A1-A3, energies and the cross-entropy floor."""
     from memscan.query import QuerySettings, run
 
-    summary = run(index_dir, queries_dir, out, QuerySettings(**settings))  # type: ignore[arg-type]
+    options = ray_options(engine, address, num_workers, gpus_per_worker)
+    summary = run(index_dir, queries_dir, out, QuerySettings(**settings), ray_options=options)  # type: ignore[arg-type]
     for s in summary["layers"]:
         click.echo(
             f"layer {s['layer']:>3}: typical radius {s['typical_radius']:.3g} vs r* {s['r_star']:.3g} "

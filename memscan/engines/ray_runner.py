@@ -1,20 +1,22 @@
-"""Ray: the exact kNN and self-join as tasks over block pairs, and extraction in stateful actors.
+"""Ray: exact kNN as tasks over block pairs, index shards in actors, extraction in stateful actors.
 
-Both run the local engine's units of work (`exact.pair_candidates`, `models.capture`) and
-merge or write on the driver in the local order, so their tables equal the local ones.
-Connects to `address` (a running cluster) or starts a local instance.
+Each runs the local engine's unit of work (`exact.pair_candidates`, `shards.Shard`,
+`models.capture`) and merges or writes on the driver in the local order, so its tables
+equal the local ones. Connects to `address` (a running cluster) or starts a local instance.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from memscan.knn import exact
+from memscan.knn.shards import Shard, Shards
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +39,38 @@ def connect(options: RayOptions) -> Any:
     return ray
 
 
+@functools.cache
+def _worker_backend() -> exact.Backend:
+    """The worker's own backend: faiss-gpu where the task was given a GPU, else faiss on the CPU."""
+    return exact.choose_backend("auto")
+
+
 def _pair(query: exact.Block, database: exact.Block, k: int, metric: str, exclude_self: bool,
           ) -> tuple[np.ndarray, np.ndarray]:
     (query_ids, xq), (db_ids, xb) = query, database
-    return exact.pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, exact.FaissBackend())
+    return exact.pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, _worker_backend())
 
 
-def knn(query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int, *,
-        metric: str = "l2", exclude_self: bool = False, options: RayOptions = RayOptions(),
-        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact kNN as one Ray task per (query block, database block); each database block is put once."""
-    ray = connect(options)
-    pair = ray.remote(_pair)
-    database = [ray.put(block) for block in database_blocks()]
-    parts = []
-    for query_ids, xq in query_blocks:
-        query = ray.put((query_ids, xq))
-        candidates = ray.get([pair.remote(query, block, k, metric, exclude_self) for block in database])
-        parts.append((query_ids, *exact.merge(candidates, k, metric, len(xq))))  # database order, as locally
-    return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+@dataclass(frozen=True)
+class RayEngine(exact.Engine):
+    """Exact kNN as one Ray task per (query block, database block), merged on the driver like the local run."""
 
+    options: RayOptions = RayOptions()
 
-def self_join(blocks: Callable[[], Iterable[exact.Block]], k: int, *, metric: str = "l2",
-              options: RayOptions = RayOptions()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every pattern its k nearest OTHER patterns, on Ray; equal to `exact.self_join`."""
-    return knn(blocks(), blocks, k, metric=metric, exclude_self=True, options=options)
+    def knn(self, query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int,
+            *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Equal to `exact.knn`; each database block is put in the object store once."""
+        ray = connect(self.options)
+        pair = ray.remote(num_gpus=self.options.gpus_per_worker or None)(_pair)
+        database = [ray.put(block) for block in database_blocks()]
+        parts = []
+        for query_ids, xq in query_blocks:
+            query = ray.put((query_ids, xq))
+            candidates = ray.get([pair.remote(query, block, k, metric, exclude_self) for block in database])
+            parts.append((query_ids, *exact.merge(candidates, k, metric, len(xq))))  # database order, as locally
+        if not parts:
+            return np.empty(0, np.int64), np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
 class _CaptureActor:
@@ -111,57 +120,44 @@ def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, 
         yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]) if with_loss else None
 
 
-class _IndexShard:
-    """One shard of an index: a copy of the trained (empty) index, filled with its share of the rows."""
+class _ShardHolder:
+    """A Ray actor holding one `shards.Shard`, made on the worker (and on its GPU when it has one)."""
 
-    def __init__(self, trained: np.ndarray, search: dict[str, int]):
-        import faiss
+    def __init__(self, make: Callable[[], Shard]):
+        self.shard = make()
 
-        self.index = faiss.deserialize_index(trained)
-        space = faiss.ParameterSpace()
-        for name, value in search.items():
-            space.set_index_parameter(self.index, name, value)
-        self.row_ids: list[np.ndarray] = []
+    def row_ids(self) -> np.ndarray:
+        return self.shard.row_ids
 
-    def add(self, X: np.ndarray, row_ids: np.ndarray) -> int:
-        self.index.add(X)
-        self.row_ids.append(row_ids)
-        return int(self.index.ntotal)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
-        D, local = self.index.search(queries, min(k, max(1, self.index.ntotal)))
-        return D, np.where(local >= 0, ids[np.maximum(local, 0)], -1)
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.shard, method)(*args)
 
 
-@dataclass
-class ShardedIndex:
-    """An index split by rows over Ray actors that share one trained quantizer; searches merge their results."""
+class RayShards(Shards):
+    """Index shards held by Ray actors, one per worker (`gpus_per_worker` places them on GPUs).
 
-    shards: list[Any]
-    metric: str
+    Every actor makes its own shard (`fill_shard` reads its own rows; `load_shard` reads its
+    own files from a shared file system), so only queries and top-k lists cross the network.
+    """
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(D (nq, k) FAISS scores, I (nq, k) row ids): the best k over every shard."""
+    def __init__(self, makers: Sequence[Callable[[], Shard]], metric: str, options: RayOptions = RayOptions()):
+        ray = connect(options)
+        holder = ray.remote(num_gpus=options.gpus_per_worker or None)(_ShardHolder)
+        self.holders = [holder.remote(make) for make in makers]
+        super().__init__(ray.get([h.row_ids.remote() for h in self.holders]), metric)
+
+    def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
         import ray
 
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return exact.merge(ray.get([shard.search.remote(queries, k) for shard in self.shards]), k, self.metric,
-                           len(queries))
+        shared: dict[int, Any] = {}  # an array passed to every shard is put once
 
-
-def shard_index(trained: Any, blocks: Iterable[exact.Block], search: dict[str, int], metric: str, shards: int,
-                options: RayOptions = RayOptions()) -> ShardedIndex:
-    """Fill `shards` actors, each holding a copy of the trained index, with the blocks round-robin."""
-    import faiss
-
-    ray = connect(options)
-    actor = ray.remote(_IndexShard)
-    serialized = faiss.serialize_index(trained)
-    holders = [actor.remote(serialized, search) for _ in range(shards)]
-    ray.get([holders[i % shards].add.remote(np.ascontiguousarray(X, np.float32), ids)
-             for i, (ids, X) in enumerate(blocks)])
-    return ShardedIndex(holders, metric)
+        def put(value: Any) -> Any:
+            if not isinstance(value, np.ndarray):
+                return value
+            if id(value) not in shared:
+                shared[id(value)] = ray.put(value)
+            return shared[id(value)]
+        return ray.get([h.call.remote(method, *map(put, args)) for h, args in zip(self.holders, arguments)])
 
 
 def _plan_piece(piece: Any, model: str, revision: str | None, trust_remote_code: bool, chunk_tokens: int,

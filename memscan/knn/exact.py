@@ -9,14 +9,16 @@ a pattern is a neighbour at distance 0; only the pattern itself is excluded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from memscan.errors import InputError
+from memscan.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,14 @@ class Backend:
         raise NotImplementedError
 
 
+@functools.cache
+def gpu_resources() -> Any:
+    """One faiss.StandardGpuResources per process: each holds its own scratch memory on the GPU."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
 class FaissBackend(Backend):
     """faiss.knn on the CPU; faiss.knn_gpu when `gpu` is set (k above 2048 falls back to the CPU)."""
 
@@ -46,7 +56,7 @@ class FaissBackend(Backend):
         import faiss
 
         self.faiss, self.gpu = faiss, gpu
-        self.resources = faiss.StandardGpuResources() if gpu else None
+        self.resources = gpu_resources() if gpu else None
         self.name = "faiss-gpu" if gpu else "faiss-cpu"
 
     def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +234,39 @@ def knn(query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Bl
 def self_join(blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l2",
               backend: Backend | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every pattern its k nearest OTHER patterns (excluded by id, not by distance 0)."""
-    return knn(blocks(), blocks, k, metric=metric, exclude_self=True, backend=backend)
+    return LocalEngine(backend).self_join(blocks, k, metric=metric)
+
+
+class Engine:
+    """Where exact searches run: `LocalEngine` in this process, `ray_runner.RayEngine` on Ray."""
+
+    def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
+            metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query ids (nq,), D (nq, k), I (nq, k)) exactly as the module's `knn`."""
+        raise NotImplementedError
+
+    def self_join(self, blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l2",
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every pattern its k nearest OTHER patterns: (row ids, D, I)."""
+        return self.knn(blocks(), blocks, k, metric=metric, exclude_self=True)
+
+
+@dataclass(frozen=True)
+class LocalEngine(Engine):
+    """Block pairs searched one after another in this process, with `backend` (None: faiss on the CPU)."""
+
+    backend: Backend | None = None
+
+    def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
+            metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return knn(query_blocks, database_blocks, k, metric=metric, exclude_self=exclude_self, backend=self.backend)
+
+
+def check_finite(X: np.ndarray, where: str) -> None:
+    """Refuses vectors holding NaN or Inf, naming how many and where they come from."""
+    if not np.isfinite(X).all():
+        rows = int((~np.isfinite(X)).any(axis=1).sum())
+        raise DataError(f"{rows} vectors of {where} hold NaN or Inf; they cannot be indexed")
 
 
 def array_blocks(ids: np.ndarray, X: np.ndarray, block_rows: int) -> Callable[[], Iterator[Block]]:

@@ -3,13 +3,14 @@
 An index folder holds `index.faiss` (always a CPU index), `row_ids.npy` (FAISS id i is
 dataset row `row_ids[i]`) and `index.json` (factory and why it was chosen, metric,
 dimension, count, the dataset manifest's sha256, device, build parameters and times,
-search parameters, and recall against exact search).
+search parameters, recall against exact search, and the files of every shard). A
+sharded index (`--shards N`) holds `shard-000.faiss` and `shard-000.row_ids.npy`, ...
+instead: copies of one trained index filled with consecutive row ranges, searched as one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import functools
 import json
 import logging
 import math
@@ -23,15 +24,15 @@ import numpy as np
 from memscan import store
 from memscan.errors import DataError, InputError
 from memscan.knn import exact
+from memscan.knn.shards import LocalShards, Shard, Shards, fill_shard, load_shard, row_ranges
 
 log = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "memscan.index", 1
-INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "row_ids.npy", "index.json"
+INFO_FILE = "index.json"
 FLAT_MAX = 50_000            # below this, exact search costs less than training an IVF
 MIN_TRAIN_PER_LIST = 39      # FAISS warns below 39 training points per centroid
 TRAIN_PER_LIST = 256         # default sample: FAISS's own cap on points per centroid
-ADD_BATCH_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class IndexSettings:
     ef_search: int | None = None     # None: 64
     eval_recall: int = 0             # queries for recall against exact (0: none)
     recall_k: int = 10
+    shards: int = 1                  # copies of the trained index, each over one range of rows
 
 
 def auto_factory(count: int) -> tuple[str, str]:
@@ -96,12 +98,6 @@ def _train_sample(dataset: store.ActivationDataset, split: str, layer: int, coun
     return sample
 
 
-def _check_finite(X: np.ndarray, where: str) -> None:
-    if not np.isfinite(X).all():
-        rows = int((~np.isfinite(X)).any(axis=1).sum())
-        raise DataError(f"{rows} vectors of {where} hold NaN or Inf; they cannot be indexed")
-
-
 def manifest_sha256(data_dir: Path) -> str:
     return store.sha256_of(Path(data_dir) / store.MANIFEST)
 
@@ -114,15 +110,33 @@ def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
     return layer
 
 
+def _open_shards(makers: list[functools.partial[Shard]], metric: str, device: str,
+                 ray_options: Any = None) -> tuple[Shards, exact.Engine]:
+    """The shards, made here or each in a Ray actor (`ray_options`: ray_runner.RayOptions), and
+    the engine that runs exact searches beside them."""
+    if ray_options is None:
+        return LocalShards([make() for make in makers], metric), exact.LocalEngine(exact.choose_backend(device))
+    from memscan.engines import ray_runner
+
+    return ray_runner.RayShards(makers, metric, ray_options), ray_runner.RayEngine(ray_options)
+
+
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
-          overwrite: bool = False) -> dict[str, Any]:
-    """Build, evaluate and save an index over one split and layer of a dataset; returns index.json."""
+          overwrite: bool = False, ray_options: Any = None) -> dict[str, Any]:
+    """Build, evaluate and save an index over one split and layer of a dataset; returns index.json.
+
+    With `ray_options` (memscan.engines.ray_runner.RayOptions) each shard is filled by a Ray
+    actor that reads its own rows and writes its own files; `out_dir` must be on a file
+    system every worker sees.
+    """
     import faiss
 
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if (out_dir / INFO_FILE).exists() and not overwrite:
         raise InputError(f"--out '{out_dir}' already holds an index; choose another folder or pass --overwrite")
+    if settings.shards < 1:
+        raise InputError(f"--shards must be at least 1; got {settings.shards}")
     problems = store.verify(data_dir)
     if problems:
         raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
@@ -151,7 +165,7 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
                              f"({MIN_TRAIN_PER_LIST} per list); got {train_size:,} of the split's {count:,}; {hint}")
         t = time.perf_counter()
         sample = _train_sample(dataset, settings.split, layer, count, train_size, settings.seed)
-        _check_finite(sample, f"split '{settings.split}'")
+        exact.check_finite(sample, f"split '{settings.split}'")
         try:
             index.train(sample)
         except RuntimeError as exc:
@@ -159,44 +173,50 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
                              f"{str(exc).strip().splitlines()[-1]}") from None
         train_seconds = time.perf_counter() - t
 
-    row_ids, t = [], time.perf_counter()
-    # One add on a GPU flat index: it reallocates the whole index on every add.
-    batch_rows = count if on_gpu and factory == "Flat" else ADD_BATCH_ROWS
-    for X, meta in dataset.iter_batches(split=settings.split, layer=layer, batch_rows=batch_rows):
-        _check_finite(X, f"split '{settings.split}'")
-        index.add(X)
-        row_ids.append(meta["row_id"])
+    trained = faiss.serialize_index(faiss.index_gpu_to_cpu(index) if on_gpu else index)
+    search = _default_search_params(factory, lists, settings)
+    t = time.perf_counter()
+    makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search, settings.device)
+              for rows in row_ranges(dataset.total_rows, settings.shards)]
+    sharded, engine = _open_shards(makers, settings.metric, settings.device, ray_options)
     add_seconds = time.perf_counter() - t
-    if on_gpu:
-        index = faiss.index_gpu_to_cpu(index)
+    if 0 in sharded.sizes:
+        raise InputError(f"--shards {settings.shards}: shard {sharded.sizes.index(0)} holds no vectors of split "
+                         f"'{settings.split}' at layer {layer}; use fewer shards")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids = np.concatenate(row_ids)
     info: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "factory": factory, "factory_reason": reason, "metric": settings.metric,
-        "n": dataset.n, "ntotal": int(index.ntotal),
+        "n": dataset.n, "ntotal": sharded.ntotal,
         "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": manifest_sha256(data_dir),
                     "model": dataset.manifest["model"]["id"], "layer": layer, "split": settings.split},
         "device": backend.name if on_gpu else "cpu",
+        "engine": "local" if ray_options is None else "ray",
         "build": {"settings": asdict(settings), "train_size": train_size, "train_seconds": round(train_seconds, 3),
                   "add_seconds": round(add_seconds, 3), "faiss": faiss.__version__},
-        "search": _default_search_params(factory, lists, settings),
+        "search": search,
         "recall": None,
     }
-    loaded = KnnIndex(index, ids, info, dataset, settings.device)
+    loaded = KnnIndex(sharded, info, dataset, engine)
     if settings.eval_recall:
         info["recall"] = loaded.recall(settings.eval_recall, settings.recall_k, settings.seed)
-    info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
     (out_dir / INFO_FILE).unlink(missing_ok=True)  # index.json comes last: its presence means complete
-    faiss.write_index(index, str(out_dir / (INDEX_FILE + ".tmp")))
-    (out_dir / (INDEX_FILE + ".tmp")).replace(out_dir / INDEX_FILE)
-    with (out_dir / (IDS_FILE + ".tmp")).open("wb") as f:
-        np.save(f, ids)
-    (out_dir / (IDS_FILE + ".tmp")).replace(out_dir / IDS_FILE)
+    info["shards"] = sharded.save(out_dir)
+    _remove_stale_shards(out_dir, info["shards"])
+    info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
     store.write_json_atomic(out_dir / INFO_FILE, info)
-    log.info("indexed %d vectors (%s) into %s in %.1f s", index.ntotal, factory, out_dir, info["build"]["total_seconds"])
+    log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", sharded.ntotal, factory, len(sharded),
+             "s" * (len(sharded) > 1), out_dir, info["build"]["total_seconds"])
     return info
+
+
+def _remove_stale_shards(out_dir: Path, entries: list[dict[str, Any]]) -> None:
+    """Files of an index this one replaced (--overwrite with another shard count)."""
+    kept = {name for entry in entries for name in (entry["index"], entry["row_ids"])}
+    for path in [*out_dir.glob("*.faiss"), *out_dir.glob("*row_ids.npy")]:
+        if path.name not in kept:
+            path.unlink()
 
 
 def nlist(index: Any) -> int | None:
@@ -221,23 +241,19 @@ def _default_search_params(factory: str, lists: int | None, settings: IndexSetti
 class KnnIndex:
     """A loaded index: search by vectors, self-join, and recall against exact search."""
 
-    def __init__(self, index: Any, row_ids: np.ndarray, info: dict[str, Any], dataset: store.ActivationDataset,
-                 device: str = "cpu"):
-        self.index, self.row_ids, self.info, self.dataset = index, row_ids, info, dataset
+    def __init__(self, shards: Shards, info: dict[str, Any], dataset: store.ActivationDataset,
+                 engine: exact.Engine):
+        self.shards, self.info, self.dataset, self.engine = shards, info, dataset, engine
+        self.row_ids = shards.row_ids  # every indexed row, in row order
         self.metric = info["metric"]
-        self.backend = exact.choose_backend(device)
-        self.gpu_index = None
-        if self.backend.name == "faiss-gpu":
-            import faiss
-
-            self.gpu_index = faiss.index_cpu_to_gpu(self.backend.resources, 0, index)
-        self.set_search_params(**info["search"])
 
     @classmethod
-    def load(cls, index_dir: str | Path, device: str = "cpu") -> KnnIndex:
-        """Open an index folder (on the GPU with device auto|gpu where faiss sees one); refuses a stale one."""
-        import faiss
+    def load(cls, index_dir: str | Path, device: str = "cpu", ray_options: Any = None) -> KnnIndex:
+        """Open an index folder; refuses a stale one.
 
+        Shards load here (on the GPU with device auto|gpu where faiss sees one) or, with
+        `ray_options` (ray_runner.RayOptions), each in a Ray actor, searched in parallel.
+        """
         index_dir = Path(index_dir)
         if not (index_dir / INFO_FILE).exists():
             raise DataError(f"'{index_dir}' is not a memscan index folder: it has no {INFO_FILE}")
@@ -247,11 +263,10 @@ class KnnIndex:
         data_dir = Path(info["dataset"]["path"])
         if manifest_sha256(data_dir) != info["dataset"]["manifest_sha256"]:
             raise DataError(f"dataset '{data_dir}' changed since index '{index_dir}' was built; rebuild the index")
-        index = faiss.read_index(str(index_dir / INDEX_FILE))
-        row_ids = np.load(index_dir / IDS_FILE, allow_pickle=False)
-        if len(row_ids) != index.ntotal:
-            raise DataError(f"{index_dir / IDS_FILE} maps {len(row_ids)} ids; the index holds {index.ntotal}")
-        return cls(index, row_ids, info, store.ActivationDataset(data_dir), device)
+        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"], device)
+                  for entry in info["shards"]]
+        sharded, engine = _open_shards(makers, info["metric"], device, ray_options)
+        return cls(sharded, info, store.ActivationDataset(data_dir), engine)
 
     @property
     def exact(self) -> bool:
@@ -287,7 +302,7 @@ class KnnIndex:
         """The exact self-join of the indexed patterns, blockwise over the dataset (no index used)."""
         self.check_k(k, exclude_self=True)
         blocks = dataset_blocks(self.dataset, self.info["dataset"]["split"], self.info["dataset"]["layer"], block_rows)
-        return exact.self_join(blocks, k, metric=self.metric, backend=self.backend)
+        return self.engine.self_join(blocks, k, metric=self.metric)
 
     def exact_search_dataset(self, data_dir: str | Path, k: int, split: str = "test",
                              block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -298,34 +313,19 @@ class KnnIndex:
         if queries.count(split, layer) == 0:
             raise InputError(f"split '{split}' of '{data_dir}' has no rows to query")
         database = dataset_blocks(self.dataset, self.info["dataset"]["split"], layer, block_rows)
-        return exact.knn(dataset_blocks(queries, split, layer, block_rows)(), database, k, metric=self.metric,
-                         backend=self.backend)
+        return self.engine.knn(dataset_blocks(queries, split, layer, block_rows)(), database, k, metric=self.metric)
 
     def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
-        """nprobe (IVF) and efSearch (HNSW); values above faiss-gpu's 2048 stay on the CPU index here."""
-        import faiss
-
-        space = faiss.ParameterSpace()
+        """nprobe (IVF) and efSearch (HNSW) on every shard; above faiss-gpu's 2048 the CPU copies search."""
         for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
             if value is not None:
                 if value < 1:
                     raise InputError(f"--{name.lower()} must be at least 1; got {value}")
-                space.set_index_parameter(self.index, name, value)
-                if self.gpu_index is not None and value <= exact.GPU_MAX_K:
-                    faiss.GpuParameterSpace().set_index_parameter(self.gpu_index, name, value)
+                self.shards.set_parameter(name, value)
                 self.info["search"][name] = value
 
-    def _searcher(self, k: int) -> Any:
-        """The GPU index when there is one and k and nprobe fit its limit of 2048, else the CPU index."""
-        if self.gpu_index is None:
-            return self.index
-        if max(k, self.info["search"].get("nprobe", 0)) > exact.GPU_MAX_K:
-            log.info("k=%d or nprobe above faiss-gpu's limit of %d: searching on the CPU", k, exact.GPU_MAX_K)
-            return self.index
-        return self.gpu_index
-
     def check_k(self, k: int, exclude_self: bool = False) -> None:
-        available = self.index.ntotal - int(exclude_self)
+        available = self.shards.ntotal - int(exclude_self)
         if not 1 <= k <= available:
             raise InputError(f"--k must be between 1 and the {available:,} indexed patterns"
                              f"{' other than the query itself' if exclude_self else ''}; got {k:,}")
@@ -335,37 +335,28 @@ class KnnIndex:
         self.check_k(k, query_ids is not None)
         if X.shape[1] != self.info["n"]:
             raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
-        _check_finite(X, "the queries")
+        exact.check_finite(X, "the queries")
         wanted = k + int(query_ids is not None)
-        _, local = self._searcher(wanted).search(np.ascontiguousarray(X, dtype=np.float32), wanted)
-        return self._finish(X, local, k, query_ids)
+        _, ids = self.shards.search(X, wanted)
+        return self._finish(X, ids, k, query_ids)
 
     def self_join(self, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For every indexed pattern its k nearest OTHER patterns: (row ids, D, I).
 
-        IVF indexes group the queries by inverted list (faiss.contrib.big_batch_search),
+        IVF indexes on the CPU group the queries by inverted list (faiss.contrib.big_batch_search),
         so each list's codes are scanned once per query batch instead of once per query.
         """
-        import faiss
-        from faiss.contrib.big_batch_search import big_batch_search
-
         self.check_k(k, exclude_self=True)
         split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
         parts = []
         for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
-            ivf = faiss.downcast_index(self.index)
-            if isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)):
-                with contextlib.redirect_stdout(io.StringIO()):  # it prints progress at every verbosity
-                    _, local = big_batch_search(ivf, X, k + 1, verbose=1)
-            else:  # Flat, HNSW, or an IVF behind a transform: the plain search
-                _, local = self._searcher(k + 1).search(X, k + 1)
-            parts.append((meta["row_id"], *self._finish(X, local, k, meta["row_id"])))
+            _, ids = self.shards.search(X, k + 1, grouped=True)
+            parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
-    def _finish(self, X: np.ndarray, local: np.ndarray, k: int, query_ids: np.ndarray | None,
+    def _finish(self, X: np.ndarray, ids: np.ndarray, k: int, query_ids: np.ndarray | None,
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS ids -> row ids, drop each query's own row, keep k, recompute scores exactly, re-sort."""
-        ids = np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+        """Drop each query's own row, keep k, recompute scores exactly, re-sort."""
         if query_ids is not None:
             ids = np.where(ids == query_ids[:, None], -1, ids)
         order = np.argsort(ids < 0, axis=1, kind="stable")[:, :k]            # valid ids first, rank kept
@@ -381,7 +372,7 @@ class KnnIndex:
 
     def recall(self, queries: int, k: int, seed: int = 0) -> dict[str, Any]:
         """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns."""
-        k = min(k, self.index.ntotal - 1)
+        k = min(k, self.shards.ntotal - 1)
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
         query_ids = self.row_ids[pick]
@@ -389,8 +380,7 @@ class KnnIndex:
         _, approx = self.search(X, k, query_ids)
         split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
         database = dataset_blocks(self.dataset, split, layer)
-        _, _, truth = exact.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True,
-                                backend=self.backend)
+        _, _, truth = self.engine.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
         at_k = np.mean([len(np.intersect1d(a, t)) / k for a, t in zip(approx, truth)])
         return {"queries": len(query_ids), "k": k, "recall_1_at_1": float(np.mean(approx[:, 0] == truth[:, 0])),
                 "recall_k_at_k": float(at_k), "search": dict(self.info["search"])}

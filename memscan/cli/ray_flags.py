@@ -1,0 +1,40 @@
+"""The Ray flags of `extract`, `index` and `query`, defined once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from memscan.errors import InputError
+
+FLAGS = (
+    click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+                 help="ray: run the work in Ray tasks and actors (the `ray` extra)."),
+    click.option("--address", default=None, help="Ray cluster address [default: start a local instance]."),
+    click.option("--num-workers", type=int, default=2, show_default=True, help="Ray workers (actors) to use."),
+    click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs each Ray worker gets."),
+)
+
+
+def ray_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --engine, --address, --num-workers and --gpus-per-worker to a command."""
+    for flag in reversed(FLAGS):
+        command = flag(command)
+    return command
+
+
+def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_worker: float) -> Any:
+    """RayOptions for --engine ray, None for the local engine; refuses Ray flags without it."""
+    if engine == "local":
+        if address is not None:
+            raise InputError(f"--address {address} needs --engine ray")
+        return None
+    if num_workers < 1:
+        raise InputError(f"--num-workers must be at least 1; got {num_workers}")
+    if gpus_per_worker < 0:
+        raise InputError(f"--gpus-per-worker must be at least 0; got {gpus_per_worker}")
+    from memscan.engines.ray_runner import RayOptions
+
+    return RayOptions(address, num_workers, gpus_per_worker)

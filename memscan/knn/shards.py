@@ -1,0 +1,189 @@
+"""Index shards: copies of one trained index, each filled with one range of a dataset's rows.
+
+All shards share the trained quantizer, so asking every shard for its k best and merging
+the lists (faiss.ResultHeap) answers as one index holding every row would. Shards live
+in this process (`LocalShards`) or in Ray actors (`memscan.engines.ray_runner.RayShards`);
+both search, set parameters and save through `Shards`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memscan import store
+from memscan.errors import DataError
+from memscan.knn import exact
+
+log = logging.getLogger(__name__)
+
+ADD_BATCH_ROWS = 65536
+
+
+def row_ranges(total_rows: int, count: int) -> list[tuple[int, int]]:
+    """`count` contiguous, near-equal ranges of row ids covering [0, total_rows): one per shard."""
+    bounds = np.linspace(0, total_rows, count + 1).round().astype(np.int64).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def file_names(shard: int, count: int) -> tuple[str, str]:
+    """(index file, row-id file) of shard `shard` of `count`; an unsharded index keeps plain names."""
+    if count == 1:
+        return "index.faiss", "row_ids.npy"
+    return f"shard-{shard:03d}.faiss", f"shard-{shard:03d}.row_ids.npy"
+
+
+class Shard:
+    """One FAISS index and its row-id map (FAISS id i is dataset row `row_ids[i]`).
+
+    `index` is a CPU index (what is saved); `gpu_index`, when given, is the copy searched
+    while k and nprobe fit faiss-gpu's limit of 2048.
+    """
+
+    def __init__(self, index: Any, row_ids: np.ndarray, params: dict[str, int], gpu_index: Any = None):
+        self.index, self.row_ids, self.gpu_index = index, row_ids, gpu_index
+        self.params: dict[str, int] = {}
+        for name, value in params.items():
+            self.set_parameter(name, value)
+
+    def set_parameter(self, name: str, value: int) -> None:
+        """nprobe (IVF) or efSearch (HNSW); above 2048 only the CPU copy takes it, and searches use that."""
+        import faiss
+
+        faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+        if self.gpu_index is not None and value <= exact.GPU_MAX_K:
+            faiss.GpuParameterSpace().set_index_parameter(self.gpu_index, name, value)
+        self.params[name] = value
+
+    def search(self, X: np.ndarray, k: int, grouped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(D (nq, k) FAISS scores, I (nq, k) row ids, -1 where none).
+
+        `grouped` (for self-joins: many queries) scans each inverted list of a CPU IVF index
+        once per batch of queries (faiss.contrib.big_batch_search) instead of once per query.
+        """
+        import faiss
+        from faiss.contrib.big_batch_search import big_batch_search
+
+        on_gpu = self.gpu_index is not None and max(k, self.params.get("nprobe", 0)) <= exact.GPU_MAX_K
+        ivf = faiss.downcast_index(self.index)
+        if grouped and not on_gpu and isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ,
+                                                       faiss.IndexIVFScalarQuantizer)):
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress at every verbosity
+                D, local = big_batch_search(ivf, X, k, verbose=1)
+        else:  # Flat, HNSW, an IVF behind a transform, or the GPU copy: the plain search
+            D, local = (self.gpu_index if on_gpu else self.index).search(X, k)
+        return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+
+    def save(self, directory: str | os.PathLike[str], index_file: str, ids_file: str) -> dict[str, Any]:
+        """Write the CPU index and the row-id map atomically; returns the shard's entry for index.json."""
+        import faiss
+
+        directory = Path(directory)
+        faiss.write_index(self.index, str(directory / (index_file + ".tmp")))
+        (directory / (index_file + ".tmp")).replace(directory / index_file)
+        with (directory / (ids_file + ".tmp")).open("wb") as f:
+            np.save(f, self.row_ids)
+        (directory / (ids_file + ".tmp")).replace(directory / ids_file)
+        return {"index": index_file, "row_ids": ids_file, "ntotal": int(self.index.ntotal)}
+
+
+def _gpu(device: str) -> bool:
+    return exact.choose_backend(device).name == "faiss-gpu"
+
+
+def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str, layer: int, rows: tuple[int, int],
+               params: dict[str, int], device: str = "auto") -> Shard:
+    """A copy of the trained index (faiss.serialize_index) holding the split's vectors at `layer` with row ids in `rows`.
+
+    Runs wherever the shard will live (a Ray actor reads its own rows), on the GPU when
+    faiss sees one; `device` as in `exact.choose_backend`.
+    """
+    import faiss
+
+    index = faiss.deserialize_index(trained)
+    gpu_index = faiss.index_cpu_to_gpu(exact.gpu_resources(), 0, index) if _gpu(device) else None
+    # One add on a GPU flat index: it reallocates the whole index on every add.
+    flat_on_gpu = gpu_index is not None and isinstance(index, faiss.IndexFlat)
+    batch_rows = max(1, rows[1] - rows[0]) if flat_on_gpu else ADD_BATCH_ROWS
+    row_ids = []
+    for X, meta in store.ActivationDataset(data_dir).iter_batches(split=split, layer=layer, batch_rows=batch_rows,
+                                                                   rows=rows):
+        exact.check_finite(X, f"split '{split}'")
+        (gpu_index if gpu_index is not None else index).add(X)
+        row_ids.append(meta["row_id"])
+    if gpu_index is not None:
+        index = faiss.index_gpu_to_cpu(gpu_index)
+    log.debug("filled a shard with rows %d-%d: %d vectors", rows[0], rows[1] - 1, index.ntotal)
+    return Shard(index, np.concatenate(row_ids) if row_ids else np.empty(0, np.int64), params, gpu_index)
+
+
+def load_shard(directory: str | os.PathLike[str], entry: dict[str, Any], params: dict[str, int],
+               device: str = "cpu") -> Shard:
+    """One saved shard (an entry of index.json's `shards`), on the GPU with device auto|gpu where faiss sees one."""
+    import faiss
+
+    directory = Path(directory)
+    index = faiss.read_index(str(directory / entry["index"]))
+    row_ids = np.load(directory / entry["row_ids"], allow_pickle=False)
+    if len(row_ids) != index.ntotal:
+        raise DataError(f"{directory / entry['row_ids']} maps {len(row_ids)} ids; its index holds {index.ntotal}")
+    gpu_index = faiss.index_cpu_to_gpu(exact.gpu_resources(), 0, index) if _gpu(device) else None
+    return Shard(index, row_ids, params, gpu_index)
+
+
+class Shards:
+    """Shards searched as one: every shard's k best, merged into the k best overall.
+
+    Subclasses say how a method runs on every shard (`_map`); `row_ids`, the shards'
+    maps concatenated, lists every indexed row in row order.
+    """
+
+    def __init__(self, row_ids: Sequence[np.ndarray], metric: str):
+        self.sizes = [len(ids) for ids in row_ids]
+        self.row_ids = np.concatenate(row_ids)
+        self.metric = metric
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.row_ids)
+
+    def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Shard i's `method(*arguments[i])`, for every shard, in shard order."""
+        raise NotImplementedError
+
+    def _each(self, method: str, *args: Any) -> list[Any]:
+        return self._map(method, [args] * len(self))
+
+    def search(self, X: np.ndarray, k: int, grouped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(D (nq, k) FAISS scores, I (nq, k) row ids): the best k over every shard, -1 where none."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        parts = self._each("search", X, k, grouped)
+        return parts[0] if len(parts) == 1 else exact.merge(parts, k, self.metric, len(X))
+
+    def set_parameter(self, name: str, value: int) -> None:
+        self._each("set_parameter", name, value)
+
+    def save(self, directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+        """Every shard's files in `directory` (shared by all workers); returns index.json's `shards`."""
+        return self._map("save", [(str(directory), *file_names(i, len(self))) for i in range(len(self))])
+
+
+class LocalShards(Shards):
+    """Shards held in this process, searched one after another."""
+
+    def __init__(self, members: Sequence[Shard], metric: str):
+        super().__init__([shard.row_ids for shard in members], metric)
+        self.members = list(members)
+
+    def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return [getattr(shard, method)(*args) for shard, args in zip(self.members, arguments)]
