@@ -9,11 +9,12 @@ counted in `CorpusStats`. No special tokens are added.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,39 @@ class Source:
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def partitions(self, max_documents: int | None, count: int) -> list[Source]:
-        """Contiguous pieces of the first `max_documents` documents, each keeping global doc ids.
+    def count_documents(self) -> int:
+        """Documents in this source (or piece), counted by reading it."""
+        return sum(1 for _ in self.documents())
 
-        Read one after another they give exactly `documents()`; a source that can only be
-        streamed from its start is one piece.
+    def partitions(self, max_documents: int | None, count: int,
+                   count_documents: CountDocuments | None = None) -> list[Source]:
+        """At most `count` contiguous pieces of the first `max_documents` documents, keeping global doc ids.
+
+        Read one after another they give exactly `documents()`. Pieces of a stream learn
+        their first doc id by counting the pieces before them: `count_documents` counts a
+        list of pieces at once (Ray runs them in parallel); by default one after another.
+        A source that can only be streamed from its start is one piece.
         """
         return [self]
+
+
+CountDocuments = Callable[[list[Source]], list[int]]
+
+
+def _numbered(pieces: list[Any], sizes: list[int], max_documents: int | None) -> list[Source]:
+    """Pieces given global doc ids (each starts where the one before ended), cut at `max_documents`."""
+    numbered, first = [], 0
+    for piece, size in zip(pieces, sizes):
+        if max_documents is not None and first >= max_documents:
+            break
+        limit = None if max_documents is None else min(size, max_documents - first)
+        numbered.append(replace(piece, first_doc_id=first, limit=limit))
+        first += size
+    return numbered
+
+
+def _count_each(pieces: list[Source]) -> list[int]:
+    return [piece.count_documents() for piece in pieces]
 
 
 @dataclass(frozen=True)
@@ -103,8 +130,9 @@ class QFSource(Source):
             items, generalization = qf.document(self.config, self.seed, doc_id)
             yield Document(doc_id, qf.LINE_SEPARATOR.join(item.text for item in items), "gen" if generalization else None)
 
-    def partitions(self, max_documents: int | None, count: int) -> list[Source]:
-        """Document ranges: the generator is random-access."""
+    def partitions(self, max_documents: int | None, count: int,
+                   count_documents: CountDocuments | None = None) -> list[Source]:
+        """Document ranges: the generator is random-access, so nothing is counted."""
         total = min(self.config.documents, max_documents or self.config.documents)
         edges = np.linspace(0, total, min(count, total) + 1).round().astype(int)
         return [replace(self, start=int(a), stop=int(b)) for a, b in zip(edges[:-1], edges[1:])]
@@ -127,18 +155,11 @@ class FileSource(Source):
         for doc_id, text in enumerate(itertools.islice(texts, self.limit), self.first_doc_id):
             yield Document(doc_id, text)
 
-    def partitions(self, max_documents: int | None, count: int) -> list[Source]:
-        """One piece per file, its first doc id found by counting the documents of the files before it."""
-        pieces: list[Source] = []
-        first = 0
-        for path in self.paths:
-            if max_documents is not None and first >= max_documents:
-                break
-            size = sum(1 for _ in _read_texts(path, self.text_column))
-            limit = None if max_documents is None else min(size, max_documents - first)
-            pieces.append(replace(self, paths=(path,), first_doc_id=first, limit=limit))
-            first += size
-        return pieces
+    def partitions(self, max_documents: int | None, count: int,
+                   count_documents: CountDocuments | None = None) -> list[Source]:
+        """One piece per file (`count` does not split files)."""
+        pieces: list[Source] = [replace(self, paths=(path,)) for path in self.paths]
+        return _numbered(pieces, (count_documents or _count_each)(pieces), max_documents)
 
     def describe(self) -> dict[str, Any]:
         from memscan.store import sha256_of
@@ -156,23 +177,44 @@ class HFSource(Source):
     split: str
     text_column: str
     revision: str | None
+    piece: int = 0                   # this piece of `pieces` contiguous runs of the dataset's files
+    pieces: int = 1
+    first_doc_id: int = 0
+    limit: int | None = None         # documents to read, None: all
 
-    def documents(self) -> Iterator[Document]:
+    def _stream(self) -> Any:
         import datasets
 
-        try:
+        with _reading(self.name):
             stream = datasets.load_dataset(
                 self.name, self.config_name, split=self.split, streaming=True, revision=self.revision
             )
-            for doc_id, record in enumerate(stream):
-                if self.text_column not in record:
-                    raise InputError(
-                        f"dataset '{self.name}' has no column '{self.text_column}'; "
-                        f"columns are: {', '.join(record)} (choose one with --text-column)"
-                    )
-                yield Document(doc_id, record[self.text_column])
-        except (OSError, ValueError) as exc:  # missing, unreachable or unreadable: one line
-            raise InputError(f"could not read dataset '{self.name}': {_first_line(exc)}") from None
+        return stream.shard(self.pieces, self.piece, contiguous=True) if self.pieces > 1 else stream
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        with _reading(self.name):
+            yield from self._stream()
+
+    def documents(self) -> Iterator[Document]:
+        for doc_id, record in enumerate(itertools.islice(self._records(), self.limit), self.first_doc_id):
+            if self.text_column not in record:
+                raise InputError(
+                    f"dataset '{self.name}' has no column '{self.text_column}'; "
+                    f"columns are: {', '.join(record)} (choose one with --text-column)"
+                )
+            yield Document(doc_id, record[self.text_column])
+
+    def count_documents(self) -> int:
+        return sum(1 for _ in self._records())
+
+    def partitions(self, max_documents: int | None, count: int,
+                   count_documents: CountDocuments | None = None) -> list[Source]:
+        """Contiguous runs of the dataset's files (datasets' `shard`), at most one per file."""
+        pieces = min(count, self._stream().num_shards)
+        if pieces <= 1:
+            return [self]
+        runs: list[Source] = [replace(self, piece=i, pieces=pieces) for i in range(pieces)]
+        return _numbered(runs, (count_documents or _count_each)(runs), max_documents)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "hf", "name": self.name, "config": self.config_name, "split": self.split,
@@ -250,6 +292,15 @@ def _read_parquet_texts(path: Path, text_column: str) -> Iterator[str]:
     from memscan import store
 
     yield from store.read_text_column(path, text_column)
+
+
+@contextlib.contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """A dataset that is missing, unreachable or unreadable becomes one line."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise InputError(f"could not read dataset '{name}': {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -98,6 +98,31 @@ def test_hf_source_streams_local_files_through_datasets(tmp_path):
     assert source.describe()["kind"] == "hf"
 
 
+@pytest.mark.parametrize("kind", ["files", "hf"])
+def test_pieces_of_a_stream_read_in_order_give_the_stream(kind, tmp_path):
+    (tmp_path / "data").mkdir()
+    sizes, number = (4, 2, 5), 0
+    for i, size in enumerate(sizes):
+        rows = [{"text": f"document {number + j}"} for j in range(size)]
+        (tmp_path / "data" / f"train-0000{i}-of-00003.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        number += size
+    source = corpus.open_source(f"hf:{tmp_path}" if kind == "hf" else str(tmp_path / "data"), seed=0)
+    whole = texts_of(source)
+    assert whole == [(i, f"document {i}") for i in range(11)]
+    for max_documents in (None, 3, 4, 6, 11, 50):
+        pieces = source.partitions(max_documents, 8)
+        assert [doc for piece in pieces for doc in texts_of(piece)] == whole[:max_documents]
+    calls = []
+
+    def count_all(runs: list[corpus.Source]) -> list[int]:   # what Ray does in parallel tasks
+        calls.append(len(runs))
+        return [run.count_documents() for run in runs]
+    pieces = source.partitions(None, 8, count_documents=count_all)
+    assert calls == [3] and [piece.first_doc_id for piece in pieces] == [0, 4, 6]   # one piece per file
+    if kind == "hf":   # runs of files: two pieces of 2 files and 1
+        assert [piece.first_doc_id for piece in source.partitions(None, 2)] == [0, 6]
+
+
 def test_qf_source_options_and_forced_gen_split():
     source = corpus.open_source("qf:documents=40,lines=4,gen=0.5", seed=1)
     docs = list(source.documents())

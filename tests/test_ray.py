@@ -89,15 +89,18 @@ def test_ray_extraction_equals_the_local_runner(options, qf_model, local_referen
     assert store.verify(out) == []
 
 
-def test_ray_planning_of_a_folder_of_files_streams_the_same_chunks(options, qf_model, tmp_path):
+@pytest.mark.parametrize("kind", ["files", "hf"])
+def test_ray_planning_of_a_stream_in_pieces_gives_the_same_chunks(kind, options, qf_model, tmp_path):
     from tests.conftest import qf_lines
 
     folder = tmp_path / "texts"
     folder.mkdir()
     lines = qf_lines(18)
     for i in range(3):
-        (folder / f"part{i}.txt").write_text("\n".join(lines[i * 6:(i + 1) * 6]) + "\n")
-    settings = replace(SETTINGS, model=str(qf_model), source=str(folder), num_chunks=None, max_documents=14)
+        (folder / f"train-0000{i}-of-00003.jsonl").write_text(
+            "".join(json.dumps({"text": line}) + "\n" for line in lines[i * 6:(i + 1) * 6]))
+    source = f"hf:{folder}" if kind == "hf" else str(folder)
+    settings = replace(SETTINGS, model=str(qf_model), source=source, num_chunks=None, max_documents=14)
     extract(settings, tmp_path / "local")
     extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
     assert_same_dataset(tmp_path / "ray", tmp_path / "local")

@@ -160,6 +160,10 @@ class RayShards(Shards):
         return ray.get([h.call.remote(method, *map(put, args)) for h, args in zip(self.holders, arguments)])
 
 
+def _count_documents(piece: Any) -> int:
+    return int(piece.count_documents())
+
+
 def _plan_piece(piece: Any, model: str, revision: str | None, trust_remote_code: bool, chunk_tokens: int,
                 test_fraction: float, seed: int, num_chunks: int | None) -> tuple[list[Any], Any]:
     """Tokenize and chunk one piece of the source; keep its bottom-k sample when sampling."""
@@ -174,16 +178,19 @@ def _plan_piece(piece: Any, model: str, revision: str | None, trust_remote_code:
 def plan(source: Any, settings: Any, options: RayOptions) -> tuple[list[Any], Any]:
     """The local runner's chunks (or seeded sample) and corpus counts, computed by Ray tasks per source piece.
 
-    Pieces are contiguous ranges of the document stream, so their chunks in piece order are
-    the stream's; bottom-k samples merge by keeping the k smallest keys, so the merged sample
-    is the local one.
+    Pieces are contiguous ranges of the document stream (documents of `qf`, files of a folder,
+    runs of files of an `hf:` dataset, each counted by its own task to learn its first doc
+    id), so their chunks in piece order are the stream's; bottom-k samples merge by keeping
+    the k smallest keys, so the merged sample is the local one.
     """
     from memscan import corpus
 
     ray = connect(options)
-    pieces = source.partitions(settings.max_documents, 4 * options.num_workers)
+    count = ray.remote(_count_documents)
+    pieces = source.partitions(settings.max_documents, 4 * options.num_workers,
+                               count_documents=lambda runs: ray.get([count.remote(run) for run in runs]))
     if len(pieces) == 1:
-        log.info("this source streams from its start only: its chunks are planned by one task")
+        log.info("this source is one piece (one file, or a stream): its chunks are planned by one task")
     task = ray.remote(_plan_piece)
     results = ray.get([task.remote(piece, settings.model, settings.revision, settings.trust_remote_code,
                                    settings.chunk_tokens, settings.test_fraction, settings.seed, settings.num_chunks)
