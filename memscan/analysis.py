@@ -53,20 +53,25 @@ def shared_bins(*samples: np.ndarray, count: int = 50) -> np.ndarray:
     return np.linspace(low, high if high > low else low + 1.0, count + 1)
 
 
-def mchn_over_blocks(X: np.ndarray, pattern_blocks: Iterable[tuple[np.ndarray, np.ndarray]],
-                     beta: float) -> np.ndarray:
-    """Ramsauer's energy of queries X (nq, n) over all patterns, streamed block by block: (nq,).
+MCHNPartial = tuple[np.ndarray, int, float]  # (log-sum-exp of beta rho.x (nq,), patterns, max ||rho||^2)
 
-    The log-sum-exp of beta rho.x, the count d and M = max ||rho|| accumulate across blocks,
-    so patterns never need to fit in memory.
+
+def mchn_partial(block: tuple[np.ndarray, np.ndarray], X: np.ndarray, beta: float) -> MCHNPartial:
+    """One pattern block's share of Ramsauer's energy of queries X (nq, n); see `mchn_combine`."""
+    P = np.asarray(block[1], np.float64)
+    return logsumexp(beta * np.asarray(X, np.float64) @ P.T, axis=1), len(P), float((P * P).sum(1).max())
+
+
+def mchn_combine(X: np.ndarray, partials: Iterable[MCHNPartial], beta: float) -> np.ndarray:
+    """Ramsauer's energy of queries X (nq, n) over all patterns, from every block's `mchn_partial`: (nq,).
+
+    The log-sum-exps, the count d and M = max ||rho|| combine across blocks, so patterns
+    never need to fit in memory and blocks can be computed anywhere (Ray tasks).
     """
     X = np.asarray(X, np.float64)
     lse, count, max_sq_norm = np.full(len(X), -np.inf), 0, 0.0
-    for _, P in pattern_blocks:
-        P = np.asarray(P, np.float64)
-        lse = np.logaddexp(lse, logsumexp(beta * X @ P.T, axis=1))
-        count += len(P)
-        max_sq_norm = max(max_sq_norm, float((P * P).sum(1).max()))
+    for block_lse, block_count, block_max in partials:
+        lse, count, max_sq_norm = np.logaddexp(lse, block_lse), count + block_count, max(max_sq_norm, block_max)
     return -lse / beta + 0.5 * (X * X).sum(1) + math.log(count) / beta + 0.5 * max_sq_norm
 
 

@@ -87,14 +87,14 @@ class Source:
 
     def partitions(self, max_documents: int | None, count: int,
                    count_documents: CountDocuments | None = None) -> list[Source]:
-        """At most `count` contiguous pieces of the first `max_documents` documents, keeping global doc ids.
+        """About `count` contiguous pieces of the first `max_documents` documents, keeping global doc ids.
 
-        Read one after another they give exactly `documents()`. Pieces of a stream learn
-        their first doc id by counting the pieces before them: `count_documents` counts a
-        list of pieces at once (Ray runs them in parallel); by default one after another.
-        A source that can only be streamed from its start is one piece.
+        Read one after another they give exactly `documents()` cut at `max_documents`. Pieces
+        of a stream learn their first doc id by counting the pieces before them (each up to
+        `max_documents`): `count_documents` counts a list of pieces at once (Ray runs them in
+        parallel); by default one after another.
         """
-        return [self]
+        raise NotImplementedError
 
 
 CountDocuments = Callable[[list[Source]], list[int]]
@@ -157,8 +157,8 @@ class FileSource(Source):
 
     def partitions(self, max_documents: int | None, count: int,
                    count_documents: CountDocuments | None = None) -> list[Source]:
-        """One piece per file (`count` does not split files)."""
-        pieces: list[Source] = [replace(self, paths=(path,)) for path in self.paths]
+        """One piece per file, whatever `count` (files are not split)."""
+        pieces: list[Source] = [replace(self, paths=(path,), limit=max_documents) for path in self.paths]
         return _numbered(pieces, (count_documents or _count_each)(pieces), max_documents)
 
     def describe(self) -> dict[str, Any]:
@@ -205,15 +205,15 @@ class HFSource(Source):
             yield Document(doc_id, record[self.text_column])
 
     def count_documents(self) -> int:
-        return sum(1 for _ in self._records())
+        return sum(1 for _ in itertools.islice(self._records(), self.limit))
 
     def partitions(self, max_documents: int | None, count: int,
                    count_documents: CountDocuments | None = None) -> list[Source]:
         """Contiguous runs of the dataset's files (datasets' `shard`), at most one per file."""
         pieces = min(count, self._stream().num_shards)
         if pieces <= 1:
-            return [self]
-        runs: list[Source] = [replace(self, piece=i, pieces=pieces) for i in range(pieces)]
+            return [replace(self, limit=max_documents)]
+        runs: list[Source] = [replace(self, piece=i, pieces=pieces, limit=max_documents) for i in range(pieces)]
         return _numbered(runs, (count_documents or _count_each)(runs), max_documents)
 
     def describe(self) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
 
     # energies and retrieval (A1)
     lower, upper = theory.energy_interval(Dq.astype(np.float64), d, beta)  # certified when the k are exact
-    mchn = analysis.mchn_over_blocks(Xq, blocks(), beta)
+    mchn = analysis.mchn_combine(Xq, index.engine.map_blocks(analysis.mchn_partial, blocks, Xq, beta), beta)
     epsilon = settings.epsilon or 0.01 * scale
     converged, steps, retrieved = (np.zeros(len(Xq), bool), np.zeros(len(Xq), np.int32), np.zeros(len(Xq), bool))
     for start in range(0, len(Xq), RETRIEVAL_CHUNK):

@@ -287,6 +287,13 @@ class ActivationDataset:
         if pending_rows:
             yield self._to_numpy(pending, columns)
 
+    def row_ids(self, split: str | None = None, layer: int | None = None) -> np.ndarray:
+        """Row ids (int64, ascending) of a split and layer, from the metadata columns alone (no vectors read)."""
+        parts = [_filter(batch, split, layer, (0, self.total_rows)).column("row_id").to_numpy()
+                 for shard in self.shards
+                 for batch in self._open_checked(shard).iter_batches(columns=["row_id", "split", "layer"])]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
     def take(self, row_ids: np.ndarray) -> np.ndarray:
         """Vectors of the given row ids, float32 (m, n) in the order given; reads only their row groups."""
         row_ids = np.asarray(row_ids, dtype=np.int64)

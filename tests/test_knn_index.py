@@ -133,7 +133,7 @@ def test_a_sharded_index_answers_as_one_index(small, tmp_path):
     sharded = build(small, tmp_path / "sharded", replace(settings, shards=3))
     assert [entry["index"] for entry in sharded["shards"]] == ["shard-000.faiss", "shard-001.faiss", "shard-002.faiss"]
     assert sum(entry["ntotal"] for entry in sharded["shards"]) == sharded["ntotal"] == 2_600
-    assert [entry["ntotal"] for entry in sharded["shards"]] == [1000, 1000, 600]   # rows 0-999, 1000-1999, ...
+    assert [entry["ntotal"] for entry in sharded["shards"]] == [867, 866, 867]   # the split's rows, in thirds
     assert sharded["recall"] == whole["recall"]
     one, three = KnnIndex.load(tmp_path / "whole"), KnnIndex.load(tmp_path / "sharded")
     assert np.array_equal(one.row_ids, three.row_ids)
@@ -142,11 +142,26 @@ def test_a_sharded_index_answers_as_one_index(small, tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(one.self_join(4, batch_rows=500), three.self_join(4, batch_rows=500)):
         np.testing.assert_array_equal(a, b)
-    build(small, tmp_path / "sharded", settings, overwrite=True)   # fewer shards: no stale files stay
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["index.faiss", "index.json", "row_ids.npy"]
-    with pytest.raises(MemscanError, match="shard 0 holds no vectors of split 'test'"):   # rows 0-1499 are train
-        build(small, tmp_path / "empty_shard", IndexSettings(split="test", shards=2))
-    assert not (tmp_path / "empty_shard").exists()
+    (tmp_path / "sharded" / "mine.faiss").write_text("a user's file")
+    build(small, tmp_path / "sharded", settings, overwrite=True)   # fewer shards: no stale shard files stay
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        "index.faiss", "index.json", "mine.faiss", "row_ids.npy"]
+    test_only = build(small, tmp_path / "test_split", IndexSettings(split="test", shards=2))   # rows 2600-2999
+    assert [entry["ntotal"] for entry in test_only["shards"]] == [200, 200]
+    with pytest.raises(MemscanError, match="--shards 401 is more than the 400 vectors of split 'test'"):
+        build(small, tmp_path / "too_many", IndexSettings(split="test", shards=401))
+    assert not (tmp_path / "too_many").exists()
+
+
+def test_an_index_written_before_shards_existed_still_loads(small, tmp_path):
+    build(small, tmp_path / "idx", IndexSettings(factory="IVF16,Flat", nprobe=4, train_size=700))
+    _, Q = vectors(small, "test")
+    expected = KnnIndex.load(tmp_path / "idx").search(Q, 3)
+    info = json.loads((tmp_path / "idx" / "index.json").read_text())
+    del info["shards"], info["engine"]
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(info))
+    for a, b in zip(KnnIndex.load(tmp_path / "idx").search(Q, 3), expected):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_take_reads_rows_in_the_order_asked(small):

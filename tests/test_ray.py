@@ -19,6 +19,7 @@ import ray
 import memscan
 from memscan import store
 from memscan.cli import main
+from memscan.errors import InputError
 from memscan.engines import ray_runner
 from memscan.extract import ExtractSettings, extract
 from memscan.knn import exact
@@ -188,3 +189,16 @@ def test_index_and_query_commands_on_ray(options, local_reference, tmp_path, cap
     out = capsys.readouterr().out
     assert "2 shards on Ray" in out and "A1 retrieval" in out
     assert [s["layer"] for s in memscan.load(tmp_path / "run").summary["layers"]] == [0, 1, 2]
+
+
+def test_errors_on_workers_and_impossible_requests_are_one_line(options, tmp_path, capsys):
+    X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    X[150, 2] = np.nan    # in the second shard's rows: found by its actor, not the driver
+    store.write_vectors(tmp_path / "nan", X, ["train"] * 200)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", str(tmp_path / "nan"), "--out", str(tmp_path / "idx"), "--shards", "2", "--engine", "ray"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "1 vectors of split 'train' hold NaN or Inf" in err
+    with pytest.raises(InputError, match="more GPUs than the Ray cluster has"):
+        ray_runner.connect(replace(options, gpus_per_worker=1))

@@ -36,12 +36,12 @@ from memscan.cli.render import print_summary
 @click.option("--overwrite", is_flag=True, help="Replace an extraction with other settings in --out.")
 @ray_flags
 def extract(out: str, overwrite: bool, no_loss: bool, address: str | None, num_workers: int,
-            gpus_per_worker: float, **settings: object) -> None:
+            gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Extract activations at chosen layers and positions, with token ids and per-token loss."""
     from memscan.extract import ExtractSettings
     from memscan.extract import extract as run
 
-    options = ray_options(settings["engine"], address, num_workers, gpus_per_worker)  # type: ignore[arg-type]
+    options = ray_options(settings["engine"], address, num_workers, gpus_per_worker, cpus_per_worker)  # type: ignore[arg-type]
     manifest = run(ExtractSettings(loss=not no_loss, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
                    ray_options=options)
     print_summary(out, manifest)

@@ -27,11 +27,11 @@ from memscan.cli.ray_flags import ray_flags, ray_options
 @click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
 @ray_flags
 def index(data_dir: str, out: str, overwrite: bool, engine: str, address: str | None, num_workers: int,
-          gpus_per_worker: float, **settings: object) -> None:
+          gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Build a FAISS index (GPU when present) and record its provenance in index.json."""
     from memscan.knn.index import IndexSettings, build
 
-    options = ray_options(engine, address, num_workers, gpus_per_worker)
+    options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
     info = build(data_dir, out, IndexSettings(**settings), overwrite=overwrite,  # type: ignore[arg-type]
                  ray_options=options)
     shards = len(info["shards"])

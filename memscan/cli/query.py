@@ -21,11 +21,11 @@ from memscan.cli.ray_flags import ray_flags, ray_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @ray_flags
 def query(index_dir: str, queries_dir: str, out: str, engine: str, address: str | None, num_workers: int,
-          gpus_per_worker: float, **settings: object) -> None:
+          gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Nearest-neighbour tables, assumption tests A1-A3, energies and the cross-entropy floor."""
     from memscan.query import QuerySettings, run
 
-    options = ray_options(engine, address, num_workers, gpus_per_worker)
+    options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
     summary = run(index_dir, queries_dir, out, QuerySettings(**settings), ray_options=options)  # type: ignore[arg-type]
     for s in summary["layers"]:
         click.echo(

@@ -15,18 +15,21 @@ FLAGS = (
     click.option("--address", default=None, help="Ray cluster address [default: start a local instance]."),
     click.option("--num-workers", type=int, default=2, show_default=True, help="Ray workers (actors) to use."),
     click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="GPUs each Ray worker gets."),
+    click.option("--cpus-per-worker", type=int, default=1, show_default=True,
+                 help="CPUs (FAISS and torch threads) each Ray worker gets."),
 )
 
 
 def ray_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Adds --engine, --address, --num-workers and --gpus-per-worker to a command."""
+    """Adds --engine, --address, --num-workers, --gpus-per-worker and --cpus-per-worker to a command."""
     for flag in reversed(FLAGS):
         command = flag(command)
     return command
 
 
-def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_worker: float) -> Any:
-    """RayOptions for --engine ray, None for the local engine; refuses Ray flags without it."""
+def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_worker: float,
+                cpus_per_worker: int) -> Any:
+    """RayOptions for --engine ray, None for the local engine; refuses --address without it."""
     if engine == "local":
         if address is not None:
             raise InputError(f"--address {address} needs --engine ray")
@@ -35,6 +38,8 @@ def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_wor
         raise InputError(f"--num-workers must be at least 1; got {num_workers}")
     if gpus_per_worker < 0:
         raise InputError(f"--gpus-per-worker must be at least 0; got {gpus_per_worker}")
+    if cpus_per_worker < 1:
+        raise InputError(f"--cpus-per-worker must be at least 1; got {cpus_per_worker}")
     from memscan.engines.ray_runner import RayOptions
 
-    return RayOptions(address, num_workers, gpus_per_worker)
+    return RayOptions(address, num_workers, gpus_per_worker, cpus_per_worker)

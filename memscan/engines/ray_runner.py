@@ -15,40 +15,66 @@ from typing import Any
 
 import numpy as np
 
+from memscan.errors import InputError, MemscanError
 from memscan.knn import exact
 from memscan.knn.shards import Shard, Shards
 
 log = logging.getLogger(__name__)
 
 
+GPU_SHARE = 0.5  # an index shard actor and a search task share each worker's GPUs
+
+
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how wide to run: `address` None starts a local instance."""
+    """Where and how wide to run: `address` None starts a local instance of num_workers x cpus_per_worker CPUs."""
 
     address: str | None = None
     num_workers: int = 2
     gpus_per_worker: float = 0.0
+    cpus_per_worker: int = 1         # threads of each worker's FAISS and torch
+
+    def task_resources(self, gpu_share: float = 1.0) -> dict[str, Any]:
+        """Ray's num_cpus and num_gpus for one task (or extraction actor) holding `gpu_share` of a worker's GPUs."""
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker * gpu_share or None}
 
 
 def connect(options: RayOptions) -> Any:
+    """Ray, connected to `options.address` or to a local instance; refuses GPUs the cluster lacks."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
-                 num_cpus=None if options.address else options.num_workers)
+                 num_cpus=None if options.address else options.num_workers * options.cpus_per_worker)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if options.gpus_per_worker > gpus:
+        raise InputError(f"--gpus-per-worker {options.gpus_per_worker:g} asks for more GPUs than the Ray cluster "
+                         f"has ({gpus:g})")
     return ray
 
 
+def _get(refs: Any) -> Any:
+    """ray.get; a MemscanError raised on a worker comes back as itself (one line, not a remote traceback)."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, MemscanError):
+            raise exc.cause from None
+        raise
+
+
 @functools.cache
-def _worker_backend() -> exact.Backend:
-    """The worker's own backend: faiss-gpu where the task was given a GPU, else faiss on the CPU."""
-    return exact.choose_backend("auto")
+def _worker_backend(device: str) -> exact.Backend:
+    """The worker's own backend for `device` (auto: faiss-gpu where the task was given a GPU)."""
+    return exact.choose_backend(device)
 
 
-def _pair(query: exact.Block, database: exact.Block, k: int, metric: str, exclude_self: bool,
+def _pair(query: exact.Block, database: exact.Block, k: int, metric: str, exclude_self: bool, device: str,
           ) -> tuple[np.ndarray, np.ndarray]:
     (query_ids, xq), (db_ids, xb) = query, database
-    return exact.pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, _worker_backend())
+    return exact.pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, _worker_backend(device))
 
 
 @dataclass(frozen=True)
@@ -56,21 +82,30 @@ class RayEngine(exact.Engine):
     """Exact kNN as one Ray task per (query block, database block), merged on the driver like the local run."""
 
     options: RayOptions = RayOptions()
+    device: str = "auto"             # as in exact.choose_backend, on each worker
 
     def knn(self, query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int,
             *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Equal to `exact.knn`; each database block is put in the object store once."""
         ray = connect(self.options)
-        pair = ray.remote(num_gpus=self.options.gpus_per_worker or None)(_pair)
+        pair = ray.remote(**self.options.task_resources(GPU_SHARE))(_pair)
         database = [ray.put(block) for block in database_blocks()]
         parts = []
         for query_ids, xq in query_blocks:
             query = ray.put((query_ids, xq))
-            candidates = ray.get([pair.remote(query, block, k, metric, exclude_self) for block in database])
+            candidates = _get([pair.remote(query, block, k, metric, exclude_self, self.device) for block in database])
             parts.append((query_ids, *exact.merge(candidates, k, metric, len(xq))))  # database order, as locally
         if not parts:
             return np.empty(0, np.int64), np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+
+    def map_blocks(self, function: Callable[..., Any], blocks: Callable[[], Iterable[exact.Block]], *args: Any,
+                   ) -> Iterator[Any]:
+        """One Ray task (on a CPU) per block; arrays among `args` are put in the object store once."""
+        ray = connect(self.options)
+        task = ray.remote(num_cpus=self.options.cpus_per_worker)(function)
+        shared = [ray.put(arg) if isinstance(arg, np.ndarray) else arg for arg in args]
+        return iter(_get([task.remote(block, *shared) for block in blocks()]))
 
 
 class _CaptureActor:
@@ -114,7 +149,7 @@ def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, 
     items = [{"index": index, "tokens": tokens, "next_tokens": following} for index, tokens, following in work]
     results = ray.data.from_items(items).map_batches(
         _CaptureActor, batch_size=1, batch_format="numpy", concurrency=options.num_workers,
-        num_gpus=options.gpus_per_worker or None,
+        **options.task_resources(),
         fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss))
     for row in results.iter_rows():
         yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]) if with_loss else None
@@ -123,10 +158,12 @@ def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, 
 class _ShardHolder:
     """A Ray actor holding one `shards.Shard`, made on the worker (and on its GPU when it has one)."""
 
-    def __init__(self, make: Callable[[], Shard]):
-        self.shard = make()
+    def make(self, make: Callable[[], Shard], threads: int) -> np.ndarray:
+        """Make the shard with `threads` FAISS threads (the actor reserves no CPU); returns its row ids."""
+        import faiss
 
-    def row_ids(self) -> np.ndarray:
+        faiss.omp_set_num_threads(threads)
+        self.shard = make()
         return self.shard.row_ids
 
     def call(self, method: str, *args: Any) -> Any:
@@ -134,7 +171,8 @@ class _ShardHolder:
 
 
 class RayShards(Shards):
-    """Index shards held by Ray actors, one per worker (`gpus_per_worker` places them on GPUs).
+    """Index shards held by Ray actors, one actor per shard, each with half of a worker's GPUs
+    (`GPU_SHARE`: the exact-search tasks of the same job take the other half).
 
     Every actor makes its own shard (`fill_shard` reads its own rows; `load_shard` reads its
     own files from a shared file system), so only queries and top-k lists cross the network.
@@ -142,9 +180,14 @@ class RayShards(Shards):
 
     def __init__(self, makers: Sequence[Callable[[], Shard]], metric: str, options: RayOptions = RayOptions()):
         ray = connect(options)
-        holder = ray.remote(num_gpus=options.gpus_per_worker or None)(_ShardHolder)
-        self.holders = [holder.remote(make) for make in makers]
-        super().__init__(ray.get([h.row_ids.remote() for h in self.holders]), metric)
+        gpus, available = len(makers) * options.gpus_per_worker * GPU_SHARE, ray.cluster_resources().get("GPU", 0)
+        if gpus > available:
+            raise InputError(f"{len(makers)} index shards with {options.gpus_per_worker * GPU_SHARE:g} GPU each need "
+                             f"{gpus:g} GPUs; the Ray cluster has {available:g} (use fewer shards or GPUs per worker)")
+        holder = ray.remote(num_cpus=0, num_gpus=options.gpus_per_worker * GPU_SHARE or None)(_ShardHolder)
+        self.holders = [holder.remote() for _ in makers]
+        row_ids = _get([h.make.remote(make, options.cpus_per_worker) for h, make in zip(self.holders, makers)])
+        super().__init__(row_ids, metric)
 
     def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
         import ray
@@ -157,7 +200,7 @@ class RayShards(Shards):
             if id(value) not in shared:
                 shared[id(value)] = ray.put(value)
             return shared[id(value)]
-        return ray.get([h.call.remote(method, *map(put, args)) for h, args in zip(self.holders, arguments)])
+        return _get([h.call.remote(method, *map(put, args)) for h, args in zip(self.holders, arguments)])
 
 
 def _count_documents(piece: Any) -> int:
@@ -188,11 +231,11 @@ def plan(source: Any, settings: Any, options: RayOptions) -> tuple[list[Any], An
     ray = connect(options)
     count = ray.remote(_count_documents)
     pieces = source.partitions(settings.max_documents, 4 * options.num_workers,
-                               count_documents=lambda runs: ray.get([count.remote(run) for run in runs]))
+                               count_documents=lambda runs: _get([count.remote(run) for run in runs]))
     if len(pieces) == 1:
         log.info("this source is one piece (one file, or a stream): its chunks are planned by one task")
     task = ray.remote(_plan_piece)
-    results = ray.get([task.remote(piece, settings.model, settings.revision, settings.trust_remote_code,
+    results = _get([task.remote(piece, settings.model, settings.revision, settings.trust_remote_code,
                                    settings.chunk_tokens, settings.test_fraction, settings.seed, settings.num_chunks)
                        for piece in pieces])
     chunks = [chunk for piece_chunks, _ in results for chunk in piece_chunks]

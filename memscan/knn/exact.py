@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from memscan.errors import DataError, InputError
 log = logging.getLogger(__name__)
 
 Block = tuple[np.ndarray, np.ndarray]  # (ids int64 (m,), X float32 (m, n))
+T = TypeVar("T")
 METRICS = ("l2", "ip")
 GPU_MAX_K = 2048  # faiss-gpu's limit on k (and nprobe) per search
 RECOMPUTE_ROWS = 512  # query rows per exact recomputation: (512, k, n) float32 stays near the cache
@@ -249,6 +250,10 @@ class Engine:
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For every pattern its k nearest OTHER patterns: (row ids, D, I)."""
         return self.knn(blocks(), blocks, k, metric=metric, exclude_self=True)
+
+    def map_blocks(self, function: Callable[..., T], blocks: Callable[[], Iterable[Block]], *args: Any) -> Iterator[T]:
+        """`function(block, *args)` for every block, in block order (for statistics that stream over patterns)."""
+        return (function(block, *args) for block in blocks())
 
 
 @dataclass(frozen=True)

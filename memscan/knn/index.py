@@ -24,7 +24,8 @@ import numpy as np
 from memscan import store
 from memscan.errors import DataError, InputError
 from memscan.knn import exact
-from memscan.knn.shards import LocalShards, Shard, Shards, fill_shard, load_shard, row_ranges
+from memscan.knn.shards import (UNSHARDED, LocalShards, Shard, Shards, fill_shard, load_shard, remove_stale_files,
+                                row_ranges)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _open_shards(makers: list[functools.partial[Shard]], metric: str, device: st
         return LocalShards([make() for make in makers], metric), exact.LocalEngine(exact.choose_backend(device))
     from memscan.engines import ray_runner
 
-    return ray_runner.RayShards(makers, metric, ray_options), ray_runner.RayEngine(ray_options)
+    return ray_runner.RayShards(makers, metric, ray_options), ray_runner.RayEngine(ray_options, device)
 
 
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
@@ -132,7 +133,7 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     import faiss
 
     started = time.perf_counter()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
     if (out_dir / INFO_FILE).exists() and not overwrite:
         raise InputError(f"--out '{out_dir}' already holds an index; choose another folder or pass --overwrite")
     if settings.shards < 1:
@@ -146,6 +147,8 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     if count == 0:
         raise InputError(f"split '{settings.split}' has no rows at layer {layer} in '{data_dir}' "
                          f"(splits: {', '.join(dataset.manifest['counts']['rows'])})")
+    if settings.shards > count:
+        raise InputError(f"--shards {settings.shards} is more than the {count:,} vectors of split '{settings.split}'")
     factory, reason = (auto_factory(count) if settings.factory == "auto"
                        else (settings.factory, "given with --factory"))
     index = _make_index(factory, dataset.n, settings.metric)
@@ -177,12 +180,9 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     search = _default_search_params(factory, lists, settings)
     t = time.perf_counter()
     makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search, settings.device)
-              for rows in row_ranges(dataset.total_rows, settings.shards)]
+              for rows in row_ranges(dataset.row_ids(settings.split, layer), settings.shards)]
     sharded, engine = _open_shards(makers, settings.metric, settings.device, ray_options)
     add_seconds = time.perf_counter() - t
-    if 0 in sharded.sizes:
-        raise InputError(f"--shards {settings.shards}: shard {sharded.sizes.index(0)} holds no vectors of split "
-                         f"'{settings.split}' at layer {layer}; use fewer shards")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
@@ -203,20 +203,13 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
         info["recall"] = loaded.recall(settings.eval_recall, settings.recall_k, settings.seed)
     (out_dir / INFO_FILE).unlink(missing_ok=True)  # index.json comes last: its presence means complete
     info["shards"] = sharded.save(out_dir)
-    _remove_stale_shards(out_dir, info["shards"])
+    remove_stale_files(out_dir, info["shards"])
     info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
     store.write_json_atomic(out_dir / INFO_FILE, info)
     log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", sharded.ntotal, factory, len(sharded),
              "s" * (len(sharded) > 1), out_dir, info["build"]["total_seconds"])
     return info
 
-
-def _remove_stale_shards(out_dir: Path, entries: list[dict[str, Any]]) -> None:
-    """Files of an index this one replaced (--overwrite with another shard count)."""
-    kept = {name for entry in entries for name in (entry["index"], entry["row_ids"])}
-    for path in [*out_dir.glob("*.faiss"), *out_dir.glob("*row_ids.npy")]:
-        if path.name not in kept:
-            path.unlink()
 
 
 def nlist(index: Any) -> int | None:
@@ -263,8 +256,8 @@ class KnnIndex:
         data_dir = Path(info["dataset"]["path"])
         if manifest_sha256(data_dir) != info["dataset"]["manifest_sha256"]:
             raise DataError(f"dataset '{data_dir}' changed since index '{index_dir}' was built; rebuild the index")
-        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"], device)
-                  for entry in info["shards"]]
+        entries = info.get("shards") or [UNSHARDED]   # indexes written before shards existed list none
+        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"], device) for entry in entries]
         sharded, engine = _open_shards(makers, info["metric"], device, ray_options)
         return cls(sharded, info, store.ActivationDataset(data_dir), engine)
 

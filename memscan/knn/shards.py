@@ -1,9 +1,10 @@
 """Index shards: copies of one trained index, each filled with one range of a dataset's rows.
 
-All shards share the trained quantizer, so asking every shard for its k best and merging
-the lists (faiss.ResultHeap) answers as one index holding every row would. Shards live
-in this process (`LocalShards`) or in Ray actors (`memscan.engines.ray_runner.RayShards`);
-both search, set parameters and save through `Shards`.
+A search asks every shard for its k best and merges the lists (faiss.ResultHeap). For
+Flat and IVF indexes, whose shards share the trained quantizer, that is the answer of one
+index holding every row; graph indexes (HNSW) build one graph per shard, so their recall
+is their own (index.json reports it). Shards live in this process (`LocalShards`) or in
+Ray actors (`memscan.engines.ray_runner.RayShards`); both work through `Shards`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,31 @@ log = logging.getLogger(__name__)
 ADD_BATCH_ROWS = 65536
 
 
-def row_ranges(total_rows: int, count: int) -> list[tuple[int, int]]:
-    """`count` contiguous, near-equal ranges of row ids covering [0, total_rows): one per shard."""
-    bounds = np.linspace(0, total_rows, count + 1).round().astype(np.int64).tolist()
+def row_ranges(row_ids: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """`count` contiguous ranges [start, stop) of row ids, each holding a near-equal share of
+    the ascending `row_ids` (none empty when count <= len(row_ids)): one per shard."""
+    cuts = row_ids[np.linspace(0, len(row_ids), count + 1).round().astype(np.int64)[1:-1]]
+    bounds = [0, *cuts.tolist(), int(row_ids[-1]) + 1]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+UNSHARDED = {"index": "index.faiss", "row_ids": "row_ids.npy"}
+OWN_FILE = re.compile(r"(index\.faiss|row_ids\.npy|shard-\d{3,}\.(faiss|row_ids\.npy))(\.tmp)?")
 
 
 def file_names(shard: int, count: int) -> tuple[str, str]:
     """(index file, row-id file) of shard `shard` of `count`; an unsharded index keeps plain names."""
     if count == 1:
-        return "index.faiss", "row_ids.npy"
+        return UNSHARDED["index"], UNSHARDED["row_ids"]
     return f"shard-{shard:03d}.faiss", f"shard-{shard:03d}.row_ids.npy"
+
+
+def remove_stale_files(directory: Path, entries: list[dict[str, Any]]) -> None:
+    """Shard files (and temporaries) of an index this one replaced; files of other names stay."""
+    kept = {name for entry in entries for name in (entry["index"], entry["row_ids"])}
+    for path in directory.iterdir():
+        if OWN_FILE.fullmatch(path.name) and path.name not in kept:
+            path.unlink()
 
 
 class Shard:
