@@ -200,5 +200,41 @@ def test_errors_on_workers_and_impossible_requests_are_one_line(options, tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "1 vectors of split 'train' hold NaN or Inf" in err
-    with pytest.raises(InputError, match="more GPUs than the Ray cluster has"):
+    with pytest.raises(InputError, match="no node of the Ray cluster has that many GPUs"):
         ray_runner.connect(replace(options, gpus_per_worker=1))
+    with pytest.raises(InputError, match="0, a whole number or 1/m"):
+        replace(options, gpus_per_worker=0.6)   # Ray cannot pack 0.6 + 0.6 on one GPU
+
+
+GPU_SLOTS_SCRIPT = """
+import sys, ray
+from dataclasses import replace
+from memscan.engines.ray_runner import RayOptions
+from memscan.errors import InputError
+from memscan.knn.index import IndexSettings, build
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # one logical GPU
+data, out = sys.argv[1], sys.argv[2]
+try:
+    build(data, out + "/a", IndexSettings(shards=2, eval_recall=20), ray_options=RayOptions(gpus_per_worker=1))
+except InputError as exc:
+    print("refused:", exc)
+for gpus, shards in ((1, 1), (0.5, 2), (0.5, 1)):   # shards take every slot or leave one: never a wait
+    info = build(data, out + f"/{gpus}-{shards}", IndexSettings(shards=shards, eval_recall=20),
+                 ray_options=RayOptions(gpus_per_worker=gpus))
+    print("built", gpus, shards, info["recall"]["recall_1_at_1"])
+"""
+
+
+def test_index_shards_on_gpu_slots_are_refused_or_placed_never_left_waiting(tmp_path):
+    import subprocess
+    import sys
+
+    X = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
+    store.write_vectors(tmp_path / "data", X, ["train"] * 300)
+    done = subprocess.run([sys.executable, "-c", GPU_SLOTS_SCRIPT, str(tmp_path / "data"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("refused: 2 index shards of 1 GPU each do not fit the Ray cluster's 1 places")
+    assert lines[1:] == ["built 1 1 1.0", "built 0.5 2 1.0", "built 0.5 1 1.0"]
+    assert done.stderr.count("hold every GPU: exact searches run on CPUs") == 2

@@ -29,17 +29,11 @@ def ray_flags(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_worker: float,
                 cpus_per_worker: int) -> Any:
-    """RayOptions for --engine ray, None for the local engine; refuses --address without it."""
+    """RayOptions (which check the numbers) for --engine ray, None for the local engine; refuses --address without it."""
     if engine == "local":
         if address is not None:
             raise InputError(f"--address {address} needs --engine ray")
         return None
-    if num_workers < 1:
-        raise InputError(f"--num-workers must be at least 1; got {num_workers}")
-    if gpus_per_worker < 0:
-        raise InputError(f"--gpus-per-worker must be at least 0; got {gpus_per_worker}")
-    if cpus_per_worker < 1:
-        raise InputError(f"--cpus-per-worker must be at least 1; got {cpus_per_worker}")
     from memscan.engines.ray_runner import RayOptions
 
     return RayOptions(address, num_workers, gpus_per_worker, cpus_per_worker)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,34 +22,63 @@ from memscan.knn.shards import Shard, Shards
 log = logging.getLogger(__name__)
 
 
-GPU_SHARE = 0.5  # an index shard actor and a search task share each worker's GPUs
-
-
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how wide to run: `address` None starts a local instance of num_workers x cpus_per_worker CPUs."""
+    """Where and how wide to run: `address` None starts a local instance of num_workers x cpus_per_worker CPUs.
+
+    gpus_per_worker is 0, a whole number, or 1/m (0.5, 0.25, ...): Ray packs fractions of
+    one GPU, so only those shares fill every GPU without waiting forever for a place.
+    """
 
     address: str | None = None
     num_workers: int = 2
     gpus_per_worker: float = 0.0
-    cpus_per_worker: int = 1         # threads of each worker's FAISS and torch
+    cpus_per_worker: int = 1         # CPUs Ray reserves per task or extraction actor; FAISS threads of a shard actor
 
-    def task_resources(self, gpu_share: float = 1.0) -> dict[str, Any]:
-        """Ray's num_cpus and num_gpus for one task (or extraction actor) holding `gpu_share` of a worker's GPUs."""
-        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker * gpu_share or None}
+    def __post_init__(self) -> None:
+        g = self.gpus_per_worker
+        if g < 0 or (g > 0 and not (_whole(g) or _whole(1 / g))):
+            raise InputError(f"--gpus-per-worker must be 0, a whole number or 1/m (0.5, 0.25, ...); got {g:g}")
+        if self.num_workers < 1 or self.cpus_per_worker < 1:
+            raise InputError(f"--num-workers and --cpus-per-worker must be at least 1; got {self.num_workers} and "
+                             f"{self.cpus_per_worker}")
+
+    def task_resources(self) -> dict[str, Any]:
+        """Ray's num_cpus and num_gpus for one task or extraction actor."""
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker or None}
+
+    def worker_device(self, device: str) -> str:
+        """The search device on a worker: without GPUs of its own, the CPU (Ray leaves unrequested GPUs visible)."""
+        if self.gpus_per_worker:
+            return device
+        if device == "gpu":
+            raise InputError("--device gpu with --engine ray needs --gpus-per-worker")
+        return "cpu"
+
+
+def _whole(value: float) -> bool:
+    return abs(value - round(value)) < 1e-9
+
+
+def gpu_slots(options: RayOptions) -> int:
+    """How many workers of `gpus_per_worker` GPUs the live nodes hold at once (0 without GPUs asked for)."""
+    import ray
+
+    if not options.gpus_per_worker:
+        return 0
+    return sum(int(node["Resources"].get("GPU", 0) / options.gpus_per_worker + 1e-9)
+               for node in ray.nodes() if node["Alive"])
 
 
 def connect(options: RayOptions) -> Any:
-    """Ray, connected to `options.address` or to a local instance; refuses GPUs the cluster lacks."""
+    """Ray, connected to `options.address` or to a new local instance; refuses GPUs no node has."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+        ray.init(address=options.address or "local", include_dashboard=False, log_to_driver=False,
                  num_cpus=None if options.address else options.num_workers * options.cpus_per_worker)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if options.gpus_per_worker > gpus:
-        raise InputError(f"--gpus-per-worker {options.gpus_per_worker:g} asks for more GPUs than the Ray cluster "
-                         f"has ({gpus:g})")
+    if options.gpus_per_worker and not gpu_slots(options):
+        raise InputError(f"--gpus-per-worker {options.gpus_per_worker:g}: no node of the Ray cluster has that many GPUs")
     return ray
 
 
@@ -88,7 +117,8 @@ class RayEngine(exact.Engine):
             *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Equal to `exact.knn`; each database block is put in the object store once."""
         ray = connect(self.options)
-        pair = ray.remote(**self.options.task_resources(GPU_SHARE))(_pair)
+        # max_calls=0: GPU tasks reuse their worker process, so its backend and GPU memory pool stay
+        pair = ray.remote(max_calls=0, **self.options.task_resources())(_pair)
         database = [ray.put(block) for block in database_blocks()]
         parts = []
         for query_ids, xq in query_blocks:
@@ -112,13 +142,13 @@ class _CaptureActor:
     """Loads the model once per actor and runs the capturing forward pass on whole batches."""
 
     def __init__(self, model: str, dtype: str, revision: str | None, trust_remote_code: bool, layers: list[int],
-                 positions: list[int], with_loss: bool):
+                 positions: list[int], with_loss: bool, device: str):
         import torch
 
         from memscan import models
 
         self.torch, self.models = torch, models
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
         self.loaded = models.load(model, dtype=models.DTYPES[dtype], device=self.device, revision=revision,
                                   trust_remote_code=trust_remote_code)
         self.layers, self.with_loss = layers, with_loss
@@ -150,7 +180,8 @@ def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, 
     results = ray.data.from_items(items).map_batches(
         _CaptureActor, batch_size=1, batch_format="numpy", concurrency=options.num_workers,
         **options.task_resources(),
-        fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss))
+        fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss,
+                             "cuda" if options.gpus_per_worker else "cpu"))  # Ray leaves unrequested GPUs visible
     for row in results.iter_rows():
         yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]) if with_loss else None
 
@@ -171,22 +202,31 @@ class _ShardHolder:
 
 
 class RayShards(Shards):
-    """Index shards held by Ray actors, one actor per shard, each with half of a worker's GPUs
-    (`GPU_SHARE`: the exact-search tasks of the same job take the other half).
+    """Index shards held by Ray actors, one actor per shard with `gpus_per_worker` GPUs and no reserved CPU.
 
     Every actor makes its own shard (`fill_shard` reads its own rows; `load_shard` reads its
     own files from a shared file system), so only queries and top-k lists cross the network.
+    `search_options` are the options for the exact-search tasks beside the shards: the same,
+    or without GPUs when the shards hold every GPU slot (tasks would otherwise wait forever).
     """
 
-    def __init__(self, makers: Sequence[Callable[[], Shard]], metric: str, options: RayOptions = RayOptions()):
+    def __init__(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str = "auto",
+                 options: RayOptions = RayOptions()):
         ray = connect(options)
-        gpus, available = len(makers) * options.gpus_per_worker * GPU_SHARE, ray.cluster_resources().get("GPU", 0)
-        if gpus > available:
-            raise InputError(f"{len(makers)} index shards with {options.gpus_per_worker * GPU_SHARE:g} GPU each need "
-                             f"{gpus:g} GPUs; the Ray cluster has {available:g} (use fewer shards or GPUs per worker)")
-        holder = ray.remote(num_cpus=0, num_gpus=options.gpus_per_worker * GPU_SHARE or None)(_ShardHolder)
+        slots = gpu_slots(options)
+        if options.gpus_per_worker and len(makers) > slots:
+            raise InputError(f"{len(makers)} index shards of {options.gpus_per_worker:g} GPU each do not fit the "
+                             f"Ray cluster's {slots} places for them; use fewer shards or a smaller --gpus-per-worker")
+        self.search_options = options
+        if options.gpus_per_worker and len(makers) == slots:
+            log.warning("the %d index shards hold every GPU: exact searches run on CPUs "
+                        "(a --gpus-per-worker of 1/m lets m workers share each GPU)", len(makers))
+            self.search_options = replace(options, gpus_per_worker=0.0)
+        holder = ray.remote(num_cpus=0, num_gpus=options.gpus_per_worker or None)(_ShardHolder)
         self.holders = [holder.remote() for _ in makers]
-        row_ids = _get([h.make.remote(make, options.cpus_per_worker) for h, make in zip(self.holders, makers)])
+        worker_device = options.worker_device(device)
+        row_ids = _get([h.make.remote(functools.partial(make, device=worker_device), options.cpus_per_worker)
+                        for h, make in zip(self.holders, makers)])
         super().__init__(row_ids, metric)
 
     def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:

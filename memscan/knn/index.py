@@ -114,12 +114,15 @@ def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
 def _open_shards(makers: list[functools.partial[Shard]], metric: str, device: str,
                  ray_options: Any = None) -> tuple[Shards, exact.Engine]:
     """The shards, made here or each in a Ray actor (`ray_options`: ray_runner.RayOptions), and
-    the engine that runs exact searches beside them."""
+    the engine that runs exact searches beside them; `makers` take the device as `device=`."""
     if ray_options is None:
-        return LocalShards([make() for make in makers], metric), exact.LocalEngine(exact.choose_backend(device))
+        shards = LocalShards([make(device=device) for make in makers], metric)
+        return shards, exact.LocalEngine(exact.choose_backend(device))
     from memscan.engines import ray_runner
 
-    return ray_runner.RayShards(makers, metric, ray_options), ray_runner.RayEngine(ray_options, device)
+    shards = ray_runner.RayShards(makers, metric, device, ray_options)
+    search = shards.search_options
+    return shards, ray_runner.RayEngine(search, search.worker_device(device))
 
 
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
@@ -179,7 +182,7 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     trained = faiss.serialize_index(faiss.index_gpu_to_cpu(index) if on_gpu else index)
     search = _default_search_params(factory, lists, settings)
     t = time.perf_counter()
-    makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search, settings.device)
+    makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search)
               for rows in row_ranges(dataset.row_ids(settings.split, layer), settings.shards)]
     sharded, engine = _open_shards(makers, settings.metric, settings.device, ray_options)
     add_seconds = time.perf_counter() - t
@@ -257,7 +260,7 @@ class KnnIndex:
         if manifest_sha256(data_dir) != info["dataset"]["manifest_sha256"]:
             raise DataError(f"dataset '{data_dir}' changed since index '{index_dir}' was built; rebuild the index")
         entries = info.get("shards") or [UNSHARDED]   # indexes written before shards existed list none
-        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"], device) for entry in entries]
+        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"]) for entry in entries]
         sharded, engine = _open_shards(makers, info["metric"], device, ray_options)
         return cls(sharded, info, store.ActivationDataset(data_dir), engine)
 
