@@ -322,7 +322,7 @@ def run_sweep(settings: SweepSettings, out: str) -> dict[str, Any]:
     """Run a sweep and write its tables and settings into `out`."""
     from pathlib import Path
 
-    from memscan import store
+    from memscan import files, store
 
     started = time.perf_counter()
     table, q = sweep(settings)
@@ -332,7 +332,7 @@ def run_sweep(settings: SweepSettings, out: str) -> dict[str, Any]:
     store.write_table(folder / Q_TABLE, q)
     info = {"settings": settings_dict(settings), "rows": int(len(table["error"])),
             "seconds": round(time.perf_counter() - started, 2)}
-    store.write_json_atomic(folder / SETTINGS_FILE, info)
+    files.write_json_atomic(folder / SETTINGS_FILE, info)
     return info
 
 
@@ -341,7 +341,7 @@ def run_fit(folder: str) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    from memscan import store
+    from memscan import files, store
     from memscan.errors import DataError
 
     path = Path(folder)
@@ -350,5 +350,5 @@ def run_fit(folder: str) -> dict[str, Any]:
     info = json.loads((path / SETTINGS_FILE).read_text())
     table = {k: np.asarray(v) for k, v in store.read_table(path / SWEEP_TABLE).to_pydict().items()}
     result = fit(table, info["settings"])
-    store.write_json_atomic(path / FIT_FILE, result)
+    files.write_json_atomic(path / FIT_FILE, result)
     return result

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import qf
+from memscan import files, qf
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,8 @@ class FileSource(Source):
         return _numbered(pieces, (count_documents or _count_each)(pieces), max_documents)
 
     def describe(self) -> dict[str, Any]:
-        from memscan.store import sha256_of
-
-        files = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in self.paths]
-        return {"kind": "files", "text_column": self.text_column, "files": files}
+        described = [{"path": str(p), "bytes": p.stat().st_size, "sha256": files.sha256_of(p)} for p in self.paths]
+        return {"kind": "files", "text_column": self.text_column, "files": described}
 
 
 @dataclass(frozen=True)
@@ -300,11 +298,7 @@ def _reading(name: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as exc:
-        raise InputError(f"could not read dataset '{name}': {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"could not read dataset '{name}': {files.first_line(exc)}") from None
 
 
 # ---------------------------------------------------------------- hashing, splits, chunks

@@ -7,9 +7,7 @@ exactly the batches an uninterrupted run computes, and writes the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import platform
 import queue
@@ -22,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from memscan import corpus, store
+from memscan import corpus, files, store
 from memscan.errors import InputError, NonFiniteActivationsError
 
 log = logging.getLogger(__name__)
@@ -145,10 +143,6 @@ def batched(chunks: Iterable[corpus.Chunk], size: int) -> Iterator[list[corpus.C
     iterator = iter(chunks)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
-
-
-def _fingerprint(document: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -321,7 +315,7 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
         "float32" if dtype == torch.float32 else "float16")
     resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype)
     identity = {"settings": asdict(resolved), "model": loaded.info, "source": source.describe()}
-    fingerprint = _fingerprint(identity)
+    fingerprint = files.fingerprint(identity)
     manifest = prepare_output(out, fingerprint, overwrite)
     if manifest is not None and manifest["complete"]:
         log.info("%s is already complete", out)
@@ -362,7 +356,7 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
             "vec_dtype": vec_dtype, "seed": settings.seed, "rows_per_chunk": len(layers) * len(positions),
             "versions": _versions(), "shards": [],
         }
-        store.write_json_atomic(out / store.MANIFEST, manifest)
+        files.write_json_atomic(out / store.MANIFEST, manifest)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
     rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
     first_batch, skip_rows = divmod(rows_done, batch_size * per_chunk)
@@ -373,7 +367,7 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
 
     def record_shard(info: store.ShardInfo) -> None:
         manifest["shards"].append(info.to_dict())
-        store.write_json_atomic(out / store.MANIFEST, manifest)
+        files.write_json_atomic(out / store.MANIFEST, manifest)
 
     table_schema = store.schema(loaded.hidden_size, vec_dtype)
     writer = BackgroundWriter(store.ShardWriter(out, table_schema, settings.shard_rows,
@@ -420,6 +414,6 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
                           "rows": {k: v * per_chunk for k, v in sorted(chunk_counts.items())}}
     manifest["corpus"] = stats.to_dict()
     manifest["complete"] = True
-    store.write_json_atomic(out / store.MANIFEST, manifest)
+    files.write_json_atomic(out / store.MANIFEST, manifest)
     log.info("extracted %d rows into %s", sum(manifest["counts"]["rows"].values()), out)
     return manifest

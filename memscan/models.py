@@ -7,7 +7,6 @@ that feeds the LM head, after the final layer norm.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from memscan import files
 from memscan.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: s
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load model '{model_id}': {_first_line(exc)}") from None
+        raise ModelError(f"could not load model '{model_id}': {files.first_line(exc)}") from None
     model.to(device).eval()
     use_native_gelu(model)
     info = {
@@ -115,7 +115,7 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
         return AutoTokenizer.from_pretrained(str(local) if local.exists() else model_id, revision=revision,
                                              trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load model '{model_id}': {_first_line(exc)}") from None
+        raise ModelError(f"could not load model '{model_id}': {files.first_line(exc)}") from None
 
 
 def use_native_gelu(model: Any) -> None:
@@ -136,19 +136,9 @@ def looks_like_path(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _weights_digest(folder: Path) -> str:
     """One sha256 over the weight files of a local model, so a resume notices changed weights."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    return files.sha256_of_files(sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES), with_names=True)
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import analysis, store, theory
+from memscan import analysis, files, store, theory
 from memscan.errors import DataError, InputError
 from memscan.knn import exact
 from memscan.knn.index import KnnIndex, dataset_blocks
@@ -246,7 +246,7 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
                "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
                "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search")},
                "layers": [s for _, s in results]}
-    store.write_json_atomic(out_dir / SUMMARY, summary)
+    files.write_json_atomic(out_dir / SUMMARY, summary)
     return summary
 
 

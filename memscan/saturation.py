@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -141,7 +142,7 @@ def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int 
 
     from safetensors.torch import load_file
 
-    from memscan import corpus, models, store, train
+    from memscan import corpus, files, models, store, train
     from memscan.errors import InputError
 
     target_path, out_path = Path(target), Path(out)
@@ -157,7 +158,8 @@ def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int 
         total = growth["group"] == "total"
         summary["norm_growth"] = {"fits": fit_growth(growth["step"][total], growth["norm"][total]),
                                   "steps": growth["step"][total].tolist(), "norms": growth["norm"][total].tolist(),
-                                  "cosine_to_previous": growth.pop("cosine_to_previous").tolist()}
+                                  "cosine_to_previous": [None if math.isnan(c) else c
+                                                         for c in growth.pop("cosine_to_previous").tolist()]}
         out_path.mkdir(parents=True, exist_ok=True)
         store.write_table(out_path / "norms.parquet", growth)
         model_dir, source = str(found[-1][1]), source or run["data"]["source"]
@@ -181,5 +183,5 @@ def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int 
     summary.update(model=model_dir, source=source, tokens=int(input_ids.numel()), layer_cosines=cosines.tolist(),
                    argmax_heads=int((heads["mean_count"] <= 1.05).sum()), heads=int(len(heads["head"])),
                    mean_heads_fraction=float(heads["mean_fraction"].mean()))
-    store.write_json_atomic(out_path / SUMMARY, summary)
+    files.write_json_atomic(out_path / SUMMARY, summary)
     return summary

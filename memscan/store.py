@@ -7,7 +7,6 @@ fsynced and renamed into place, so a listed shard is always whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscan.errors import DataError, InputError
+from memscan.files import commit_file, sha256_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +60,7 @@ def _arrow_column(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     return pa.array(values, type=arrow_type)
 
 
-# ---------------------------------------------------------------- atomic files
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit_file(tmp: Path, final: Path) -> None:
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_directory(final.parent)
-
-
-def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old or the new file, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
-    _commit_file(tmp, path)
-
-
-def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(block_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+# ---------------------------------------------------------------- the manifest
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -202,7 +172,7 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         final = self.directory / SHARD_PATTERN.format(self.shard_index)
-        _commit_file(self.tmp_path, final)
+        commit_file(self.tmp_path, final)
         info = ShardInfo(final.name, self.next_row - self._rows_in_shard, self.next_row,
                          final.stat().st_size, sha256_of(final))
         log.debug("wrote %s: rows %d-%d, %.1f MB", info.name, info.row_start, info.row_stop - 1, info.bytes / 1e6)
@@ -446,7 +416,7 @@ def write_table(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) ->
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table({name: np.asarray(values) for name, values in columns.items()}), tmp,
                    compression="zstd")
-    _commit_file(tmp, path)
+    commit_file(tmp, path)
 
 
 def read_table(path: str | os.PathLike[str]) -> pa.Table:

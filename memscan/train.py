@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan import corpus, models, qf, store
+from memscan import corpus, files, models, qf, store
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,8 @@ def heldout_loss(model: Any, data: TrainData, settings: TrainSettings, device: t
 
 
 def _fingerprint(settings: TrainSettings, provenance: dict[str, Any]) -> str:
-    import hashlib
-
     identity = asdict(replace(settings, eval_every=0, save_every=0))
-    return hashlib.sha256(json.dumps({"settings": identity, "data": provenance}, sort_keys=True).encode()).hexdigest()
+    return files.fingerprint({"settings": identity, "data": provenance})
 
 
 def _save(model: Any, tokenizer: Any, optimizer: Any, folder: Path, state: dict[str, Any]) -> None:
@@ -271,7 +269,7 @@ def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
         info = json.loads(run_file.read_text())
         if info["complete"]:
             return info
-    store.write_json_atomic(run_file, info)
+    files.write_json_atomic(run_file, info)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -335,5 +333,5 @@ def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
     shutil.rmtree(out / CHECKPOINTS / RESUME, ignore_errors=True)
     info.update(complete=True, final=str(out / CHECKPOINTS / f"step-{total:07d}"),
                 final_train_loss=rows[-1]["train_loss"], final_heldout_loss=rows[-1]["heldout_loss"])
-    store.write_json_atomic(run_file, info)
+    files.write_json_atomic(run_file, info)
     return info

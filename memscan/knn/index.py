@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import store
+from memscan import files, store
 from memscan.errors import DataError, InputError
 from memscan.knn import exact
 from memscan.knn.shards import (UNSHARDED, LocalShards, Shard, Shards, fill_shard, load_shard, remove_stale_files,
@@ -100,7 +100,7 @@ def _train_sample(dataset: store.ActivationDataset, split: str, layer: int, coun
 
 
 def manifest_sha256(data_dir: Path) -> str:
-    return store.sha256_of(Path(data_dir) / store.MANIFEST)
+    return files.sha256_of(Path(data_dir) / store.MANIFEST)
 
 
 def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
@@ -208,7 +208,7 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     info["shards"] = sharded.save(out_dir)
     remove_stale_files(out_dir, info["shards"])
     info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
-    store.write_json_atomic(out_dir / INFO_FILE, info)
+    files.write_json_atomic(out_dir / INFO_FILE, info)
     log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", sharded.ntotal, factory, len(sharded),
              "s" * (len(sharded) > 1), out_dir, info["build"]["total_seconds"])
     return info

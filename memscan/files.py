@@ -1,0 +1,265 @@
+"""The files memscan owns: atomic writes, checksums, JSON records checked on read, the folder lock.
+
+Every output folder follows the same rules (DESIGN.md, Reliability):
+- a file is written under a temporary name, fsynced and renamed, then listed (with its
+  sha256) by a marker record (manifest.json, index.json, summary.json, run.json), which
+  is written last; readers check each listed file against its entry;
+- names read from a record are plain file names inside the folder, nothing else;
+- memscan removes or replaces only files that its own records list (or their exact
+  temporary names); anything else in the folder stays;
+- one job at a time holds a folder (`job_folder`), and a job that fails removes the
+  folder it created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from memscan.errors import DataError, InputError
+
+LOCK_FILE = ".memscan.lock"
+TMP_SUFFIX = ".tmp"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def fingerprint(document: Any) -> str:
+    """sha256 of a JSON document in canonical form: the identity of a job's settings."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- atomic writes, checksums
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, rename it to `final`, fsync the folder: `final` is then whole on disk."""
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_directory(final.parent)
+
+
+def tmp_path(path: Path) -> Path:
+    """The exact temporary name memscan writes `path` under."""
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old or the new file, whole.
+
+    Non-finite floats are refused (JSON has no Infinity or NaN): a record stays standard JSON.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    commit_file(tmp, path)
+
+
+def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
+    return sha256_of_files([path], block_bytes)
+
+
+def sha256_of_files(paths: Iterable[Path], block_bytes: int = 1 << 22, with_names: bool = False) -> str:
+    """One sha256 over the bytes of several files in order (and their names, `with_names`)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if with_names:
+            digest.update(Path(path).name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(block_bytes):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """What a marker records of a file it vouches for: plain name, size and sha256."""
+    path = Path(path)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def plain_name(name: Any, where: Path) -> str:
+    """A name read from a record, refused unless it is a plain file name (no folder, no `..`)."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name):
+        raise DataError(f"{where} names the file {name!r}; only plain file names inside its folder are accepted")
+    return name
+
+
+def file_problem(directory: Path, entry: Mapping[str, Any], what: str = "file") -> str | None:
+    """What is wrong with a file a record lists (missing, not a regular file, resized, altered), or None."""
+    name = plain_name(entry.get("name"), Path(directory))
+    path = Path(directory) / name
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return f"{what} {name} is missing"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{what} {name} is not a regular file"
+    if info.st_size != entry.get("bytes"):
+        return (f"{what} {name} is {info.st_size:,} bytes; its record says {entry.get('bytes'):,} "
+                "(truncated or overwritten)")
+    if sha256_of(path) != entry.get("sha256"):
+        return f"{what} {name} fails its sha256 checksum (corrupted or replaced)"
+    return None
+
+
+def check_file(directory: Path, entry: Mapping[str, Any], what: str = "file") -> Path:
+    """The path of a listed file, after checking it against its entry; a DataError names what is wrong."""
+    problem = file_problem(directory, entry, what)
+    if problem:
+        raise DataError(f"{Path(directory)}: {problem}; run `memscan verify {directory}`")
+    return Path(directory) / entry["name"]
+
+
+# ---------------------------------------------------------------- records (JSON documents) checked on read
+
+
+def read_record(path: Path, what: str, fields: Mapping[str, type | tuple[type, ...]] | None = None,
+                ) -> dict[str, Any]:
+    """A JSON object read from `path`, refused in one line when it does not parse or lacks a field.
+
+    `fields` maps required top-level keys to their type(s); `what` names the record in errors.
+    """
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"'{path.parent}' has no {path.name}: it is not a {what} folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(document, dict):
+        raise DataError(f"{path} is not a {what} record (a JSON object was expected, got {type(document).__name__})")
+    for key, kinds in (fields or {}).items():
+        require(document, key, kinds, path)
+    return document
+
+
+def require(document: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], path: Path) -> Any:
+    """document[key], refused in one line when it is missing or of another type (bool is not an int)."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if key not in document:
+        raise DataError(f"{path} has no '{key}'; the record is damaged")
+    value = document[key]
+    wrong_bool = isinstance(value, bool) and bool not in kinds
+    if wrong_bool or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise DataError(f"{path}: '{key}' must be {names}; got {json.dumps(value)[:60]}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{path}: '{key}' must be finite; got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- ownership: what memscan may remove
+
+
+def foreign_files(directory: Path, ours: Callable[[str], bool]) -> list[str]:
+    """Names in `directory` that memscan did not write (`ours(name)` is False), the lock file aside."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name != LOCK_FILE and not ours(p.name))
+
+
+def refuse_foreign(directory: Path, ours: Callable[[str], bool], flag: str = "--out") -> None:
+    """One line naming the files in `directory` that memscan did not write, if any."""
+    foreign = foreign_files(directory, ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"{flag} '{directory}' holds files memscan did not write ({shown}); "
+                         "choose an empty or new folder, or move them")
+
+
+def remove_owned(directory: Path, names: Iterable[str]) -> None:
+    """Remove the listed files (and their exact temporary names) of `directory`; nothing else."""
+    for name in names:
+        for path in (Path(directory) / name, tmp_path(Path(directory) / name)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- one job per folder
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path, flag: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (which must exist) for the block; a second job gets one line.
+
+    The lock is flock(2) on `.memscan.lock`: released by the kernel when the process ends,
+    even by kill -9, so a crashed job never leaves a folder locked. The file stays.
+    """
+    path = Path(directory) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"{flag} '{directory}' is in use by another memscan job ({holder}); "
+                             "wait for it to finish or choose another folder") from None
+        os.ftruncate(fd, 0)
+        command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+        os.pwrite(fd, f"pid {os.getpid()}: {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def job_folder(directory: Path, flag: str = "--out") -> Iterator[Path]:
+    """Create `directory` if needed and hold its lock for the job; a failed job removes a folder it created.
+
+    The folder is removed only when the job made it and it then holds nothing but the lock
+    and memscan's temporary files: what a finished stage wrote, or what a user put there, stays.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{flag} '{directory}' exists and is not a folder")
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{flag} '{directory}' cannot be created: {exc.strerror or first_line(exc)}") from None
+    try:
+        with folder_lock(directory, flag):
+            yield directory
+    except BaseException:
+        if created:
+            _remove_if_only_scratch(directory)
+        raise
+
+
+def _remove_if_only_scratch(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        names = [p.name for p in directory.iterdir()]
+        if all(name == LOCK_FILE or name.endswith(TMP_SUFFIX) for name in names):
+            shutil.rmtree(directory)
