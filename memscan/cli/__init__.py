@@ -1,12 +1,13 @@
 """The `memscan` command: a thin layer over the library, one module per command.
 
 Every command checks its flags, calls one library function and renders the result.
-MemscanError (and missing files) become one line on stderr and exit code 1; set
+MemscanError and OSError (missing files, a full disk, a read-only folder) become one line on stderr and exit code 1; set
 MEMSCAN_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ import click
 
 from memscan import __version__
 from memscan.errors import MemscanError
+from memscan.files import first_line
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -43,6 +45,18 @@ def _register() -> None:
 _register()
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a user's error: the message, or for an OSError (full disk, read-only folder, ...) its
+    reason and the file it happened to, without errno numbers."""
+    if isinstance(exc, OSError) and not isinstance(exc, MemscanError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = {errno.ENOSPC: " (the disk is full; free space and rerun to resume)",
+                errno.EROFS: " (the folder is on a read-only file system; choose another --out)",
+                errno.EDQUOT: " (disk quota exceeded; free space and rerun to resume)"}.get(exc.errno or 0, "")
+        return f"{exc.strerror}{where}{hint}"
+    return first_line(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the command, mapping user errors to one line and exit 1."""
     debug = os.environ.get("MEMSCAN_DEBUG") == "1"
@@ -59,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo("memscan: interrupted; rerun the same command to resume", err=True)
         code = EXIT_INTERRUPTED
-    except (MemscanError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (MemscanError, OSError) as exc:
         if debug:
             raise
-        click.echo(f"memscan: error: {exc}", err=True)
+        click.echo(f"memscan: error: {error_line(exc)}", err=True)
         code = EXIT_ERROR
     sys.exit(code if isinstance(code, int) else 0)
