@@ -58,21 +58,41 @@ def proposition3_bounds(d: int, delta: float) -> tuple[float, float]:
     return -(delta + math.log(d)), 0.0
 
 
+def lse_interval(top: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Certified interval for LSE over d values from the k largest (nq, k), in descending order.
+
+    log S_k <= LSE <= log(S_k + (d - k) exp(v_k)), S_k = sum_{i<=k} exp(v_i): each of the d - k
+    values left out is at most the k-th largest. Equal ends when k = d. Returns (low, high) (nq,).
+    """
+    top = np.asarray(top, np.float64)
+    k = top.shape[-1]
+    low = logsumexp(top, axis=-1)
+    if d == k:
+        return low, low
+    return low, np.logaddexp(low, math.log(d - k) + top[..., -1])
+
+
 def energy_interval(sq_topk: np.ndarray, d: int, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Certified interval for E from the k smallest squared distances (nq, k), ascending.
 
     E_upper = -log(S_k)/beta and E_lower = -log(S_k + (d - k) exp(-beta sq_k))/beta, with
     S_k = sum_{i<=k} exp(-beta sq_i): the true E (over all d patterns) lies in between.
     """
-    sq_topk = np.asarray(sq_topk, np.float64)
-    k = sq_topk.shape[-1]
-    log_s = logsumexp(-beta * sq_topk, axis=-1)
-    upper = -log_s / beta
-    if d == k:
-        return upper, upper
-    tail = math.log(d - k) - beta * sq_topk[..., -1]
-    lower = -np.logaddexp(log_s, tail) / beta
-    return lower, upper
+    low, high = lse_interval(-beta * np.asarray(sq_topk, np.float64), d)
+    return -high / beta, -low / beta
+
+
+def mchn_energy_interval(ip_topk: np.ndarray, x_sq_norm: np.ndarray, d: int, max_sq_norm: float,
+                         beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Certified interval for Ramsauer's energy from the k largest inner products rho_i . x (nq, k), descending.
+
+    E_mchn = -(1/beta) LSE_i(beta rho_i . x) + x.x/2 + (1/beta) log d + M^2/2 (THEORY.md), with the
+    LSE bounded as in `lse_interval`: the d - k patterns left out each contribute at most
+    exp(beta ip_k). x_sq_norm (nq,) is x.x and max_sq_norm is M^2 over all d patterns.
+    """
+    low, high = lse_interval(beta * np.asarray(ip_topk, np.float64), d)
+    rest = 0.5 * np.asarray(x_sq_norm, np.float64) + math.log(d) / beta + 0.5 * max_sq_norm
+    return rest - high / beta, rest - low / beta
 
 
 def global_energy(layer_energies: np.ndarray) -> np.ndarray:

@@ -76,6 +76,23 @@ def test_topk_interval_contains_the_exact_energy():
     np.testing.assert_allclose(upper, exact_E, rtol=1e-12)
 
 
+def test_topk_mchn_interval_contains_the_exact_energy():
+    X, P = draw(d=200, n=4)
+    exact_E = theory.mchn_energy(X, P, beta=0.7)
+    ip = np.sort(X @ P.T, axis=1)[:, ::-1]
+    x_sq, M2 = (X * X).sum(1), float((P * P).sum(1).max())
+    for k in (1, 5, 50, 199):
+        lower, upper = theory.mchn_energy_interval(ip[:, :k], x_sq, 200, M2, beta=0.7)
+        assert (lower <= exact_E + 1e-9).all() and (exact_E <= upper + 1e-9).all()
+        assert (lower < upper).all()
+    lower, upper = theory.mchn_energy_interval(ip, x_sq, 200, M2, beta=0.7)
+    np.testing.assert_allclose(lower, exact_E, rtol=1e-12)
+    np.testing.assert_allclose(upper, exact_E, rtol=1e-12)
+    wider = theory.mchn_energy_interval(ip[:, :5], x_sq, 200, M2, beta=0.7)
+    narrower = theory.mchn_energy_interval(ip[:, :50], x_sq, 200, M2, beta=0.7)
+    assert ((narrower[1] - narrower[0]) <= (wider[1] - wider[0]) + 1e-12).all()
+
+
 def test_layered_global_energy_and_its_bounds():
     E = rng.normal(size=(4, 30)) * 3
     G = theory.global_energy(E)
