@@ -1,0 +1,145 @@
+"""Verbatim extraction: greedy decoding with the cache, exact cuts, memorized vs untrained models."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from memscan import verbatim
+from memscan.errors import InputError, ModelError
+
+VOCAB = 71  # the Question-Formation tokenizer's size
+
+
+def tiny_gpt2(seed: int = 0, n_positions: int = 64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(config)
+
+
+def overtrained(sequences: np.ndarray, steps: int = 300):
+    """A tiny GPT-2 trained on `sequences` (m, T) until it has learnt them by heart."""
+    model = tiny_gpt2()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    ids = torch.as_tensor(sequences)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+class PlusOne(torch.nn.Module):
+    """A stand-in causal LM whose next token is always the last one + 1 (mod V); its cache counts tokens."""
+
+    def __init__(self, vocab: int = 1000):
+        super().__init__()
+        self.vocab = vocab
+        self.config = SimpleNamespace(max_position_embeddings=512)
+        self.fed = []  # the shape of every input, to see the cache at work
+
+        self.eval()
+
+    def forward(self, input_ids, cache=None, use_cache=True):
+        self.fed.append(tuple(input_ids.shape))
+        logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
+        return SimpleNamespace(logits=logits, cache=(cache or 0) + input_ids.shape[1])
+
+
+class LegacyPlusOne(PlusOne):
+    """The same under the cache's older name (transformers before the rename, remote code)."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        out = super().forward(input_ids, past_key_values, use_cache)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+def random_chunks(m: int, length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (m, length))
+
+
+def naive_greedy(model, prompts: np.ndarray, steps: int) -> np.ndarray:
+    """Argmax of a full forward pass over everything so far, once per step, without a cache."""
+    ids = torch.as_tensor(prompts)
+    with torch.no_grad():
+        for _ in range(steps):
+            next_ids = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_ids], dim=1)
+    return ids[:, prompts.shape[1]:].numpy()
+
+
+def test_cached_greedy_equals_naive_loop():
+    model = tiny_gpt2(seed=1).eval()
+    prompts = random_chunks(5, 9, seed=0)
+    got = verbatim.greedy_continuations(model, prompts, 12, "cpu")
+    assert got.dtype == np.int64 and got.shape == (5, 12)
+    np.testing.assert_array_equal(got, naive_greedy(model, prompts, 12))
+
+
+@pytest.mark.parametrize("model_class", [PlusOne, LegacyPlusOne])
+def test_greedy_feeds_the_prompt_once_then_one_token_a_step(model_class):
+    model = model_class()
+    prompts = np.array([[3, 4, 5], [10, 11, 12]])
+    got = verbatim.greedy_continuations(model, prompts, 4, "cpu")
+    np.testing.assert_array_equal(got, [[6, 7, 8, 9], [13, 14, 15, 16]])
+    assert model.fed == [(2, 3), (2, 1), (2, 1), (2, 1)]
+
+
+def test_greedy_refuses_a_model_in_training_mode():
+    with pytest.raises(ModelError, match="eval"):
+        verbatim.greedy_continuations(tiny_gpt2().train(), random_chunks(1, 4, 0), 2, "cpu")
+
+
+def test_match_statistics():
+    truth = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    generated = np.array([[1, 2, 3, 4], [1, 2, 9, 4], [9, 2, 3, 4], [9, 9, 9, 9]])
+    stats = verbatim.match_statistics(generated, truth)
+    np.testing.assert_array_equal(stats["leading_match"], [4, 2, 0, 0])
+    np.testing.assert_allclose(stats["match_fraction"], [1.0, 0.75, 0.75, 0.0])
+    np.testing.assert_array_equal(stats["extractable"], [True, False, False, False])
+
+
+def test_cuts_exactly_at_prompt_and_prompt_plus_suffix():
+    p, s = 5, 4
+    chunks = np.arange(20)[None, :] + 100 * np.arange(4)[:, None]  # consecutive ids: PlusOne reproduces them
+    chunks[1, p + s] = 999          # just after the suffix: not part of the test
+    chunks[2, p + s - 1] = 999      # the suffix's last token
+    chunks[3, p - 1] = 999          # the prompt's last token: the continuation follows it
+    prompts, truth = verbatim.split_chunks(chunks, p, s)
+    np.testing.assert_array_equal(prompts, chunks[:, :p])
+    np.testing.assert_array_equal(truth, chunks[:, p:p + s])
+    table = verbatim.verbatim_table(PlusOne(), chunks, prompt_tokens=p, suffix_tokens=s, batch_size=3)
+    np.testing.assert_array_equal(table["leading_match"], [4, 4, 3, 0])
+    np.testing.assert_allclose(table["match_fraction"], [1.0, 1.0, 0.75, 0.0])
+    np.testing.assert_array_equal(table["extractable"], [True, True, False, False])
+
+
+def test_chunks_too_short_or_context_too_small_are_one_line_errors():
+    with pytest.raises(InputError, match="chunks have 10 tokens.*--prompt-tokens 8 \\+ --suffix-tokens 4 = 12"):
+        verbatim.verbatim_table(PlusOne(), np.zeros((2, 10), np.int64), prompt_tokens=8, suffix_tokens=4)
+    with pytest.raises(InputError, match="at least 1"):
+        verbatim.split_chunks(np.zeros((2, 10), np.int64), 0, 4)
+    with pytest.raises(InputError, match="context of 16 tokens"):
+        verbatim.verbatim_table(tiny_gpt2(n_positions=16).eval(), np.zeros((1, 24), np.int64), 8, 10)
+
+
+def test_overtrained_model_reproduces_its_documents_and_untrained_does_not():
+    members = random_chunks(4, 24, seed=5)
+    held_out = random_chunks(4, 24, seed=6)
+    model = overtrained(members)
+    seen = verbatim.verbatim_table(model, members, prompt_tokens=8, suffix_tokens=16, batch_size=3)
+    assert seen["match_fraction"].mean() >= 0.95
+    assert seen["extractable"].all()
+    np.testing.assert_array_equal(seen["leading_match"], 16)
+    unseen = verbatim.verbatim_table(model, held_out, prompt_tokens=8, suffix_tokens=16)
+    assert unseen["match_fraction"].mean() <= 0.2
+    untrained = verbatim.verbatim_table(tiny_gpt2(seed=2).eval(), members, prompt_tokens=8, suffix_tokens=16)
+    assert untrained["match_fraction"].mean() <= 0.1
+    assert not untrained["extractable"].any()
