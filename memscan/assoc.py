@@ -23,7 +23,7 @@ from memscan.errors import InputError
 log = logging.getLogger(__name__)
 
 SCHEMES = ("p", "p_hat", "seen", "threshold", "top_seen", "sgd_small", "sgd_large", "adam")
-THEORY_SLOPES = {  # (axis, slope as a function of alpha): THEORY.md's rates
+THEORY_SLOPES = {  # (axis, slope as a function of alpha): docs/theory.md's rates
     "p": ("d", lambda a: -(a - 1) / (2 * a)),
     "threshold": ("d", lambda a: -a + 1),
     "seen": ("T", lambda a: -1 + 1 / a),
@@ -48,7 +48,7 @@ class SweepSettings:
     sgd_seeds: int = 5
     sgd_steps: tuple[float, float] = (1e-3, 50.0)  # (small, large) step gamma
     adam_lr: float = 0.1
-    threshold_ratio: float = 1 / 8                 # P ~ d / 8 (THEORY.md)
+    threshold_ratio: float = 1 / 8                 # P ~ d / 8 (docs/theory.md)
     top_seen_ratio: float = 1 / 12                 # P ~ d / 12
     learn_embeddings: bool = False                 # trained schemes also learn the input embeddings
 
@@ -268,7 +268,7 @@ def slope(x: np.ndarray, errors: np.ndarray, seeds: np.ndarray, resamples: int =
 
 
 def fit(table: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, Any]:
-    """Fitted slopes beside THEORY.md's rates, and the SGD regimes against q = p_hat and q = 1[seen]."""
+    """Fitted slopes beside docs/theory.md's rates, and the SGD regimes against q = p_hat and q = 1[seen]."""
     alpha = settings["alpha"]
     scheme, d, T = table["scheme"], table["d"], table["T"]
     out: dict[str, Any] = {"alpha": alpha, "slopes": {}}

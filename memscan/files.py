@@ -1,6 +1,6 @@
 """The files memscan owns: atomic writes, checksums, JSON records checked on read, the folder lock.
 
-Every output folder follows the same rules (DESIGN.md, Reliability):
+Every output folder follows the same rules (docs/formats.md):
 - a file is written under a temporary name, fsynced and renamed, then listed (with its
   sha256) by a marker record (manifest.json, index.json, summary.json, run.json), which
   is written last; readers check each listed file against its entry;
@@ -171,6 +171,22 @@ def require(document: Mapping[str, Any], key: str, kinds: type | tuple[type, ...
     if isinstance(value, float) and not math.isfinite(value):
         raise DataError(f"{path}: '{key}' must be finite; got {value}")
     return value
+
+
+SELF_SHA256 = "self_sha256"
+
+
+def signed(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The document with `self_sha256`, the fingerprint of everything else in it: any edit of a record shows."""
+    body = {key: value for key, value in document.items() if key != SELF_SHA256}
+    return {**body, SELF_SHA256: fingerprint(body)}
+
+
+def check_signature(document: Mapping[str, Any], path: Path) -> None:
+    """Refuses a record whose content does not match its `self_sha256` (edited, corrupted or unsigned)."""
+    body = {key: value for key, value in document.items() if key != SELF_SHA256}
+    if document.get(SELF_SHA256) != fingerprint(body):
+        raise DataError(f"{path} fails its self_sha256 checksum: it was edited or corrupted after memscan wrote it")
 
 
 # ---------------------------------------------------------------- ownership: what memscan may remove

@@ -1,4 +1,4 @@
-"""The Question-Formation language of McCoy, Frank and Linzen (2020), as THEORY.md states it.
+"""The Question-Formation language of McCoy, Frank and Linzen (2020), as docs/theory.md states it.
 
 A line is `<declarative> . <task> <target>`: task `decl` copies the sentence and ends
 with `.`; task `quest` fronts the main auxiliary, deletes it in place and ends with
@@ -44,7 +44,7 @@ SPECIAL_TOKENS = ("<eos>", "<pad>", "<unk>")
 LINE_SEPARATOR = "\n"  # the tokenizer maps it to <eos>, so lines stay apart in a chunk
 
 MODIFIERS = ("none", "pp", "rc")
-# Observed marginals of the original data (THEORY.md).
+# Observed marginals of the original data (docs/theory.md).
 SUBJECT_MODIFIER_P = {"none": 0.54, "pp": 0.28, "rc": 0.18}
 OBJECT_MODIFIER_P = {"none": 0.29, "pp": 0.31, "rc": 0.40}
 TRANSITIVE_P = 0.89
@@ -95,7 +95,7 @@ class Item:
 
 
 class _Grammar:
-    """Draws the rules of THEORY.md from one `random.Random` (portable across Pythons).
+    """Draws the rules of docs/theory.md from one `random.Random` (portable across Pythons).
 
     `nats` sums -log p of every choice made: a line parses uniquely, so this is the
     line's exact surprisal under the generator, and its mean is the language's entropy.

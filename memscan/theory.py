@@ -1,4 +1,4 @@
-"""The formulas of THEORY.md as plain, vectorized functions: arrays in, arrays out, no I/O.
+"""The formulas of docs/theory.md as plain, vectorized functions: arrays in, arrays out, no I/O.
 
 Vocabulary: patterns P (d, n), queries X (nq, n), squared distances `sq` (nq, d) or the
 k smallest per query (nq, k) sorted ascending. Everything is computed in float64 and in
@@ -86,7 +86,7 @@ def mchn_energy_interval(ip_topk: np.ndarray, x_sq_norm: np.ndarray, d: int, max
                          beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Certified interval for Ramsauer's energy from the k largest inner products rho_i . x (nq, k), descending.
 
-    E_mchn = -(1/beta) LSE_i(beta rho_i . x) + x.x/2 + (1/beta) log d + M^2/2 (THEORY.md), with the
+    E_mchn = -(1/beta) LSE_i(beta rho_i . x) + x.x/2 + (1/beta) log d + M^2/2 (docs/theory.md), with the
     LSE bounded as in `lse_interval`: the d - k patterns left out each contribute at most
     exp(beta ip_k). x_sq_norm (nq,) is x.x and max_sq_norm is M^2 over all d patterns.
     """
@@ -106,7 +106,7 @@ def log_ball_volume(n: int, r: np.ndarray | float) -> np.ndarray:
 
 
 def unit_volume_radius(n: int) -> float:
-    """r* = sqrt(n / (2 pi e)), THEORY.md's radius of the unit-volume ball (7.74 at n = 1024)."""
+    """r* = sqrt(n / (2 pi e)), docs/theory.md's radius of the unit-volume ball (7.74 at n = 1024)."""
     return math.sqrt(n / (2 * math.pi * math.e))
 
 

@@ -1,4 +1,4 @@
-"""The associative-memory sandbox against brute force, definitions and THEORY.md's rates."""
+"""The associative-memory sandbox against brute force, definitions and docs/theory.md's rates."""
 
 from __future__ import annotations
 

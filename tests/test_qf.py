@@ -1,4 +1,4 @@
-"""The Question-Formation generator against THEORY.md: rules, transformation, vocabulary, splits, marginals."""
+"""The Question-Formation generator against docs/theory.md: rules, transformation, vocabulary, splits, marginals."""
 
 from __future__ import annotations
 

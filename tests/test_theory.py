@@ -1,4 +1,4 @@
-"""Every formula of THEORY.md against a direct float64 evaluation, and its inequalities on random draws."""
+"""Every formula of docs/theory.md against a direct float64 evaluation, and its inequalities on random draws."""
 
 from __future__ import annotations
 
