@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
@@ -96,3 +97,17 @@ def nan_mean(values: np.ndarray) -> float | None:
     values = np.asarray(values, np.float64)
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if len(finite) else None
+
+
+def finite_or_none(value: Any) -> Any:
+    """A JSON document with every non-finite number (a statistic undefined for this data, such as the
+    floor when every pattern has a duplicate) replaced by None, and numpy scalars by Python ones."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -4,15 +4,18 @@ For every layer the dataset holds (the index's layer through the index, the othe
 exact blockwise search) it runs the self-join of the patterns and the kNN of the
 queries, then writes `neighbours`, `queries`, `patterns`, `histograms` and `coverage`
 tables and `summary.json` into the run folder. The query split is held in memory; the
-patterns are streamed.
+patterns are streamed. summary.json, written last and signed (`self_sha256`), lists every
+table with its size and sha256: a folder whose summary does not vouch for its tables is
+an incomplete run. Queries from the index's own dataset and split leave their own row out.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +25,21 @@ import numpy as np
 from memscan import analysis, files, store, theory
 from memscan.errors import DataError, InputError
 from memscan.knn import exact
-from memscan.knn.index import KnnIndex, dataset_blocks
+from memscan.knn.index import DEVICES, KnnIndex, at_least, dataset_blocks, manifest_sha256
 
 log = logging.getLogger(__name__)
 
-FORMAT, FORMAT_VERSION = "memscan.run", 1
+FORMAT, FORMAT_VERSION = "memscan.run", 2   # 2: tables checksummed, the summary signed
 SUMMARY = "summary.json"
 TABLES = ("neighbours", "queries", "patterns", "histograms", "coverage")
+TABLE_FILES = tuple(f"{name}.parquet" for name in TABLES)
+STEPS = ("patterns", "self-join", "searches", "inner-product join", "energies", "retrieval", "subsets")
 RETRIEVAL_CHUNK = 1024  # queries whose k neighbour vectors are gathered at once
+
+
+def _positive_finite(flag: str, value: float, given: Any = None) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"{flag} must be positive and finite; got {value if given is None else given}")
 
 
 @dataclass(frozen=True)
@@ -49,19 +59,23 @@ class QuerySettings:
     device: str = "auto"
 
     def check(self) -> None:
-        if self.k < 1:
-            raise InputError(f"--k must be at least 1; got {self.k}")
-        if not self.beta > 0:
-            raise InputError(f"--beta must be positive; got {self.beta}")
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise InputError(f"--epsilon must be positive; got {self.epsilon}")
+        """Every value against its range, once, naming the flag: NaN and Inf are refused."""
+        for flag, value, minimum in (("--k", self.k, 1), ("--max-steps", self.max_steps, 1),
+                                     ("--bins", self.bins, 1), ("--seed", self.seed, 0)):
+            at_least(flag, value, minimum)
+        _positive_finite("--beta", self.beta)
+        if self.epsilon is not None:
+            _positive_finite("--epsilon", self.epsilon)
         if self.radius not in ("r*", "typical"):
             try:
                 value = float(self.radius)
             except ValueError:
                 raise InputError(f"--radius must be r*, typical or a positive number; got '{self.radius}'") from None
-            if not value > 0:
-                raise InputError(f"--radius must be positive; got {self.radius}")
+            _positive_finite("--radius", value, self.radius)
+        if not self.subsets or not all(0 < fraction <= 1 for fraction in self.subsets):
+            raise InputError(f"subsets must be fractions in (0, 1]; got {list(self.subsets)}")
+        if self.device not in DEVICES:
+            raise InputError(f"--device must be auto, cpu or gpu; got '{self.device}'")
 
 
 def _columns(dataset: store.ActivationDataset, split: str, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -102,9 +116,45 @@ def _subset_nearest(blocks: Any, row_ids: np.ndarray, fraction: float, seed: int
     return np.sqrt(D[:, 0])
 
 
-def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
-                  settings: QuerySettings) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """All tables and the summary of one layer."""
+@contextlib.contextmanager
+def _step(progress: Any, layer: int, name: str) -> Iterator[None]:
+    """One step of STEPS on the progress bar: named while it runs, counted when done."""
+    progress.set_postfix_str(f"layer {layer}: {name}")
+    yield
+    progress.update()
+
+
+def _search(index: KnnIndex, blocks: Any, layer: int, Xq: np.ndarray, query_ids: np.ndarray,
+            settings: QuerySettings, leave_one_out: bool, progress: Any,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The patterns' self-join and the queries' kNN: (pattern ids (d,), Dp (d, k), Dq (nq, k), Iq (nq, k)).
+
+    Through the index at its own layer (unless --exact), exactly elsewhere; `leave_one_out`
+    excludes each query's own row (queries drawn from the indexed patterns themselves).
+    """
+    use_index = layer == index.info["dataset"]["layer"] and not settings.exact
+    own = query_ids if leave_one_out else None
+    with _step(progress, layer, "self-join"):
+        pid, Dp, Ip = index.self_join(settings.k) if use_index else index.engine.self_join(blocks, settings.k)
+    with _step(progress, layer, "searches"):
+        if use_index:
+            Dq, Iq = index.search(Xq, settings.k, own)
+        else:
+            _, Dq, Iq = index.engine.knn(iter([(query_ids, Xq)]), blocks, settings.k, exclude_self=leave_one_out)
+    missing = int((Iq < 0).any(axis=1).sum() + (Ip < 0).any(axis=1).sum())
+    if missing:
+        raise InputError(f"the approximate index found fewer than k={settings.k} neighbours for {missing:,} vectors; "
+                         "raise the index's nprobe / efSearch, lower --k, or pass --exact")
+    return pid, Dp, Dq, Iq
+
+
+def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settings: QuerySettings,
+                  leave_one_out: bool = False, progress: Any = None,
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """All tables and the summary of one layer; `progress` (a tqdm bar) advances once per step of STEPS."""
+    from tqdm.auto import tqdm
+
+    progress = progress if progress is not None else tqdm(disable=True)
     started = time.perf_counter()
     patterns, pattern_split = index.dataset, index.info["dataset"]["split"]
     blocks = dataset_blocks(patterns, pattern_split, layer)
@@ -115,17 +165,11 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     Xq, qmeta = _columns(queries, settings.split, layer)
     if not len(Xq):
         raise InputError(f"split '{settings.split}' of '{queries.directory}' has no rows at layer {layer}")
-    if use_index:
-        pid, Dp, Ip = index.self_join(settings.k)
-        Dq, Iq = index.search(Xq, settings.k)
-    else:
-        pid, Dp, Ip = index.engine.self_join(blocks, settings.k)
-        _, Dq, Iq = index.engine.knn(iter([(qmeta["row_id"], Xq)]), blocks, settings.k)
-    missing = int((Iq < 0).any(axis=1).sum() + (Ip < 0).any(axis=1).sum())
-    if missing:
-        raise InputError(f"the approximate index found fewer than k={k} neighbours for {missing:,} vectors; "
-                         "raise the index's nprobe / efSearch, lower --k, or pass --exact")
-    pmeta = _pattern_meta(patterns, pattern_split, layer)
+    with _step(progress, layer, "patterns"):
+        pmeta = _pattern_meta(patterns, pattern_split, layer)
+        exact.check_rms(math.sqrt(float(pmeta["sq_norm"].mean())), f"split '{pattern_split}' at layer {layer}")
+        exact.check_scale(Xq, f"the queries (split '{settings.split}' at layer {layer})")
+    pid, Dp, Dq, Iq = _search(index, blocks, layer, Xq, qmeta["row_id"], settings, leave_one_out, progress)
     assert np.array_equal(pmeta["row_id"], pid)
     n, k, beta = patterns.n, settings.k, settings.beta
     s = np.sqrt(Dp[:, 0])
@@ -135,21 +179,24 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     r_star, typical = theory.unit_volume_radius(n), float(np.median(s) / 2)
     scale = float(np.median(s[s > 0])) if (s > 0).any() else 1.0  # spacing, for tolerances (duplicates give s = 0)
     radius = _radius(settings.radius, r_star, typical)
-    _, Dip, _ = index.engine.self_join(blocks, 1, metric="ip")
+    with _step(progress, layer, "inner-product join"):
+        _, Dip, _ = index.engine.self_join(blocks, 1, metric="ip")
     delta = theory.ramsauer_separation(pmeta["sq_norm"], Dip[:, 0])
     M = math.sqrt(pmeta["sq_norm"].max())
     threshold = theory.ramsauer_threshold(d, beta, M)
 
     # energies and retrieval (A1)
-    lower, upper = theory.energy_interval(Dq.astype(np.float64), d, beta)  # certified when the k are exact
-    mchn = analysis.mchn_combine(Xq, index.engine.map_blocks(analysis.mchn_partial, blocks, Xq, beta), beta)
+    with _step(progress, layer, "energies"):
+        lower, upper = theory.energy_interval(Dq.astype(np.float64), d, beta)  # certified when the k are exact
+        mchn = analysis.mchn_combine(Xq, index.engine.map_blocks(analysis.mchn_partial, blocks, Xq, beta), beta)
     epsilon = settings.epsilon or 0.01 * scale
     converged, steps, retrieved = (np.zeros(len(Xq), bool), np.zeros(len(Xq), np.int32), np.zeros(len(Xq), bool))
-    for start in range(0, len(Xq), RETRIEVAL_CHUNK):
-        rows = slice(start, start + RETRIEVAL_CHUNK)
-        neighbours = patterns.take(Iq[rows].ravel()).reshape(-1, k, n)
-        converged[rows], steps[rows], retrieved[rows] = analysis.retrieval(
-            Xq[rows], neighbours, beta, epsilon, tol=1e-6 * scale, max_steps=settings.max_steps)
+    with _step(progress, layer, "retrieval"):
+        for start in range(0, len(Xq), RETRIEVAL_CHUNK):
+            rows = slice(start, start + RETRIEVAL_CHUNK)
+            neighbours = patterns.take(Iq[rows].ravel()).reshape(-1, k, n)
+            converged[rows], steps[rows], retrieved[rows] = analysis.retrieval(
+                Xq[rows], neighbours, beta, epsilon, tol=1e-6 * scale, max_steps=settings.max_steps)
     nearest_next = pmeta["next_token_id"][np.searchsorted(pid, Iq[:, 0])]
     next_match = (qmeta["next_token_id"] >= 0) & (nearest_next == qmeta["next_token_id"])
 
@@ -163,9 +210,10 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     train_loss, test_loss = analysis.nan_mean(pmeta["nll"]), analysis.nan_mean(qmeta["nll"])
 
     samples = {"query_nearest": q_near}
-    for fraction in settings.subsets:
-        samples[f"pattern_nearest_{round(100 * fraction)}"] = (
-            s if fraction == 1.0 else _subset_nearest(blocks, pid, fraction, settings.seed, index.engine))
+    with _step(progress, layer, "subsets"):
+        for fraction in settings.subsets:
+            samples[f"pattern_nearest_{round(100 * fraction)}"] = (
+                s if fraction == 1.0 else _subset_nearest(blocks, pid, fraction, settings.seed, index.engine))
     bins = analysis.shared_bins(*samples.values(), count=settings.bins)  # subsets spread wider: bin them all
     histograms = {
         "layer": np.full(len(samples) * settings.bins, layer, np.int16),
@@ -192,11 +240,11 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
         "coverage": {"layer": np.full(len(radii), layer, np.int16), "radius": radii,
                      "coverage": analysis.coverage(q_near, radii)},
     }
+    approximate = use_index and not index.exact
     summary = {
         "layer": layer, "n": n, "d": d, "d_prime": len(Xq), "k": k,
-        "search": ("approximate: " + index.info["factory"] + f" {index.info['search']}") if use_index and not index.exact
-        else "exact",
-        "recall": (index.info["recall"] or index.recall(200, k, settings.seed)) if use_index and not index.exact else None,
+        "search": ("approximate: " + index.info["factory"] + f" {index.info['search']}") if approximate else "exact",
+        "recall": (index.info["recall"] or index.recall(200, k, settings.seed)) if approximate else None,
         "query_nearest_dist": analysis.describe(q_near), "pattern_nearest_dist": analysis.describe(s),
         "r_star": r_star, "typical_radius": typical, "typical_over_r_star": typical / r_star,
         "radius": {"mode": settings.radius, "value": radius},
@@ -223,31 +271,127 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     return tables, summary
 
 
+def queries_are_patterns(index: KnnIndex, queries_dir: str | Path, split: str) -> bool:
+    """Whether the queries are the indexed patterns themselves: the same dataset (manifest sha256) and split."""
+    built = index.info["dataset"]
+    return split == built["split"] and manifest_sha256(Path(queries_dir)) == built["manifest_sha256"]
+
+
 def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
-        settings: QuerySettings = QuerySettings(), ray_options: Any = None) -> dict[str, Any]:
+        settings: QuerySettings = QuerySettings(), ray_options: Any = None,
+        allow_other_files: bool = False) -> dict[str, Any]:
     """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
 
-    With `ray_options` (memscan.engines.ray_runner.RayOptions) the index shards sit in Ray
-    actors and the exact searches run as Ray tasks; the tables are the same.
+    The job holds `out_dir` (one job at a time) and refuses files memscan did not write
+    there unless `allow_other_files`. With `ray_options` (memscan.engines.ray_runner.RayOptions)
+    the index shards sit in Ray actors and the exact searches run as Ray tasks; the tables
+    are the same.
     """
+    from tqdm.auto import tqdm
+
     settings.check()
-    index = KnnIndex.load(index_dir, device=settings.device, ray_options=ray_options)
-    queries = store.ActivationDataset(queries_dir)
-    index.check_queries(queries)
-    layers = [layer for layer in index.dataset.layers if layer in queries.layers]
-    results = [analyse_layer(index, queries, layer, settings) for layer in layers]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in TABLES:
-        store.write_table(out_dir / f"{name}.parquet",
-                          {column: np.concatenate([np.asarray(t[name][column]) for t, _ in results])
-                           for column in results[0][0][name]})
-    summary = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": str(Path(index_dir).resolve()),
-               "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
-               "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search")},
-               "layers": [s for _, s in results]}
+    with files.job_folder(out_dir):
+        if not allow_other_files:
+            files.refuse_foreign(out_dir, _ours)
+        index = KnnIndex.load(index_dir, device=settings.device, ray_options=ray_options)
+        queries = store.ActivationDataset(queries_dir)
+        index.check_queries(queries)
+        leave_one_out = queries_are_patterns(index, queries_dir, settings.split)
+        if leave_one_out:
+            log.info("the queries are the indexed patterns (split '%s'): each leaves its own row out", settings.split)
+        layers = [layer for layer in index.dataset.layers if layer in queries.layers]
+        with tqdm(total=len(layers) * len(STEPS), desc="query", unit="step", disable=None) as progress:
+            results = [analyse_layer(index, queries, layer, settings, leave_one_out, progress) for layer in layers]
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": str(Path(index_dir).resolve()),
+                  "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
+                  "queries_are_patterns": leave_one_out,
+                  "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search",
+                                                                   files.SELF_SHA256)}}
+        return _write(out_dir, results, header)
+
+
+def _write(out_dir: Path, results: list[tuple[dict[str, Any], dict[str, Any]]], header: dict[str, Any],
+           ) -> dict[str, Any]:
+    """The tables, then the signed summary listing them; the old summary goes first, so a run killed
+    (or out of disk) while writing leaves no summary vouching for a mix of old and new tables."""
+    (out_dir / SUMMARY).unlink(missing_ok=True)
+    files.fsync_directory(out_dir)
+    entries = []
+    for name, path in zip(TABLES, TABLE_FILES):
+        columns = {column: np.concatenate([np.asarray(tables[name][column]) for tables, _ in results])
+                   for column in results[0][0][name]}
+        entries.append(store.write_table(out_dir / path, columns))
+    summary = files.signed(analysis.finite_or_none({**header, "tables": entries, "layers": [s for _, s in results]}))
     files.write_json_atomic(out_dir / SUMMARY, summary)
     return summary
+
+
+def _ours(name: str) -> bool:
+    """A name memscan writes in a run folder: the tables, the summary, the report's files, their temporaries."""
+    from memscan import report
+
+    base = name.removesuffix(files.TMP_SUFFIX)
+    return base in (*TABLE_FILES, SUMMARY) or report.owns(base)
+
+
+# ---------------------------------------------------------------- reading a run folder
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """summary.json, refused in one line unless it is a signed record of this format of sound shape."""
+    run_dir = Path(run_dir)
+    path = run_dir / SUMMARY
+    if not path.exists():
+        if any((run_dir / name).exists() or files.tmp_path(run_dir / name).exists() for name in TABLE_FILES):
+            raise DataError(f"'{run_dir}' holds an incomplete run (no {SUMMARY} vouches for its tables): "
+                            "rerun `memscan query`")
+        raise DataError(f"'{run_dir}' is not a memscan run folder: it has no {SUMMARY} (run `memscan query`)")
+    summary = files.read_record(path, "memscan run", {"format": str, "format_version": int})
+    if summary["format"] != FORMAT:
+        raise DataError(f"{path} is not a memscan run summary (format '{summary['format']}')")
+    if summary["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {summary['format_version']}; this memscan reads version "
+                        f"{FORMAT_VERSION} (earlier runs carry no checksums): rerun `memscan query`")
+    files.check_signature(summary, path)
+    _check_shape(summary, path)
+    return summary
+
+
+def _check_shape(summary: dict[str, Any], path: Path) -> None:
+    """Every field that loading and the report use, of its type (the signature says memscan wrote it)."""
+    fields = {"index": str, "queries": str, "settings": dict, "queries_are_patterns": bool, "tables": list,
+              "layers": list}
+    for key, kinds in fields.items():
+        files.require(summary, key, kinds, path)
+    for key, kinds in {"split": str, "k": int, "beta": (int, float)}.items():
+        files.require(summary["settings"], key, kinds, path)
+    for entry in summary["tables"]:
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: a table entry must be an object; got {entry!r:.60}")
+        files.plain_name(files.require(entry, "name", str, path), path)
+        files.require(entry, "bytes", int, path)
+        files.require(entry, "sha256", str, path)
+    if sorted(entry["name"] for entry in summary["tables"]) != sorted(TABLE_FILES):
+        raise DataError(f"{path} lists the tables {[e['name'] for e in summary['tables']]}; "
+                        f"a run has {list(TABLE_FILES)}")
+    if not summary["layers"]:
+        raise DataError(f"{path} lists no layers")
+    for layer in summary["layers"]:
+        if not isinstance(layer, dict):
+            raise DataError(f"{path}: a layer's summary must be an object; got {layer!r:.60}")
+        for key, kinds in {"layer": int, "r_star": (int, float), "typical_radius": (int, float)}.items():
+            files.require(layer, key, kinds, path)
+
+
+def verify(run_dir: str | Path) -> list[str]:
+    """Every problem found in a run folder: its summary, and each table's size and sha256."""
+    try:
+        summary = read_summary(run_dir)
+    except DataError as exc:
+        return [str(exc)]
+    problems = [files.file_problem(Path(run_dir), entry, "table") for entry in summary["tables"]]
+    return [problem for problem in problems if problem]
 
 
 @dataclass
@@ -263,11 +407,8 @@ class RunTables:
 
 
 def load(run_dir: str | Path) -> RunTables:
-    """Open a `memscan query` run folder for analysis in pandas."""
+    """Open a `memscan query` run folder for analysis in pandas, every table checked against its summary entry."""
     run_dir = Path(run_dir)
-    if not (run_dir / SUMMARY).exists():
-        raise DataError(f"'{run_dir}' is not a memscan run folder: it has no {SUMMARY} (run `memscan query`)")
-    summary = json.loads((run_dir / SUMMARY).read_text())
-    if summary.get("format") != FORMAT:
-        raise DataError(f"{run_dir / SUMMARY} is not a memscan run summary")
-    return RunTables(summary, *(store.read_table(run_dir / f"{name}.parquet").to_pandas() for name in TABLES))
+    summary = read_summary(run_dir)
+    paths = {entry["name"]: files.check_file(run_dir, entry, "table") for entry in summary["tables"]}
+    return RunTables(summary, *(store.read_table(paths[name]).to_pandas() for name in TABLE_FILES))

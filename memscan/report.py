@@ -1,4 +1,8 @@
-"""`memscan report`: PNG plots and one offline HTML page from a `memscan query` run folder."""
+"""`memscan report`: PNG plots and one offline HTML page from a `memscan query` run folder.
+
+Every value on the page comes from files (summary.json, whose strings a user may have
+chosen: split names, paths), so every one is escaped.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from memscan import files
 from memscan.query import RunTables, load
 
 log = logging.getLogger(__name__)
 
 PAGE = "report.html"
+IMAGES = ("nearest_distances.png", "subset_histograms.png", "coverage.png", "distance_vs_nll.png",
+          "radius_by_layer.png")
+SATURATION_DIR = "saturation"   # a `memscan saturation` folder placed in the run folder is drawn too
 
 # (path in a layer's summary, label, what it tests): one row of the page each.
 ROWS: list[tuple[str, str, str]] = [
@@ -48,14 +56,22 @@ def _get(summary: dict[str, Any], path: str) -> Any:
     return value
 
 
+def owns(name: str) -> bool:
+    """Whether `memscan report` writes `name` into a run folder."""
+    return name in (PAGE, *IMAGES, SATURATION_DIR)
+
+
 def _format(value: Any) -> str:
+    """A summary value as escaped HTML text: numbers formatted, anything else as its string."""
     if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return html.escape(str(value))
+        text = "n/a"
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return html.escape(text, quote=True)
 
 
 def _plots(run: RunTables, folder: Path) -> list[str]:
@@ -71,6 +87,8 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     def save(fig: Any, name: str) -> None:
         names.append(_save(fig, folder / name))
 
+    distances_png, subsets_png, coverage_png, loss_png, depth_png = IMAGES
+
     h = run.histograms[run.histograms.layer == layer]
     fig, ax = plt.subplots(figsize=(7, 4))
     for table, style in (("query_nearest", "-"), ("pattern_nearest_100", "--")):
@@ -81,7 +99,7 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
         ax.text(x, ax.get_ylim()[1] * 0.95, f" {label}", va="top")
     ax.set(xlabel="nearest-neighbour distance", ylabel="count", title=f"Nearest distances, layer {layer}")
     ax.legend()
-    save(fig, "nearest_distances.png")
+    save(fig, distances_png)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for table in sorted(t for t in h.table.unique() if t.startswith("pattern_nearest_")):
@@ -90,7 +108,7 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     ax.axvline(2 * r_star, color="k", linestyle=":", linewidth=1)
     ax.set(xlabel="nearest-other distance s_i", ylabel="count", title="Pattern spacing over subsets (the paper's 25-100%)")
     ax.legend()
-    save(fig, "subset_histograms.png")
+    save(fig, subsets_png)
 
     c = run.coverage[run.coverage.layer == layer]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -99,13 +117,13 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     ax.axvline(last["typical_radius"], color="r", linestyle="--", linewidth=1, label="typical radius")
     ax.set(xlabel="ball radius", ylabel="fraction of queries covered", ylim=(0, 1.02), title="A2 coverage")
     ax.legend()
-    save(fig, "coverage.png")
+    save(fig, coverage_png)
 
     q = run.queries[(run.queries.layer == layer) & np.isfinite(run.queries.nll)]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(q.nearest_dist, q.nll, s=6, alpha=0.5)
     ax.set(xlabel="distance to nearest pattern", ylabel="next-token loss (nats)", title="Distance against loss")
-    save(fig, "distance_vs_nll.png")
+    save(fig, loss_png)
 
     layers = [s["layer"] for s in run.summary["layers"]]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -113,7 +131,7 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     ax.plot(layers, [s["r_star"] for s in run.summary["layers"]], linestyle=":", label="r*")
     ax.set(xlabel="layer", ylabel="radius", title="Radius through depth")
     ax.legend()
-    save(fig, "radius_by_layer.png")
+    save(fig, depth_png)
     return names
 
 
@@ -167,33 +185,40 @@ def _save(fig: Any, path: Path) -> str:
 
 
 def render(run_dir: str | Path) -> Path:
-    """Write the plots and report.html into the run folder; returns the page's path."""
+    """Write the plots and report.html into the run folder (its tables checked first); returns the page's path."""
     run_dir = Path(run_dir)
     run = load(run_dir)
-    images = _plots(run, run_dir)
-    layers = run.summary["layers"]
-    header = "".join(f"<th>layer {s['layer']}</th>" for s in layers)
+    with files.folder_lock(run_dir, "RUN_DIR"):
+        images = _plots(run, run_dir)
+        saturation_dir = run_dir / SATURATION_DIR
+        saturation = render_saturation(saturation_dir) if (saturation_dir / "summary.json").exists() else []
+        path = run_dir / PAGE
+        files.tmp_path(path).write_text(_page(run.summary, images, [f"{SATURATION_DIR}/{n}" for n in saturation]))
+        files.commit_file(files.tmp_path(path), path)
+    log.info("report: %s", path)
+    return path
+
+
+def _page(summary: dict[str, Any], images: list[str], saturation: list[str]) -> str:
+    """The HTML page: one row per ROWS entry and one column per layer, then the figures; all text escaped."""
+    layers, settings = summary["layers"], summary["settings"]
+    header = "".join(f"<th>layer {_format(s['layer'])}</th>" for s in layers)
     body = "".join(
         f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{_format(_get(s, path))}</td>' for s in layers)}"
         f"<td class='why'>{html.escape(why)}</td></tr>" for path, label, why in ROWS)
-    figures = "".join(f"<figure><img src='{name}' alt='{name}'></figure>" for name in images)
-    saturation_dir = run_dir / "saturation"
-    if (saturation_dir / "summary.json").exists():
+    figures = "".join(f"<figure><img src='{_format(name)}' alt='{_format(name)}'></figure>" for name in images)
+    if saturation:
         figures += "<h2>Norm growth and saturation</h2>" + "".join(
-            f"<figure><img src='saturation/{name}' alt='{name}'></figure>" for name in render_saturation(saturation_dir))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>memscan report</title>
+            f"<figure><img src='{_format(name)}' alt='{_format(name)}'></figure>" for name in saturation)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>memscan report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd;
 text-align:right}}td:first-child,.why{{text-align:left}}.why{{color:#555;font-size:90%}}img{{max-width:100%}}</style>
 </head><body><h1>memscan report</h1>
-<p>Index <code>{html.escape(run.summary['index'])}</code>, queries <code>{html.escape(run.summary['queries'])}</code>
-(split <code>{html.escape(run.summary['settings']['split'])}</code>), k = {run.summary['settings']['k']},
-beta = {run.summary['settings']['beta']}.</p>
+<p>Index <code>{_format(summary['index'])}</code>, queries <code>{_format(summary['queries'])}</code>
+(split <code>{_format(settings['split'])}</code>{', each leaving its own row out' * summary['queries_are_patterns']}),
+k = {_format(settings['k'])}, beta = {_format(settings['beta'])}.</p>
 <table><tr><th>quantity</th>{header}<th>what it tests</th></tr>{body}</table>
 {figures}</body></html>"""
-    path = run_dir / PAGE
-    path.write_text(page)
-    log.info("report: %s", path)
-    return path
 
 
 def render_assoc(folder: str | Path) -> list[str]:

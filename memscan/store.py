@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memscan.errors import DataError, InputError
-from memscan.files import commit_file, sha256_of, write_json_atomic
+from memscan.files import commit_file, file_entry, sha256_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -410,17 +410,19 @@ def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequ
     return manifest
 
 
-def write_table(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> None:
-    """Write a plain result table (neighbours, queries, patterns, histograms) atomically."""
+def write_table(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write a plain result table (neighbours, queries, patterns, histograms) atomically and fsynced;
+    returns its entry (name, bytes, sha256) for the record that will vouch for it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table({name: np.asarray(values) for name, values in columns.items()}), tmp,
                    compression="zstd")
     commit_file(tmp, path)
+    return file_entry(path)
 
 
 def read_table(path: str | os.PathLike[str]) -> pa.Table:
-    """Read a result table written by `write_table`."""
+    """Read a result table written by `write_table` (check it against its entry first: `files.check_file`)."""
     try:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:

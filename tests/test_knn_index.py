@@ -123,15 +123,22 @@ def test_an_existing_index_is_kept_unless_overwrite(small, tmp_path):
     build(small, tmp_path / "idx")
     with pytest.raises(MemscanError, match="already holds an index"):
         build(small, tmp_path / "idx", IndexSettings(factory="HNSW16"))
-    assert build(small, tmp_path / "idx", IndexSettings(factory="HNSW16"), overwrite=True)["factory"] == "HNSW16"
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "index.json", "row_ids.npy"]
+    info = build(small, tmp_path / "idx", IndexSettings(factory="HNSW16"), overwrite=True)
+    assert info["factory"] == "HNSW16"
+    build_id = info["shards"][0]["index"]["name"].split(".")[1]   # beside the old files, never over them
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        ".memscan.lock", f"index.{build_id}.faiss", "index.json", f"row_ids.{build_id}.npy"]
+    assert build(small, tmp_path / "idx", overwrite=True)["shards"][0]["index"]["name"] == "index.faiss"
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        ".memscan.lock", "index.faiss", "index.json", "row_ids.npy"]
 
 
 def test_a_sharded_index_answers_as_one_index(small, tmp_path):
     settings = IndexSettings(factory="IVF16,Flat", nprobe=3, train_size=700, seed=3, eval_recall=100)
     whole = build(small, tmp_path / "whole", settings)
     sharded = build(small, tmp_path / "sharded", replace(settings, shards=3))
-    assert [entry["index"] for entry in sharded["shards"]] == ["shard-000.faiss", "shard-001.faiss", "shard-002.faiss"]
+    assert [entry["index"]["name"] for entry in sharded["shards"]] == [
+        "shard-000.faiss", "shard-001.faiss", "shard-002.faiss"]
     assert sum(entry["ntotal"] for entry in sharded["shards"]) == sharded["ntotal"] == 2_600
     assert [entry["ntotal"] for entry in sharded["shards"]] == [867, 866, 867]   # the split's rows, in thirds
     assert sharded["recall"] == whole["recall"]
@@ -143,9 +150,11 @@ def test_a_sharded_index_answers_as_one_index(small, tmp_path):
     for a, b in zip(one.self_join(4, batch_rows=500), three.self_join(4, batch_rows=500)):
         np.testing.assert_array_equal(a, b)
     (tmp_path / "sharded" / "mine.faiss").write_text("a user's file")
-    build(small, tmp_path / "sharded", settings, overwrite=True)   # fewer shards: no stale shard files stay
+    with pytest.raises(MemscanError, match=r"holds files memscan did not write \(mine.faiss\)"):
+        build(small, tmp_path / "sharded", settings, overwrite=True)
+    build(small, tmp_path / "sharded", settings, overwrite=True, allow_other_files=True)   # fewer shards
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
-        "index.faiss", "index.json", "mine.faiss", "row_ids.npy"]
+        ".memscan.lock", "index.faiss", "index.json", "mine.faiss", "row_ids.npy"]   # no stale shard files stay
     test_only = build(small, tmp_path / "test_split", IndexSettings(split="test", shards=2))   # rows 2600-2999
     assert [entry["ntotal"] for entry in test_only["shards"]] == [200, 200]
     with pytest.raises(MemscanError, match="--shards 401 is more than the 400 vectors of split 'test'"):
@@ -153,15 +162,14 @@ def test_a_sharded_index_answers_as_one_index(small, tmp_path):
     assert not (tmp_path / "too_many").exists()
 
 
-def test_an_index_written_before_shards_existed_still_loads(small, tmp_path):
-    build(small, tmp_path / "idx", IndexSettings(factory="IVF16,Flat", nprobe=4, train_size=700))
-    _, Q = vectors(small, "test")
-    expected = KnnIndex.load(tmp_path / "idx").search(Q, 3)
+def test_an_index_of_format_version_1_is_refused_with_a_rebuild_hint(small, tmp_path):
+    build(small, tmp_path / "idx")
     info = json.loads((tmp_path / "idx" / "index.json").read_text())
-    del info["shards"], info["engine"]
+    info["format_version"] = 1   # indexes before checksums: nothing they hold can be checked
+    del info["self_sha256"]
     (tmp_path / "idx" / "index.json").write_text(json.dumps(info))
-    for a, b in zip(KnnIndex.load(tmp_path / "idx").search(Q, 3), expected):
-        np.testing.assert_array_equal(a, b)
+    with pytest.raises(MemscanError, match="has format version 1; this memscan reads version 2.*--overwrite"):
+        KnnIndex.load(tmp_path / "idx")
 
 
 def test_take_reads_rows_in_the_order_asked(small):

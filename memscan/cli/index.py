@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.options import allow_other_files
 from memscan.cli.ray_flags import ray_flags, ray_options
 
 
@@ -24,16 +25,19 @@ from memscan.cli.ray_flags import ray_flags, ray_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True,
               help="Copies of the trained index, each over one range of rows (with --engine ray: one per actor).")
-@click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an index already in --out (once the new one is whole: a kill leaves one of them).")
+@allow_other_files
 @ray_flags
-def index(data_dir: str, out: str, overwrite: bool, engine: str, address: str | None, num_workers: int,
-          gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
-    """Build a FAISS index (GPU when present) and record its provenance in index.json."""
+def index(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, engine: str, address: str | None,
+          num_workers: int, gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
+    """Build a FAISS index (GPU when present) and record its provenance and checksums in index.json."""
     from memscan.knn.index import IndexSettings, build
 
+    index_settings = IndexSettings(**settings)  # type: ignore[arg-type]  # checked by the library
     options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
-    info = build(data_dir, out, IndexSettings(**settings), overwrite=overwrite,  # type: ignore[arg-type]
-                 ray_options=options)
+    info = build(data_dir, out, index_settings, overwrite=overwrite, ray_options=options,
+                 allow_other_files=allow_other_files)
     shards = len(info["shards"])
     click.echo(f"index     {out}: {info['ntotal']:,} vectors of n={info['n']}, {info['factory']} ({info['metric']}), "
                f"{info['device']}{f', {shards} shards' if shards > 1 else ''}{' on Ray' * (options is not None)}, "

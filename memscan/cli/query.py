@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.options import allow_other_files
 from memscan.cli.ray_flags import ray_flags, ray_options
 
 
@@ -19,20 +20,27 @@ from memscan.cli.ray_flags import ray_flags, ray_options
 @click.option("--epsilon", type=float, default=None, help="Retrieval tolerance [default: 1% of median s_i].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]))
 @click.option("--seed", type=int, default=0, show_default=True)
+@allow_other_files
 @ray_flags
-def query(index_dir: str, queries_dir: str, out: str, engine: str, address: str | None, num_workers: int,
-          gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
+def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, engine: str, address: str | None,
+          num_workers: int, gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Nearest-neighbour tables, assumption tests A1-A3, energies and the cross-entropy floor."""
     from memscan.query import QuerySettings, run
 
+    query_settings = QuerySettings(**settings)  # type: ignore[arg-type]  # checked by the library
     options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
-    summary = run(index_dir, queries_dir, out, QuerySettings(**settings), ray_options=options)  # type: ignore[arg-type]
+    summary = run(index_dir, queries_dir, out, query_settings, ray_options=options, allow_other_files=allow_other_files)
+    if summary["queries_are_patterns"]:
+        click.echo(f"queries   split '{query_settings.split}' is the index's own: each query leaves its own row "
+                   "out (leave-one-out), so nearest distances are to the nearest OTHER pattern")
     for s in summary["layers"]:
         click.echo(
-            f"layer {s['layer']:>3}: typical radius {s['typical_radius']:.3g} vs r* {s['r_star']:.3g} "
-            f"({s['typical_over_r_star']:.2f}x); A2 coverage {s['A2']['coverage_at_typical']:.1%}; "
-            f"A3 disjoint at r* {s['A3']['disjoint_at_r_star']:.1%}; A1 retrieval {s['A1']['retrieval_rate']:.1%}; "
-            f"floor {s['floor']['predicted_floor']:.3g} vs held-out loss {_nats(s['A1']['test_loss'])}")
+            f"layer {s['layer']:>3}: typical radius {_number(s['typical_radius'])} vs r* {_number(s['r_star'])} "
+            f"({_number(s['typical_over_r_star'], '.2f')}x); "
+            f"A2 coverage {_number(s['A2']['coverage_at_typical'], '.1%')}; "
+            f"A3 disjoint at r* {_number(s['A3']['disjoint_at_r_star'], '.1%')}; "
+            f"A1 retrieval {_number(s['A1']['retrieval_rate'], '.1%')}; "
+            f"floor {_number(s['floor']['predicted_floor'])} vs held-out loss {_number(s['A1']['test_loss'])}")
     click.echo(f"run       {out} (next: `memscan report {out}`)")
 
 
@@ -45,5 +53,6 @@ def report(run_dir: str) -> None:
     click.echo(f"report    {render(run_dir)}")
 
 
-def _nats(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+def _number(value: float | None, spec: str = ".3g") -> str:
+    """A summary number for the terminal; None (undefined for this data) as n/a."""
+    return "n/a" if value is None else format(value, spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ T = TypeVar("T")
 METRICS = ("l2", "ip")
 GPU_MAX_K = 2048  # faiss-gpu's limit on k (and nprobe) per search
 RECOMPUTE_ROWS = 512  # query rows per exact recomputation: (512, k, n) float32 stays near the cache
+# RMS vector norms accepted: float32 squared distances of vectors at these scales neither
+# underflow (1e-30 vectors: every neighbour at distance 0) nor overflow (1e20: Inf).
+NORM_RANGE = (1e-12, 1e12)
 
 
 class Backend:
@@ -40,6 +44,19 @@ class Backend:
 
     def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+
+def faiss_metric_of(metric: str) -> int:
+    """FAISS's constant for a metric of METRICS."""
+    import faiss
+
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def faiss_reason(exc: RuntimeError) -> str:
+    """The informative part of a FAISS error: its message's last line (the rest is a C++ trace)."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
 
 
 @functools.cache
@@ -61,7 +78,7 @@ class FaissBackend(Backend):
         self.name = "faiss-gpu" if gpu else "faiss-cpu"
 
     def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        faiss_metric = self.faiss.METRIC_L2 if metric == "l2" else self.faiss.METRIC_INNER_PRODUCT
+        faiss_metric = faiss_metric_of(metric)
         if self.gpu and k <= GPU_MAX_K:
             return self.faiss.knn_gpu(self.resources, xq, xb, k, metric=faiss_metric)
         if self.gpu:
@@ -272,6 +289,30 @@ def check_finite(X: np.ndarray, where: str) -> None:
     if not np.isfinite(X).all():
         rows = int((~np.isfinite(X)).any(axis=1).sum())
         raise DataError(f"{rows} vectors of {where} hold NaN or Inf; they cannot be indexed")
+
+
+def rms_norm(X: np.ndarray) -> float:
+    """sqrt(mean ||x||^2) of the rows of X (m, n), computed without overflow or underflow at any scale."""
+    largest = float(np.abs(X).max()) if X.size else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    scaled = X / np.float32(largest)   # in [-1, 1]: squares neither overflow nor lose the vectors' scale
+    return largest * math.sqrt(float(np.einsum("ij,ij->i", scaled, scaled, dtype=np.float64).mean()))
+
+
+def check_scale(X: np.ndarray, where: str) -> None:
+    """Refuses vectors whose RMS norm lies outside NORM_RANGE: float32 squared distances would
+    underflow to 0 (every neighbour at distance 0) or overflow to Inf there."""
+    check_rms(rms_norm(X), where)
+
+
+def check_rms(rms: float, where: str) -> None:
+    """Refuses an RMS vector norm outside NORM_RANGE, saying the value and the factor that fixes it."""
+    low, high = NORM_RANGE
+    if not low <= rms <= high:
+        fix = f"multiply them by about {1 / rms:.0e}" if rms > 0 else "all of them are zero"
+        raise DataError(f"the vectors of {where} have RMS norm {rms:.3g}; memscan computes distances in float32 "
+                        f"and needs it in [{low:g}, {high:g}]; rescale the vectors ({fix})")
 
 
 def array_blocks(ids: np.ndarray, X: np.ndarray, block_rows: int) -> Callable[[], Iterator[Block]]:

@@ -3,15 +3,17 @@
 An index folder holds `index.faiss` (always a CPU index), `row_ids.npy` (FAISS id i is
 dataset row `row_ids[i]`) and `index.json` (factory and why it was chosen, metric,
 dimension, count, the dataset manifest's sha256, device, build parameters and times,
-search parameters, recall against exact search, and the files of every shard). A
-sharded index (`--shards N`) holds `shard-000.faiss` and `shard-000.row_ids.npy`, ...
-instead: copies of one trained index filled with consecutive row ranges, searched as one.
+search parameters, recall against exact search, and the files of every shard with
+their sizes and sha256, the whole record signed by its `self_sha256`). A sharded index
+(`--shards N`) holds `shard-000.faiss` and `shard-000.row_ids.npy`, ... instead: copies
+of one trained index filled with consecutive row ranges, searched as one. An index built
+to replace another puts a build id in its file names (`index.1a2b3c4d.faiss`), so the two
+never share a file: index.json, replaced last and atomically, says which files are the index.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -24,16 +26,24 @@ import numpy as np
 from memscan import files, store
 from memscan.errors import DataError, InputError
 from memscan.knn import exact
-from memscan.knn.shards import (UNSHARDED, LocalShards, Shard, Shards, fill_shard, load_shard, remove_stale_files,
+from memscan.knn.shards import (OWN_FILE, LocalShards, Shard, Shards, entry_names, file_names, fill_shard, load_shard,
                                 row_ranges)
 
 log = logging.getLogger(__name__)
 
-FORMAT, FORMAT_VERSION = "memscan.index", 1
+FORMAT, FORMAT_VERSION = "memscan.index", 2   # 2: every file checksummed, the record signed
 INFO_FILE = "index.json"
+DEVICES = ("auto", "cpu", "gpu")
+SEARCH_PARAMS = ("nprobe", "efSearch")
 FLAT_MAX = 50_000            # below this, exact search costs less than training an IVF
 MIN_TRAIN_PER_LIST = 39      # FAISS warns below 39 training points per centroid
 TRAIN_PER_LIST = 256         # default sample: FAISS's own cap on points per centroid
+
+
+def at_least(flag: str, value: int | None, minimum: int) -> None:
+    """Refuses an integer setting below `minimum`, naming its flag; None (the default) passes."""
+    if value is not None and value < minimum:
+        raise InputError(f"{flag} must be at least {minimum}; got {value}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,18 @@ class IndexSettings:
     recall_k: int = 10
     shards: int = 1                  # copies of the trained index, each over one range of rows
 
+    def check(self) -> None:
+        """Every value against its range, once, naming the flag; None means the default, never 0."""
+        if self.metric not in exact.METRICS:
+            raise InputError(f"--metric must be l2 or ip; got '{self.metric}'")
+        if self.device not in DEVICES:
+            raise InputError(f"--device must be auto, cpu or gpu; got '{self.device}'")
+        for flag, value, minimum in (("--train-size", self.train_size, 1), ("--seed", self.seed, 0),
+                                     ("--nprobe", self.nprobe, 1), ("--ef-search", self.ef_search, 1),
+                                     ("--eval-recall", self.eval_recall, 0), ("--recall-k", self.recall_k, 1),
+                                     ("--shards", self.shards, 1)):
+            at_least(flag, value, minimum)
+
 
 def auto_factory(count: int) -> tuple[str, str]:
     """FAISS's guidelines: exact while it pays, then IVF with nlist in [4, 16] x sqrt(count).
@@ -69,33 +91,29 @@ def auto_factory(count: int) -> tuple[str, str]:
                                 f"count / {MIN_TRAIN_PER_LIST} = {most:.0f}")
 
 
-def _faiss_metric(metric: str) -> int:
-    import faiss
-
-    if metric not in exact.METRICS:
-        raise InputError(f"--metric must be l2 or ip; got '{metric}'")
-    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-
-
 def _make_index(factory: str, n: int, metric: str) -> Any:
     import faiss
 
     try:
-        return faiss.index_factory(n, factory, _faiss_metric(metric))
+        return faiss.index_factory(n, factory, exact.faiss_metric_of(metric))
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise InputError(f"--factory '{factory}' is not a FAISS factory string FAISS accepts ({reason})") from None
+        raise InputError(f"--factory '{factory}' is not a FAISS factory string FAISS accepts "
+                         f"({exact.faiss_reason(exc)})") from None
 
 
 def _train_sample(dataset: store.ActivationDataset, split: str, layer: int, count: int, size: int,
                   seed: int) -> np.ndarray:
     """A seeded uniform sample of `size` of the `count` vectors, gathered in one streaming pass."""
+    from tqdm.auto import tqdm
+
     chosen = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
     sample, seen, filled = np.empty((size, dataset.n), np.float32), 0, 0
-    for X, _ in dataset.iter_batches(split=split, layer=layer):
-        lo, hi = np.searchsorted(chosen, [seen, seen + len(X)])
-        sample[filled:filled + hi - lo] = X[chosen[lo:hi] - seen]
-        filled, seen = filled + hi - lo, seen + len(X)
+    with tqdm(total=count, desc="training sample", unit="vec", unit_scale=True, disable=None, leave=False) as bar:
+        for X, _ in dataset.iter_batches(split=split, layer=layer):
+            lo, hi = np.searchsorted(chosen, [seen, seen + len(X)])
+            sample[filled:filled + hi - lo] = X[chosen[lo:hi] - seen]
+            filled, seen = filled + hi - lo, seen + len(X)
+            bar.update(len(X))
     return sample
 
 
@@ -125,22 +143,174 @@ def _open_shards(makers: list[functools.partial[Shard]], metric: str, device: st
     return shards, ray_runner.RayEngine(search, search.worker_device(device))
 
 
-def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
-          overwrite: bool = False, ray_options: Any = None) -> dict[str, Any]:
-    """Build, evaluate and save an index over one split and layer of a dataset; returns index.json.
+# ---------------------------------------------------------------- index.json: read, checked, verified
 
-    With `ray_options` (memscan.engines.ray_runner.RayOptions) each shard is filled by a Ray
-    actor that reads its own rows and writes its own files; `out_dir` must be on a file
-    system every worker sees.
+
+def read_info(index_dir: str | Path) -> dict[str, Any]:
+    """index.json, refused in one line unless it is a signed record of this format of sound shape."""
+    path = Path(index_dir) / INFO_FILE
+    info = files.read_record(path, "memscan index", {"format": str, "format_version": int})
+    if info["format"] != FORMAT:
+        raise DataError(f"{path} is not a memscan index record (format '{info['format']}')")
+    if info["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {info['format_version']}; this memscan reads version "
+                        f"{FORMAT_VERSION} (earlier indexes carry no checksums): rebuild it with "
+                        "`memscan index ... --overwrite`")
+    files.check_signature(info, path)
+    _check_shape(info, path)
+    return info
+
+
+def _check_shape(info: dict[str, Any], path: Path) -> None:
+    """Every field the index is opened with, of its type and range (the signature says memscan wrote it)."""
+    fields = {"factory": str, "metric": str, "n": int, "ntotal": int, "dataset": dict, "shards": list,
+              "search": dict, "recall": (dict, type(None))}
+    for key, kinds in fields.items():
+        files.require(info, key, kinds, path)
+    if info["metric"] not in exact.METRICS:
+        raise DataError(f"{path}: 'metric' must be l2 or ip; got '{info['metric']}'")
+    for key in ("n", "ntotal"):
+        if info[key] < 1:
+            raise DataError(f"{path}: '{key}' must be at least 1; got {info[key]}")
+    for key, kinds in {"path": str, "manifest_sha256": str, "model": str, "layer": int, "split": str}.items():
+        files.require(info["dataset"], key, kinds, path)
+    for name, value in info["search"].items():
+        if name not in SEARCH_PARAMS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{path}: search parameter {name!r} must be nprobe or efSearch, a positive integer; "
+                            f"got {value!r}")
+    if not info["shards"]:
+        raise DataError(f"{path} lists no shards")
+    for entry in info["shards"]:
+        _check_shard_entry(entry, path)
+    if sum(entry["ntotal"] for entry in info["shards"]) != info["ntotal"]:
+        raise DataError(f"{path}: its shards hold {sum(e['ntotal'] for e in info['shards']):,} vectors; "
+                        f"'ntotal' says {info['ntotal']:,}")
+
+
+def _check_shard_entry(entry: Any, path: Path) -> None:
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: a shard entry must be an object; got {entry!r:.60}")
+    files.require(entry, "ntotal", int, path)
+    for key in ("index", "row_ids"):
+        files.require(entry, key, dict, path)
+        files.plain_name(files.require(entry[key], "name", str, path), path)
+        files.require(entry[key], "bytes", int, path)
+        files.require(entry[key], "sha256", str, path)
+
+
+def _dataset_problem(info: dict[str, Any], index_dir: Path) -> str | None:
+    """Why the dataset an index was built from cannot serve it (missing or changed), or None."""
+    data_dir = Path(info["dataset"]["path"])
+    if not (data_dir / store.MANIFEST).is_file():
+        return f"dataset '{data_dir}' that index '{index_dir}' was built from is missing"
+    if manifest_sha256(data_dir) != info["dataset"]["manifest_sha256"]:
+        return f"dataset '{data_dir}' changed since index '{index_dir}' was built; rebuild the index"
+    return None
+
+
+def verify(index_dir: str | Path) -> list[str]:
+    """Every problem found in an index folder: its record, each listed file's size and sha256, its dataset."""
+    index_dir = Path(index_dir)
+    try:
+        info = read_info(index_dir)
+    except DataError as exc:
+        return [str(exc)]
+    problems = [files.file_problem(index_dir, entry[key], what)
+                for entry in info["shards"] for key, what in (("index", "index file"), ("row_ids", "row-id file"))]
+    problems.append(_dataset_problem(info, index_dir))
+    return [problem for problem in problems if problem]
+
+
+def listed_files(index_dir: Path) -> list[str]:
+    """The files the index in `index_dir` lists, when its index.json is sound; [] otherwise.
+
+    Only a signed record is believed: an edited one could name a user's file for removal.
     """
-    import faiss
+    try:
+        info = read_info(index_dir)
+    except DataError:
+        return []
+    return [name for entry in info["shards"] for name in entry_names(entry)]
 
-    started = time.perf_counter()
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
+
+# ---------------------------------------------------------------- build
+
+
+def _claim_folder(out_dir: Path, overwrite: bool, allow_other_files: bool) -> list[str]:
+    """The files of the index `out_dir` already holds (to remove once the new one is whole), after
+    refusing to replace it without `overwrite` and refusing files memscan did not write."""
     if (out_dir / INFO_FILE).exists() and not overwrite:
         raise InputError(f"--out '{out_dir}' already holds an index; choose another folder or pass --overwrite")
-    if settings.shards < 1:
-        raise InputError(f"--shards must be at least 1; got {settings.shards}")
+    replaced = listed_files(out_dir)
+    if not allow_other_files:
+        ours = {INFO_FILE, files.tmp_path(Path(INFO_FILE)).name, *replaced}
+        files.refuse_foreign(out_dir, lambda name: name in ours or bool(OWN_FILE.fullmatch(name)))
+    return replaced
+
+
+def _build_id(taken: set[str], count: int) -> str | None:
+    """None (plain file names) unless those are taken by the index being replaced; then the
+    first 8 hex digits of a fingerprint of the taken names, the first that frees every name."""
+    def names(build_id: str | None) -> set[str]:
+        return {name for shard in range(count) for name in file_names(shard, count, build_id)}
+
+    build_id, attempt = None, 0
+    while taken & names(build_id):
+        attempt += 1
+        build_id = files.fingerprint([sorted(taken), attempt])[:8]
+    return build_id
+
+
+def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: str, layer: int, count: int,
+           settings: IndexSettings) -> tuple[int, float]:
+    """Train `index` on a seeded sample of the split; returns (sample size, seconds)."""
+    lists = nlist(index)
+    minimum = MIN_TRAIN_PER_LIST * (lists or 1)
+    wanted = settings.train_size if settings.train_size is not None else max(minimum, TRAIN_PER_LIST * (lists or 256))
+    train_size = min(count, wanted)
+    if lists and train_size < minimum:
+        hint = "raise --train-size" if count >= minimum else "use fewer lists or --factory Flat"
+        raise InputError(f"IVF with {lists:,} lists needs at least {minimum:,} training vectors "
+                         f"({MIN_TRAIN_PER_LIST} per list); got {train_size:,} of the split's {count:,}; {hint}")
+    started = time.perf_counter()
+    sample = _train_sample(dataset, split, layer, count, train_size, settings.seed)
+    exact.check_finite(sample, f"split '{split}'")
+    exact.check_scale(sample, f"split '{split}' (a training sample of {train_size:,})")
+    log.info("training %s on %d vectors", factory, train_size)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise InputError(f"FAISS could not train '{factory}' on {train_size:,} vectors: "
+                         f"{exact.faiss_reason(exc)}") from None
+    return train_size, time.perf_counter() - started
+
+
+def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
+          overwrite: bool = False, ray_options: Any = None, allow_other_files: bool = False) -> dict[str, Any]:
+    """Build, evaluate and save an index over one split and layer of a dataset; returns index.json.
+
+    The job holds `out_dir` (one job at a time); an index already there is replaced only with
+    `overwrite`, and only once the new one is whole (a kill at any moment leaves the old or the
+    new index loadable). Files memscan did not write are refused unless `allow_other_files`,
+    and never removed. With `ray_options` (memscan.engines.ray_runner.RayOptions) each shard
+    is filled by a Ray actor that reads its own rows and writes its own files; `out_dir` must
+    be on a file system every worker sees.
+    """
+    started = time.perf_counter()
+    settings.check()
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
+    with files.job_folder(out_dir):
+        replaced = _claim_folder(out_dir, overwrite, allow_other_files)
+        info, sharded = _build(data_dir, settings, ray_options)
+        info["shards"] = sharded.save(out_dir, _build_id(set(replaced), len(sharded)))
+        info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
+        return _commit(out_dir, info, replaced)
+
+
+def _build(data_dir: Path, settings: IndexSettings, ray_options: Any) -> tuple[dict[str, Any], Shards]:
+    """The trained, filled and evaluated index in memory (or in Ray actors) and its record, unsaved."""
+    import faiss
+
     problems = store.verify(data_dir)
     if problems:
         raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
@@ -161,33 +331,19 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     if on_gpu:
         index = faiss.index_cpu_to_gpu(backend.resources, 0, index)
 
-    train_seconds, train_size = 0.0, 0
-    if not index.is_trained:
-        minimum = MIN_TRAIN_PER_LIST * (lists or 1)
-        train_size = min(count, settings.train_size or max(minimum, TRAIN_PER_LIST * (lists or 256)))
-        if lists and train_size < minimum:
-            hint = "raise --train-size" if count >= minimum else "use fewer lists or --factory Flat"
-            raise InputError(f"IVF with {lists:,} lists needs at least {minimum:,} training vectors "
-                             f"({MIN_TRAIN_PER_LIST} per list); got {train_size:,} of the split's {count:,}; {hint}")
-        t = time.perf_counter()
-        sample = _train_sample(dataset, settings.split, layer, count, train_size, settings.seed)
-        exact.check_finite(sample, f"split '{settings.split}'")
-        try:
-            index.train(sample)
-        except RuntimeError as exc:
-            raise InputError(f"FAISS could not train '{factory}' on {train_size:,} vectors: "
-                             f"{str(exc).strip().splitlines()[-1]}") from None
-        train_seconds = time.perf_counter() - t
-
+    train_size, train_seconds = (0, 0.0) if index.is_trained else _train(
+        index, factory, dataset, settings.split, layer, count, settings)
     trained = faiss.serialize_index(faiss.index_gpu_to_cpu(index) if on_gpu else index)
     search = _default_search_params(factory, lists, settings)
     t = time.perf_counter()
-    makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search)
-              for rows in row_ranges(dataset.row_ids(settings.split, layer), settings.shards)]
+    row_ids = dataset.row_ids(settings.split, layer)
+    ranges = row_ranges(row_ids, settings.shards)
+    makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search,
+                                int(np.searchsorted(row_ids, rows[1]) - np.searchsorted(row_ids, rows[0])))
+              for rows in ranges]
     sharded, engine = _open_shards(makers, settings.metric, settings.device, ray_options)
     add_seconds = time.perf_counter() - t
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "factory": factory, "factory_reason": reason, "metric": settings.metric,
@@ -201,18 +357,23 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
         "search": search,
         "recall": None,
     }
-    loaded = KnnIndex(sharded, info, dataset, engine)
     if settings.eval_recall:
-        info["recall"] = loaded.recall(settings.eval_recall, settings.recall_k, settings.seed)
-    (out_dir / INFO_FILE).unlink(missing_ok=True)  # index.json comes last: its presence means complete
-    info["shards"] = sharded.save(out_dir)
-    remove_stale_files(out_dir, info["shards"])
-    info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
-    files.write_json_atomic(out_dir / INFO_FILE, info)
-    log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", sharded.ntotal, factory, len(sharded),
-             "s" * (len(sharded) > 1), out_dir, info["build"]["total_seconds"])
-    return info
+        info["recall"] = KnnIndex(sharded, info, dataset, engine).recall(settings.eval_recall, settings.recall_k,
+                                                                          settings.seed)
+    return info, sharded
 
+
+def _commit(out_dir: Path, info: dict[str, Any], replaced: list[str]) -> dict[str, Any]:
+    """Write the signed index.json atomically over the old one (the switch: the new shard files are
+    already fsynced under names the replaced index does not use), then remove the replaced index's files."""
+    info = files.signed(info)
+    files.write_json_atomic(out_dir / INFO_FILE, info)
+    kept = {name for entry in info["shards"] for name in entry_names(entry)}
+    files.remove_owned(out_dir, [name for name in replaced if name not in kept and OWN_FILE.fullmatch(name)])
+    shards = len(info["shards"])
+    log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", info["ntotal"], info["factory"], shards,
+             "s" * (shards > 1), out_dir, info["build"]["total_seconds"])
+    return info
 
 
 def nlist(index: Any) -> int | None:
@@ -228,9 +389,9 @@ def nlist(index: Any) -> int | None:
 def _default_search_params(factory: str, lists: int | None, settings: IndexSettings) -> dict[str, int]:
     params: dict[str, int] = {}
     if lists:
-        params["nprobe"] = min(lists, settings.nprobe or max(8, lists // 16))
+        params["nprobe"] = min(lists, settings.nprobe if settings.nprobe is not None else max(8, lists // 16))
     if "HNSW" in factory:
-        params["efSearch"] = settings.ef_search or 64
+        params["efSearch"] = settings.ef_search if settings.ef_search is not None else 64
     return params
 
 
@@ -245,24 +406,21 @@ class KnnIndex:
 
     @classmethod
     def load(cls, index_dir: str | Path, device: str = "cpu", ray_options: Any = None) -> KnnIndex:
-        """Open an index folder; refuses a stale one.
+        """Open an index folder: index.json checked (signature and shape), every file against its
+        size and sha256, the dataset against the manifest it was built from.
 
         Shards load here (on the GPU with device auto|gpu where faiss sees one) or, with
         `ray_options` (ray_runner.RayOptions), each in a Ray actor, searched in parallel.
         """
         index_dir = Path(index_dir)
-        if not (index_dir / INFO_FILE).exists():
-            raise DataError(f"'{index_dir}' is not a memscan index folder: it has no {INFO_FILE}")
-        info = json.loads((index_dir / INFO_FILE).read_text())
-        if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{index_dir / INFO_FILE} is not a memscan index of format version {FORMAT_VERSION}")
-        data_dir = Path(info["dataset"]["path"])
-        if manifest_sha256(data_dir) != info["dataset"]["manifest_sha256"]:
-            raise DataError(f"dataset '{data_dir}' changed since index '{index_dir}' was built; rebuild the index")
-        entries = info.get("shards") or [UNSHARDED]   # indexes written before shards existed list none
-        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"]) for entry in entries]
+        info = read_info(index_dir)
+        problem = _dataset_problem(info, index_dir)
+        if problem:
+            raise DataError(problem)
+        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"], info["n"], info["metric"])
+                  for entry in info["shards"]]
         sharded, engine = _open_shards(makers, info["metric"], device, ray_options)
-        return cls(sharded, info, store.ActivationDataset(data_dir), engine)
+        return cls(sharded, info, store.ActivationDataset(info["dataset"]["path"]), engine)
 
     @property
     def exact(self) -> bool:
@@ -332,6 +490,7 @@ class KnnIndex:
         if X.shape[1] != self.info["n"]:
             raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
         exact.check_finite(X, "the queries")
+        exact.check_scale(X, "the queries")
         wanted = k + int(query_ids is not None)
         _, ids = self.shards.search(X, wanted)
         return self._finish(X, ids, k, query_ids)
@@ -342,12 +501,17 @@ class KnnIndex:
         IVF indexes on the CPU group the queries by inverted list (faiss.contrib.big_batch_search),
         so each list's codes are scanned once per query batch instead of once per query.
         """
+        from tqdm.auto import tqdm
+
         self.check_k(k, exclude_self=True)
         split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
         parts = []
-        for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
-            _, ids = self.shards.search(X, k + 1, grouped=True)
-            parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
+        with tqdm(total=self.shards.ntotal, desc="self-join", unit="vec", unit_scale=True, disable=None,
+                  leave=False) as progress:
+            for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
+                _, ids = self.shards.search(X, k + 1, grouped=True)
+                parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
+                progress.update(len(X))
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
     def _finish(self, X: np.ndarray, ids: np.ndarray, k: int, query_ids: np.ndarray | None,
@@ -367,19 +531,38 @@ class KnnIndex:
                 np.take_along_axis(np.where(valid, ids, -1), resort, axis=1))
 
     def recall(self, queries: int, k: int, seed: int = 0) -> dict[str, Any]:
-        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns."""
+        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns (`recall_at`)."""
         k = min(k, self.shards.ntotal - 1)
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
         query_ids = self.row_ids[pick]
         X = self.dataset.take(query_ids)
-        _, approx = self.search(X, k, query_ids)
+        approx, _ = self.search(X, k, query_ids)
         split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
         database = dataset_blocks(self.dataset, split, layer)
-        _, _, truth = self.engine.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
-        at_k = np.mean([len(np.intersect1d(a, t)) / k for a, t in zip(approx, truth)])
-        return {"queries": len(query_ids), "k": k, "recall_1_at_1": float(np.mean(approx[:, 0] == truth[:, 0])),
-                "recall_k_at_k": float(at_k), "search": dict(self.info["search"])}
+        _, truth, _ = self.engine.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
+        at_1, at_k = recall_at(approx, truth, self.metric)
+        return {"queries": len(query_ids), "k": k, "recall_1_at_1": at_1, "recall_k_at_k": at_k,
+                "search": dict(self.info["search"])}
+
+
+RECALL_RTOL = 1e-6   # float rounding of one distance computed twice; far below any real gap
+
+
+def recall_at(approx: np.ndarray, truth: np.ndarray, metric: str) -> tuple[float, float]:
+    """(1-recall@1, k-recall@k) of approximate scores (nq, k) against the exact ones (nq, k), by distance.
+
+    An approximate neighbour counts as found when its exact score is as good as the true
+    nearest (@1) or the true k-th (@k), within RECALL_RTOL: an exact duplicate returned in
+    place of its twin, or any of several neighbours tied at the k-th distance, is not a miss.
+    Both arrays hold exact scores (l2: squared distances, smaller is better; ip: larger).
+    """
+    sign = 1.0 if metric == "l2" else -1.0
+    found, best = sign * approx.astype(np.float64), sign * truth.astype(np.float64)   # smaller is better
+    bound = best + RECALL_RTOL * np.abs(best) + np.finfo(np.float32).tiny
+    at_1 = found[:, 0] <= bound[:, 0]
+    at_k = (found <= bound[:, -1:]).sum(axis=1) / truth.shape[1]
+    return float(at_1.mean()), float(at_k.mean())
 
 
 def dataset_blocks(dataset: store.ActivationDataset, split: str, layer: int,

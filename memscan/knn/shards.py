@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import store
+from memscan import files, store
 from memscan.errors import DataError
 from memscan.knn import exact
 
@@ -37,23 +37,28 @@ def row_ranges(row_ids: np.ndarray, count: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-UNSHARDED = {"index": "index.faiss", "row_ids": "row_ids.npy"}
-OWN_FILE = re.compile(r"(index\.faiss|row_ids\.npy|shard-\d{3,}\.(faiss|row_ids\.npy))(\.tmp)?")
+_BUILD_ID = r"(\.[0-9a-f]{8})?"
+# Every name an index folder's files can have (a build id keeps a replacement's names apart
+# from the index it replaces), with memscan's temporaries: what memscan may write there.
+OWN_FILE = re.compile(rf"(index{_BUILD_ID}\.faiss|row_ids{_BUILD_ID}\.npy|shard-\d{{3,}}{_BUILD_ID}\.(faiss|row_ids\.npy))"
+                      rf"({re.escape(files.TMP_SUFFIX)})?")
 
 
-def file_names(shard: int, count: int) -> tuple[str, str]:
-    """(index file, row-id file) of shard `shard` of `count`; an unsharded index keeps plain names."""
+def file_names(shard: int, count: int, build_id: str | None = None) -> tuple[str, str]:
+    """(index file, row-id file) of shard `shard` of `count`; an unsharded index keeps plain names.
+
+    `build_id` (8 hex digits) goes into the names of an index built beside another, so the
+    two never share a file and a kill at any moment leaves one of them whole.
+    """
+    tag = f".{build_id}" if build_id else ""
     if count == 1:
-        return UNSHARDED["index"], UNSHARDED["row_ids"]
-    return f"shard-{shard:03d}.faiss", f"shard-{shard:03d}.row_ids.npy"
+        return f"index{tag}.faiss", f"row_ids{tag}.npy"
+    return f"shard-{shard:03d}{tag}.faiss", f"shard-{shard:03d}{tag}.row_ids.npy"
 
 
-def remove_stale_files(directory: Path, entries: list[dict[str, Any]]) -> None:
-    """Shard files (and temporaries) of an index this one replaced; files of other names stay."""
-    kept = {name for entry in entries for name in (entry["index"], entry["row_ids"])}
-    for path in directory.iterdir():
-        if OWN_FILE.fullmatch(path.name) and path.name not in kept:
-            path.unlink()
+def entry_names(entry: dict[str, Any]) -> list[str]:
+    """The names of the files one shard entry of index.json lists."""
+    return [entry["index"]["name"], entry["row_ids"]["name"]]
 
 
 class Shard:
@@ -98,16 +103,19 @@ class Shard:
         return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
 
     def save(self, directory: str | os.PathLike[str], index_file: str, ids_file: str) -> dict[str, Any]:
-        """Write the CPU index and the row-id map atomically; returns the shard's entry for index.json."""
+        """Write the CPU index and the row-id map, each fsynced and renamed into place; returns the
+        shard's entry for index.json: both files' names, sizes and sha256, and the vector count."""
         import faiss
 
         directory = Path(directory)
-        faiss.write_index(self.index, str(directory / (index_file + ".tmp")))
-        (directory / (index_file + ".tmp")).replace(directory / index_file)
-        with (directory / (ids_file + ".tmp")).open("wb") as f:
-            np.save(f, self.row_ids)
-        (directory / (ids_file + ".tmp")).replace(directory / ids_file)
-        return {"index": index_file, "row_ids": ids_file, "ntotal": int(self.index.ntotal)}
+        index_path, ids_path = directory / index_file, directory / ids_file
+        faiss.write_index(self.index, str(files.tmp_path(index_path)))
+        files.commit_file(files.tmp_path(index_path), index_path)
+        with files.tmp_path(ids_path).open("wb") as f:
+            np.save(f, self.row_ids, allow_pickle=False)
+        files.commit_file(files.tmp_path(ids_path), ids_path)
+        return {"index": files.file_entry(index_path), "row_ids": files.file_entry(ids_path),
+                "ntotal": int(self.index.ntotal)}
 
 
 def _gpu(device: str) -> bool:
@@ -115,13 +123,15 @@ def _gpu(device: str) -> bool:
 
 
 def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str, layer: int, rows: tuple[int, int],
-               params: dict[str, int], device: str = "auto") -> Shard:
+               params: dict[str, int], count: int | None = None, device: str = "auto") -> Shard:
     """A copy of the trained index (faiss.serialize_index) holding the split's vectors at `layer` with row ids in `rows`.
 
     Runs wherever the shard will live (a Ray actor reads its own rows), on the GPU when
-    faiss sees one; `device` as in `exact.choose_backend`.
+    faiss sees one; `device` as in `exact.choose_backend`. `count` (the rows it will hold)
+    sizes the progress bar.
     """
     import faiss
+    from tqdm.auto import tqdm
 
     index = faiss.deserialize_index(trained)
     gpu_index = faiss.index_cpu_to_gpu(exact.gpu_resources(), 0, index) if _gpu(device) else None
@@ -129,27 +139,63 @@ def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str
     flat_on_gpu = gpu_index is not None and isinstance(index, faiss.IndexFlat)
     batch_rows = max(1, rows[1] - rows[0]) if flat_on_gpu else ADD_BATCH_ROWS
     row_ids = []
-    for X, meta in store.ActivationDataset(data_dir).iter_batches(split=split, layer=layer, batch_rows=batch_rows,
-                                                                   rows=rows):
-        exact.check_finite(X, f"split '{split}'")
-        (gpu_index if gpu_index is not None else index).add(X)
-        row_ids.append(meta["row_id"])
+    batches = store.ActivationDataset(data_dir).iter_batches(split=split, layer=layer, batch_rows=batch_rows, rows=rows)
+    with tqdm(total=count, desc="add", unit="vec", unit_scale=True, disable=None, leave=False) as progress:
+        for X, meta in batches:
+            exact.check_finite(X, f"split '{split}'")
+            exact.check_scale(X, f"split '{split}' (rows {meta['row_id'][0]}-{meta['row_id'][-1]})")
+            (gpu_index if gpu_index is not None else index).add(X)
+            row_ids.append(meta["row_id"])
+            progress.update(len(X))
     if gpu_index is not None:
         index = faiss.index_gpu_to_cpu(gpu_index)
     log.debug("filled a shard with rows %d-%d: %d vectors", rows[0], rows[1] - 1, index.ntotal)
     return Shard(index, np.concatenate(row_ids) if row_ids else np.empty(0, np.int64), params, gpu_index)
 
 
-def load_shard(directory: str | os.PathLike[str], entry: dict[str, Any], params: dict[str, int],
-               device: str = "cpu") -> Shard:
-    """One saved shard (an entry of index.json's `shards`), on the GPU with device auto|gpu where faiss sees one."""
+def _read_index(path: Path) -> Any:
+    """A FAISS index file, or one line saying FAISS cannot read it."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise DataError(f"{path} is not an index file FAISS can read ({exact.faiss_reason(exc)}); "
+                        "rebuild the index") from None
+
+
+def _read_row_ids(path: Path) -> np.ndarray:
+    """A row-id map: a plain .npy of int64 row ids (nothing is unpickled), or one line saying why not."""
+    try:
+        row_ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a row-id file memscan wrote ({files.first_line(exc)}); "
+                        "rebuild the index") from None
+    if row_ids.dtype != np.int64 or row_ids.ndim != 1:
+        raise DataError(f"{path} holds {row_ids.dtype} of shape {row_ids.shape}; a row-id file holds int64 (m,); "
+                        "rebuild the index")
+    return row_ids
+
+
+def load_shard(directory: str | os.PathLike[str], entry: dict[str, Any], params: dict[str, int], n: int,
+               metric: str, device: str = "cpu") -> Shard:
+    """One saved shard (an entry of index.json's `shards`), its files checked against their entries
+    and its contents against the index's dimension `n` and `metric`; on the GPU with device
+    auto|gpu where faiss sees one."""
     import faiss
 
     directory = Path(directory)
-    index = faiss.read_index(str(directory / entry["index"]))
-    row_ids = np.load(directory / entry["row_ids"], allow_pickle=False)
-    if len(row_ids) != index.ntotal:
-        raise DataError(f"{directory / entry['row_ids']} maps {len(row_ids)} ids; its index holds {index.ntotal}")
+    index_path = files.check_file(directory, entry["index"], "index file")
+    ids_path = files.check_file(directory, entry["row_ids"], "row-id file")
+    index, row_ids = _read_index(index_path), _read_row_ids(ids_path)
+    if index.d != n or index.metric_type != exact.faiss_metric_of(metric):
+        held = next((name for name in exact.METRICS if exact.faiss_metric_of(name) == index.metric_type),
+                    f"FAISS metric {index.metric_type}")
+        raise DataError(f"{index_path} holds an index of dimension {index.d} and metric {held}; "
+                        f"index.json says dimension {n} and metric {metric}; rebuild the index")
+    if not len(row_ids) == index.ntotal == entry["ntotal"]:
+        raise DataError(f"{ids_path} maps {len(row_ids):,} ids; its index holds {index.ntotal:,} and index.json "
+                        f"says {entry['ntotal']:,}; rebuild the index")
     gpu_index = faiss.index_cpu_to_gpu(exact.gpu_resources(), 0, index) if _gpu(device) else None
     return Shard(index, row_ids, params, gpu_index)
 
@@ -189,9 +235,10 @@ class Shards:
     def set_parameter(self, name: str, value: int) -> None:
         self._each("set_parameter", name, value)
 
-    def save(self, directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-        """Every shard's files in `directory` (shared by all workers); returns index.json's `shards`."""
-        return self._map("save", [(str(directory), *file_names(i, len(self))) for i in range(len(self))])
+    def save(self, directory: str | os.PathLike[str], build_id: str | None = None) -> list[dict[str, Any]]:
+        """Every shard's files in `directory` (shared by all workers), named with `build_id` (see
+        `file_names`); returns index.json's `shards`."""
+        return self._map("save", [(str(directory), *file_names(i, len(self), build_id)) for i in range(len(self))])
 
 
 class LocalShards(Shards):
