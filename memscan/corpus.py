@@ -219,14 +219,32 @@ class HFSource(Source):
                 "text_column": self.text_column, "revision": self.revision}
 
 
-def open_source(spec: str, *, seed: int, text_column: str = "text", split: str = "train",
+HF_DEFAULT_SPLIT = "train"
+
+
+def resolve_split(spec: str, split: str | None) -> str | None:
+    """The split of `--source` to read: for an hf: dataset `split` (None: "train"); other sources
+    have none (None), so giving one is an error rather than silently ignored."""
+    if spec.startswith("hf:"):
+        return split or HF_DEFAULT_SPLIT
+    if split is not None:
+        raise InputError(f"--split applies to hf: sources only; --source '{spec}' has no splits "
+                         f"(got --split {split})")
+    return None
+
+
+def open_source(spec: str, *, seed: int, text_column: str = "text", split: str | None = None,
                 revision: str | None = None) -> Source:
-    """Parse `--source`: `qf[:k=v,...]`, `hf:OWNER/NAME[:CONFIG]`, or a local file or folder."""
+    """Parse `--source`: `qf[:k=v,...]`, `hf:OWNER/NAME[:CONFIG]`, or a local file or folder.
+
+    `split` is the split of an hf: dataset (None: "train"); other sources refuse one.
+    """
+    split = resolve_split(spec, split)
     if spec == "qf" or spec.startswith("qf:"):
         return QFSource(_parse_qf_options(spec[3:]), seed)
     if spec.startswith("hf:"):
         name, _, config_name = spec[3:].partition(":")
-        return HFSource(name, config_name or None, split, text_column, revision)
+        return HFSource(name, config_name or None, split or HF_DEFAULT_SPLIT, text_column, revision)
     path = Path(spec)
     if not path.exists():
         raise InputError(f"--source '{spec}' does not exist (give a file, a folder, 'qf' or 'hf:OWNER/NAME')")

@@ -73,9 +73,8 @@ def run(out: str | Path, quick: bool = False, seed: int = 0) -> DemoResult:
         summary = query.run(index_dir, dataset_dir, run_dir, query.QuerySettings(seed=seed, k=size.k))
     saturation_dir = run_dir / "saturation"
     if (saturation_dir / saturation.SUMMARY).exists():
-        import json
-
-        saturated = json.loads((saturation_dir / saturation.SUMMARY).read_text())
+        saturated = saturation.read_summary(saturation_dir)
     else:
-        saturated = saturation.analyse(str(out / "train"), str(saturation_dir), chunks=4, seed=seed)
+        saturated = saturation.analyse(str(out / "train"), str(saturation_dir),
+                                       saturation.SaturationSettings(chunks=4, seed=seed))
     return DemoResult(trained, dataset_dir, manifest, run_dir, summary, saturated, report.render(run_dir))

@@ -11,7 +11,6 @@ import itertools
 import logging
 import platform
 import queue
-import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from memscan import corpus, files, store
+from memscan import checks, corpus, files, store
 from memscan.errors import InputError, NonFiniteActivationsError
 
 log = logging.getLogger(__name__)
@@ -47,27 +46,24 @@ class ExtractSettings:
     seed: int = 0
     loss: bool = True
     text_column: str = "text"
-    split: str = "train"                 # the split of an hf: dataset to read
+    split: str | None = None             # the split of an hf: dataset to read (None: "train"); other sources have none
     revision: str | None = None
     trust_remote_code: bool = False
     engine: str = "local"                # local | ray (same rows; part of the identity, so never mixed)
 
     def check(self) -> None:
-        """Refuse out-of-range settings with a message that names the flag."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise InputError(message)
-
-        need(self.num_chunks is None or self.num_chunks >= 1, f"--num-chunks must be at least 1; got {self.num_chunks}")
-        need(self.max_documents is None or self.max_documents >= 1,
-             f"--max-documents must be at least 1; got {self.max_documents}")
-        need(self.chunk_tokens >= 1, f"--chunk-tokens must be at least 1; got {self.chunk_tokens}")
-        need(0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1); got {self.test_fraction}")
-        need(self.dtype in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32; got '{self.dtype}'")
-        need(self.vec_dtype in ("auto", *store.VEC_DTYPES), f"--vec-dtype must be auto, float16 or float32; got '{self.vec_dtype}'")
-        need(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}")
-        need(self.shard_rows >= 1, f"--shard-rows must be at least 1; got {self.shard_rows}")
-        need(self.engine in ("local", "ray"), f"--engine must be local or ray; got '{self.engine}'")
+        """Refuse out-of-range settings with one line that names the flag, the range and the value."""
+        checks.at_least("--num-chunks", self.num_chunks, 1)
+        checks.at_least("--max-documents", self.max_documents, 1)
+        checks.at_least("--chunk-tokens", self.chunk_tokens, 1)
+        checks.number("--test-fraction", self.test_fraction, 0, 1)
+        checks.choice("--dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        checks.choice("--vec-dtype", self.vec_dtype, ("auto", *store.VEC_DTYPES))
+        checks.at_least("--batch-size", self.batch_size, 1)
+        checks.at_least("--shard-rows", self.shard_rows, 1)
+        checks.at_least("--seed", self.seed, 0)
+        checks.choice("--engine", self.engine, ("local", "ray"))
+        corpus.resolve_split(self.source, self.split)
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -156,30 +152,33 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__}
 
 
-def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
-    """The manifest to resume from, or None for a fresh start; refuses to clobber another run."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return None
-    if not out.is_dir():
-        raise InputError(f"--out '{out}' exists and is not a folder")
-    ours = [p for p in out.iterdir()
-            if p.name.startswith((store.MANIFEST, "part-"))]  # manifest.json(.tmp), part-*.parquet(.tmp)
-    if not (out / store.MANIFEST).exists():
-        if any(p for p in out.iterdir() if p not in ours):
-            raise InputError(f"--out '{out}' holds files that are not a memscan dataset; choose an empty folder")
-        for p in ours:
-            p.unlink()
-        return None
-    manifest = store.read_manifest(out)
-    if manifest.get("fingerprint") == fingerprint:
+def prepare_output(out: Path, fingerprint: str, overwrite: bool, allow_other_files: bool = False,
+                   ) -> dict[str, Any] | None:
+    """The manifest to resume from, or None for a fresh start in the (existing, locked) folder `out`.
+
+    memscan's files here are manifest.json, the shards it lists and the exact names memscan
+    writes (part-NNNNN.parquet and the temporary names of both); anything else is refused
+    unless `allow_other_files`, and is never removed. Another extraction is replaced only
+    with `overwrite`; stale files of an unfinished start are removed.
+    """
+    manifest = store.read_manifest(out) if (out / store.MANIFEST).exists() else None
+    listed = {shard["name"] for shard in manifest["shards"]} if manifest else set()
+
+    def ours(name: str) -> bool:
+        return store.is_dataset_file(name, listed) and not (out / name).is_dir()
+
+    if not allow_other_files:
+        files.refuse_foreign(out, ours)
+    if manifest is not None and manifest["fingerprint"] == fingerprint:
         return manifest
-    if not overwrite:
+    if manifest is not None and not overwrite:
         raise InputError(f"--out '{out}' holds another extraction (different settings, model or data); "
                          "choose another folder or pass --overwrite")
-    log.warning("--overwrite: removing the extraction in %s", out)
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if manifest is not None:
+        log.warning("--overwrite: removing the extraction in %s", out)
+    # The manifest goes first: a removal cut short never leaves a manifest listing missing shards.
+    stale = sorted((p.name for p in out.iterdir() if ours(p.name)), key=lambda name: name != store.MANIFEST)
+    files.remove_owned(out, stale)
     return None
 
 
@@ -286,19 +285,26 @@ def _no_chunk_error(source: str, stats: corpus.CorpusStats, chunk_tokens: int) -
                       f"{stats.documents:,} has {stats.longest_document_tokens:,}); lower --chunk-tokens")
 
 
-def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
+def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False, allow_other_files: bool = False,
             ray_options: Any = None) -> dict[str, Any]:
     """Run (or resume, or find complete) one extraction into `out`; returns its manifest.
 
-    With `settings.engine == "ray"` planning runs in Ray tasks and the forward passes in Ray
-    actors (`ray_options`: memscan.engines.ray_runner.RayOptions); ordering and writing stay here.
+    The job holds `out` (an exclusive lock) from start to end. With `settings.engine == "ray"`
+    planning runs in Ray tasks and the forward passes in Ray actors (`ray_options`:
+    memscan.engines.ray_runner.RayOptions); ordering and writing stay here.
     """
+    settings.check()
+    with files.job_folder(Path(out)) as folder:
+        return _extract_into(folder, settings, overwrite, allow_other_files, ray_options)
+
+
+def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_other_files: bool,
+                  ray_options: Any) -> dict[str, Any]:
+    """`extract` in a folder this job holds."""
     import torch
 
     from memscan import models
 
-    settings.check()
-    out = Path(out)
     source = corpus.open_source(settings.source, seed=settings.seed, text_column=settings.text_column,
                                 split=settings.split, revision=settings.revision)
     device = models.resolve_device(settings.device)
@@ -313,10 +319,11 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
     dtype_name = {v: k for k, v in models.DTYPES.items()}[dtype]
     vec_dtype = settings.vec_dtype if settings.vec_dtype != "auto" else (
         "float32" if dtype == torch.float32 else "float16")
-    resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype)
+    resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype,
+                       split=corpus.resolve_split(settings.source, settings.split))
     identity = {"settings": asdict(resolved), "model": loaded.info, "source": source.describe()}
     fingerprint = files.fingerprint(identity)
-    manifest = prepare_output(out, fingerprint, overwrite)
+    manifest = prepare_output(out, fingerprint, overwrite, allow_other_files)
     if manifest is not None and manifest["complete"]:
         log.info("%s is already complete", out)
         return manifest
@@ -349,13 +356,11 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
         chunks = itertools.chain([first], chunks)
 
     if manifest is None:
-        manifest = {
-            "format": store.FORMAT, "format_version": store.FORMAT_VERSION, "complete": False,
-            "fingerprint": fingerprint, **identity, "n": loaded.hidden_size, "layers": layers,
-            "positions": settings.positions, "chunk_tokens": settings.chunk_tokens, "dtype": dtype_name,
-            "vec_dtype": vec_dtype, "seed": settings.seed, "rows_per_chunk": len(layers) * len(positions),
-            "versions": _versions(), "shards": [],
-        }
+        manifest = store.new_manifest(
+            fingerprint=fingerprint, **identity, n=loaded.hidden_size, layers=layers, positions=settings.positions,
+            chunk_tokens=settings.chunk_tokens, dtype=dtype_name, vec_dtype=vec_dtype, seed=settings.seed,
+            rows_per_chunk=len(layers) * len(positions), versions=_versions(),
+        )
         files.write_json_atomic(out / store.MANIFEST, manifest)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
     rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0

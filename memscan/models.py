@@ -7,13 +7,17 @@ that feeds the LM head, after the final layer norm.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from memscan import files
 from memscan.errors import InputError, ModelError
@@ -25,6 +29,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # made the loss 2x cheaper on CPU than 1024-row blocks (benchmarks/bench_extract.py).
 LOSS_BLOCK_ROWS = 128
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+CPU_BF16_VARIABLE = "MEMSCAN_CPU_BF16"
+# What loading weights raises for a missing, malformed or refused file: a pickle that
+# torch.load(weights_only=True) will not run, a damaged safetensors header.
+LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,17 +49,47 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    """True where oneDNN runs bf16 matrix products natively (AVX512-BF16 or AMX).
+
+    MEMSCAN_CPU_BF16=1 or 0 overrides the probe (to test both answers on one machine);
+    any other value is refused.
+    """
+    forced = os.environ.get(CPU_BF16_VARIABLE, "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise InputError(f"{CPU_BF16_VARIABLE} must be 1 or 0 (or unset, to probe the CPU); got '{forced}'")
+        return forced == "1"
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_has_fast_fp16() -> bool:
+    """True where oneDNN runs fp16 matrix products natively (AMX-FP16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+EMULATED_CHECKS = {"bf16": cpu_has_fast_bf16, "fp16": cpu_has_fast_fp16}  # dtype -> "does this CPU run it natively?"
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs and CPUs that run it natively (measured 5.8x fp32 on AVX512-BF16), else fp16/fp32."""
+    """`auto`: bf16 on GPUs and CPUs that run it natively (measured 5.8x fp32 on AVX512-BF16), else fp16/fp32.
+
+    A 16-bit type asked for on a CPU that only emulates it is honoured, with one warning.
+    """
     if name != "auto":
+        if device.type == "cpu" and name in EMULATED_CHECKS and not EMULATED_CHECKS[name]():
+            _warn_emulated(name)
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@functools.cache
+def _warn_emulated(name: str) -> None:
+    """Once per process and type: the cache keeps a second call from logging again."""
+    auto = "bf16" if cpu_has_fast_bf16() else "fp32"
+    log.warning("--dtype %s runs emulated on this CPU, often over 100x slower than fp32; "
+                "--dtype auto would pick %s here", name, auto)
 
 
 @dataclass
@@ -87,8 +125,8 @@ def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: s
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load model '{model_id}': {files.first_line(exc)}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"could not load model '{model_id}': {load_problem(exc)}") from None
     model.to(device).eval()
     use_native_gelu(model)
     info = {
@@ -102,6 +140,14 @@ def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: s
         "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
     }
     return LoadedModel(model, tokenizer, info)
+
+
+def load_problem(exc: BaseException) -> str:
+    """One line for weights that could not be loaded. A refused pickle is named as such: torch's own
+    message suggests weights_only=False, which would run the pickle's code."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "a weights file holds a pickle of objects other than tensors; it was refused (loading it could run code)"
+    return files.first_line(exc)
 
 
 def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:

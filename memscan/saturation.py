@@ -13,13 +13,21 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from memscan import checks, files
+from memscan.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ATTENTION_THRESHOLD = 1e-5
 GROWTH_LAWS = {"t": lambda t: t, "sqrt_t": np.sqrt, "t_quarter": lambda t: t ** 0.25}
@@ -128,60 +136,127 @@ def head_statistics(attentions: np.ndarray, threshold: float = ATTENTION_THRESHO
 
 
 SUMMARY = "summary.json"
+TABLES = ("norms.parquet", "saturation.parquet", "heads.parquet")
 
 
-def analyse(target: str, out: str, source: str | None = None, chunk_tokens: int | None = None,
-            chunks: int = 8, scale: float = 1000.0, seed: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SaturationSettings:
+    """What `memscan saturation` measures (see its --help); None: the training run's own, else qf and 64."""
+
+    source: str | None = None
+    chunk_tokens: int | None = None
+    chunks: int = 8
+    scale: float = 1000.0            # c in f(x; c theta)
+    seed: int = 0
+
+    def check(self) -> None:
+        """Refuse out-of-range settings with one line that names the flag, the range and the value."""
+        checks.at_least("--chunk-tokens", self.chunk_tokens, 1)
+        checks.at_least("--chunks", self.chunks, 1)
+        checks.number("--scale", self.scale, 0, low_open=True)
+        checks.at_least("--seed", self.seed, 0)
+
+
+def analyse(target: str, out: str, settings: SaturationSettings = SaturationSettings(),
+            allow_incomplete: bool = False) -> dict[str, Any]:
     """Norm growth over a training run's checkpoints (if `target` is one) and saturation of its model.
 
     `target` is a `memscan train` run folder (its last checkpoint and its own source and
-    context are used) or any model; the text is the first `chunks` chunks of `source`.
+    context are used) or any model; the text is the first `chunks` chunks of the source.
+    A run that did not finish is refused unless `allow_incomplete`: then its checkpoints so
+    far are analysed, and summary.json says so. The job holds `out` from start to end.
     """
-    import json
-    from pathlib import Path
+    from memscan import models
 
-    from safetensors.torch import load_file
-
-    from memscan import corpus, files, models, store, train
-    from memscan.errors import InputError
-
-    target_path, out_path = Path(target), Path(out)
+    settings.check()
+    target_path = Path(target)
     if not target_path.exists() and models.looks_like_path(target):
         raise InputError(f"'{target}' does not exist (give a `memscan train` run folder or a model)")
-    summary: dict[str, Any] = {"target": target, "scale": scale, "norm_growth": None}
-    if (target_path / train.RUN_FILE).exists():
-        run = json.loads((target_path / train.RUN_FILE).read_text())
-        found = train.checkpoints(target_path)
+    with files.job_folder(Path(out)) as out_path:
+        # The summary vouches for the tables: it goes first, so a run cut short leaves no mixed result.
+        files.remove_owned(out_path, [SUMMARY, *TABLES])
+        return _analyse_into(target, out_path, settings, allow_incomplete)
+
+
+def _analyse_into(target: str, out: Path, settings: SaturationSettings, allow_incomplete: bool) -> dict[str, Any]:
+    """`analyse` in a folder this job holds."""
+    from memscan import corpus, models, store, train
+
+    summary: dict[str, Any] = {"target": target, "scale": settings.scale, "norm_growth": None}
+    source, chunk_tokens, seed = settings.source or "qf", settings.chunk_tokens or 64, settings.seed
+    model_dir, text_column = target, "text"
+    if (Path(target) / train.RUN_FILE).exists():
+        run = train.read_run(target)
+        summary.update(_run_progress(target, run, allow_incomplete))
+        found = train.checkpoints(target)
         if not found:
             raise InputError(f"training run '{target}' has no checkpoints yet; train it first")
-        growth = norm_growth((step, load_file(folder / "model.safetensors")) for step, folder in found)
-        total = growth["group"] == "total"
-        summary["norm_growth"] = {"fits": fit_growth(growth["step"][total], growth["norm"][total]),
-                                  "steps": growth["step"][total].tolist(), "norms": growth["norm"][total].tolist(),
-                                  "cosine_to_previous": [None if math.isnan(c) else c
-                                                         for c in growth.pop("cosine_to_previous").tolist()]}
-        out_path.mkdir(parents=True, exist_ok=True)
-        store.write_table(out_path / "norms.parquet", growth)
-        model_dir, source = str(found[-1][1]), source or run["data"]["source"]
-        chunk_tokens = chunk_tokens or run["data"]["context"]
+        growth = norm_growth((step, _checked_weights(folder)) for step, folder in found)
+        summary["norm_growth"] = _growth_summary(growth)
+        store.write_table(out / "norms.parquet", {k: v for k, v in growth.items() if k != "cosine_to_previous"})
+        model_dir, source = str(found[-1][1]), settings.source or run["data"]["source"]
+        chunk_tokens = settings.chunk_tokens or run["data"]["context"]
         seed, text_column = run["settings"]["seed"], run["settings"]["text_column"]
-    else:
-        model_dir, source, chunk_tokens, text_column = target, source or "qf", chunk_tokens or 64, "text"
     loaded = models.load(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     stats = corpus.CorpusStats()
     text = corpus.open_source(source, seed=seed, text_column=text_column)
     taken = [c.tokens for c, _ in zip(corpus.iter_chunks(text.documents(), loaded.tokenizer, chunk_tokens, 0.0, seed,
-                                                          stats), range(chunks))]
+                                                          stats), range(settings.chunks))]
     if not taken:
         raise InputError(f"no chunk of {chunk_tokens} tokens in --source '{source}'")
     input_ids = torch.from_numpy(np.stack(taken).astype(np.int64))
-    cosines = saturation_cosines(loaded.model, input_ids, scale)
-    heads = head_statistics(saturated_attentions(loaded.model, input_ids, scale))
-    out_path.mkdir(parents=True, exist_ok=True)
-    store.write_table(out_path / "saturation.parquet", {"layer": np.arange(len(cosines)), "cosine": cosines})
-    store.write_table(out_path / "heads.parquet", heads)
+    cosines = saturation_cosines(loaded.model, input_ids, settings.scale)
+    heads = head_statistics(saturated_attentions(loaded.model, input_ids, settings.scale))
+    store.write_table(out / "saturation.parquet", {"layer": np.arange(len(cosines)), "cosine": cosines})
+    store.write_table(out / "heads.parquet", heads)
     summary.update(model=model_dir, source=source, tokens=int(input_ids.numel()), layer_cosines=cosines.tolist(),
-                   argmax_heads=int((heads["mean_count"] <= 1.05).sum()), heads=int(len(heads["head"])),
-                   mean_heads_fraction=float(heads["mean_fraction"].mean()))
-    files.write_json_atomic(out_path / SUMMARY, summary)
+                   argmax_heads=int((heads["mean_count"] <= 1.05).sum()), heads=len(heads["head"]),
+                   mean_heads_fraction=float(heads["mean_fraction"].mean()),
+                   files=[files.file_entry(out / name) for name in TABLES if (out / name).exists()])
+    files.write_json_atomic(out / SUMMARY, summary)
+    return summary
+
+
+def _run_progress(target: str, run: dict[str, Any], allow_incomplete: bool) -> dict[str, Any]:
+    """complete, steps_done and steps of a training run; an unfinished one is refused unless `allow_incomplete`."""
+    from memscan import train
+
+    latest = train.latest_checkpoint(Path(target))
+    done = run["steps"] if run["complete"] else (train.read_state(latest)["step"] if latest else 0)
+    if not run["complete"]:
+        if not allow_incomplete:
+            raise InputError(f"training run '{target}' is incomplete: {done:,} of {run['steps']:,} steps; rerun "
+                             "`memscan train` to finish it, or pass --allow-incomplete")
+        log.warning("training run '%s' is incomplete (%d of %d steps): analysing its checkpoints so far",
+                    target, done, run["steps"])
+    return {"complete": run["complete"], "steps_done": done, "steps": run["steps"]}
+
+
+def _checked_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, after checking every file against its state.json."""
+    from safetensors.torch import load_file
+
+    from memscan import train
+
+    train.check_checkpoint(folder)
+    with train.loading(folder):
+        return load_file(folder / "model.safetensors")
+
+
+def _growth_summary(growth: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fits, steps, total norms and cosines of `norm_growth`'s tables, for summary.json (NaN cosine: None)."""
+    total = growth["group"] == "total"
+    return {"fits": fit_growth(growth["step"][total], growth["norm"][total]),
+            "steps": growth["step"][total].tolist(), "norms": growth["norm"][total].tolist(),
+            "cosine_to_previous": [None if math.isnan(c) else c for c in growth["cosine_to_previous"].tolist()]}
+
+
+def read_summary(out: str | Path) -> dict[str, Any]:
+    """summary.json of a saturation folder, checked: its keys, and every table it lists against its sha256."""
+    out = Path(out)
+    summary = files.read_record(out / SUMMARY, "saturation", {
+        "target": str, "scale": (int, float), "norm_growth": (dict, type(None)), "layer_cosines": list,
+        "argmax_heads": int, "heads": int, "files": list})
+    for entry in summary["files"]:
+        files.check_file(out, entry, "table")
     return summary

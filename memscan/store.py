@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from memscan import files
 from memscan.errors import DataError, InputError
-from memscan.files import commit_file, file_entry, sha256_of, write_json_atomic
+from memscan.files import commit_file, sha256_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ FORMAT = "memscan.activations"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
+_SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
 ROW_GROUP_BYTES = 32 << 20  # tens of MB: big enough to stream fast, small enough to bound memory
 VEC_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 METADATA_COLUMNS = ("row_id", "doc_id", "chunk_id", "position", "token_id", "next_token_id",
@@ -63,22 +66,96 @@ def _arrow_column(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
 # ---------------------------------------------------------------- the manifest
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
+def new_manifest(*, fingerprint: str | None, settings: dict[str, Any], model: dict[str, Any],
+                 source: dict[str, Any], n: int, layers: list[int], positions: str, chunk_tokens: int,
+                 dtype: str, vec_dtype: str, seed: int | None, rows_per_chunk: int,
+                 versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest of a dataset being written: incomplete, no shards yet (DESIGN.md, the manifest).
+
+    `n` is the vector width, `layers` the stored layers in ascending order, `rows_per_chunk`
+    len(layers) x positions per chunk. The one place a manifest is built, so every writer
+    records the same keys that `read_manifest` checks.
+    """
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "fingerprint": fingerprint,
+        "settings": settings, "model": model, "source": source, "n": n, "layers": layers, "positions": positions,
+        "chunk_tokens": chunk_tokens, "dtype": dtype, "vec_dtype": vec_dtype, "seed": seed,
+        "rows_per_chunk": rows_per_chunk, "versions": versions or {}, "shards": [],
+    }
+
+
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str, "format_version": int, "complete": bool, "fingerprint": (str, type(None)), "settings": dict,
+    "model": dict, "source": dict, "n": int, "layers": list, "positions": str, "chunk_tokens": int, "dtype": str,
+    "vec_dtype": str, "seed": (int, type(None)), "rows_per_chunk": int, "shards": list,
+}
+_SHARD_FIELDS: dict[str, type] = {"name": str, "row_start": int, "row_stop": int, "bytes": int, "sha256": str}
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """manifest.json of a dataset folder, its shape checked once here: readers then trust it.
+
+    A manifest that does not parse, lacks a key, holds a value of the wrong type or range,
+    or names a shard outside its folder is one DataError line naming the file and the key.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
         raise InputError(f"'{directory}' is not a folder")
-    if not path.exists():
-        raise DataError(f"'{directory}' is not a memscan dataset: it has no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); the dataset must be re-extracted") from None
+    path = directory / MANIFEST
+    manifest = files.read_record(path, "memscan dataset")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a memscan activation manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format version {manifest.get('format_version')}; "
                         f"this memscan reads version {FORMAT_VERSION}")
+    for key, kinds in _MANIFEST_FIELDS.items():
+        files.require(manifest, key, kinds, path)
+    _check_shape(manifest, path)
     return manifest
+
+
+def _check_shape(manifest: dict[str, Any], path: Path) -> None:
+    """Ranges and nested records of a manifest whose top-level types are checked."""
+    def refuse(key: str, wanted: str, value: Any) -> NoReturn:
+        raise DataError(f"{path}: '{key}' must be {wanted}; got {json.dumps(value)[:60]}")
+
+    for key, minimum in (("n", 1), ("chunk_tokens", 0), ("rows_per_chunk", 1)):
+        if manifest[key] < minimum:
+            refuse(key, f"at least {minimum}", manifest[key])
+    if manifest["vec_dtype"] not in VEC_DTYPES:
+        refuse("vec_dtype", " or ".join(VEC_DTYPES), manifest["vec_dtype"])
+    layers = manifest["layers"]
+    if not layers or not all(type(x) is int and x >= 0 for x in layers) or layers != sorted(set(layers)):
+        refuse("layers", "a non-empty ascending list of layer numbers >= 0", layers)
+    files.require(manifest["model"], "id", str, path)
+    files.require(manifest["model"], "num_parameters", int, path)
+    files.require(manifest["settings"], "source", str, path)
+    next_row, names = 0, set()
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict):
+            refuse("shards", "a list of shard records", shard)
+        for key, kind in _SHARD_FIELDS.items():
+            files.require(shard, key, kind, path)
+        if files.plain_name(shard["name"], path) in names:
+            refuse("shards", "a list of distinct files", shard["name"])
+        if shard["row_start"] != next_row or shard["row_stop"] <= shard["row_start"] or shard["bytes"] < 0:
+            refuse("shards", f"consecutive row ranges from row {next_row}", shard)
+        next_row = shard["row_stop"]
+        names.add(shard["name"])
+    if manifest["complete"]:
+        counts = files.require(manifest, "counts", dict, path)
+        for key in ("chunks", "rows"):
+            table = files.require(counts, key, dict, path)
+            if not all(type(v) is int and v >= 0 for v in table.values()):
+                refuse(f"counts.{key}", "counts >= 0 per split", table)
+
+
+def is_dataset_file(name: str, listed: Collection[str] = ()) -> bool:
+    """Whether memscan writes `name` into a dataset folder: manifest.json, a shard named by the exact
+    pattern or listed in the manifest (`listed`), or the temporary name of either."""
+    base = name.removesuffix(files.TMP_SUFFIX)
+    shard = _SHARD_NAME.fullmatch(base)
+    return base == MANIFEST or base in listed or (shard is not None and SHARD_PATTERN.format(int(shard[1])) == base)
 
 
 # ---------------------------------------------------------------- writing
@@ -194,7 +271,7 @@ class ActivationDataset:
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        if not self.manifest.get("complete"):
+        if not self.manifest["complete"]:
             raise DataError(f"dataset '{directory}' is incomplete: rerun the same `memscan extract` "
                             "command to finish it")
         self._verified: set[str] = set()
@@ -291,12 +368,10 @@ class ActivationDataset:
         return vec.astype(np.float32, copy=False), meta
 
     def _open_checked(self, shard: dict[str, Any]) -> pq.ParquetFile:
-        """Open a shard, checking its size and sha256 the first time this dataset reads it."""
+        """Open a shard, checking it is a regular file of its size and sha256 the first time this dataset reads it."""
         path = self.directory / shard["name"]
         if shard["name"] not in self._verified:
-            problem = shard_problem(path, shard)
-            if problem:
-                raise DataError(f"{problem}; run `memscan verify {self.directory}`")
+            files.check_file(self.directory, shard, "shard")
             self._verified.add(shard["name"])
         return pq.ParquetFile(path, memory_map=True)
 
@@ -318,44 +393,38 @@ def _column_numpy(column: pa.Array) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def shard_problem(path: Path, shard: dict[str, Any]) -> str | None:
-    """What is wrong with one listed shard (missing, resized, altered), or None."""
-    if not path.exists():
-        return f"shard {shard['name']} is missing"
-    size = path.stat().st_size
-    if size != shard["bytes"]:
-        return f"shard {shard['name']} is {size:,} bytes; the manifest says {shard['bytes']:,} (truncated or overwritten)"
-    if sha256_of(path) != shard["sha256"]:
-        return f"shard {shard['name']} fails its sha256 checksum (corrupted)"
-    return None
-
-
 def verify(directory: str | os.PathLike[str]) -> list[str]:
     """Every problem found in a dataset folder: manifest, completeness, shards, schema, counts."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    problems = [] if manifest.get("complete") else ["the dataset is incomplete (extraction did not finish)"]
+    problems = [] if manifest["complete"] else ["the dataset is incomplete (extraction did not finish)"]
     expected_schema = schema(manifest["n"], manifest["vec_dtype"])
-    next_row = 0
     for shard in manifest["shards"]:
-        path = directory / shard["name"]
-        problem = shard_problem(path, shard)
+        problem = files.file_problem(directory, shard, "shard")
         if problem:
             problems.append(problem)
-            next_row = shard["row_stop"]
             continue
-        parquet = pq.ParquetFile(path)
-        if not parquet.schema_arrow.equals(expected_schema):
-            problems.append(f"shard {shard['name']} has schema {parquet.schema_arrow}, expected {expected_schema}")
-        row_ids = parquet.read(columns=["row_id"]).column("row_id").to_numpy()
-        expected = np.arange(shard["row_start"], shard["row_stop"])
-        if shard["row_start"] != next_row or not np.array_equal(row_ids, expected):
-            problems.append(f"shard {shard['name']} does not hold rows {shard['row_start']}-{shard['row_stop'] - 1} in order")
-        next_row = shard["row_stop"]
-    if manifest.get("complete"):
+        problems.extend(_shard_content_problems(directory / shard["name"], shard, expected_schema))
+    if manifest["complete"]:
         total = sum(manifest["counts"]["rows"].values())
-        if total != next_row:
-            problems.append(f"the manifest counts {total:,} rows but the shards hold {next_row:,}")
+        stored = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
+        if total != stored:
+            problems.append(f"the manifest counts {total:,} rows but the shards hold {stored:,}")
+    return problems
+
+
+def _shard_content_problems(path: Path, shard: dict[str, Any], expected_schema: pa.Schema) -> list[str]:
+    """A whole shard's schema and row ids against its manifest entry (row ids row_start..row_stop-1 in order)."""
+    try:
+        parquet = pq.ParquetFile(path)
+        row_ids = parquet.read(columns=["row_id"]).column("row_id").to_numpy()
+    except (pa.ArrowInvalid, OSError) as exc:
+        return [f"shard {shard['name']} is not a readable Parquet file ({files.first_line(exc)})"]
+    problems = []
+    if not parquet.schema_arrow.equals(expected_schema):
+        problems.append(f"shard {shard['name']} has schema {parquet.schema_arrow}, expected {expected_schema}")
+    if not np.array_equal(row_ids, np.arange(shard["row_start"], shard["row_stop"])):
+        problems.append(f"shard {shard['name']} does not hold rows {shard['row_start']}-{shard['row_stop'] - 1} in order")
     return problems
 
 
@@ -385,16 +454,16 @@ def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequ
     if (directory / MANIFEST).exists():
         raise InputError(f"'{directory}' already holds a dataset")
     m, n = X.shape
+    if layer < 0 or vec_dtype not in VEC_DTYPES:
+        raise InputError(f"write_vectors needs a layer >= 0 and vec_dtype float16 or float32; got {layer}, {vec_dtype}")
     splits = np.asarray(splits, dtype=object)
     if len(splits) != m:
         raise InputError(f"write_vectors needs one split per vector: {len(splits):,} splits for {m:,} vectors")
-    manifest: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "fingerprint": None,
-        "settings": {"source": "vectors", "imported": True}, "model": {"id": model, "class": None,
-                                                                         "num_parameters": 0},
-        "source": {"kind": "vectors"}, "n": n, "layers": [layer], "positions": "n/a", "chunk_tokens": 0,
-        "dtype": "n/a", "vec_dtype": vec_dtype, "seed": None, "rows_per_chunk": 1, "shards": [],
-    }
+    manifest = new_manifest(
+        fingerprint=None, settings={"source": "vectors", "imported": True},
+        model={"id": model, "class": None, "num_parameters": 0}, source={"kind": "vectors"}, n=n, layers=[layer],
+        positions="n/a", chunk_tokens=0, dtype="n/a", vec_dtype=vec_dtype, seed=None, rows_per_chunk=1,
+    )
     writer = ShardWriter(directory, schema(n, vec_dtype), shard_rows, 0, lambda info: manifest["shards"].append(info.to_dict()))
     rows = np.arange(m, dtype=np.int64)
     columns = {"row_id": rows, "doc_id": rows, "chunk_id": np.zeros(m, np.int64), "position": np.zeros(m, np.int32),
@@ -418,7 +487,7 @@ def write_table(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) ->
     pq.write_table(pa.table({name: np.asarray(values) for name, values in columns.items()}), tmp,
                    compression="zstd")
     commit_file(tmp, path)
-    return file_entry(path)
+    return files.file_entry(path)
 
 
 def read_table(path: str | os.PathLike[str]) -> pa.Table:

@@ -10,12 +10,14 @@ exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
+import os
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan import corpus, files, models, qf, store
-from memscan.errors import InputError
+from memscan import checks, corpus, files, models, qf, store
+from memscan.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
 RUN_FILE, LOG_FILE, CHECKPOINTS, RESUME = "run.json", "log.parquet", "checkpoints", "resume"
+STATE_FILE, OPTIMIZER_FILE = "state.json", "optimizer.pt"
+OLD_SUFFIX = ".old"
+LOG_COLUMNS = ("step", "tokens_seen", "lr", "train_loss", "heldout_loss", "seconds")
+_STEP_FOLDER = re.compile(r"step-(\d{7,})")
 
 
 @dataclass(frozen=True)
@@ -62,17 +68,28 @@ class TrainSettings:
     device: str = "auto"
     seed: int = 0
     text_column: str = "text"
-    split: str = "train"
+    split: str | None = None         # the split of an hf: source (None: "train"); other sources have none
 
     def check(self) -> None:
+        """Refuse out-of-range settings with one line that names the flag, the range and the value."""
         for name in ("tokens", "n_layer", "n_embd", "n_head", "context", "batch_size", "eval_every",
-                     "eval_chunks", "checkpoints", "save_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise InputError(f"--steps must be at least 1; got {self.steps}")
-        if not 0 <= self.test_fraction < 1:
-            raise InputError(f"--test-fraction must be in [0, 1); got {self.test_fraction}")
+                     "eval_chunks", "checkpoints", "save_every", "steps"):
+            checks.at_least(_flag(name), getattr(self, name), 1)
+        checks.at_least("--warmup-steps", self.warmup_steps, 0)
+        checks.at_least("--seed", self.seed, 0)
+        checks.number("--epochs", self.epochs, 0, low_open=True)
+        checks.number("--lr", self.lr, 0, low_open=True)
+        checks.number("--min-lr-ratio", self.min_lr_ratio, 0, 1, high_open=False)
+        checks.number("--dropout", self.dropout, 0, 1)
+        checks.number("--test-fraction", self.test_fraction, 0, 1)
+        checks.number("--weight-decay", self.weight_decay, 0)
+        checks.number("--grad-clip", self.grad_clip, 0, low_open=True)
+        checks.choice("--dtype", self.dtype, ("auto", "bf16", "fp32"))
+        corpus.resolve_split(self.source, self.split)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -214,124 +231,318 @@ def _fingerprint(settings: TrainSettings, provenance: dict[str, Any]) -> str:
     return files.fingerprint({"settings": identity, "data": provenance})
 
 
+# ---------------------------------------------------------------- the run folder: what memscan owns
+
+
+def _owned_in_run(out: Path) -> Callable[[str], bool]:
+    """Names memscan writes directly in a run folder: run.json, log.parquet (and their temporary names), checkpoints/."""
+    def owned(name: str) -> bool:
+        if name == CHECKPOINTS:
+            return (out / name).is_dir()
+        return name.removesuffix(files.TMP_SUFFIX) in (RUN_FILE, LOG_FILE)
+    return owned
+
+
+def _owned_checkpoint(name: str) -> bool:
+    """checkpoints/step-NNNNNNN and checkpoints/resume, and their .tmp (staging) and .old (replaced) names."""
+    base = name.removesuffix(files.TMP_SUFFIX).removesuffix(OLD_SUFFIX)
+    step = _STEP_FOLDER.fullmatch(base)
+    return base == RESUME or (step is not None and base == _step_folder(int(step[1])))
+
+
+def _step_folder(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _refuse_foreign(out: Path) -> None:
+    """One line naming the files in a run folder (or its checkpoints/) that memscan did not write."""
+    files.refuse_foreign(out, _owned_in_run(out))
+    if (out / CHECKPOINTS).is_dir():
+        files.refuse_foreign(out / CHECKPOINTS, _owned_checkpoint)
+
+
+def _remove_run(out: Path) -> None:
+    """Remove run.json first (a cut-short removal is then no run), memscan's checkpoints, and the log; nothing else."""
+    files.remove_owned(out, [RUN_FILE])
+    folder = out / CHECKPOINTS
+    if folder.is_dir():
+        files.remove_owned(folder, [p.name for p in folder.iterdir() if _owned_checkpoint(p.name)])
+        with contextlib.suppress(OSError):  # still holds files memscan did not write (--allow-other-files)
+            folder.rmdir()
+    files.remove_owned(out, [LOG_FILE])
+
+
+# ---------------------------------------------------------------- records: run.json and checkpoints
+
+
+_RUN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": str, "settings": dict, "data": dict, "steps": int, "checkpoint_steps": list, "complete": bool,
+}
+_DATA_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "source": str, "documents": int, "context": int, "seed": int, "test_fraction": (int, float),
+    "train_chunks": int, "train_tokens": int, "heldout_chunks": int,
+}
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "fingerprint": str, "running": (int, float), "running_count": int, "files": list,
+}
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """run.json of a training run, its shape checked: one DataError line names the file and the key."""
+    path = Path(run_dir) / RUN_FILE
+    info = files.read_record(path, "training run", _RUN_FIELDS)
+    for key, kinds in _DATA_FIELDS.items():
+        files.require(info["data"], key, kinds, path)
+    files.require(info["settings"], "seed", int, path)
+    files.require(info["settings"], "text_column", str, path)
+    if info["steps"] < 1 or not all(type(step) is int for step in info["checkpoint_steps"]):
+        raise DataError(f"{path}: 'steps' must be at least 1 and 'checkpoint_steps' a list of steps; "
+                        f"got {info['steps']}, {info['checkpoint_steps']}")
+    if info["complete"]:
+        for key in ("final_train_loss", "final_heldout_loss"):
+            files.require(info, key, (int, float), path)
+    return info
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, its shape checked (the files it lists are checked by `check_checkpoint`)."""
+    path = folder / STATE_FILE
+    state = files.read_record(path, "checkpoint", _STATE_FIELDS)
+    if state["step"] < 1 or state["running_count"] < 0 or not all(isinstance(e, dict) for e in state["files"]):
+        raise DataError(f"{path} is damaged: step {state['step']}, running_count {state['running_count']}, "
+                        "and a file record per file are expected")
+    if folder.name.startswith("step-") and folder.name != _step_folder(state["step"]):
+        raise DataError(f"{path} records step {state['step']}, not the step its folder is named for")
+    return state
+
+
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    """The state of a checkpoint whose every file is whole: listed in state.json with its size and sha256.
+
+    A file missing, altered, or in the folder but not listed is one DataError line naming it.
+    """
+    state = read_state(folder)
+    listed = {entry.get("name") for entry in state["files"]}
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name != STATE_FILE and p.name not in listed)
+    problems = [files.file_problem(folder, entry) for entry in state["files"]]
+    problems += [f"{name} is not listed in its {STATE_FILE}" for name in unlisted]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise DataError(f"checkpoint '{folder}' is damaged: {problem}; remove that folder (an earlier "
+                        "checkpoint is then used) or retrain with --overwrite")
+    return state
+
+
+@contextlib.contextmanager
+def loading(folder: Path) -> Iterator[None]:
+    """A checkpoint file that cannot be loaded (a refused pickle, a damaged safetensors header) becomes one line."""
+    try:
+        yield
+    except (*models.LOAD_ERRORS, RuntimeError) as exc:
+        raise DataError(f"checkpoint '{folder}' cannot be loaded: {models.load_problem(exc)}") from None
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
 def _save(model: Any, tokenizer: Any, optimizer: Any, folder: Path, state: dict[str, Any]) -> None:
-    """save_pretrained (safetensors) + optimizer + state.json, staged and renamed: a listed folder is whole."""
-    staging = folder.with_name(folder.name + ".tmp")
+    """Weights (safetensors), tokenizer, optimizer, then state.json listing them all; staged and renamed.
+
+    Every file is fsynced before state.json vouches for it, and state.json before the rename,
+    so a listed checkpoint folder is whole; a kill at any point leaves one whole folder to resume from.
+    """
+    staging = files.tmp_path(folder)
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "state.json").write_text(json.dumps(state))
-    old = folder.with_name(folder.name + ".old")   # a kill at any point leaves one whole folder to resume from
+    torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+    written = sorted(staging.iterdir())
+    for path in written:
+        _fsync(path)
+    files.write_json_atomic(staging / STATE_FILE, {**state, "files": [files.file_entry(p) for p in written]})
+    old = folder.with_name(folder.name + OLD_SUFFIX)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     staging.rename(folder)
+    files.fsync_directory(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """The log-spaced checkpoints of a run, (step, folder) in step order; their state.json is checked."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = [p for p in folder.glob("step-*") if _STEP_FOLDER.fullmatch(p.name)] if folder.is_dir() else []
+    return sorted((read_state(p)["step"], p) for p in found)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint (rolling or log-spaced) with the highest step, or None."""
-    found = [(json.loads((p / "state.json").read_text())["step"], p)
-             for p in (run_dir / CHECKPOINTS).glob("*")
-             if (p / "state.json").exists() and not p.name.endswith((".tmp", ".old"))]
+    """The checkpoint (log-spaced or the rolling resume point) with the highest step, or None."""
+    found = checkpoints(run_dir)
+    resume = run_dir / CHECKPOINTS / RESUME
+    if resume.is_dir():
+        found.append((read_state(resume)["step"], resume))
     return max(found)[1] if found else None
 
 
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """The log-spaced checkpoints of a run, (step, folder) in step order."""
-    return sorted((json.loads((p / "state.json").read_text())["step"], p)
-                  for p in (Path(run_dir) / CHECKPOINTS).glob("step-*")
-                  if (p / "state.json").exists() and not p.name.endswith((".tmp", ".old")))
+def final_checkpoint(run_dir: Path, steps: int) -> Path:
+    """The folder of a finished run's last checkpoint (derived from the run folder, never read from a record)."""
+    return Path(run_dir) / CHECKPOINTS / _step_folder(steps)
 
 
-def train(settings: TrainSettings, out: str | Path, overwrite: bool = False,
+# ---------------------------------------------------------------- training
+
+
+def train(settings: TrainSettings, out: str | Path, overwrite: bool = False, allow_other_files: bool = False,
           on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train (or resume, or find finished) a run in `out`; returns run.json. `on_step(step, loss)` observes."""
+    """Train (or resume, or find finished) a run in `out`; returns run.json. `on_step(step, loss)` observes.
+
+    The job holds `out` (an exclusive lock) from start to end. Files in `out` that memscan
+    did not write are refused unless `allow_other_files`, and never removed; `overwrite`
+    replaces another run's run.json, log and checkpoints.
+    """
     settings.check()
-    out = Path(out)
+    with files.job_folder(Path(out)) as folder:
+        return _train_in(folder, settings, overwrite, allow_other_files, on_step)
+
+
+def _train_in(out: Path, settings: TrainSettings, overwrite: bool, allow_other_files: bool,
+              on_step: Callable[[int, float], None] | None) -> dict[str, Any]:
+    """`train` in a folder this job holds."""
+    if not allow_other_files:
+        _refuse_foreign(out)
     tokenizer = load_tokenizer(settings)
     data = load_data(settings, tokenizer)
     device = models.resolve_device(settings.device)
-    use_bf16 = settings.dtype == "bf16" or (settings.dtype == "auto" and models.resolve_dtype("auto", device) == torch.bfloat16)
-    fingerprint = _fingerprint(replace(settings, dtype="bf16" if use_bf16 else "fp32"), data.provenance)
-    run_file = out / RUN_FILE
-    if run_file.exists() and json.loads(run_file.read_text())["fingerprint"] != fingerprint:
-        if not overwrite:
-            raise InputError(f"--out '{out}' holds another training run (other settings or data); "
-                             "choose another folder or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    total = total_steps(settings, len(data.train))
-    info = {"fingerprint": fingerprint, "settings": asdict(settings), "data": data.provenance, "steps": total,
-            "checkpoint_steps": checkpoint_steps(total, settings.checkpoints), "complete": False}
-    if run_file.exists():
-        info = json.loads(run_file.read_text())
-        if info["complete"]:
-            return info
-    files.write_json_atomic(run_file, info)
+    use_bf16 = models.resolve_dtype(settings.dtype, device) == torch.bfloat16
+    dtype = "bf16" if use_bf16 else "fp32"
+    fingerprint = _fingerprint(replace(settings, dtype=dtype), data.provenance)
+    info = read_run(out) if (out / RUN_FILE).exists() else None
+    if info is not None and info["fingerprint"] != fingerprint and not overwrite:
+        raise InputError(f"--out '{out}' holds another training run (other settings or data); "
+                         "choose another folder or pass --overwrite")
+    if overwrite and (info is None or info["fingerprint"] != fingerprint):
+        if info is not None:
+            log.warning("--overwrite: removing the training run in %s", out)
+        _remove_run(out)  # also stale checkpoints that no run.json vouches for
+        info = None
+    if info is not None and info["complete"]:
+        return {**info, "final": str(final_checkpoint(out, info["steps"]))}
+    if info is None:
+        total = total_steps(settings, len(data.train))
+        info = {"fingerprint": fingerprint, "settings": asdict(settings), "dtype": dtype, "data": data.provenance,
+                "steps": total, "checkpoint_steps": checkpoint_steps(total, settings.checkpoints), "complete": False}
+        files.write_json_atomic(out / RUN_FILE, info)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    resume = latest_checkpoint(out)
-    state = {"step": 0, "running": 0.0, "running_count": 0}
-    if resume is not None:
-        state = json.loads((resume / "state.json").read_text())
-        if state["fingerprint"] != fingerprint:
-            raise InputError(f"checkpoint '{resume}' belongs to another run; remove it or pass --overwrite")
-        from transformers import AutoModelForCausalLM
+    model, optimizer, state, rows = _start(out, settings, tokenizer, fingerprint, info["steps"], device)
+    rows = _run_steps(out, settings, data, model, optimizer, tokenizer, state, rows, info, device, autocast, on_step)
+    shutil.rmtree(out / CHECKPOINTS / RESUME, ignore_errors=True)
+    final = final_checkpoint(out, info["steps"])
+    info.update(complete=True, final=str(final), final_train_loss=rows[-1]["train_loss"],
+                final_heldout_loss=rows[-1]["heldout_loss"], files=[files.file_entry(out / LOG_FILE)])
+    files.write_json_atomic(out / RUN_FILE, info)
+    return info
 
-        model = AutoModelForCausalLM.from_pretrained(resume)
-        log.info("resuming %s at step %d of %d", out, state["step"], total)
-    else:
-        model = build_model(settings, tokenizer)
-    model.to(device)
+
+def _start(out: Path, settings: TrainSettings, tokenizer: Any, fingerprint: str, total: int, device: torch.device,
+           ) -> tuple[Any, Any, dict[str, Any], list[dict[str, Any]]]:
+    """Model (on `device`), optimizer, state and log rows: fresh, or from the latest checkpoint once its files check out."""
+    resume = latest_checkpoint(out)
+    if resume is None:
+        model = build_model(settings, tokenizer).to(device)
+        return model, _optimizer(model, settings), {"step": 0, "running": 0.0, "running_count": 0}, []
+    state = check_checkpoint(resume)
+    if state["fingerprint"] != fingerprint:
+        raise InputError(f"checkpoint '{resume}' belongs to another run; remove that folder to resume from "
+                         "an earlier checkpoint")
+    from transformers import AutoModelForCausalLM
+
+    with loading(resume):
+        model = AutoModelForCausalLM.from_pretrained(resume).to(device)
+        optimizer = _optimizer(model, settings)
+        optimizer.load_state_dict(torch.load(resume / OPTIMIZER_FILE, weights_only=True))
+    log.info("resuming %s at step %d of %d", out, state["step"], total)
+    return model, optimizer, state, _read_log(out, state["step"])
+
+
+def _optimizer(model: Any, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (nanoGPT's grouping)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
-    rows: list[dict[str, Any]] = []
-    if resume is not None:
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        if (out / LOG_FILE).exists():
-            rows = [r for r in store.read_table(out / LOG_FILE).to_pylist() if r["step"] <= state["step"]]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
 
+
+def _read_log(out: Path, step: int) -> list[dict[str, Any]]:
+    """The log rows up to `step` (a resumed run rewrites the rest)."""
+    if not (out / LOG_FILE).exists():
+        return []
+    table = store.read_table(out / LOG_FILE)
+    if set(table.column_names) != set(LOG_COLUMNS):
+        raise DataError(f"{out / LOG_FILE} has columns {', '.join(table.column_names)}; "
+                        f"expected {', '.join(LOG_COLUMNS)}")
+    return [row for row in table.to_pylist() if row["step"] <= step]
+
+
+def _run_steps(out: Path, settings: TrainSettings, data: TrainData, model: Any, optimizer: Any, tokenizer: Any,
+               state: dict[str, Any], rows: list[dict[str, Any]], info: dict[str, Any], device: torch.device,
+               autocast: Callable[[], Any], on_step: Callable[[int, float], None] | None) -> list[dict[str, Any]]:
+    """Steps state["step"]..total: evaluate and log every eval_every, checkpoint on schedule; returns the log rows."""
+    from tqdm.auto import tqdm
+
+    total = info["steps"]
     model.train()
     started, running, running_count = time.perf_counter(), state["running"], state["running_count"]
-    for step in range(state["step"], total):
-        lr = learning_rate(settings, step, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = batch_rows(settings.seed, step, settings.batch_size, len(data.train))
-        x, y = data.train[index].to(device), data.train_next[index].to(device)
-        with autocast():
-            loss = lm_loss(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise InputError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
-        running, running_count = running + loss.item(), running_count + 1
-        done = step + 1
-        if on_step is not None:
-            on_step(done, loss.item())
-        if done % settings.eval_every == 0 or done == total or done == 1:
-            rows.append({"step": done, "tokens_seen": done * settings.batch_size * settings.context, "lr": lr,
-                         "train_loss": running / running_count,
-                         "heldout_loss": heldout_loss(model, data, settings, device, autocast),
-                         "seconds": time.perf_counter() - started})
-            running, running_count = 0.0, 0
-            store.write_table(out / LOG_FILE, {k: np.array([r[k] for r in rows]) for k in rows[0]})
-            log.info("step %d/%d: train %.3f, held-out %.3f", done, total, rows[-1]["train_loss"], rows[-1]["heldout_loss"])
-        state = {"step": done, "fingerprint": fingerprint, "running": running, "running_count": running_count}
-        if done in info["checkpoint_steps"]:
-            _save(model, tokenizer, optimizer, out / CHECKPOINTS / f"step-{done:07d}", state)
-        elif done % settings.save_every == 0:
-            _save(model, tokenizer, optimizer, out / CHECKPOINTS / RESUME, state)
-    shutil.rmtree(out / CHECKPOINTS / RESUME, ignore_errors=True)
-    info.update(complete=True, final=str(out / CHECKPOINTS / f"step-{total:07d}"),
-                final_train_loss=rows[-1]["train_loss"], final_heldout_loss=rows[-1]["heldout_loss"])
-    files.write_json_atomic(run_file, info)
-    return info
+    progress = tqdm(total=total, initial=state["step"], unit="step", desc="train", disable=None)
+    try:
+        for step in range(state["step"], total):
+            lr = learning_rate(settings, step, total)
+            loss = _optimizer_step(model, optimizer, data, settings, step, lr, device, autocast)
+            running, running_count = running + loss, running_count + 1
+            done = step + 1
+            progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            progress.update()
+            if on_step is not None:
+                on_step(done, loss)
+            if done % settings.eval_every == 0 or done == total or done == 1:
+                rows.append({"step": done, "tokens_seen": done * settings.batch_size * settings.context, "lr": lr,
+                             "train_loss": running / running_count,
+                             "heldout_loss": heldout_loss(model, data, settings, device, autocast),
+                             "seconds": time.perf_counter() - started})
+                running, running_count = 0.0, 0
+                store.write_table(out / LOG_FILE, {k: np.array([r[k] for r in rows]) for k in LOG_COLUMNS})
+                log.info("step %d/%d: train %.3f, held-out %.3f", done, total, rows[-1]["train_loss"],
+                         rows[-1]["heldout_loss"])
+            state = {"step": done, "fingerprint": info["fingerprint"], "running": running,
+                     "running_count": running_count}
+            if done in info["checkpoint_steps"]:
+                _save(model, tokenizer, optimizer, out / CHECKPOINTS / _step_folder(done), state)
+            elif done % settings.save_every == 0:
+                _save(model, tokenizer, optimizer, out / CHECKPOINTS / RESUME, state)
+    finally:
+        progress.close()
+    return rows
+
+
+def _optimizer_step(model: Any, optimizer: Any, data: TrainData, settings: TrainSettings, step: int, lr: float,
+                    device: torch.device, autocast: Callable[[], Any]) -> float:
+    """One AdamW step on step `step`'s batch at learning rate `lr`; returns its loss (refused if not finite)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    index = batch_rows(settings.seed, step, settings.batch_size, len(data.train))
+    x, y = data.train[index].to(device), data.train_next[index].to(device)
+    with autocast():
+        loss = lm_loss(model, x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise InputError(f"training diverged at step {step + 1} (loss {value}); lower --lr")
+    return value

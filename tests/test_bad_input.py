@@ -107,7 +107,7 @@ def test_output_folder_holding_another_run(capsys, qf_model, txt, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.md").write_text("mine")
-    fails(capsys, *extract_args(qf_model, txt, foreign), match="not a memscan dataset")
+    fails(capsys, *extract_args(qf_model, txt, foreign), match="holds files memscan did not write (notes.md)")
     assert (foreign / "notes.md").read_text() == "mine"
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from memscan import store
+from memscan import models, store
 from memscan.cli import main
 
 
@@ -19,6 +19,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code, captured.out, captured.err
 
 
+@pytest.mark.dtype
 def test_demo_quick_runs_the_whole_pipeline_and_reuses_it(capsys, tmp_path):
     code, out, _ = run(capsys, "demo", "--quick", "--out", str(tmp_path))
     assert code == 0 and "trained" in out and "typical" in out and "report" in out
@@ -37,7 +38,9 @@ def test_demo_quick_runs_the_whole_pipeline_and_reuses_it(capsys, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     code, out, _ = run(capsys, "info", str(tmp_path / "activations"))
-    assert code == 0 and "n=32 float16" in out and "train" in out
+    vectors = "float16" if models.cpu_has_fast_bf16() else "float32"  # --dtype auto: bf16 where the CPU runs it
+    assert code == 0 and f"n=32 {vectors}" in out and "train" in out
+    assert (manifest["dtype"], trained["dtype"]) == (("bf16", "bf16") if vectors == "float16" else ("fp32", "fp32"))
     code, out, _ = run(capsys, "verify", str(tmp_path / "activations"))
     assert code == 0 and out.startswith("ok:")
 

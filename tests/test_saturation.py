@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from memscan import saturation
 from memscan.cli import main
-from memscan.errors import InputError
+from memscan.errors import DataError, InputError
 
 
 def test_norms_and_cosines_equal_a_direct_computation():
@@ -72,6 +72,9 @@ def test_saturation_command_on_a_training_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
     (empty / "run.json").write_text("{}")
+    with pytest.raises(DataError, match="run.json has no 'fingerprint'"):
+        saturation.analyse(str(empty), str(tmp_path / "x"))
+    (empty / "run.json").write_text((tmp_path / "run" / "run.json").read_text())
     with pytest.raises(InputError, match="has no checkpoints"):
         saturation.analyse(str(empty), str(tmp_path / "x"))
     with pytest.raises(InputError, match="does not exist"):

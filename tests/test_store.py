@@ -14,14 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from memscan import store
+from memscan import files, store
 from memscan.errors import DataError
 from memscan.extract import ExtractSettings, extract
 
 
 def settings_for(model: Path, **overrides) -> ExtractSettings:
     base = dict(model=str(model), source="qf:documents=20,lines=16", chunk_tokens=32, layers="all",
-                positions="every:4", batch_size=3, shard_rows=700, num_chunks=150, seed=5, test_fraction=0.25)
+                positions="every:4", batch_size=3, shard_rows=700, num_chunks=150, seed=5, test_fraction=0.25,
+                dtype="fp32")  # pinned: bytes are compared, and --dtype auto depends on the CPU
     return ExtractSettings(**{**base, **overrides})
 
 
@@ -46,9 +47,12 @@ def test_same_seed_gives_byte_identical_shards(reference, qf_model, tmp_path):
 
 
 def test_rerun_of_a_complete_dataset_changes_nothing(reference, qf_model):
-    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+    def stamps() -> dict[str, int]:  # the lock file records each job that held the folder
+        return {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != files.LOCK_FILE}
+
+    before = stamps()
     extract(settings_for(qf_model), reference)
-    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+    assert stamps() == before
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -69,7 +73,7 @@ def test_sigkill_at_several_points_then_rerun_equals_uninterrupted_run(reference
     s = settings_for(qf_model)
     args = ["extract", "--model", s.model, "--source", s.source, "--out", str(out), "--chunk-tokens", "32",
             "--layers", "all", "--positions", "every:4", "--batch-size", "3", "--shard-rows", "700",
-            "--num-chunks", "150", "--seed", "5", "--test-fraction", "0.25", "--dtype", "bf16"]
+            "--num-chunks", "150", "--seed", "5", "--test-fraction", "0.25", "--dtype", "fp32"]
     total = len(shard_bytes(reference))
     kills = 0
     for wait_for_shards in (0, 2, total // 2, total - 1):

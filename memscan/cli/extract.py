@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.options import allow_other_files
 from memscan.cli.ray_flags import ray_flags, ray_options
 from memscan.cli.render import print_summary
 
@@ -30,12 +31,13 @@ from memscan.cli.render import print_summary
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-loss", is_flag=True, help="Skip the next-token loss (and the LM head).")
 @click.option("--text-column", default="text", show_default=True, help="Text column of .jsonl/.parquet/hf sources.")
-@click.option("--split", default="train", show_default=True, help="Split of an hf: dataset to read.")
+@click.option("--split", default=None, help="Split of an hf: dataset to read [default: train]; other sources have none.")
 @click.option("--revision", default=None, help="Revision of the hub model and dataset.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
 @click.option("--overwrite", is_flag=True, help="Replace an extraction with other settings in --out.")
+@allow_other_files
 @ray_flags
-def extract(out: str, overwrite: bool, no_loss: bool, address: str | None, num_workers: int,
+def extract(out: str, overwrite: bool, allow_other_files: bool, no_loss: bool, address: str | None, num_workers: int,
             gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Extract activations at chosen layers and positions, with token ids and per-token loss."""
     from memscan.extract import ExtractSettings
@@ -43,5 +45,5 @@ def extract(out: str, overwrite: bool, no_loss: bool, address: str | None, num_w
 
     options = ray_options(settings["engine"], address, num_workers, gpus_per_worker, cpus_per_worker)  # type: ignore[arg-type]
     manifest = run(ExtractSettings(loss=not no_loss, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
-                   ray_options=options)
+                   allow_other_files=allow_other_files, ray_options=options)
     print_summary(out, manifest)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.options import allow_other_files
+
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (log, checkpoints).")
@@ -24,11 +26,14 @@ import click
 @click.option("--warmup-steps", type=int, default=None)
 @click.option("--eval-every", type=int, default=None)
 @click.option("--test-fraction", type=float, default=None)
+@click.option("--dropout", type=float, default=None, help="Dropout probability in [0, 1) [default: 0].")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default=None)
 @click.option("--device", default=None, help="auto | cpu | cuda[:N].")
 @click.option("--seed", type=int, default=None)
-@click.option("--overwrite", is_flag=True, help="Replace a different run in --out.")
-def train(out: str, preset: str | None, overwrite: bool, **flags: object) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace a different run in --out (memscan's run.json, log and checkpoints; nothing else).")
+@allow_other_files
+def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool, **flags: object) -> None:
     """Train a GPT-2 on a token budget; resumes from the last checkpoint when rerun."""
     from memscan.errors import InputError
     from memscan.train import PRESETS, TrainSettings
@@ -38,7 +43,8 @@ def train(out: str, preset: str | None, overwrite: bool, **flags: object) -> Non
     for required in ("source", "tokens"):
         if required not in values:
             raise InputError(f"--{required} is required (or a --preset that sets it)")
-    info = run(TrainSettings(**values), out, overwrite=overwrite)  # type: ignore[arg-type]
+    info = run(TrainSettings(**values), out, overwrite=overwrite,  # type: ignore[arg-type]
+               allow_other_files=allow_other_files)
     click.echo(f"trained   {info['steps']:,} steps on {info['data']['train_tokens']:,} tokens "
                f"({info['data']['documents']:,} documents): train loss {info['final_train_loss']:.3f}, "
                f"held-out {info['final_heldout_loss']:.3f}")
@@ -56,12 +62,14 @@ def train(out: str, preset: str | None, overwrite: bool, **flags: object) -> Non
 @click.option("--chunks", type=int, default=8, show_default=True)
 @click.option("--scale", type=float, default=1000.0, show_default=True, help="c in f(x; c theta).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def saturation(target: str, out: str, **settings: object) -> None:
+@click.option("--allow-incomplete", is_flag=True,
+              help="Analyse an unfinished training run's checkpoints so far (summary.json records it).")
+def saturation(target: str, out: str, allow_incomplete: bool, **settings: object) -> None:
     """Norm growth over a training run's checkpoints, and saturated attention of its model."""
     from memscan.report import render_saturation
-    from memscan.saturation import analyse
+    from memscan.saturation import SaturationSettings, analyse
 
-    summary = analyse(target, out, **settings)  # type: ignore[arg-type]
+    summary = analyse(target, out, SaturationSettings(**settings), allow_incomplete)  # type: ignore[arg-type]
     render_saturation(out)
     if summary["norm_growth"]:
         fits = summary["norm_growth"]["fits"]
