@@ -145,6 +145,8 @@ def read_record(path: Path, what: str, fields: Mapping[str, type | tuple[type, .
     `fields` maps required top-level keys to their type(s); `what` names the record in errors.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device would hang the read
+        raise DataError(f"{path} is not a regular file")
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
@@ -203,7 +205,7 @@ def refuse_foreign(directory: Path, ours: Callable[[str], bool], flag: str = "--
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise InputError(f"{flag} '{directory}' holds files memscan did not write ({shown}); "
-                         "choose an empty or new folder, or move them")
+                         "choose an empty or new folder, move them, or pass --allow-other-files")
 
 
 def remove_owned(directory: Path, names: Iterable[str]) -> None:

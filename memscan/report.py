@@ -137,8 +137,6 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
 
 def render_saturation(folder: str | Path) -> list[str]:
     """Plots of a `memscan saturation` folder: norm growth with its fits, cosines by layer, head spread."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +145,7 @@ def render_saturation(folder: str | Path) -> list[str]:
     from memscan import saturation, store
 
     folder = Path(folder)
-    summary = json.loads((folder / saturation.SUMMARY).read_text())
+    summary = saturation.read_summary(folder)  # its tables checked against their sha256
     names = []
     growth = summary["norm_growth"]
     if growth:
@@ -222,7 +220,7 @@ k = {_format(settings['k'])}, beta = {_format(settings['beta'])}.</p>
 
 
 def render_assoc(folder: str | Path) -> list[str]:
-    """Error against d and against T with THEORY.md's rates, and SGD's q against q_gamma."""
+    """Error against d and against T with docs/theory.md's rates, and SGD's q against q_gamma."""
     import json
 
     import matplotlib
