@@ -11,6 +11,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from memscan import qf  # noqa: E402
@@ -48,6 +49,13 @@ def bpe_model(tmp_path_factory) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                         bos_token="<|endoftext|>")
     return save_gpt2(tmp_path_factory.mktemp("bpe_model"), tokenizer, n_positions=48)
+
+
+def clustered(count: int, n: int, clusters: int, seed: int) -> np.ndarray:
+    """`count` float32 vectors of dimension n around `clusters` Gaussian centres (noise 0.15 of their spread)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, n))
+    return (centers[rng.integers(0, clusters, count)] + 0.15 * rng.normal(size=(count, n))).astype(np.float32)
 
 
 def qf_lines(count: int, seed: int = 0) -> list[str]:

@@ -8,18 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import clustered
 
 from memscan import store
 from memscan.cli import main
 from memscan.errors import MemscanError
 from memscan.knn import exact
 from memscan.knn.index import IndexSettings, KnnIndex, build
-
-
-def clustered(count: int, n: int, clusters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, n))
-    return (centers[rng.integers(0, clusters, count)] + 0.15 * rng.normal(size=(count, n))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

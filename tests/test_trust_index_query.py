@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import clustered
 
 import memscan
 from memscan import files, query, store
@@ -26,12 +27,6 @@ from memscan.knn import shards as knn_shards
 from memscan.knn.index import IndexSettings, KnnIndex, build, recall_at
 from memscan.query import QuerySettings, run
 from memscan.report import render
-
-
-def clustered(count: int, n: int, clusters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, n))
-    return (centers[rng.integers(0, clusters, count)] + 0.15 * rng.normal(size=(count, n))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
