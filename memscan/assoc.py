@@ -326,29 +326,37 @@ def run_sweep(settings: SweepSettings, out: str) -> dict[str, Any]:
 
     started = time.perf_counter()
     table, q = sweep(settings)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    store.write_table(folder / SWEEP_TABLE, table)
-    store.write_table(folder / Q_TABLE, q)
-    info = {"settings": settings_dict(settings), "rows": int(len(table["error"])),
-            "seconds": round(time.perf_counter() - started, 2)}
-    files.write_json_atomic(folder / SETTINGS_FILE, info)
+    with files.job_folder(Path(out)) as folder:
+        tables = [store.write_table(folder / SWEEP_TABLE, table), store.write_table(folder / Q_TABLE, q)]
+        info = {"settings": settings_dict(settings), "rows": int(len(table["error"])),
+                "seconds": round(time.perf_counter() - started, 2), "files": tables}
+        files.write_json_atomic(folder / SETTINGS_FILE, info)  # last: it vouches for the tables
     return info
 
 
 def run_fit(folder: str) -> dict[str, Any]:
     """Fit a sweep folder's slopes, write fit.json beside it, and return it."""
-    import json
     from pathlib import Path
 
     from memscan import files, store
-    from memscan.errors import DataError
 
     path = Path(folder)
-    if not (path / SETTINGS_FILE).exists():
-        raise DataError(f"'{folder}' is not a sweep folder: it has no {SETTINGS_FILE} (run `memscan assoc sweep`)")
-    info = json.loads((path / SETTINGS_FILE).read_text())
+    info = read_settings(path)
     table = {k: np.asarray(v) for k, v in store.read_table(path / SWEEP_TABLE).to_pydict().items()}
     result = fit(table, info["settings"])
-    files.write_json_atomic(path / FIT_FILE, result)
+    with files.folder_lock(path, "FOLDER"):
+        files.write_json_atomic(path / FIT_FILE, result)
     return result
+
+
+def read_settings(folder: Any) -> dict[str, Any]:
+    """settings.json of a sweep folder, checked: its keys, and both tables against their sha256."""
+    from pathlib import Path
+
+    from memscan import files
+
+    path = Path(folder)
+    info = files.read_record(path / SETTINGS_FILE, "`memscan assoc sweep`", {"settings": dict, "files": list})
+    for entry in info["files"]:
+        files.check_file(path, entry, "table")
+    return info

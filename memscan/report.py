@@ -221,8 +221,6 @@ k = {_format(settings['k'])}, beta = {_format(settings['beta'])}.</p>
 
 def render_assoc(folder: str | Path) -> list[str]:
     """Error against d and against T with docs/theory.md's rates, and SGD's q against q_gamma."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +229,7 @@ def render_assoc(folder: str | Path) -> list[str]:
     from memscan import assoc, store
 
     folder = Path(folder)
-    settings = json.loads((folder / assoc.SETTINGS_FILE).read_text())["settings"]
+    settings = assoc.read_settings(folder)["settings"]
     table = store.read_table(folder / assoc.SWEEP_TABLE).to_pandas()
     alpha, largest_T, largest_d = settings["alpha"], max(settings["samples"]), max(settings["dims"])
     names = []

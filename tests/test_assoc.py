@@ -138,3 +138,18 @@ def test_trained_schemes_need_a_grid_shared_with_the_fixed_ones():
     with pytest.raises(InputError, match="must appear in --dims"):
         assoc.SweepSettings(dims=(10, 100), schemes=("p_hat", "sgd_small")).check()
     assert assoc.SweepSettings(dims=(10, 50, 100), sgd_dims=(50, 200)).trained_dims == (50,)
+
+
+def test_fit_refuses_a_sweep_table_that_changed_after_the_sweep(capsys, tmp_path):
+    args = ["assoc", "sweep", "--out", str(tmp_path / "s"), "--dims", "10,40", "--samples", "10,100", "--seeds", "2",
+            "--n-tokens", "60", "--schemes", "p"]
+    with pytest.raises(SystemExit):
+        main(args)
+    table = tmp_path / "s" / "sweep.parquet"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 1
+    table.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["assoc", "fit", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "sweep.parquet fails its sha256" in err and not (tmp_path / "s" / "fit.json").exists()
