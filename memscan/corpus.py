@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,14 @@ TOKENIZE_BATCH_DOCUMENTS = 256
 
 @dataclass(frozen=True)
 class Document:
-    """One document of a source; `split` is set only where the source fixes it (qf "gen")."""
+    """One document of a source; `split` is set only where the source or the user's split rule
+    fixes it (qf "gen", `--split-column`, `--members`); `label` is the raw value of the source's
+    label column (`--split-column` or `--key-column`), when one is read."""
 
     doc_id: int
     text: str
     split: str | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,11 +152,12 @@ class FileSource(Source):
     text_column: str
     first_doc_id: int = 0
     limit: int | None = None         # documents to read, None: all
+    label_column: str | None = None  # read into Document.label (--split-column or --key-column)
 
     def documents(self) -> Iterator[Document]:
-        texts = (text for path in self.paths for text in _read_texts(path, self.text_column))
-        for doc_id, text in enumerate(itertools.islice(texts, self.limit), self.first_doc_id):
-            yield Document(doc_id, text)
+        records = (record for path in self.paths for record in _read_records(path, self.text_column, self.label_column))
+        for doc_id, (text, label) in enumerate(itertools.islice(records, self.limit), self.first_doc_id):
+            yield Document(doc_id, text, label=label)
 
     def partitions(self, max_documents: int | None, count: int,
                    count_documents: CountDocuments | None = None) -> list[Source]:
@@ -179,6 +183,7 @@ class HFSource(Source):
     pieces: int = 1
     first_doc_id: int = 0
     limit: int | None = None         # documents to read, None: all
+    label_column: str | None = None  # read into Document.label (--split-column or --key-column)
 
     def _stream(self) -> Any:
         import datasets
@@ -195,12 +200,12 @@ class HFSource(Source):
 
     def documents(self) -> Iterator[Document]:
         for doc_id, record in enumerate(itertools.islice(self._records(), self.limit), self.first_doc_id):
-            if self.text_column not in record:
-                raise InputError(
-                    f"dataset '{self.name}' has no column '{self.text_column}'; "
-                    f"columns are: {', '.join(record)} (choose one with --text-column)"
-                )
-            yield Document(doc_id, record[self.text_column])
+            for column, flag in ((self.text_column, "--text-column"), (self.label_column, "--split-column/--key-column")):
+                if column is not None and column not in record:
+                    raise InputError(f"dataset '{self.name}' has no column '{column}'; "
+                                     f"columns are: {', '.join(record)} (choose one with {flag})")
+            label = None if self.label_column is None else str(record[self.label_column])
+            yield Document(doc_id, record[self.text_column], label=label)
 
     def count_documents(self) -> int:
         return sum(1 for _ in itertools.islice(self._records(), self.limit))
@@ -234,17 +239,22 @@ def resolve_split(spec: str, split: str | None) -> str | None:
 
 
 def open_source(spec: str, *, seed: int, text_column: str = "text", split: str | None = None,
-                revision: str | None = None) -> Source:
+                revision: str | None = None, label_column: str | None = None) -> Source:
     """Parse `--source`: `qf[:k=v,...]`, `hf:OWNER/NAME[:CONFIG]`, or a local file or folder.
 
     `split` is the split of an hf: dataset (None: "train"); other sources refuse one.
+    `label_column` (a column of .jsonl/.parquet/hf: sources) is read into each Document's label.
     """
     split = resolve_split(spec, split)
     if spec == "qf" or spec.startswith("qf:"):
+        if label_column is not None:
+            raise InputError(f"--split-column/--key-column need a source with columns; --source '{spec}' "
+                             "(the built-in generator) has none")
         return QFSource(_parse_qf_options(spec[3:]), seed)
     if spec.startswith("hf:"):
         name, _, config_name = spec[3:].partition(":")
-        return HFSource(name, config_name or None, split or HF_DEFAULT_SPLIT, text_column, revision)
+        return HFSource(name, config_name or None, split or HF_DEFAULT_SPLIT, text_column, revision,
+                        label_column=label_column)
     path = Path(spec)
     if not path.exists():
         raise InputError(f"--source '{spec}' does not exist (give a file, a folder, 'qf' or 'hf:OWNER/NAME')")
@@ -256,7 +266,7 @@ def open_source(spec: str, *, seed: int, text_column: str = "text", split: str |
         paths = (path,)
     else:
         raise InputError(f"--source '{spec}' is not a {'/'.join(TEXT_SUFFIXES)} file")
-    return FileSource(paths, text_column)
+    return FileSource(paths, text_column, label_column=label_column)
 
 
 def _parse_qf_options(options: str) -> qf.QFConfig:
@@ -278,28 +288,54 @@ def _parse_qf_options(options: str) -> qf.QFConfig:
     return config
 
 
+def _read_records(path: Path, text_column: str, label_column: str | None) -> Iterator[tuple[str, str | None]]:
+    """(text, label) per document of one file; label None unless `label_column` (a .jsonl/.parquet column)."""
+    if label_column is None:
+        yield from ((text, None) for text in _read_texts(path, text_column))
+        return
+    if path.suffix == ".txt":
+        raise InputError(f"--split-column/--key-column need a .jsonl, .parquet or hf: source with columns; "
+                         f"'{path}' is a .txt file")
+    if path.suffix == ".parquet":
+        from memscan import store
+
+        yield from store.read_labelled_texts(path, text_column, label_column)
+        return
+    yield from _read_jsonl(path, (text_column, label_column))
+
+
 def _read_texts(path: Path, text_column: str) -> Iterator[str]:
     if path.suffix == ".parquet":
         yield from _read_parquet_texts(path, text_column)
         return
+    if path.suffix == ".jsonl":
+        yield from (text for text, in _read_jsonl(path, (text_column,)))
+        return
+    try:
+        with path.open(encoding="utf-8") as f:
+            yield from (line.rstrip("\n") for line in f if line.strip())
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def _read_jsonl(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """The given columns of each record of a .jsonl file, as strings (the first is the text)."""
     try:
         with path.open(encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
-                if path.suffix == ".txt":
-                    if line.strip():
-                        yield line.rstrip("\n")
-                    continue
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise InputError(f"{path}:{line_number} is not valid JSON: {exc.msg}") from None
-                if not isinstance(record, dict) or text_column not in record:
+                missing = [c for c in columns if not isinstance(record, dict) or c not in record]
+                if missing:
                     keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                    raise InputError(f"{path}:{line_number} has no column '{text_column}' (has: {keys}); "
-                                     "choose one with --text-column")
-                yield str(record[text_column])
+                    flag = "--text-column" if missing[0] == columns[0] else "--split-column/--key-column"
+                    raise InputError(f"{path}:{line_number} has no column '{missing[0]}' (has: {keys}); "
+                                     f"choose one with {flag}")
+                yield tuple(str(record[c]) for c in columns)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
@@ -418,3 +454,146 @@ def sample_chunks(chunks: Iterable[Chunk], k: int) -> list[Chunk]:
         elif entry[:3] > heap[0][:3]:
             heapq.heapreplace(heap, entry)
     return sorted((e[3] for e in heap), key=lambda c: (c.doc_id, c.chunk_id))
+
+
+# ---------------------------------------------------------------- membership labels (the split rule)
+
+# Label values (compared lower-cased) that name membership: train = in the model's training data.
+MEMBER_VALUES = ("member", "members", "train", "1", "1.0", "true", "yes", "in")
+NON_MEMBER_VALUES = ("non-member", "nonmember", "non_member", "non-members", "test", "0", "0.0", "false", "no", "out")
+ACCEPTED_LABELS = "member/non-member, train/test, 1/0, true/false, yes/no, in/out"
+SHOWN_IDS = 5  # unmatched member ids named in an error
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """What makes a document train (a member) or test: the seeded hash, a label column, or a members list.
+
+    kind "hash": `document_split` by --test-fraction and --seed (the default);
+    kind "column": the source's `column` holds the label of each document;
+    kind "members": `members` are the ids (doc ids, or keys read from `column`) of the
+    training documents, every other document is test. `path` and `sha256` name the file.
+    """
+
+    kind: str = "hash"
+    column: str | None = None
+    members: frozenset[str] = frozenset()
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def label_column(self) -> str | None:
+        """The source column to read into Document.label (None: none)."""
+        return self.column
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's split_rule (part of the extraction's fingerprint)."""
+        if self.kind == "hash":
+            return {"kind": "hash"}
+        if self.kind == "column":
+            return {"kind": "column", "column": self.column}
+        return {"kind": "members", "file": self.path, "sha256": self.sha256, "members": len(self.members),
+                "key_column": self.column}
+
+
+def split_rule(split_column: str | None, members: str | None, key_column: str | None) -> SplitRule:
+    """The rule of `--split-column`, `--members FILE [--key-column]`, or the hash split when neither is given."""
+    if split_column is not None and members is not None:
+        raise InputError("--split-column and --members both set the split; give one of them")
+    if key_column is not None and members is None:
+        raise InputError("--key-column names the keys of --members FILE; give --members too")
+    if split_column is not None:
+        return SplitRule("column", column=split_column)
+    if members is None:
+        return SplitRule()
+    path = Path(members)
+    if not path.is_file():
+        raise InputError(f"--members '{members}' is not a file (give a text file of document ids, one per line)")
+    try:
+        ids = frozenset(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--members '{members}' is not UTF-8 text (bad byte at offset {exc.start})") from None
+    if not ids:
+        raise InputError(f"--members '{members}' lists no document ids")
+    return SplitRule("members", column=key_column, members=ids, path=str(path.resolve()), sha256=files.sha256_of(path))
+
+
+@dataclass
+class LabelTally:
+    """What labelling saw: label values by count, and the member ids that matched a document."""
+
+    values: dict[str, int] = field(default_factory=dict)
+    matched: set[str] = field(default_factory=set)
+
+
+def label_documents(documents: Iterable[Document], rule: SplitRule, tally: LabelTally) -> Iterator[Document]:
+    """Documents with the split `rule` gives them (the hash rule leaves them as they are)."""
+    for doc in documents:
+        if rule.kind == "hash":
+            yield doc
+            continue
+        value = doc.label if doc.label is not None else str(doc.doc_id)
+        tally.values[value] = tally.values.get(value, 0) + 1
+        if rule.kind == "column":
+            yield replace(doc, split=_membership_of(value, rule.column or "", tally))
+            continue
+        member = value in rule.members
+        if member:
+            tally.matched.add(value)
+        yield replace(doc, split="train" if member else "test")
+
+
+def _membership_of(value: str, column: str, tally: LabelTally) -> str:
+    normal = value.strip().lower()
+    if normal in MEMBER_VALUES:
+        return "train"
+    if normal in NON_MEMBER_VALUES:
+        return "test"
+    seen = ", ".join(repr(v) for v in sorted(tally.values)[:10])
+    raise InputError(f"--split-column {column} has the value {value!r}, which names no membership "
+                     f"(values seen: {seen}; accepted: {ACCEPTED_LABELS})")
+
+
+def check_members_matched(rule: SplitRule, tally: LabelTally) -> None:
+    """Every id of --members must name a document of the source (read to its end)."""
+    if rule.kind != "members":
+        return
+    unmatched = sorted(rule.members - tally.matched)
+    if unmatched:
+        what = f"keys of --key-column {rule.column}" if rule.column else "document ids"
+        shown = ", ".join(repr(v) for v in unmatched[:SHOWN_IDS])
+        raise InputError(f"--members '{rule.path}': {len(unmatched):,} of {len(rule.members):,} ids match no "
+                         f"document ({what}) of --source, first: {shown}")
+
+
+def check_both_classes(rule: SplitRule, chunk_counts: dict[str, int]) -> None:
+    """A user's split rule must give members and non-members (membership is measured between them)."""
+    if rule.kind == "hash":
+        return
+    if not chunk_counts.get("train") or not chunk_counts.get("test"):
+        flag = f"--split-column {rule.column}" if rule.kind == "column" else f"--members '{rule.path}'"
+        counts = ", ".join(f"{count:,} {split}" for split, count in sorted(chunk_counts.items())) or "no chunks"
+        raise InputError(f"{flag} gives one class only ({counts}); membership needs train (member) and "
+                         "test (non-member) chunks")
+
+
+@dataclass(frozen=True)
+class LabeledSource(Source):
+    """A source whose documents get the split of `rule`: what Ray's planning tasks read, piece by piece."""
+
+    inner: Source
+    rule: SplitRule
+
+    def documents(self) -> Iterator[Document]:
+        return label_documents(self.inner.documents(), self.rule, LabelTally())
+
+    def count_documents(self) -> int:
+        return self.inner.count_documents()
+
+    def partitions(self, max_documents: int | None, count: int,
+                   count_documents: CountDocuments | None = None) -> list[Source]:
+        return [LabeledSource(piece, self.rule)
+                for piece in self.inner.partitions(max_documents, count, count_documents)]
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()

@@ -7,6 +7,7 @@ exactly the batches an uninterrupted run computes, and writes the same bytes.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import platform
@@ -50,6 +51,9 @@ class ExtractSettings:
     revision: str | None = None
     trust_remote_code: bool = False
     engine: str = "local"                # local | ray (same rows; part of the identity, so never mixed)
+    split_column: str | None = None      # a source column naming membership (member/non-member, train/test, 1/0, ...)
+    members: str | None = None           # a file of member document ids (or keys of key_column), one a line
+    key_column: str | None = None        # the source column whose values the --members file lists
 
     def check(self) -> None:
         """Refuse out-of-range settings with one line that names the flag, the range and the value."""
@@ -64,6 +68,11 @@ class ExtractSettings:
         checks.at_least("--seed", self.seed, 0)
         checks.choice("--engine", self.engine, ("local", "ray"))
         corpus.resolve_split(self.source, self.split)
+        self.split_rule()
+
+    def split_rule(self) -> corpus.SplitRule:
+        """The rule that makes a document train or test: --split-column, --members, or the seeded hash."""
+        return corpus.split_rule(self.split_column, self.members, self.key_column)
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -278,6 +287,21 @@ def _batch_table(batch: list[corpus.Chunk], vec: Any, nll: Any, layers: list[int
     return store.rows_table(columns, stored.cpu().numpy().reshape(-1, n), table_schema)
 
 
+def _chunk_rows(batch: list[corpus.Chunk], stats: Any) -> Any:
+    """Per-chunk table rows of one batch (store.chunk_rows); stats (3, B, T) nll, mu, var or None (--no-loss)."""
+    columns: dict[str, Any] = {
+        "doc_id": np.array([c.doc_id for c in batch], np.int64),
+        "chunk_id": np.array([c.chunk_id for c in batch], np.int64),
+        "split": np.array([c.split for c in batch], object),
+        "token_ids": np.stack([c.tokens for c in batch]),
+        "next_token_id": np.array([c.next_tokens[-1] for c in batch], np.int32),
+    }
+    if stats is not None:
+        values = stats.cpu().numpy()
+        columns.update(zip(store.PER_TOKEN_COLUMNS, values))
+    return store.chunk_rows(columns)
+
+
 def _no_chunk_error(source: str, stats: corpus.CorpusStats, chunk_tokens: int) -> InputError:
     if stats.documents == 0:
         return InputError(f"--source '{source}' holds no documents")
@@ -305,8 +329,9 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
 
     from memscan import models
 
+    rule = settings.split_rule()
     source = corpus.open_source(settings.source, seed=settings.seed, text_column=settings.text_column,
-                                split=settings.split, revision=settings.revision)
+                                split=settings.split, revision=settings.revision, label_column=rule.label_column)
     device = models.resolve_device(settings.device)
     dtype = models.resolve_dtype(settings.dtype, device)
     loaded = models.load(settings.model, dtype=dtype, device=device, revision=settings.revision,
@@ -322,20 +347,25 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype,
                        split=corpus.resolve_split(settings.source, settings.split))
     identity = {"settings": asdict(resolved), "model": loaded.info, "source": source.describe()}
-    fingerprint = files.fingerprint(identity)
+    fingerprint = files.fingerprint({**identity, "split_rule": rule.describe()})
     manifest = prepare_output(out, fingerprint, overwrite, allow_other_files)
     if manifest is not None and manifest["complete"]:
         log.info("%s is already complete", out)
         return manifest
 
     stats = corpus.CorpusStats()
+    tally = corpus.LabelTally()
     chunks: Iterable[corpus.Chunk]
     if settings.engine == "ray":  # planned by Ray tasks, one per piece of the source
         from memscan.engines import ray_runner
 
-        chunks, stats = ray_runner.plan(source, settings, ray_options or ray_runner.RayOptions())
+        labelled = source if rule.kind == "hash" else corpus.LabeledSource(source, rule)
+        chunks, stats = ray_runner.plan(labelled, settings, ray_options or ray_runner.RayOptions())
+        if rule.kind == "members":  # the planning tasks' tallies stay on the workers: count here
+            for _ in corpus.label_documents(itertools.islice(source.documents(), settings.max_documents), rule, tally):
+                pass
     else:
-        documents = itertools.islice(source.documents(), settings.max_documents)
+        documents = corpus.label_documents(itertools.islice(source.documents(), settings.max_documents), rule, tally)
         chunks = corpus.iter_chunks(documents, loaded.tokenizer, settings.chunk_tokens, settings.test_fraction,
                                     settings.seed, stats)
         if settings.num_chunks is not None:
@@ -348,6 +378,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             raise InputError(f"--num-chunks {settings.num_chunks:,} is more than the {len(chunks):,} chunks of "
                              f"{settings.chunk_tokens} tokens in the corpus; lower it, or omit it to take all")
         total_chunks = len(chunks)
+        _check_labels(rule, tally, dict(collections.Counter(chunk.split for chunk in chunks)))
     else:
         chunks = iter(chunks)
         first = next(chunks, None)
@@ -355,36 +386,64 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             raise _no_chunk_error(settings.source, stats, settings.chunk_tokens)
         chunks = itertools.chain([first], chunks)
 
+    # The per-chunk table needs the LM head over every position, which Ray's capture actors do not run.
+    with_table = settings.engine == "local"
     if manifest is None:
         manifest = store.new_manifest(
             fingerprint=fingerprint, **identity, n=loaded.hidden_size, layers=layers, positions=settings.positions,
             chunk_tokens=settings.chunk_tokens, dtype=dtype_name, vec_dtype=vec_dtype, seed=settings.seed,
-            rows_per_chunk=len(layers) * len(positions), versions=_versions(),
+            rows_per_chunk=len(layers) * len(positions), versions=_versions(), split_rule=rule.describe(),
+            chunk_table_chunks=store.chunk_table_chunks(settings.batch_size) if with_table else None,
         )
+        if not with_table:
+            log.warning("--engine ray writes no per-chunk table: `memscan score` and `memscan verbatim` need "
+                        "a local extraction")
         files.write_json_atomic(out / store.MANIFEST, manifest)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
     rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
     first_batch, skip_rows = divmod(rows_done, batch_size * per_chunk)
-    # A listed partial shard is the last one: every row is written, only the counts are missing.
+    # A listed partial shard (or chunk-table piece) is the last one: all is written, only the counts are missing.
     all_written = rows_done % settings.shard_rows != 0
-    if rows_done:
-        log.info("resuming %s after %d shards (%d rows)", out, len(manifest["shards"]), rows_done)
+    chunks_done = manifest["chunk_tables"][-1]["chunk_stop"] if with_table and manifest["chunk_tables"] else 0
+    piece_chunks = manifest["chunk_table_chunks"] or 1
+    table_first_batch = chunks_done // batch_size    # pieces hold whole batches
+    table_written = not with_table or chunks_done % piece_chunks != 0
+    if rows_done or chunks_done:
+        log.info("resuming %s after %d shards (%d rows) and %d chunks of the per-chunk table", out,
+                 len(manifest["shards"]), rows_done, chunks_done)
+    recording = threading.Lock()  # shards are recorded from the writer's thread, table pieces from this one
+
+    def record(key: str, entry: dict[str, Any]) -> None:
+        with recording:
+            manifest[key].append(entry)
+            files.write_json_atomic(out / store.MANIFEST, manifest)
 
     def record_shard(info: store.ShardInfo) -> None:
-        manifest["shards"].append(info.to_dict())
-        files.write_json_atomic(out / store.MANIFEST, manifest)
+        record("shards", info.to_dict())
 
     table_schema = store.schema(loaded.hidden_size, vec_dtype)
     writer = BackgroundWriter(store.ShardWriter(out, table_schema, settings.shard_rows,
                                                 rows_done - rows_done % settings.shard_rows, record_shard))
+    table_writer = store.ChunkTableWriter(out, piece_chunks, chunks_done - chunks_done % piece_chunks,
+                                          lambda entry: record("chunk_tables", entry))
     chunk_counts: dict[str, int] = {}
     positions_index = torch.tensor(positions, device=device)
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_chunks, unit="chunk", desc="extract", disable=None)
-    def write(b: int, batch: list[corpus.Chunk], vec: Any, nll: Any) -> None:
-        table = _batch_table(batch, vec, nll, layers, positions, b * batch_size * per_chunk, table_schema, vec_dtype)
-        writer.put(table.slice(skip_rows) if b == first_batch and skip_rows else table)
+    def rows_wanted(b: int) -> bool:
+        return not all_written and b >= first_batch
+
+    def table_wanted(b: int) -> bool:
+        return not table_written and b >= table_first_batch
+
+    def write(b: int, batch: list[corpus.Chunk], vec: Any, nll: Any, stats: Any = None) -> None:
+        if rows_wanted(b):
+            table = _batch_table(batch, vec, nll, layers, positions, b * batch_size * per_chunk, table_schema,
+                                 vec_dtype)
+            writer.put(table.slice(skip_rows) if b == first_batch and skip_rows else table)
+        if table_wanted(b):
+            table_writer.write(_chunk_rows(batch, stats))
 
     remote: dict[int, list[corpus.Chunk]] = {}
     try:
@@ -392,14 +451,17 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             for chunk in batch:
                 chunk_counts[chunk.split] = chunk_counts.get(chunk.split, 0) + 1
             progress.update(len(batch))
-            if b < first_batch or all_written:
+            if not rows_wanted(b) and not table_wanted(b):
                 continue
             if settings.engine == "ray":
                 remote[b] = batch
                 continue
             input_ids = torch.from_numpy(np.stack([c.tokens for c in batch])).to(device, torch.long)
             next_ids = torch.from_numpy(np.stack([c.next_tokens for c in batch])).to(device, torch.long)
-            write(b, batch, *models.capture(loaded.model, input_ids, next_ids, layers, positions_index, settings.loss))
+            if settings.loss:
+                write(b, batch, *models.capture_statistics(loaded.model, input_ids, next_ids, layers, positions_index))
+            else:
+                write(b, batch, *models.capture(loaded.model, input_ids, next_ids, layers, positions_index, False))
         if remote:
             from memscan.engines import ray_runner
 
@@ -409,12 +471,16 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
                     work, settings.model, dtype_name, settings.revision, settings.trust_remote_code, layers,
                     positions, settings.loss, ray_options or ray_runner.RayOptions()):
                 write(b, remote.pop(b), vec, nll)
+        if total_chunks is None:
+            _check_labels(rule, tally, chunk_counts)
     except BaseException:
         writer.abort()
+        table_writer.abort()
         raise
     finally:
         progress.close()
     writer.close()
+    table_writer.close()
     manifest["counts"] = {"chunks": dict(sorted(chunk_counts.items())),
                           "rows": {k: v * per_chunk for k, v in sorted(chunk_counts.items())}}
     manifest["corpus"] = stats.to_dict()
@@ -422,3 +488,10 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     files.write_json_atomic(out / store.MANIFEST, manifest)
     log.info("extracted %d rows into %s", sum(manifest["counts"]["rows"].values()), out)
     return manifest
+
+
+def _check_labels(rule: corpus.SplitRule, tally: corpus.LabelTally, chunk_counts: dict[str, int]) -> None:
+    """Once the whole source is read: every --members id matched a document, and the user's rule gave
+    both classes (`chunk_counts`: chunks per split, of the sample when sampling)."""
+    corpus.check_members_matched(rule, tally)
+    corpus.check_both_classes(rule, chunk_counts)

@@ -197,14 +197,49 @@ def capture(model: Any, input_ids: torch.Tensor, next_ids: torch.Tensor, layers:
     (NaN where no next token) or None. Runs the backbone only; the LM head sees just the
     P kept positions, and only when their loss is asked for.
     """
+    vec, final = _backbone(model, input_ids, layers, positions)
+    nll = next_token_nll(model, final[:, positions], next_ids[:, positions]) if with_loss else None
+    return vec, nll
+
+
+@torch.inference_mode()
+def capture_statistics(model: Any, input_ids: torch.Tensor, next_ids: torch.Tensor, layers: list[int],
+                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`capture` with the LM head over every position, for the per-chunk table's membership statistics.
+
+    Returns vec (B, len(layers), P, n), nll (B, P) at the kept positions, and stats
+    (3, B, T) float32: per-token nll, mu and var (`membership.row_statistics`), NaN where no
+    next token. The kept positions' nll is taken from stats, so the shards and the per-chunk
+    table hold the same numbers bit for bit.
+    """
+    vec, final = _backbone(model, input_ids, layers, positions)
+    stats = next_token_statistics(model, final, next_ids)
+    return vec, stats[0][:, positions], stats
+
+
+def _backbone(model: Any, input_ids: torch.Tensor, layers: list[int],
+              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vec (B, len(layers), P, n) at the kept layers and positions, and the final hidden states (B, T, n)."""
     last = int(model.config.num_hidden_layers)
     inner = any(layer != last for layer in layers)
     out = model.base_model(input_ids=input_ids, output_hidden_states=inner, use_cache=False)
-    final = out.last_hidden_state                                    # (B, T, n)
+    final = out.last_hidden_state
     states = [final if layer == last else out.hidden_states[layer] for layer in layers]
-    vec = torch.stack([h[:, positions] for h in states], dim=1)      # (B, L, P, n)
-    nll = next_token_nll(model, final[:, positions], next_ids[:, positions]) if with_loss else None
-    return vec, nll
+    return torch.stack([h[:, positions] for h in states], dim=1), final
+
+
+def next_token_statistics(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """nll, mu and var (3, B, T) float32 of the next tokens from final hidden states (B, T, n); NaN where
+    the target is -1. The block loop of `next_token_nll`, with `membership.row_statistics` per block."""
+    from memscan import membership
+
+    head = model.get_output_embeddings()
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    stats = torch.full((3, flat_targets.numel()), float("nan"), dtype=torch.float32, device=hidden.device)
+    rows = (flat_targets >= 0).nonzero().squeeze(1)
+    for block in rows.split(LOSS_BLOCK_ROWS):
+        stats[:, block] = torch.stack(membership.row_statistics(head(flat_hidden[block]), flat_targets[block]))
+    return stats.reshape(3, *targets.shape)
 
 
 def next_token_nll(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import files
+from memscan import files, store
 from memscan.query import RunTables, load
 
 log = logging.getLogger(__name__)
@@ -273,3 +273,41 @@ def render_assoc(folder: str | Path) -> list[str]:
         ax.legend(fontsize=8)
         names.append(_save(fig, folder / "sgd_q.png"))
     return names
+
+
+def render_scores(folder: str | Path) -> str:
+    """ROC curves of every rated score of a `memscan score` folder, FPR on a log axis as the field plots
+    them, into roc.png; returns its name. Called by the score job, which holds the folder.
+
+    Drawn on a matplotlib Figure of its own (no pyplot, no global backend change).
+    """
+    from matplotlib.figure import Figure
+
+    from memscan import membership, score
+
+    folder = Path(folder)
+    summary = files.read_record(folder / score.SUMMARY, "memscan score run", {"tables": list})
+    files.check_signature(summary, folder / score.SUMMARY)
+    entries = {entry["name"]: entry for entry in summary["tables"]}
+    table = store.read_table(files.check_file(folder, entries[score.SCORES], "table"))
+    metrics = files.read_record(files.check_file(folder, entries[score.METRICS], "metrics"), "memscan metrics")
+    labels = np.asarray(table.column("label"))
+    fig = Figure(figsize=(6.4, 5.2))
+    ax = fig.subplots()
+    floor = 1.0 / max(1, int((labels == 0).sum()))   # the smallest non-zero FPR these chunks can show
+    for name, row in metrics["scores"].items():
+        values = np.asarray(table.column(name), np.float64)
+        keep = np.isfinite(values)
+        fpr, tpr, _ = membership.roc_curve(values[keep], labels[keep])
+        ax.step(np.maximum(fpr, floor / 2), tpr, where="post", label=f"{name} (AUC {row['auc']['value']:.3f})")
+    grid = np.logspace(np.log10(floor / 2), 0, 50)
+    ax.plot(grid, grid, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set(xlabel="false positive rate (non-members called members)", ylabel="true positive rate",
+           title="Membership: ROC per score", ylim=(0, 1.01))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = folder / score.ROC_IMAGE
+    fig.savefig(files.tmp_path(path), dpi=110, format="png")
+    files.commit_file(files.tmp_path(path), path)
+    return path.name

@@ -69,18 +69,23 @@ def _arrow_column(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
 def new_manifest(*, fingerprint: str | None, settings: dict[str, Any], model: dict[str, Any],
                  source: dict[str, Any], n: int, layers: list[int], positions: str, chunk_tokens: int,
                  dtype: str, vec_dtype: str, seed: int | None, rows_per_chunk: int,
-                 versions: dict[str, str] | None = None) -> dict[str, Any]:
+                 versions: dict[str, str] | None = None, split_rule: dict[str, Any] | None = None,
+                 chunk_table_chunks: int | None = None) -> dict[str, Any]:
     """The manifest of a dataset being written: incomplete, no shards yet (DESIGN.md, the manifest).
 
     `n` is the vector width, `layers` the stored layers in ascending order, `rows_per_chunk`
     len(layers) x positions per chunk. The one place a manifest is built, so every writer
-    records the same keys that `read_manifest` checks.
+    records the same keys that `read_manifest` checks. `split_rule`: what made the split
+    (default the seeded hash); `chunk_table_chunks`: chunks per piece of the per-chunk table,
+    None for a dataset without one (its `chunk_tables` is then null).
     """
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "fingerprint": fingerprint,
         "settings": settings, "model": model, "source": source, "n": n, "layers": layers, "positions": positions,
         "chunk_tokens": chunk_tokens, "dtype": dtype, "vec_dtype": vec_dtype, "seed": seed,
         "rows_per_chunk": rows_per_chunk, "versions": versions or {}, "shards": [],
+        "split_rule": split_rule or {"kind": "hash"}, "chunk_table_chunks": chunk_table_chunks,
+        "chunk_tables": None if chunk_table_chunks is None else [],
     }
 
 
@@ -154,8 +159,9 @@ def is_dataset_file(name: str, listed: Collection[str] = ()) -> bool:
     """Whether memscan writes `name` into a dataset folder: manifest.json, a shard named by the exact
     pattern or listed in the manifest (`listed`), or the temporary name of either."""
     base = name.removesuffix(files.TMP_SUFFIX)
-    shard = _SHARD_NAME.fullmatch(base)
-    return base == MANIFEST or base in listed or (shard is not None and SHARD_PATTERN.format(int(shard[1])) == base)
+    shard = _SHARD_NAME.fullmatch(base) or _CHUNK_TABLE_NAME.fullmatch(base)
+    pattern = SHARD_PATTERN if base.startswith("part-") else CHUNK_TABLE_PATTERN
+    return base == MANIFEST or base in listed or (shard is not None and pattern.format(int(shard[1])) == base)
 
 
 # ---------------------------------------------------------------- writing
@@ -410,6 +416,7 @@ def verify(directory: str | os.PathLike[str]) -> list[str]:
         stored = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
         if total != stored:
             problems.append(f"the manifest counts {total:,} rows but the shards hold {stored:,}")
+    problems.extend(chunk_table_problems(directory, manifest))
     return problems
 
 
@@ -496,3 +503,187 @@ def read_table(path: str | os.PathLike[str]) -> pa.Table:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path} is not a readable result table: {exc}") from None
+
+
+# ---------------------------------------------------------------- the per-chunk table (issue 13)
+#
+# Beside the shards, `extract` writes one row per chunk: its token ids, the next token of its
+# last position and the per-token nll, mu and var of the membership scores (memscan.membership),
+# in pieces chunks-00000.parquet, ... of `manifest["chunk_table_chunks"]` chunks each, a whole
+# number of batches. A piece is listed in manifest["chunk_tables"] once written, fsynced and
+# renamed, exactly as a shard; pieces count chunks, not rows, so a resume restarts at a
+# batch boundary of either and both come out byte-identical. A manifest without the key, or
+# with null (an older memscan, the Ray engine, imported vectors), has no per-chunk table; the
+# format version stays 1, as every version-1 reader ignores the key.
+
+CHUNK_TABLE_PATTERN = "chunks-{:05d}.parquet"
+_CHUNK_TABLE_NAME = re.compile(r"chunks-(\d{5,})\.parquet")
+CHUNK_TABLE_CHUNKS = 4096  # chunks per piece, rounded up to whole batches: tens of MB at 256 tokens
+CHUNK_TABLE_SCHEMA = pa.schema([
+    ("doc_id", pa.int64()), ("chunk_id", pa.int64()), ("split", pa.dictionary(pa.int8(), pa.string())),
+    ("token_ids", pa.list_(pa.int32())), ("next_token_id", pa.int32()),
+    ("nll", pa.list_(pa.float32())), ("mu", pa.list_(pa.float32())), ("var", pa.list_(pa.float32())),
+])
+_CHUNK_TABLE_FIELDS: dict[str, type] = {"name": str, "chunk_start": int, "chunk_stop": int, "bytes": int,
+                                        "sha256": str}
+PER_TOKEN_COLUMNS = ("nll", "mu", "var")
+
+
+def chunk_table_chunks(batch_size: int) -> int:
+    """Chunks per piece of the per-chunk table: CHUNK_TABLE_CHUNKS rounded up to whole batches."""
+    return -(-CHUNK_TABLE_CHUNKS // batch_size) * batch_size
+
+
+def chunk_rows(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Rows of the per-chunk table: doc_id, chunk_id, split, next_token_id (m,), token_ids (m, T) and
+    nll, mu, var (m, T) float32 or None (extracted with --no-loss: null lists)."""
+    m, length = columns["token_ids"].shape
+
+    def lists(values: np.ndarray | None, value_type: pa.DataType) -> pa.Array:
+        if values is None:
+            return pa.nulls(m, pa.list_(value_type))
+        offsets = pa.array(np.arange(0, (m + 1) * length, length, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type))
+
+    arrays = [pa.array(columns["doc_id"], pa.int64()), pa.array(columns["chunk_id"], pa.int64()),
+              _arrow_column(columns["split"], CHUNK_TABLE_SCHEMA.field("split").type),
+              lists(columns["token_ids"], pa.int32()), pa.array(columns["next_token_id"], pa.int32())]
+    arrays += [lists(columns.get(name), pa.float32()) for name in PER_TOKEN_COLUMNS]
+    return pa.Table.from_arrays(arrays, schema=CHUNK_TABLE_SCHEMA)
+
+
+class ChunkTableWriter:
+    """Cuts a stream of per-chunk rows into pieces of `piece_chunks` chunks, each written atomically.
+
+    A piece's bytes depend only on its chunks (one row group per piece), so a resumed run
+    writes the same bytes as an uninterrupted one. `on_piece` gets each piece's entry.
+    """
+
+    def __init__(self, directory: Path, piece_chunks: int, first_chunk: int,
+                 on_piece: Callable[[dict[str, Any]], None]):
+        self.directory, self.piece_chunks, self.on_piece = Path(directory), piece_chunks, on_piece
+        self.index, remainder = divmod(first_chunk, piece_chunks)
+        if remainder:
+            raise ValueError(f"resume must start at a piece boundary; got chunk {first_chunk}")
+        self._pending: list[pa.Table] = []
+        self._pending_chunks = 0
+
+    @property
+    def tmp_path(self) -> Path:
+        return files.tmp_path(self.directory / CHUNK_TABLE_PATTERN.format(self.index))
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows of the chunks that follow the last one written."""
+        while table.num_rows:
+            room = self.piece_chunks - self._pending_chunks
+            head, table = table.slice(0, room), table.slice(room)
+            self._pending.append(head)
+            self._pending_chunks += head.num_rows
+            if self._pending_chunks == self.piece_chunks:
+                self._finish_piece()
+
+    def close(self) -> None:
+        """Write the last, partial piece."""
+        if self._pending_chunks:
+            self._finish_piece()
+
+    def abort(self) -> None:
+        """Drop the pending rows and any temporary file; written pieces stay."""
+        self._pending, self._pending_chunks = [], 0
+        self.tmp_path.unlink(missing_ok=True)
+
+    def _finish_piece(self) -> None:
+        final = self.directory / CHUNK_TABLE_PATTERN.format(self.index)
+        table = pa.concat_tables(self._pending).combine_chunks()
+        pq.write_table(table, self.tmp_path, row_group_size=max(1, table.num_rows), compression="zstd",
+                       use_dictionary=["split"])
+        commit_file(self.tmp_path, final)
+        start = self.index * self.piece_chunks
+        entry = {"name": final.name, "chunk_start": start, "chunk_stop": start + table.num_rows,
+                 "bytes": final.stat().st_size, "sha256": sha256_of(final)}
+        self._pending, self._pending_chunks = [], 0
+        self.index += 1
+        self.on_piece(entry)
+
+
+def _chunk_table_entries(manifest: dict[str, Any], directory: Path) -> list[dict[str, Any]]:
+    """manifest["chunk_tables"], each entry's shape checked; a dataset without one is refused in one line."""
+    path = directory / MANIFEST
+    entries = manifest.get("chunk_tables")
+    if entries is None:
+        raise DataError(f"dataset '{directory}' has no per-chunk table (extracted by an older memscan or by "
+                        "--engine ray): rerun `memscan extract` into a new folder")
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: 'chunk_tables' must be a list of file records; got {json.dumps(entries)[:60]}")
+    next_chunk = 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: 'chunk_tables' must be a list of file records; got {json.dumps(entry)[:60]}")
+        for key, kind in _CHUNK_TABLE_FIELDS.items():
+            files.require(entry, key, kind, path)
+        files.plain_name(entry["name"], path)
+        if entry["chunk_start"] != next_chunk or entry["chunk_stop"] <= entry["chunk_start"]:
+            raise DataError(f"{path}: chunk table {entry['name']} does not continue at chunk {next_chunk}")
+        next_chunk = entry["chunk_stop"]
+    return entries
+
+
+def chunk_table_problems(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """`verify`'s findings on the per-chunk table: each piece's size and sha256, and its chunk count."""
+    if manifest.get("chunk_tables") is None:
+        return []
+    try:
+        entries = _chunk_table_entries(manifest, directory)
+    except DataError as exc:
+        return [str(exc)]
+    problems = [p for p in (files.file_problem(directory, e, "chunk table") for e in entries) if p]
+    chunks = sum(manifest.get("counts", {}).get("chunks", {}).values())
+    if manifest["complete"] and not problems and entries and entries[-1]["chunk_stop"] != chunks:
+        problems.append(f"the manifest counts {chunks:,} chunks but the chunk tables hold {entries[-1]['chunk_stop']:,}")
+    return problems
+
+
+def read_chunk_table(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The whole per-chunk table of a complete dataset, each piece checked against its entry first.
+
+    Returns doc_id, chunk_id (m,) int64, split (m,) object, next_token_id (m,) int32,
+    token_ids (m, T) int32 and nll, mu, var (m, T) float32 (all NaN when extracted with
+    --no-loss), in extraction order: chunk i owns rows i * rows_per_chunk onwards.
+    """
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    if not manifest["complete"]:
+        raise DataError(f"dataset '{directory}' is incomplete: rerun the same `memscan extract` command to finish it")
+    entries = _chunk_table_entries(manifest, directory)
+    tables = [read_table(files.check_file(directory, entry, "chunk table")) for entry in entries]
+    table = pa.concat_tables(tables) if tables else CHUNK_TABLE_SCHEMA.empty_table()
+    length = manifest["chunk_tokens"]
+    m = table.num_rows
+
+    def matrix(name: str, dtype: type) -> np.ndarray:
+        column = table.column(name).combine_chunks()
+        if column.null_count == m and m:
+            return np.full((m, length), np.nan, dtype)
+        return column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(m, length)
+
+    out = {name: np.concatenate([_column_numpy(part) for part in table.column(name).chunks])
+           for name in ("doc_id", "chunk_id", "split", "next_token_id")}
+    out["token_ids"] = matrix("token_ids", np.int32)
+    out.update({name: matrix(name, np.float32) for name in PER_TOKEN_COLUMNS})
+    return out
+
+
+def read_labelled_texts(path: Path, text_column: str, label_column: str, batch_rows: int = 4096,
+                        ) -> Iterator[tuple[str, str]]:
+    """(text, label as a string) of each row of a user's Parquet file with a non-empty text."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
+    for column, flag in ((text_column, "--text-column"), (label_column, "--split-column/--key-column")):
+        if column not in parquet.schema_arrow.names:
+            raise InputError(f"{path} has no column '{column}'; columns are: "
+                             f"{', '.join(parquet.schema_arrow.names)} (choose one with {flag})")
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_column, label_column]):
+        texts, labels = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        yield from ((text, str(label)) for text, label in zip(texts, labels) if text)

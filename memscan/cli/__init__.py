@@ -35,10 +35,10 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from memscan.cli import assoc, demo, extract, index, inspect, query, train
+    from memscan.cli import assoc, demo, extract, index, inspect, query, score, train, verbatim
 
     for command in (extract.extract, index.index, query.query, query.report, train.train, train.saturation,
-                    assoc.assoc, inspect.verify, inspect.info, demo.demo):
+                    assoc.assoc, inspect.verify, inspect.info, demo.demo, score.score, verbatim.verbatim):
         cli.add_command(command)
 
 

@@ -34,6 +34,12 @@ from memscan.cli.render import print_summary
 @click.option("--split", default=None, help="Split of an hf: dataset to read [default: train]; other sources have none.")
 @click.option("--revision", default=None, help="Revision of the hub model and dataset.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
+@click.option("--split-column", default=None,
+              help="Membership from a column of a .jsonl/.parquet/hf: source: member/non-member, train/test, 1/0, "
+                   "true/false (train = in the model's training data) [default: seeded hash split].")
+@click.option("--members", default=None, type=click.Path(dir_okay=False),
+              help="A text file of member document ids (or --key-column keys), one a line; every other document is test.")
+@click.option("--key-column", default=None, help="The source column whose values the --members file lists.")
 @click.option("--overwrite", is_flag=True, help="Replace an extraction with other settings in --out.")
 @allow_other_files
 @ray_flags

@@ -1,0 +1,41 @@
+"""`memscan score`: membership scores and the activation geometry on a dataset's chunks, with their ROC metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from memscan.cli.options import allow_other_files
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the scores into.")
+@click.option("--query-run", default=None, type=click.Path(file_okay=False),
+              help="A `memscan query` run over DATA_DIR: adds nearest-pattern distance, energy, inside-ball, retrieved.")
+@click.option("--layer", type=int, default=None, help="Layer of --query-run to use [default: its last].")
+@click.option("--reference-model", default=None, help="A reference model (hub id or folder): adds reference - target loss.")
+@click.option("--verbatim", "verbatim_dir", default=None, type=click.Path(file_okay=False),
+              help="A `memscan verbatim` folder of DATA_DIR: its match columns join the bridge.")
+@click.option("--min-k", type=float, default=0.2, show_default=True, help="Fraction of tokens of Min-K% and Min-K%++.")
+@click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N] (the reference model's).")
+@allow_other_files
+def score(data_dir: str, out: str, verbatim_dir: str | None, allow_other_files: bool, **settings: object) -> None:
+    """Rate every train and test chunk (larger = member) and measure each score's AUC and TPR at 1% / 0.1% FPR."""
+    from memscan import files
+    from memscan.score import METRICS, ScoreSettings
+    from memscan.score import score as run
+
+    summary = run(ScoreSettings(data=data_dir, verbatim=verbatim_dir, **settings), out,  # type: ignore[arg-type]
+                  allow_other_files=allow_other_files)
+    metrics = files.read_record(Path(out) / METRICS, "memscan metrics")
+    click.echo(f"scores    {out}: {summary['chunks']['train']:,} train, {summary['chunks']['test']:,} test chunks")
+    for name, row in metrics["scores"].items():
+        auc, low = row["auc"], row["tpr@1%fpr"]
+        click.echo(f"{name:<16} AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]   "
+                   f"TPR@1%FPR {low['value']:.3f} [{low['low']:.3f}, {low['high']:.3f}]")
+    for name, why in metrics["skipped"].items():
+        click.echo(f"{name:<16} not rated: {why}")

@@ -1,0 +1,380 @@
+"""`memscan score` and `memscan verbatim`: the field's views of memorization on a dataset's chunks.
+
+`score` rates every train and test chunk of an extraction with the membership scores of
+`memscan.membership` (from the per-chunk table that `extract` writes, plus a reference
+model's forward pass when asked), and with the activation geometry of a `memscan query`
+run over the same dataset; it measures each score's ROC-AUC and TPR at low FPR against
+the dataset's split (train = member), and crosses the views on the same chunks (the
+bridge: rank correlations, AUCs side by side). `verbatim` prompts a seeded sample of
+chunks of each split with their first P tokens and records how much of the next S the
+model reproduces (`memscan.verbatim`). Every score is oriented larger = member.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memscan import checks, files, membership, store
+from memscan.errors import DataError, InputError
+
+log = logging.getLogger(__name__)
+
+SCORE_FORMAT, VERBATIM_FORMAT, FORMAT_VERSION = "memscan.scores", "memscan.verbatim", 1
+SCORES, METRICS, SUMMARY, ROC_IMAGE = "scores.parquet", "metrics.json", "summary.json", "roc.png"
+VERBATIM = "verbatim.parquet"
+SPLITS = ("train", "test")            # members, non-members; other splits (qf's "gen") are not rated
+MEMBERSHIP_SCORES = ("loss", "min_k", "min_k_plus_plus", "zlib", "reference")
+GEOMETRY_SCORES = ("nearest", "energy", "inside_ball", "retrieved")
+VERBATIM_COLUMNS = ("leading_match", "match_fraction", "extractable")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything that decides a score run (see `memscan score --help`)."""
+
+    data: str
+    query_run: str | None = None
+    reference_model: str | None = None
+    verbatim: str | None = None
+    min_k: float = membership.DEFAULT_K
+    layer: int | None = None          # the query run's layer (None: its last)
+    resamples: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 8
+
+    def check(self) -> None:
+        checks.number("--min-k", self.min_k, 0, 1, low_open=True, high_open=False)
+        checks.at_least("--resamples", self.resamples, 1)
+        checks.at_least("--seed", self.seed, 0)
+        checks.at_least("--batch-size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class VerbatimSettings:
+    """Everything that decides a verbatim run (see `memscan verbatim --help`)."""
+
+    data: str
+    num_chunks: int = 100
+    prompt_tokens: int = 32
+    suffix_tokens: int = 32
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    resamples: int = 1000
+
+    def check(self) -> None:
+        for flag, value in (("--num-chunks", self.num_chunks), ("--prompt-tokens", self.prompt_tokens),
+                            ("--suffix-tokens", self.suffix_tokens), ("--batch-size", self.batch_size),
+                            ("--resamples", self.resamples)):
+            checks.at_least(flag, value, 1)
+        checks.at_least("--seed", self.seed, 0)
+
+
+# ---------------------------------------------------------------- reading the dataset
+
+
+def _rated_chunks(data: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    """The manifest, the per-chunk table, and the indices (m,) of its train and test chunks."""
+    manifest = store.read_manifest(data)
+    table = store.read_chunk_table(data, manifest)
+    rated = np.flatnonzero(np.isin(table["split"], SPLITS))
+    present = set(table["split"][rated].tolist())
+    if present != set(SPLITS):
+        raise DataError(f"dataset '{data}' has {', '.join(sorted(present)) or 'no'} chunks only; membership needs "
+                        "train (member) and test (non-member) chunks")
+    return manifest, table, rated
+
+
+def _model_ref(manifest: dict[str, Any]) -> tuple[str, str | None, bool]:
+    """(model id or path, revision, trust_remote_code) of the dataset's model."""
+    model, settings = manifest["model"], manifest["settings"]
+    return model.get("path") or model["id"], settings.get("revision"), bool(settings.get("trust_remote_code"))
+
+
+def _decode(manifest: dict[str, Any], token_ids: np.ndarray) -> list[str]:
+    """Each chunk's text (m,), decoded with the dataset's tokenizer."""
+    from memscan import models
+
+    tokenizer = models.load_tokenizer(*_model_ref(manifest))
+    return tokenizer.batch_decode(token_ids.tolist())
+
+
+# ---------------------------------------------------------------- the scores
+
+
+def membership_scores(table: dict[str, np.ndarray], rows: np.ndarray, texts: list[str], k: float,
+                      ) -> dict[str, np.ndarray]:
+    """loss, min_k, min_k_plus_plus and zlib (m,) of the chunks `rows` from their per-token statistics."""
+    nll, mu, var = (table[name][rows] for name in store.PER_TOKEN_COLUMNS)
+    if np.isnan(nll).all():
+        raise DataError("the dataset was extracted with --no-loss: its per-chunk table holds no per-token loss; "
+                        "re-extract without --no-loss")
+    return {"loss": membership.loss_score(nll), "min_k": membership.min_k_score(nll, k),
+            "min_k_plus_plus": membership.min_k_plus_plus_score(nll, mu, var, k),
+            "zlib": membership.zlib_score(nll, texts)}
+
+
+def reference_nll(model_id: str, texts: list[str], device: str) -> np.ndarray:
+    """Per-token nll (m, T') of each text under a reference model, re-tokenized with its own tokenizer.
+
+    Each text is cut to the reference model's context; NaN pads the shorter rows. One text
+    per forward pass, as the token counts differ.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from memscan import models
+
+    resolved = models.resolve_device(device)
+    loaded = models.load(model_id, dtype=models.resolve_dtype("auto", resolved), device=resolved)
+    context = loaded.context_length or 1 << 30
+    encoded = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    length = max(1, min(context, max(len(ids) for ids in encoded)))
+    out = np.full((len(texts), length), np.nan, np.float32)
+    with torch.inference_mode():
+        for i, ids in enumerate(tqdm(encoded, unit="chunk", desc="reference", disable=None)):
+            ids = ids[:context]
+            if len(ids) < 2:
+                continue
+            tokens = torch.tensor([ids], device=resolved)
+            targets = torch.cat([tokens[:, 1:], torch.full((1, 1), -1, device=resolved)], dim=1)
+            stats = membership.token_statistics(loaded.model(input_ids=tokens).logits, targets)
+            out[i, :len(ids)] = stats["nll"][0]
+    return out
+
+
+def _query_layer(summary: dict[str, Any], layer: int | None, run: Path) -> dict[str, Any]:
+    layers = {entry["layer"]: entry for entry in summary["layers"]}
+    chosen = max(layers) if layer is None else layer
+    if chosen not in layers:
+        raise InputError(f"--layer {layer} is not in --query-run '{run}' (layers: {sorted(layers)})")
+    return layers[chosen]
+
+
+def geometry_scores(run: Path, data: Path, manifest: dict[str, Any], rows: np.ndarray,
+                    split: np.ndarray, layer: int | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Geometric scores (m,) of the chunks `rows` at their last position, from a `memscan query` run.
+
+    nearest: minus the distance to the nearest other pattern (a train chunk: the patterns
+    table's leave-one-out nearest_other_dist) or to the nearest pattern (a test chunk: the
+    queries table's nearest_dist); inside_ball: that distance <= the run's radius (1/0);
+    energy: minus the midpoint of the certified energy interval; retrieved: 1/0. NaN where
+    the run has no row for the chunk. Also returns what the summary records of the run.
+    """
+    from memscan import query
+
+    summary = query.read_summary(run)
+    if Path(summary["queries"]).resolve() != data.resolve():
+        raise InputError(f"--query-run '{run}' queried the dataset '{summary['queries']}', not '{data}'")
+    entry = _query_layer(summary, layer, run)
+    tables = {e["name"]: e for e in summary["tables"]}
+
+    def read(name: str) -> Any:
+        table = store.read_table(files.check_file(run, tables[name], "table"))
+        return table.filter(np.asarray(table.column("layer")) == entry["layer"])
+
+    per_chunk, positions = manifest["rows_per_chunk"], len(_kept_positions(manifest))
+    layer_index = manifest["layers"].index(entry["layer"])
+    last_rows = rows * per_chunk + layer_index * positions + positions - 1     # (m,) row ids at the last position
+    radius = float(entry["radius"]["value"])
+    patterns, queries = read("patterns.parquet"), read("queries.parquet")
+    nearest_other = _lookup(np.asarray(patterns.column("row_id")), np.asarray(patterns.column("nearest_other_dist")),
+                            last_rows)
+    lookup = {name: _lookup(np.asarray(queries.column("query_row_id")), np.asarray(queries.column(name), np.float64),
+                            last_rows)
+              for name in ("nearest_dist", "energy_lower", "energy_upper", "retrieved")}
+    distance = np.where(split == "train", nearest_other, lookup["nearest_dist"])
+    with np.errstate(invalid="ignore"):
+        scores = {"nearest": -distance, "inside_ball": np.where(np.isnan(distance), np.nan, distance <= radius),
+                  "energy": -(lookup["energy_lower"] + lookup["energy_upper"]) / 2, "retrieved": lookup["retrieved"]}
+    return scores, {"folder": str(run.resolve()), "layer": entry["layer"], "radius": radius}
+
+
+def _kept_positions(manifest: dict[str, Any]) -> list[int]:
+    from memscan.extract import parse_positions
+
+    return parse_positions(manifest["positions"], manifest["chunk_tokens"])
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """values[keys == w] for each w of `wanted` (m,) float64, NaN where a key is absent."""
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], np.asarray(values, np.float64)[order]
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    found = (len(keys) > 0) & (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), bool)
+    return np.where(found, values[at] if len(keys) else np.nan, np.nan)
+
+
+def _verbatim_columns(folder: Path, table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """A verbatim run's columns (m,) aligned to the chunks `rows`, NaN for chunks it did not sample."""
+    summary = files.read_record(folder / SUMMARY, "memscan verbatim run", {"format": str, "tables": list})
+    if summary["format"] != VERBATIM_FORMAT:
+        raise DataError(f"{folder / SUMMARY} is not a `memscan verbatim` summary")
+    files.check_signature(summary, folder / SUMMARY)
+    run = store.read_table(files.check_file(folder, summary["tables"][0], "table"))
+    chunk_key = table["doc_id"][rows] * (1 << 32) + table["chunk_id"][rows]
+    run_key = np.asarray(run.column("doc_id")) * (1 << 32) + np.asarray(run.column("chunk_id"))
+    return {f"verbatim_{name}": _lookup(run_key, np.asarray(run.column(name), np.float64), chunk_key)
+            for name in VERBATIM_COLUMNS}
+
+
+# ---------------------------------------------------------------- metrics and the bridge
+
+
+def score_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: int,
+                  seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """membership_metrics of every score that rates members and non-members; the others, with the reason."""
+    rated, skipped = {}, {}
+    for name, values in scores.items():
+        finite = np.isfinite(values)
+        classes = set(labels[finite].tolist())
+        if classes != {0, 1}:
+            skipped[name] = "rates no member" if 1 not in classes else "rates no non-member"
+            continue
+        rated[name] = values
+    return membership.membership_metrics(rated, labels, resamples=resamples, seed=seed), skipped
+
+
+def bridge(columns: dict[str, np.ndarray], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Spearman rank correlations between every pair of columns (over the chunks both rate) and AUCs side by side."""
+    from scipy.stats import spearmanr
+
+    names = list(columns)
+    correlations: dict[str, dict[str, float | None]] = {a: {} for a in names}
+    for i, a in enumerate(names):
+        for b in names[i:]:
+            both = np.isfinite(columns[a]) & np.isfinite(columns[b])
+            with warnings.catch_warnings():  # a constant column has no rank correlation: None below
+                warnings.simplefilter("ignore")
+                rho = spearmanr(columns[a][both], columns[b][both]).statistic if both.sum() > 2 else np.nan
+            value = float(rho) if np.isfinite(rho) else None
+            correlations[a][b] = correlations[b][a] = value
+    aucs = {name: metrics[name]["auc"] for name in names if name in metrics}
+    return {"spearman": correlations, "auc": aucs}
+
+
+# ---------------------------------------------------------------- the jobs
+
+
+def _ours(extra: tuple[str, ...]) -> Any:
+    def ours(name: str) -> bool:
+        return name.removesuffix(files.TMP_SUFFIX) in (SUMMARY, *extra)
+    return ours
+
+
+def _prepare(out: Path, names: tuple[str, ...], allow_other_files: bool) -> None:
+    """Refuse foreign files (unless allowed), then drop the old summary first: no record vouches for a mix."""
+    if not allow_other_files:
+        files.refuse_foreign(out, _ours(names))
+    (out / SUMMARY).unlink(missing_ok=True)
+
+
+def score(settings: ScoreSettings, out: str | Path, allow_other_files: bool = False) -> dict[str, Any]:
+    """Run `memscan score` into `out` (held for the job); returns its summary."""
+    from memscan import report
+
+    settings.check()
+    data = Path(settings.data)
+    with files.job_folder(Path(out)) as folder:
+        _prepare(folder, (SCORES, METRICS, ROC_IMAGE), allow_other_files)
+        manifest, table, rows = _rated_chunks(data)
+        split = table["split"][rows]
+        labels = (split == "train").astype(np.int64)
+        texts = _decode(manifest, table["token_ids"][rows])
+        scores = membership_scores(table, rows, texts, settings.min_k)
+        if settings.reference_model:
+            scores["reference"] = membership.reference_score(table["nll"][rows],
+                                                             reference_nll(settings.reference_model, texts,
+                                                                           settings.device))
+        run_info = None
+        if settings.query_run:
+            geometry, run_info = geometry_scores(Path(settings.query_run), data, manifest, rows, split,
+                                                 settings.layer)
+            scores.update(geometry)
+        metrics, skipped = score_metrics(scores, labels, settings.resamples, settings.seed)
+        crossed = dict(scores)
+        if settings.verbatim:
+            crossed.update(_verbatim_columns(Path(settings.verbatim), table, rows))
+        document = {"scores": metrics, "skipped": skipped, "split_rule": manifest.get("split_rule", {"kind": "hash"}),
+                    "bridge": bridge(crossed, metrics)}
+        columns = {"doc_id": table["doc_id"][rows], "chunk_id": table["chunk_id"][rows], "split": split,
+                   "label": labels, **{name: np.asarray(values, np.float64) for name, values in crossed.items()}}
+        entries = [store.write_table(folder / SCORES, columns)]
+        files.write_json_atomic(folder / METRICS, _finite(document))
+        entries.append(files.file_entry(folder / METRICS))
+        summary = files.signed({
+            "format": SCORE_FORMAT, "format_version": FORMAT_VERSION, "data": str(data.resolve()),
+            "settings": settings.__dict__, "query_run": run_info, "chunks": {s: int((split == s).sum()) for s in SPLITS},
+            "tables": entries,
+        })
+        files.write_json_atomic(folder / SUMMARY, summary)
+        report.render_scores(folder)
+    return summary
+
+
+def _finite(value: Any) -> Any:
+    """NaN and inf become None (JSON has neither), recursively."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def sample_per_split(split: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of up to `count` chunks of each of SPLITS."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(split == s), min(count, int((split == s).sum())), replace=False)
+              for s in SPLITS]
+    return np.sort(np.concatenate(chosen))
+
+
+def mean_interval(values: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> dict[str, float]:
+    """The mean of `values` (n,) with a percentile bootstrap interval."""
+    values = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"value": float(values.mean()), "low": float(low), "high": float(high)}
+
+
+def verbatim(settings: VerbatimSettings, out: str | Path, allow_other_files: bool = False) -> dict[str, Any]:
+    """Run `memscan verbatim` into `out` (held for the job); returns its summary."""
+    from memscan import models
+    from memscan import verbatim as extraction
+
+    settings.check()
+    data = Path(settings.data)
+    with files.job_folder(Path(out)) as folder:
+        _prepare(folder, (VERBATIM,), allow_other_files)
+        manifest, table, _ = _rated_chunks(data)
+        rows = sample_per_split(table["split"], settings.num_chunks, settings.seed)
+        model_id, revision, trust = _model_ref(manifest)
+        device = models.resolve_device(settings.device)
+        loaded = models.load(model_id, dtype=models.resolve_dtype("auto", device), device=device, revision=revision,
+                             trust_remote_code=trust)
+        stats = extraction.verbatim_table(loaded.model, table["token_ids"][rows].astype(np.int64),
+                                          settings.prompt_tokens, settings.suffix_tokens, settings.batch_size, device)
+        split = table["split"][rows]
+        columns = {"doc_id": table["doc_id"][rows], "chunk_id": table["chunk_id"][rows], "split": split, **stats}
+        entries = [store.write_table(folder / VERBATIM, columns)]
+        per_split = {s: {"chunks": int((split == s).sum()),
+                         "match_fraction": mean_interval(stats["match_fraction"][split == s], settings.resamples,
+                                                         settings.seed),
+                         "extractable_rate": mean_interval(stats["extractable"][split == s], settings.resamples,
+                                                           settings.seed)}
+                     for s in SPLITS}
+        summary = files.signed({"format": VERBATIM_FORMAT, "format_version": FORMAT_VERSION,
+                                "data": str(data.resolve()), "settings": settings.__dict__, "splits": per_split,
+                                "tables": entries})
+        files.write_json_atomic(folder / SUMMARY, summary)
+    return summary

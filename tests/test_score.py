@@ -1,0 +1,166 @@
+"""The per-chunk table, `memscan score` and `memscan verbatim`: numbers against direct computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from transformers import AutoModelForCausalLM
+
+from memscan import files, membership, store
+from memscan.cli import main
+from memscan.extract import ExtractSettings, extract
+from tests.conftest import qf_lines
+from tests.test_extract_capture import read_all, reference_chunks
+
+CHUNK = 32
+
+
+def write_source(tmp_path, documents=16):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(qf_lines(documents))))
+    return path
+
+
+def settings(model, source, **overrides):
+    return ExtractSettings(**{"model": str(model), "source": str(source), "chunk_tokens": CHUNK, "dtype": "fp32",
+                              "vec_dtype": "float32", "batch_size": 3, "shard_rows": 37, "layers": "1,-1",
+                              "split_column": "label", **overrides})
+
+
+@pytest.mark.parametrize("positions", ["last", "all", "every:5"])
+def test_chunk_table_holds_the_corpus_tokens_and_the_shards_nll(tmp_path, qf_model, positions):
+    source = write_source(tmp_path, 8)
+    extract(settings(qf_model, source, positions=positions), tmp_path / "out")
+    table = store.read_chunk_table(tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qf_model)
+    truth = reference_chunks(qf_lines(8), tokenizer, CHUNK)
+    keys = list(zip(table["doc_id"].tolist(), table["chunk_id"].tolist()))
+    assert keys == sorted(truth)
+    assert np.array_equal(table["token_ids"], np.array([truth[k][0] for k in keys]))
+    assert np.array_equal(table["next_token_id"], np.array([truth[k][1] for k in keys]))
+    _, meta = read_all(tmp_path / "out")
+    chunk_index = meta["row_id"] // (len(meta["row_id"]) // len(keys))
+    assert np.array_equal(table["nll"][chunk_index, meta["position"]], meta["nll"], equal_nan=True)
+    # per-token statistics against the Hugging Face model's logits, in float64
+    model = AutoModelForCausalLM.from_pretrained(qf_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(table["token_ids"].astype(np.int64))).logits.double()
+    logp = torch.log_softmax(logits, -1).numpy()
+    targets = np.concatenate([table["token_ids"][:, 1:], table["next_token_id"][:, None]], axis=1)
+    nll = -np.take_along_axis(logp, np.maximum(targets, 0)[..., None], -1)[..., 0]
+    nll[targets < 0] = np.nan
+    p = np.exp(logp)
+    mu = (p * logp).sum(-1)
+    var = (p * (logp - mu[..., None]) ** 2).sum(-1)
+    np.testing.assert_allclose(table["nll"], nll, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(table["mu"], np.where(targets < 0, np.nan, mu), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(table["var"], np.where(targets < 0, np.nan, var), rtol=1e-4, atol=1e-5)
+    assert store.verify(tmp_path / "out") == []
+
+
+def test_no_loss_keeps_tokens_and_leaves_the_statistics_empty(tmp_path, qf_model):
+    extract(settings(qf_model, write_source(tmp_path, 4), loss=False), tmp_path / "out")
+    table = store.read_chunk_table(tmp_path / "out")
+    assert np.isnan(table["nll"]).all() and (table["token_ids"] >= 0).all()
+
+
+def test_a_resume_writes_the_same_chunk_table_and_shards(tmp_path, qf_model, monkeypatch):
+    monkeypatch.setattr(store, "CHUNK_TABLE_CHUNKS", 6)
+    source = write_source(tmp_path)
+    whole = tmp_path / "whole"
+    extract(settings(qf_model, source), whole)
+    manifest = json.loads((whole / store.MANIFEST).read_text())
+    assert len(manifest["chunk_tables"]) > 3
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    kept_shards, kept_tables = manifest["shards"][:1], manifest["chunk_tables"][:3]  # the two stop at different chunks
+    for entry in kept_shards + kept_tables:
+        (cut / entry["name"]).write_bytes((whole / entry["name"]).read_bytes())
+    for key in ("counts", "corpus"):
+        manifest.pop(key)
+    manifest.update(complete=False, shards=kept_shards, chunk_tables=kept_tables)
+    files.write_json_atomic(cut / store.MANIFEST, manifest)
+    extract(settings(qf_model, source), cut)
+    names = sorted(p.name for p in whole.glob("*.parquet"))
+    assert names == sorted(p.name for p in cut.glob("*.parquet"))
+    assert all((whole / n).read_bytes() == (cut / n).read_bytes() for n in names)
+
+
+@pytest.fixture(scope="module")
+def scored(qf_model, tmp_path_factory):
+    """A dataset (positions last), a verbatim run and a score run, all through the CLI."""
+    root = tmp_path_factory.mktemp("scored")
+    source = write_source(root)
+    data, verbatim_dir, out = root / "data", root / "verbatim", root / "score"
+    for argv in (["extract", "--model", str(qf_model), "--source", str(source), "--out", str(data), "--chunk-tokens",
+                  str(CHUNK), "--positions", "last", "--dtype", "fp32", "--split-column", "label"],
+                 ["verbatim", str(data), "--out", str(verbatim_dir), "--num-chunks", "12", "--prompt-tokens", "8",
+                  "--suffix-tokens", "8", "--resamples", "50"],
+                 ["score", str(data), "--out", str(out), "--verbatim", str(verbatim_dir), "--resamples", "50",
+                  "--min-k", "0.3"]):
+        with pytest.raises(SystemExit) as code:
+            main(argv)
+        assert code.value.code == 0, argv[0]
+    return data, verbatim_dir, out
+
+
+def test_scores_equal_direct_computations(scored):
+    data, _, out = scored
+    table = store.read_chunk_table(data)
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    assert list(zip(scores.doc_id, scores.chunk_id)) == list(zip(table["doc_id"], table["chunk_id"]))
+    nll = table["nll"].astype(np.float64)
+    np.testing.assert_allclose(scores["loss"], -np.nanmean(nll, axis=1), rtol=1e-12)
+    counts = (~np.isnan(nll)).sum(1)
+    lowest = [np.sort(-row[~np.isnan(row)])[: max(1, int(c * 0.3))].mean() for row, c in zip(nll, counts)]
+    np.testing.assert_allclose(scores["min_k"], lowest, rtol=1e-12)
+    assert np.array_equal(scores["label"], (table["split"] == "train").astype(int))
+
+
+def test_metrics_auc_equals_sklearn_and_the_summary_vouches_for_the_files(scored):
+    _, _, out = scored
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("loss", "min_k", "min_k_plus_plus", "zlib"):
+        assert metrics["scores"][name]["auc"]["value"] == pytest.approx(roc_auc_score(scores.label, scores[name]))
+    assert metrics["split_rule"] == {"kind": "column", "column": "label"}
+    summary = json.loads((out / "summary.json").read_text())
+    files.check_signature(summary, out / "summary.json")
+    for entry in summary["tables"]:
+        files.check_file(out, entry)
+    assert (out / "roc.png").stat().st_size > 1000
+
+
+def test_verbatim_and_the_bridge(scored):
+    data, verbatim_dir, out = scored
+    run = pq.read_table(verbatim_dir / "verbatim.parquet").to_pandas()
+    assert (run.split.value_counts() == 12).all()
+    table = store.read_chunk_table(data)
+    summary = json.loads((verbatim_dir / "summary.json").read_text())
+    for split in ("train", "test"):
+        assert summary["splits"][split]["match_fraction"]["value"] == pytest.approx(
+            run.match_fraction[run.split == split].mean())
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    assert scores["verbatim_match_fraction"].notna().sum() == 24
+    bridge = json.loads((out / "metrics.json").read_text())["bridge"]
+    both = scores[["loss", "min_k"]].to_numpy()
+    from scipy.stats import spearmanr
+
+    assert bridge["spearman"]["loss"]["min_k"] == pytest.approx(spearmanr(both[:, 0], both[:, 1]).statistic)
+    assert bridge["auc"]["loss"] == json.loads((out / "metrics.json").read_text())["scores"]["loss"]["auc"]
+    assert len(table["doc_id"]) == len(scores)
+
+
+def test_geometry_lookup_takes_the_leave_one_out_distance_for_members():
+    from memscan.score import _lookup
+
+    keys = np.array([7, 3, 11])
+    values = np.array([0.7, 0.3, 1.1])
+    assert np.allclose(_lookup(keys, values, np.array([3, 5, 11])), [0.3, np.nan, 1.1], equal_nan=True)
