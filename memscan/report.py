@@ -275,6 +275,26 @@ def render_assoc(folder: str | Path) -> list[str]:
     return names
 
 
+def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """A `memscan score` folder's scores table (pyarrow) and metrics, checked against its signed summary."""
+    from memscan import score
+
+    summary = files.read_record(folder / score.SUMMARY, "memscan score run", {"tables": list})
+    files.check_signature(summary, folder / score.SUMMARY)
+    entries = {entry["name"]: entry for entry in summary["tables"]}
+    table = store.read_table(files.check_file(folder, entries[score.SCORES], "table"))
+    metrics = files.read_record(files.check_file(folder, entries[score.METRICS], "metrics"), "memscan metrics")
+    return table, metrics
+
+
+def _commit_figure(fig: Any, path: Path) -> str:
+    """Save a Figure atomically (tmp file, then rename); returns the file's name."""
+    fig.tight_layout()
+    fig.savefig(files.tmp_path(path), dpi=110, format="png", bbox_inches="tight")   # long tick labels stay whole
+    files.commit_file(files.tmp_path(path), path)
+    return path.name
+
+
 def render_scores(folder: str | Path) -> str:
     """ROC curves of every rated score of a `memscan score` folder, FPR on a log axis as the field plots
     them, into roc.png; returns its name. Called by the score job, which holds the folder.
@@ -286,11 +306,7 @@ def render_scores(folder: str | Path) -> str:
     from memscan import membership, score
 
     folder = Path(folder)
-    summary = files.read_record(folder / score.SUMMARY, "memscan score run", {"tables": list})
-    files.check_signature(summary, folder / score.SUMMARY)
-    entries = {entry["name"]: entry for entry in summary["tables"]}
-    table = store.read_table(files.check_file(folder, entries[score.SCORES], "table"))
-    metrics = files.read_record(files.check_file(folder, entries[score.METRICS], "metrics"), "memscan metrics")
+    table, metrics = _score_run(folder)
     labels = np.asarray(table.column("label"))
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.subplots()
@@ -306,8 +322,84 @@ def render_scores(folder: str | Path) -> str:
     ax.set(xlabel="false positive rate (non-members called members)", ylabel="true positive rate",
            title="Membership: ROC per score", ylim=(0, 1.01))
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = folder / score.ROC_IMAGE
-    fig.savefig(files.tmp_path(path), dpi=110, format="png")
-    files.commit_file(files.tmp_path(path), path)
-    return path.name
+    return _commit_figure(fig, folder / score.ROC_IMAGE)
+
+
+def bridge_points(table: Any) -> dict[str, Any] | None:
+    """What the bridge scatter draws, one entry (m,) per chunk of a scores table; None when it has no x.
+
+    x is the geometry (distance to the nearest other pattern for members, to the nearest
+    pattern for held-out chunks: minus the `nearest` score) where the score run had a query
+    run, else the verbatim match fraction; y is the loss in nats (minus the `loss` score);
+    `extractable` is True where the verbatim run found the whole suffix (False where it did
+    not or did not sample the chunk).
+    """
+    names = set(table.column_names)
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(table.column(name), np.float64)
+
+    if "nearest" in names:
+        x, x_label = -column("nearest"), "distance to the nearest (other) training pattern"
+    elif "verbatim_match_fraction" in names:
+        x, x_label = column("verbatim_match_fraction"), "verbatim match fraction (greedy suffix)"
+    else:
+        return None
+    extractable = column("verbatim_extractable") == 1 if "verbatim_extractable" in names else np.zeros(len(x), bool)
+    return {"x": x, "x_label": x_label, "y": -column("loss"), "split": np.asarray(table.column("split")).astype(str),
+            "extractable": extractable}
+
+
+def _bridge_scatter(ax: Any, points: dict[str, Any]) -> None:
+    """One view against another on the same chunks: colour = split, filled marker = verbatim-extractable."""
+    from memscan import score
+
+    for split, colour in zip(score.SPLITS, ("tab:red", "tab:blue")):
+        for filled in (True, False):
+            keep = (points["split"] == split) & (points["extractable"] == filled) & np.isfinite(points["x"])
+            if keep.any():
+                ax.scatter(points["x"][keep], points["y"][keep], s=14, alpha=0.7, edgecolors=colour,
+                           facecolors=colour if filled else "none",
+                           label=f"{split} ({'member' if split == 'train' else 'non-member'})"
+                                 f"{', extractable' if filled else ''}: {int(keep.sum()):,}")
+    ax.set(xlabel=points["x_label"], ylabel="loss (mean nll over the chunk, nats)",
+           title="The views on the same chunks (filled: verbatim-extractable)")
+    ax.legend(fontsize=7)
+
+
+def _bridge_heatmap(fig: Any, ax: Any, spearman: dict[str, dict[str, float | None]]) -> None:
+    """The Spearman matrix of metrics.json's bridge; blank where a pair has no rank correlation."""
+    names = list(spearman)
+    matrix = np.array([[np.nan if spearman[a].get(b) is None else spearman[a][b] for b in names] for a in names])
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    if len(names) <= 14:    # beyond that the numbers no longer fit their cells
+        for (i, j), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title("Spearman rank correlation (scores: larger = member)", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+
+
+def render_bridge(folder: str | Path) -> str:
+    """The bridge plot of a `memscan score` folder into bridge.png; returns its name.
+
+    Left, where the run has a geometric or verbatim column: loss against nearest-pattern
+    distance (or the verbatim match fraction), coloured by split, filled where the chunk is
+    verbatim-extractable. Right: the heatmap of metrics.json's Spearman matrix. Called by
+    the score job, which holds the folder; a Figure of its own, as render_scores.
+    """
+    from matplotlib.figure import Figure
+
+    from memscan import score
+
+    folder = Path(folder)
+    table, metrics = _score_run(folder)
+    points = bridge_points(table)
+    fig = Figure(figsize=(13, 6.4) if points else (7, 6.4))
+    axes = fig.subplots(1, 2 if points else 1, squeeze=False)[0]
+    if points:
+        _bridge_scatter(axes[0], points)
+    _bridge_heatmap(fig, axes[-1], metrics["bridge"]["spearman"])
+    return _commit_figure(fig, folder / score.BRIDGE_IMAGE)

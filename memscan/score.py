@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SCORE_FORMAT, VERBATIM_FORMAT, FORMAT_VERSION = "memscan.scores", "memscan.verbatim", 1
 SCORES, METRICS, SUMMARY, ROC_IMAGE = "scores.parquet", "metrics.json", "summary.json", "roc.png"
+BRIDGE_IMAGE = "bridge.png"
 VERBATIM = "verbatim.parquet"
 SPLITS = ("train", "test")            # members, non-members; other splits (qf's "gen") are not rated
 MEMBERSHIP_SCORES = ("loss", "min_k", "min_k_plus_plus", "zlib", "reference")
@@ -283,7 +284,7 @@ def score(settings: ScoreSettings, out: str | Path, allow_other_files: bool = Fa
     settings.check()
     data = Path(settings.data)
     with files.job_folder(Path(out)) as folder:
-        _prepare(folder, (SCORES, METRICS, ROC_IMAGE), allow_other_files)
+        _prepare(folder, (SCORES, METRICS, ROC_IMAGE, BRIDGE_IMAGE), allow_other_files)
         manifest, table, rows = _rated_chunks(data)
         split = table["split"][rows]
         labels = (split == "train").astype(np.int64)
@@ -316,6 +317,7 @@ def score(settings: ScoreSettings, out: str | Path, allow_other_files: bool = Fa
         })
         files.write_json_atomic(folder / SUMMARY, summary)
         report.render_scores(folder)
+        report.render_bridge(folder)
     return summary
 
 

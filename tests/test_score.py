@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
 
-from memscan import files, membership, store
+from memscan import files, store
 from memscan.cli import main
 from memscan.extract import ExtractSettings, extract
 from tests.conftest import qf_lines
@@ -156,6 +156,26 @@ def test_verbatim_and_the_bridge(scored):
     assert bridge["spearman"]["loss"]["min_k"] == pytest.approx(spearmanr(both[:, 0], both[:, 1]).statistic)
     assert bridge["auc"]["loss"] == json.loads((out / "metrics.json").read_text())["scores"]["loss"]["auc"]
     assert len(table["doc_id"]) == len(scores)
+
+
+def test_the_bridge_plot_draws_the_scores_table_and_is_written_beside_roc(scored):
+    from memscan import report
+
+    _, _, out = scored
+    scores = pq.read_table(out / "scores.parquet")
+    frame = scores.to_pandas()
+    points = report.bridge_points(scores)
+    # no query run here: x falls back to the verbatim match fraction; y is the loss in nats
+    np.testing.assert_array_equal(points["x"], frame["verbatim_match_fraction"].to_numpy())
+    np.testing.assert_allclose(points["y"], np.nanmean(store.read_chunk_table(scored[0])["nll"].astype(np.float64), 1),
+                               rtol=1e-12)
+    assert np.array_equal(points["extractable"], (frame["verbatim_extractable"] == 1).to_numpy())
+    assert list(points["split"]) == list(frame["split"])
+    with_geometry = scores.append_column("nearest", scores.column("min_k"))   # the x is minus the nearest score
+    np.testing.assert_array_equal(report.bridge_points(with_geometry)["x"], -frame["min_k"].to_numpy())
+    assert report.bridge_points(scores.select(["split", "label", "loss"])) is None
+    png = (out / "bridge.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000    # two panels, not an empty figure
 
 
 def test_geometry_lookup_takes_the_leave_one_out_distance_for_members():
