@@ -316,17 +316,22 @@ def settings_dict(settings: SweepSettings) -> dict[str, Any]:
 
 
 SWEEP_TABLE, Q_TABLE, SETTINGS_FILE, FIT_FILE = "sweep.parquet", "q.parquet", "settings.json", "fit.json"
+IMAGES = ("error_vs_d.png", "error_vs_T.png", "sgd_q.png")  # drawn by memscan.report.render_assoc
+OWN_FILES = frozenset((SWEEP_TABLE, Q_TABLE, SETTINGS_FILE, FIT_FILE, *IMAGES))
 
 
-def run_sweep(settings: SweepSettings, out: str) -> dict[str, Any]:
-    """Run a sweep and write its tables and settings into `out`."""
+def run_sweep(settings: SweepSettings, out: str, allow_other_files: bool = False) -> dict[str, Any]:
+    """Run a sweep and write its tables and settings into `out` (files memscan did not write there
+    are refused unless `allow_other_files`, and never removed)."""
     from pathlib import Path
 
     from memscan import files, store
 
     started = time.perf_counter()
-    table, q = sweep(settings)
     with files.job_folder(Path(out)) as folder:
+        if not allow_other_files:
+            files.refuse_foreign(folder, files.owned_by(OWN_FILES))
+        table, q = sweep(settings)
         tables = [store.write_table(folder / SWEEP_TABLE, table), store.write_table(folder / Q_TABLE, q)]
         info = {"settings": settings_dict(settings), "rows": int(len(table["error"])),
                 "seconds": round(time.perf_counter() - started, 2), "files": tables}

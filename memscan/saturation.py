@@ -137,6 +137,8 @@ def head_statistics(attentions: np.ndarray, threshold: float = ATTENTION_THRESHO
 
 SUMMARY = "summary.json"
 TABLES = ("norms.parquet", "saturation.parquet", "heads.parquet")
+IMAGES = ("norm_growth.png", "saturation.png", "heads.png")  # drawn by memscan.report.render_saturation
+OWN_FILES = frozenset((SUMMARY, *TABLES, *IMAGES))
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,14 @@ class SaturationSettings:
 
 
 def analyse(target: str, out: str, settings: SaturationSettings = SaturationSettings(),
-            allow_incomplete: bool = False) -> dict[str, Any]:
+            allow_incomplete: bool = False, allow_other_files: bool = False) -> dict[str, Any]:
     """Norm growth over a training run's checkpoints (if `target` is one) and saturation of its model.
 
     `target` is a `memscan train` run folder (its last checkpoint and its own source and
     context are used) or any model; the text is the first `chunks` chunks of the source.
     A run that did not finish is refused unless `allow_incomplete`: then its checkpoints so
-    far are analysed, and summary.json says so. The job holds `out` from start to end.
+    far are analysed, and summary.json says so. The job holds `out` from start to end; files
+    there that memscan did not write are refused unless `allow_other_files` (and never removed).
     """
     from memscan import models
 
@@ -173,6 +176,8 @@ def analyse(target: str, out: str, settings: SaturationSettings = SaturationSett
     if not target_path.exists() and models.looks_like_path(target):
         raise InputError(f"'{target}' does not exist (give a `memscan train` run folder or a model)")
     with files.job_folder(Path(out)) as out_path:
+        if not allow_other_files:
+            files.refuse_foreign(out_path, files.owned_by(OWN_FILES))
         # The summary vouches for the tables: it goes first, so a run cut short leaves no mixed result.
         files.remove_owned(out_path, [SUMMARY, *TABLES])
         return _analyse_into(target, out_path, settings, allow_incomplete)

@@ -153,3 +153,16 @@ def test_fit_refuses_a_sweep_table_that_changed_after_the_sweep(capsys, tmp_path
         main(["assoc", "fit", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "sweep.parquet fails its sha256" in err and not (tmp_path / "s" / "fit.json").exists()
+
+
+def test_sweep_refuses_a_folder_with_files_memscan_did_not_write(capsys, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    args = ["assoc", "sweep", "--out", str(tmp_path / "s"), "--dims", "10", "--samples", "10", "--seeds", "1",
+            "--n-tokens", "20", "--schemes", "p"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1 and "notes.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--allow-other-files"])
+    assert exit_info.value.code == 0 and (tmp_path / "s" / "notes.txt").read_text() == "mine"

@@ -533,3 +533,13 @@ def test_training_shows_a_bar_over_steps_with_the_loss(tmp_path, monkeypatch):
     assert bar["kwargs"]["total"] == 3 and bar["kwargs"]["unit"] == "step"
     assert bar["kwargs"]["disable"] is None  # quiet when not a terminal
     assert bar["updates"] == 3 and bar["losses"] == pytest.approx(losses, abs=5e-4)
+
+
+def test_saturation_refuses_a_folder_with_files_memscan_did_not_write(finished_run, tmp_path):
+    out = tmp_path / "sat"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(InputError, match=r"holds files memscan did not write \(thesis.tex\)"):
+        saturation.analyse(str(finished_run), str(out), saturation.SaturationSettings(chunks=2))
+    saturation.analyse(str(finished_run), str(out), saturation.SaturationSettings(chunks=2), allow_other_files=True)
+    assert (out / "thesis.tex").read_text() == "mine" and saturation.read_summary(out)["complete"]

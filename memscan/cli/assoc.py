@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from memscan.cli.options import allow_other_files
+
 
 def _ints(text: str) -> tuple[int, ...]:
     from memscan.errors import InputError
@@ -30,12 +32,13 @@ def assoc() -> None:
 @click.option("--schemes", default=",".join(("p", "p_hat", "seen", "threshold", "top_seen", "sgd_small",
                                              "sgd_large", "adam")), show_default=True)
 @click.option("--learn-embeddings", is_flag=True, help="SGD and Adam also learn the input embeddings.")
-def sweep(out: str, dims: str, samples: str, schemes: str, **settings: object) -> None:
+@allow_other_files
+def sweep(out: str, dims: str, samples: str, schemes: str, allow_other_files: bool, **settings: object) -> None:
     """Exact population errors over dimensions, sample sizes, schemes and seeds (a Parquet table)."""
     from memscan.assoc import SweepSettings, run_sweep
 
     info = run_sweep(SweepSettings(dims=_ints(dims), samples=_ints(samples), schemes=tuple(schemes.split(",")),
-                                   **settings), out)  # type: ignore[arg-type]
+                                   **settings), out, allow_other_files)  # type: ignore[arg-type]
     click.echo(f"sweep     {info['rows']:,} rows in {info['seconds']:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
 
 

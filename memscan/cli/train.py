@@ -64,12 +64,14 @@ def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-incomplete", is_flag=True,
               help="Analyse an unfinished training run's checkpoints so far (summary.json records it).")
-def saturation(target: str, out: str, allow_incomplete: bool, **settings: object) -> None:
+@allow_other_files
+def saturation(target: str, out: str, allow_incomplete: bool, allow_other_files: bool, **settings: object) -> None:
     """Norm growth over a training run's checkpoints, and saturated attention of its model."""
     from memscan.report import render_saturation
     from memscan.saturation import SaturationSettings, analyse
 
-    summary = analyse(target, out, SaturationSettings(**settings), allow_incomplete)  # type: ignore[arg-type]
+    summary = analyse(target, out, SaturationSettings(**settings), allow_incomplete,  # type: ignore[arg-type]
+                      allow_other_files)
     render_saturation(out)
     if summary["norm_growth"]:
         fits = summary["norm_growth"]["fits"]
