@@ -42,14 +42,18 @@ def vectors(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def test_auto_picks_ivf_and_reaches_high_recall(big, tmp_path):
     info = build(big, tmp_path / "ivf", IndexSettings(eval_recall=300))
-    assert info["factory"] == "IVF1024,Flat" and "power of 2" in info["factory_reason"]
-    assert info["build"]["train_size"] == 55_000 and info["search"]["nprobe"] == 64
+    assert info["factory"] == "IVF256,Flat" and "power of 2 near count / 256" in info["factory_reason"]
+    assert info["build"]["train_size"] == 64 * 256   # 64 per list: k-means cost capped
+    tuned = info["tuning"]
+    assert [sweep["parameter"] for sweep in tuned["sweeps"]] == ["nprobe"] and tuned["reached"]
+    assert info["search"] == tuned["chosen"] == {"nprobe": tuned["sweeps"][0]["chosen"]}
     assert info["recall"]["recall_1_at_1"] >= 0.95 and info["recall"]["recall_k_at_k"] >= 0.9
 
 
 def test_hnsw_reaches_high_recall(big, tmp_path):
     info = build(big, tmp_path / "hnsw", IndexSettings(factory="HNSW32", eval_recall=300))
-    assert info["search"] == {"efSearch": 64} and info["recall"]["recall_1_at_1"] >= 0.95
+    assert info["search"] == info["tuning"]["chosen"] and list(info["search"]) == ["efSearch"]
+    assert info["recall"]["recall_1_at_1"] >= 0.95
 
 
 def test_flat_index_self_join_and_queries_are_exact(small, tmp_path):

@@ -149,13 +149,14 @@ def test_index_shards_filled_and_searched_by_actors_equal_the_local_shards(optio
     store.write_vectors(tmp_path / "data", X, ["train"] * 6000 + ["test"] * 200, model="synthetic", shard_rows=1500)
     settings = IndexSettings(factory="IVF32,Flat", nprobe=4, eval_recall=300, shards=3)
     local = build(tmp_path / "data", tmp_path / "local", settings)
-    remote = build(tmp_path / "data", tmp_path / "ray", settings, ray_options=options)
+    remote = build(tmp_path / "data", tmp_path / "ray", settings, engine=ray_runner.RayEngine(options))
     assert remote["engine"] == "ray" and remote["shards"] == local["shards"] and len(remote["shards"]) == 3
     assert remote["recall"] == local["recall"] and remote["recall"]["recall_1_at_1"] > 0.9
     for name in ("shard-001.faiss", "shard-001.row_ids.npy"):   # each actor wrote its own files
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
-    here, on_actors = KnnIndex.load(tmp_path / "ray"), KnnIndex.load(tmp_path / "ray", ray_options=options)
+    here = KnnIndex.load(tmp_path / "ray")
+    on_actors = KnnIndex.load(tmp_path / "ray", engine=ray_runner.RayEngine(options))
     queries = X[6000:]
     for a, b in zip(here.search(queries, 5), on_actors.search(queries, 5)):
         np.testing.assert_array_equal(a, b)
@@ -209,18 +210,18 @@ def test_errors_on_workers_and_impossible_requests_are_one_line(options, tmp_pat
 GPU_SLOTS_SCRIPT = """
 import sys, ray
 from dataclasses import replace
-from memscan.engines.ray_runner import RayOptions
+from memscan.engines.ray_runner import RayEngine, RayOptions
 from memscan.errors import InputError
 from memscan.knn.index import IndexSettings, build
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # one logical GPU
 data, out = sys.argv[1], sys.argv[2]
 try:
-    build(data, out + "/a", IndexSettings(shards=2, eval_recall=20), ray_options=RayOptions(gpus_per_worker=1))
+    build(data, out + "/a", IndexSettings(shards=2, eval_recall=20), engine=RayEngine(RayOptions(gpus_per_worker=1)))
 except InputError as exc:
     print("refused:", exc)
 for gpus, shards in ((1, 1), (0.5, 2), (0.5, 1)):   # shards take every slot or leave one: never a wait
     info = build(data, out + f"/{gpus}-{shards}", IndexSettings(shards=shards, eval_recall=20),
-                 ray_options=RayOptions(gpus_per_worker=gpus))
+                 engine=RayEngine(RayOptions(gpus_per_worker=gpus)))
     print("built", gpus, shards, info["recall"]["recall_1_at_1"])
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from memscan.cli.options import allow_other_files
-from memscan.cli.ray_flags import ray_flags, ray_options
+from memscan.cli.ray_flags import engine_of, ray_flags
 
 
 @click.command()
@@ -17,9 +17,13 @@ from memscan.cli.ray_flags import ray_flags, ray_options
               help="auto | Flat | IVF<nlist>,Flat | IVF<nlist>,PQ<m> | HNSW<M> | any FAISS factory string.")
 @click.option("--metric", default="l2", show_default=True, type=click.Choice(["l2", "ip"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]))
-@click.option("--train-size", type=int, default=None, help="IVF training sample [default: 256 per list].")
-@click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: nlist/16, at least 8].")
-@click.option("--ef-search", type=int, default=None, help="HNSW search depth [default: 64].")
+@click.option("--memory", default="2GB", show_default=True,
+              help="Memory the index may hold (512MB, 2GiB, 1.5G): auto compresses it (SQ8, PQ) beyond that.")
+@click.option("--train-size", type=int, default=None, help="IVF training sample [default: 64 per list].")
+@click.option("--target-recall", type=float, default=0.95, show_default=True,
+              help="1-recall@1 the chosen --nprobe / --ef-search reaches on a sample of the patterns.")
+@click.option("--nprobe", type=int, default=None, help="IVF lists searched [default: tuned to --target-recall].")
+@click.option("--ef-search", type=int, default=None, help="HNSW search depth [default: tuned to --target-recall].")
 @click.option("--eval-recall", type=int, default=0, show_default=True,
               help="Queries for recall against exact search, written into index.json.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -35,14 +39,21 @@ def index(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, eng
     from memscan.knn.index import IndexSettings, build
 
     index_settings = IndexSettings(**settings)  # type: ignore[arg-type]  # checked by the library
-    options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
-    info = build(data_dir, out, index_settings, overwrite=overwrite, ray_options=options,
-                 allow_other_files=allow_other_files)
+    runner = engine_of(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
+    info = build(data_dir, out, index_settings, overwrite=overwrite, engine=runner, allow_other_files=allow_other_files)
     shards = len(info["shards"])
     click.echo(f"index     {out}: {info['ntotal']:,} vectors of n={info['n']}, {info['factory']} ({info['metric']}), "
-               f"{info['device']}{f', {shards} shards' if shards > 1 else ''}{' on Ray' * (options is not None)}, "
+               f"{info['device']}{f', {shards} shards' if shards > 1 else ''}{' on Ray' * (engine == 'ray')}, "
                f"built in {info['build']['total_seconds']:.1f} s")
     click.echo(f"why       {info['factory_reason']}")
+    if info["tuning"]:
+        t = info["tuning"]
+        for sweep in t["sweeps"]:
+            name = sweep["parameter"]
+            curve = ", ".join(f"{value}: {recall:.3f}" for value, recall in zip(sweep["curve"][name],
+                                                                               sweep["curve"]["recall"]))
+            click.echo(f"tuned     {name} {sweep['chosen']} ({'reaches' if sweep['reached'] else 'DOES NOT reach'} "
+                       f"1-recall@1 {t['target_recall']} on {t['queries']:,} patterns; {curve})")
     if info["recall"]:
         r = info["recall"]
         click.echo(f"recall    1-recall@1 {r['recall_1_at_1']:.3f}, {r['k']}-recall@{r['k']} {r['recall_k_at_k']:.3f} "

@@ -27,6 +27,18 @@ def ray_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def engine_of(engine: str, address: str | None, num_workers: int, gpus_per_worker: float,
+              cpus_per_worker: int) -> Any:
+    """The engine the flags ask for, built here at the edge and passed into the library:
+    exact.LocalEngine for --engine local, ray_runner.RayEngine for --engine ray."""
+    options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
+    if options is None:
+        from memscan.knn.exact import LocalEngine
+
+        return LocalEngine()
+    return options.engine()
+
+
 def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_worker: float,
                 cpus_per_worker: int) -> Any:
     """RayOptions (which check the numbers) for --engine ray, None for the local engine; refuses --address without it."""

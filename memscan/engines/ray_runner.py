@@ -11,7 +11,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class RayOptions:
         if device == "gpu":
             raise InputError("--device gpu with --engine ray needs --gpus-per-worker")
         return "cpu"
+
+    def engine(self) -> RayEngine:
+        """The engine that runs on these options (for callers that pass options, not an engine)."""
+        return RayEngine(self)
 
 
 def _whole(value: float) -> bool:
@@ -108,10 +112,19 @@ def _pair(query: exact.Block, database: exact.Block, k: int, metric: str, exclud
 
 @dataclass(frozen=True)
 class RayEngine(exact.Engine):
-    """Exact kNN as one Ray task per (query block, database block), merged on the driver like the local run."""
+    """Exact kNN as one Ray task per (query block, database block), merged on the driver like the local
+    run; index shards each in a Ray actor (`RayShards`)."""
 
     options: RayOptions = RayOptions()
     device: str = "auto"             # as in exact.choose_backend, on each worker
+    name: ClassVar[str] = "ray"
+
+    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
+                    ) -> tuple[Shards, RayEngine]:
+        """One actor per shard; exact searches in tasks beside them, on CPUs where the shards hold every GPU."""
+        shards = RayShards(makers, metric, device, self.options)
+        search = shards.search_options
+        return shards, RayEngine(search, search.worker_device(device))
 
     def knn(self, query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int,
             *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,13 +13,16 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from memscan.errors import DataError, InputError
+
+if TYPE_CHECKING:
+    from memscan.knn.shards import Shard, Shards
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +259,16 @@ def self_join(blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l
 
 
 class Engine:
-    """Where exact searches run: `LocalEngine` in this process, `ray_runner.RayEngine` on Ray."""
+    """Where work runs: index shards are held and exact searches run in this process (`LocalEngine`)
+    or on Ray (`memscan.engines.ray_runner.RayEngine`). The caller builds one and passes it in."""
+
+    name: ClassVar[str] = "abstract"   # recorded in index.json
+
+    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
+                    ) -> tuple[Shards, Engine]:
+        """The shards `makers` make (each called with `device=`, where this engine keeps them) and
+        the engine that runs exact searches beside them on `device`."""
+        raise NotImplementedError
 
     def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
             metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,6 +290,14 @@ class LocalEngine(Engine):
     """Block pairs searched one after another in this process, with `backend` (None: faiss on the CPU)."""
 
     backend: Backend | None = None
+    name: ClassVar[str] = "local"
+
+    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
+                    ) -> tuple[Shards, Engine]:
+        """The shards made here, one after another; exact searches with `choose_backend(device)`."""
+        from memscan.knn.shards import LocalShards  # shards builds on this module
+
+        return LocalShards([make(device=device) for make in makers], metric), LocalEngine(choose_backend(device))
 
     def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
             metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,19 +3,22 @@
 An index folder holds `index.faiss` (always a CPU index), `row_ids.npy` (FAISS id i is
 dataset row `row_ids[i]`) and `index.json` (factory and why it was chosen, metric,
 dimension, count, the dataset manifest's sha256, device, build parameters and times,
-search parameters, recall against exact search, and the files of every shard with
-their sizes and sha256, the whole record signed by its `self_sha256`). A sharded index
-(`--shards N`) holds `shard-000.faiss` and `shard-000.row_ids.npy`, ... instead: copies
-of one trained index filled with consecutive row ranges, searched as one. An index built
+search parameters and the recall curves they were chosen on, recall against exact search,
+and the files of every shard with their sizes and sha256, the whole record signed by its
+`self_sha256`). A sharded index (`--shards N`) holds `shard-000.faiss` and
+`shard-000.row_ids.npy`, ... instead: copies of one trained index filled with consecutive
+row ranges, searched as one. An index built
 to replace another puts a build id in its file names (`index.1a2b3c4d.faiss`), so the two
 never share a file: index.json, replaced last and atomically, says which files are the index.
+
+Where the shards live and the exact searches run is the caller's `engine` (`exact.Engine`:
+this process by default, Ray actors with `memscan.engines.ray_runner.RayEngine`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,21 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from memscan import files, store
+from memscan import checks, files, store
 from memscan.errors import DataError, InputError
-from memscan.knn import exact
-from memscan.knn.shards import (OWN_FILE, LocalShards, Shard, Shards, entry_names, file_names, fill_shard, load_shard,
-                                row_ranges)
+from memscan.knn import exact, tuning
+from memscan.knn.shards import OWN_FILE, Shards, entry_names, file_names, fill_shard, load_shard, row_ranges
+from memscan.knn.tuning import MIN_TRAIN_PER_LIST, auto_factory
 
 log = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "memscan.index", 2   # 2: every file checksummed, the record signed
 INFO_FILE = "index.json"
 DEVICES = ("auto", "cpu", "gpu")
-SEARCH_PARAMS = ("nprobe", "efSearch")
-FLAT_MAX = 50_000            # below this, exact search costs less than training an IVF
-MIN_TRAIN_PER_LIST = 39      # FAISS warns below 39 training points per centroid
-TRAIN_PER_LIST = 256         # default sample: FAISS's own cap on points per centroid
+SHARD_PARAMS = ("nprobe", "efSearch")     # FAISS's own, set on every shard
+# k_factor: candidates re-ranked exactly per neighbour wanted; compressed codes (PQ) misorder
+# near neighbours, and fetching a few times k lets the exact re-ranking put them right.
+SEARCH_PARAMS = (*SHARD_PARAMS, "k_factor")
+TUNE_QUERIES = 1_000         # the recall sample a search parameter is chosen on: +-0.007 at a recall of 0.95
 
 
 def at_least(flag: str, value: int | None, minimum: int) -> None:
@@ -55,10 +59,12 @@ class IndexSettings:
     factory: str = "auto"
     metric: str = "l2"
     device: str = "auto"
-    train_size: int | None = None    # None: 256 per IVF list, at least 39 per list
+    train_size: int | None = None    # None: 64 per IVF list (at least 39) within half of `memory`
     seed: int = 0
-    nprobe: int | None = None        # None: 1/16 of the lists, at least 8
-    ef_search: int | None = None     # None: 64
+    nprobe: int | None = None        # None: the smallest reaching target_recall
+    ef_search: int | None = None     # None: the smallest reaching target_recall
+    target_recall: float = 0.95      # 1-recall@1 the tuned nprobe / efSearch reaches on a sample
+    memory: str = "2GB"              # what the index may hold in memory: `auto` compresses beyond it
     eval_recall: int = 0             # queries for recall against exact (0: none)
     recall_k: int = 10
     shards: int = 1                  # copies of the trained index, each over one range of rows
@@ -74,21 +80,13 @@ class IndexSettings:
                                      ("--eval-recall", self.eval_recall, 0), ("--recall-k", self.recall_k, 1),
                                      ("--shards", self.shards, 1)):
             at_least(flag, value, minimum)
+        checks.number("--target-recall", self.target_recall, 0.0, 1.0, low_open=True, high_open=False)
+        tuning.parse_memory(self.memory)
 
-
-def auto_factory(count: int) -> tuple[str, str]:
-    """FAISS's guidelines: exact while it pays, then IVF with nlist in [4, 16] x sqrt(count).
-
-    nlist is a power of 2 near 8 sqrt(count), and never more than count / 39 so that
-    every list gets FAISS's minimum of 39 training points.
-    """
-    if count < FLAT_MAX:
-        return "Flat", f"{count:,} vectors: below {FLAT_MAX:,}, exact search is cheaper than training IVF"
-    root, most = math.sqrt(count), count / MIN_TRAIN_PER_LIST
-    nlist = int(min(max(2 ** round(math.log2(min(8 * root, most))), 4 * root), 16 * root, most))
-    return f"IVF{nlist},Flat", (f"{count:,} vectors: IVF with {nlist} lists, a power of 2 near 8 sqrt(count) "
-                                f"within [4, 16] sqrt(count) = [{4 * root:.0f}, {16 * root:.0f}] and at most "
-                                f"count / {MIN_TRAIN_PER_LIST} = {most:.0f}")
+    @property
+    def budget(self) -> int:
+        """--memory in bytes."""
+        return tuning.parse_memory(self.memory)
 
 
 def _make_index(factory: str, n: int, metric: str) -> Any:
@@ -129,20 +127,6 @@ def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
     return layer
 
 
-def _open_shards(makers: list[functools.partial[Shard]], metric: str, device: str,
-                 ray_options: Any = None) -> tuple[Shards, exact.Engine]:
-    """The shards, made here or each in a Ray actor (`ray_options`: ray_runner.RayOptions), and
-    the engine that runs exact searches beside them; `makers` take the device as `device=`."""
-    if ray_options is None:
-        shards = LocalShards([make(device=device) for make in makers], metric)
-        return shards, exact.LocalEngine(exact.choose_backend(device))
-    from memscan.engines import ray_runner
-
-    shards = ray_runner.RayShards(makers, metric, device, ray_options)
-    search = shards.search_options
-    return shards, ray_runner.RayEngine(search, search.worker_device(device))
-
-
 # ---------------------------------------------------------------- index.json: read, checked, verified
 
 
@@ -176,8 +160,8 @@ def _check_shape(info: dict[str, Any], path: Path) -> None:
         files.require(info["dataset"], key, kinds, path)
     for name, value in info["search"].items():
         if name not in SEARCH_PARAMS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DataError(f"{path}: search parameter {name!r} must be nprobe or efSearch, a positive integer; "
-                            f"got {value!r}")
+            raise DataError(f"{path}: search parameter {name!r} must be nprobe, efSearch or k_factor, "
+                            f"a positive integer; got {value!r}")
     if not info["shards"]:
         raise DataError(f"{path} lists no shards")
     for entry in info["shards"]:
@@ -266,7 +250,8 @@ def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: st
     """Train `index` on a seeded sample of the split; returns (sample size, seconds)."""
     lists = nlist(index)
     minimum = MIN_TRAIN_PER_LIST * (lists or 1)
-    wanted = settings.train_size if settings.train_size is not None else max(minimum, TRAIN_PER_LIST * (lists or 256))
+    wanted = (settings.train_size if settings.train_size is not None
+              else tuning.train_rows(lists, dataset.n, settings.budget))
     train_size = min(count, wanted)
     if lists and train_size < minimum:
         hint = "raise --train-size" if count >= minimum else "use fewer lists or --factory Flat"
@@ -285,49 +270,64 @@ def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: st
     return train_size, time.perf_counter() - started
 
 
+def engine_of(engine: exact.Engine | None, ray_options: Any = None) -> exact.Engine:
+    """The engine to run on: `engine` (None: this process), or the one `ray_options` makes
+    (`ray_runner.RayOptions.engine()`) for callers that still pass options instead of an engine."""
+    if ray_options is not None:
+        return ray_options.engine()
+    return engine if engine is not None else exact.LocalEngine()
+
+
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
-          overwrite: bool = False, ray_options: Any = None, allow_other_files: bool = False) -> dict[str, Any]:
-    """Build, evaluate and save an index over one split and layer of a dataset; returns index.json.
+          overwrite: bool = False, engine: exact.Engine | None = None, allow_other_files: bool = False,
+          ray_options: Any = None) -> dict[str, Any]:
+    """Build, tune, evaluate and save an index over one split and layer of a dataset; returns index.json.
 
     The job holds `out_dir` (one job at a time); an index already there is replaced only with
     `overwrite`, and only once the new one is whole (a kill at any moment leaves the old or the
     new index loadable). Files memscan did not write are refused unless `allow_other_files`,
-    and never removed. With `ray_options` (memscan.engines.ray_runner.RayOptions) each shard
-    is filled by a Ray actor that reads its own rows and writes its own files; `out_dir` must
-    be on a file system every worker sees.
+    and never removed. `engine` (None: this process) holds the shards and runs the exact
+    searches; with `ray_runner.RayEngine` each shard is filled by a Ray actor that reads its
+    own rows and writes its own files, so `out_dir` must be on a file system every worker sees.
     """
     started = time.perf_counter()
     settings.check()
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
     with files.job_folder(out_dir):
         replaced = _claim_folder(out_dir, overwrite, allow_other_files)
-        info, sharded = _build(data_dir, settings, ray_options)
+        info, sharded = _build(data_dir, settings, engine_of(engine, ray_options))
         info["shards"] = sharded.save(out_dir, _build_id(set(replaced), len(sharded)))
         info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
         return _commit(out_dir, info, replaced)
 
 
-def _build(data_dir: Path, settings: IndexSettings, ray_options: Any) -> tuple[dict[str, Any], Shards]:
-    """The trained, filled and evaluated index in memory (or in Ray actors) and its record, unsaved."""
+def _split_count(dataset: store.ActivationDataset, settings: IndexSettings) -> tuple[int, int]:
+    """(layer, rows of the split there), refusing an empty split or more shards than rows."""
+    layer = resolve_layer(dataset, settings.layer)
+    count = dataset.count(settings.split, layer)
+    if count == 0:
+        raise InputError(f"split '{settings.split}' has no rows at layer {layer} in '{dataset.directory}' "
+                         f"(splits: {', '.join(dataset.manifest['counts']['rows'])})")
+    if settings.shards > count:
+        raise InputError(f"--shards {settings.shards} is more than the {count:,} vectors of split '{settings.split}'")
+    return layer, count
+
+
+def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tuple[dict[str, Any], Shards]:
+    """The trained, filled, tuned and evaluated index in memory (or in Ray actors) and its record, unsaved."""
     import faiss
 
     problems = store.verify(data_dir)
     if problems:
         raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
     dataset = store.ActivationDataset(data_dir)
-    layer = resolve_layer(dataset, settings.layer)
-    count = dataset.count(settings.split, layer)
-    if count == 0:
-        raise InputError(f"split '{settings.split}' has no rows at layer {layer} in '{data_dir}' "
-                         f"(splits: {', '.join(dataset.manifest['counts']['rows'])})")
-    if settings.shards > count:
-        raise InputError(f"--shards {settings.shards} is more than the {count:,} vectors of split '{settings.split}'")
-    factory, reason = (auto_factory(count) if settings.factory == "auto"
-                       else (settings.factory, "given with --factory"))
-    index = _make_index(factory, dataset.n, settings.metric)
-    lists = nlist(index)
+    layer, count = _split_count(dataset, settings)
     backend = exact.choose_backend(settings.device)
     on_gpu = backend.name == "faiss-gpu"
+    factory, reason = (auto_factory(count, dataset.n, settings.budget, gpu=on_gpu) if settings.factory == "auto"
+                       else (settings.factory, "given with --factory"))
+    index = cpu_index = _make_index(factory, dataset.n, settings.metric)
+    lists = nlist(index)
     if on_gpu:
         index = faiss.index_cpu_to_gpu(backend.resources, 0, index)
 
@@ -337,11 +337,10 @@ def _build(data_dir: Path, settings: IndexSettings, ray_options: Any) -> tuple[d
     search = _default_search_params(factory, lists, settings)
     t = time.perf_counter()
     row_ids = dataset.row_ids(settings.split, layer)
-    ranges = row_ranges(row_ids, settings.shards)
     makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search,
                                 int(np.searchsorted(row_ids, rows[1]) - np.searchsorted(row_ids, rows[0])))
-              for rows in ranges]
-    sharded, engine = _open_shards(makers, settings.metric, settings.device, ray_options)
+              for rows in row_ranges(row_ids, settings.shards)]
+    sharded, searcher = engine.open_shards(makers, settings.metric, settings.device)
     add_seconds = time.perf_counter() - t
 
     info: dict[str, Any] = {
@@ -351,15 +350,21 @@ def _build(data_dir: Path, settings: IndexSettings, ray_options: Any) -> tuple[d
         "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": manifest_sha256(data_dir),
                     "model": dataset.manifest["model"]["id"], "layer": layer, "split": settings.split},
         "device": backend.name if on_gpu else "cpu",
-        "engine": "local" if ray_options is None else "ray",
+        "engine": engine.name,
         "build": {"settings": asdict(settings), "train_size": train_size, "train_seconds": round(train_seconds, 3),
                   "add_seconds": round(add_seconds, 3), "faiss": faiss.__version__},
         "search": search,
+        "tuning": None,
         "recall": None,
     }
-    if settings.eval_recall:
-        info["recall"] = KnnIndex(sharded, info, dataset, engine).recall(settings.eval_recall, settings.recall_k,
-                                                                          settings.seed)
+    built = KnnIndex(sharded, info, dataset, searcher)
+    plan = _tuning_plan(cpu_index, factory, lists, sharded.ntotal, settings)
+    if plan:
+        t = time.perf_counter()
+        info["tuning"] = built.tune(plan, settings.target_recall, settings.seed)
+        info["tuning"]["seconds"] = round(time.perf_counter() - t, 3)
+    if settings.eval_recall:   # on another sample than the tuning's: an independent check of the chosen value
+        info["recall"] = built.recall(settings.eval_recall, settings.recall_k, settings.seed + 1)
     return info, sharded
 
 
@@ -387,12 +392,37 @@ def nlist(index: Any) -> int | None:
 
 
 def _default_search_params(factory: str, lists: int | None, settings: IndexSettings) -> dict[str, int]:
+    """The search parameters the shards start with: the given --nprobe / --ef-search, else nlist/16
+    (at least 8) and 64, FAISS's usual starting points; `_tuning_plan` then replaces those not given."""
     params: dict[str, int] = {}
     if lists:
         params["nprobe"] = min(lists, settings.nprobe if settings.nprobe is not None else max(8, lists // 16))
     if "HNSW" in factory:
         params["efSearch"] = settings.ef_search if settings.ef_search is not None else 64
     return params
+
+
+def _tuning_plan(index: Any, factory: str, lists: int | None, ntotal: int,
+                 settings: IndexSettings) -> list[tuple[str, int]]:
+    """The search parameters to tune, in order, each with its largest value: an IVF's nprobe up to
+    nlist, or an HNSW graph's efSearch up to EF_SEARCH_MAX, unless given; then, for compressed
+    codes, k_factor up to RERANK_MAX. [] for a float32 scan (Flat) or everything given."""
+    plan = []
+    if lists and settings.nprobe is None:
+        plan.append(("nprobe", lists))
+    elif not lists and "HNSW" in factory and settings.ef_search is None:
+        plan.append(("efSearch", min(tuning.EF_SEARCH_MAX, max(tuning.EF_SEARCH_MIN, ntotal))))
+    if lossy_codes(index):
+        plan.append(("k_factor", tuning.RERANK_MAX))
+    return plan
+
+
+def lossy_codes(index: Any) -> bool:
+    """Whether a (CPU) index holds its vectors other than as float32 (PQ, SQ, a transform): its
+    candidates' order is then approximate even within the lists or graph it searches."""
+    import faiss
+
+    return not isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
 
 
 class KnnIndex:
@@ -405,22 +435,25 @@ class KnnIndex:
         self.metric = info["metric"]
 
     @classmethod
-    def load(cls, index_dir: str | Path, device: str = "cpu", ray_options: Any = None) -> KnnIndex:
+    def load(cls, index_dir: str | Path, device: str = "cpu", engine: exact.Engine | None = None,
+             ray_options: Any = None) -> KnnIndex:
         """Open an index folder: index.json checked (signature and shape), every file against its
         size and sha256, the dataset against the manifest it was built from.
 
-        Shards load here (on the GPU with device auto|gpu where faiss sees one) or, with
-        `ray_options` (ray_runner.RayOptions), each in a Ray actor, searched in parallel.
+        Shards load where `engine` keeps them (None: here, on the GPU with device auto|gpu where
+        faiss sees one; `ray_runner.RayEngine`: each in a Ray actor, searched in parallel), and
+        its exact searches run on `device`. `ray_options`: see `engine_of`.
         """
         index_dir = Path(index_dir)
         info = read_info(index_dir)
         problem = _dataset_problem(info, index_dir)
         if problem:
             raise DataError(problem)
-        makers = [functools.partial(load_shard, index_dir.resolve(), entry, info["search"], info["n"], info["metric"])
+        params = {name: value for name, value in info["search"].items() if name in SHARD_PARAMS}
+        makers = [functools.partial(load_shard, index_dir.resolve(), entry, params, info["n"], info["metric"])
                   for entry in info["shards"]]
-        sharded, engine = _open_shards(makers, info["metric"], device, ray_options)
-        return cls(sharded, info, store.ActivationDataset(info["dataset"]["path"]), engine)
+        sharded, searcher = engine_of(engine, ray_options).open_shards(makers, info["metric"], device)
+        return cls(sharded, info, store.ActivationDataset(info["dataset"]["path"]), searcher)
 
     @property
     def exact(self) -> bool:
@@ -469,13 +502,16 @@ class KnnIndex:
         database = dataset_blocks(self.dataset, self.info["dataset"]["split"], layer, block_rows)
         return self.engine.knn(dataset_blocks(queries, split, layer, block_rows)(), database, k, metric=self.metric)
 
-    def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
-        """nprobe (IVF) and efSearch (HNSW) on every shard; above faiss-gpu's 2048 the CPU copies search."""
-        for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
+    def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None,
+                          k_factor: int | None = None) -> None:
+        """nprobe (IVF) and efSearch (HNSW) on every shard (above faiss-gpu's 2048 the CPU copies search),
+        and k_factor, the candidates re-ranked exactly per neighbour wanted."""
+        for name, value in (("nprobe", nprobe), ("efSearch", efSearch), ("k_factor", k_factor)):
             if value is not None:
                 if value < 1:
                     raise InputError(f"--{name.lower()} must be at least 1; got {value}")
-                self.shards.set_parameter(name, value)
+                if name in SHARD_PARAMS:
+                    self.shards.set_parameter(name, value)
                 self.info["search"][name] = value
 
     def check_k(self, k: int, exclude_self: bool = False) -> None:
@@ -491,8 +527,7 @@ class KnnIndex:
             raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
         exact.check_finite(X, "the queries")
         exact.check_scale(X, "the queries")
-        wanted = k + int(query_ids is not None)
-        _, ids = self.shards.search(X, wanted)
+        _, ids = self.shards.search(X, self._candidates(k, query_ids is not None))
         return self._finish(X, ids, k, query_ids)
 
     def self_join(self, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -509,41 +544,90 @@ class KnnIndex:
         with tqdm(total=self.shards.ntotal, desc="self-join", unit="vec", unit_scale=True, disable=None,
                   leave=False) as progress:
             for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
-                _, ids = self.shards.search(X, k + 1, grouped=True)
+                _, ids = self.shards.search(X, self._candidates(k, True), grouped=True)
                 parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
                 progress.update(len(X))
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
+    def _candidates(self, k: int, exclude_self: bool) -> int:
+        """Candidates to fetch for k neighbours: k (+1 for the query's own row); with compressed codes
+        k_factor (k + 1) for at least TUNE_K neighbours, what the tuned search fetched, for every query."""
+        if "k_factor" not in self.info["search"]:
+            return k + int(exclude_self)
+        return min(self.shards.ntotal, self.info["search"]["k_factor"] * (max(k, tuning.TUNE_K) + 1))
+
     def _finish(self, X: np.ndarray, ids: np.ndarray, k: int, query_ids: np.ndarray | None,
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Drop each query's own row, keep k, recompute scores exactly, re-sort."""
+        """Drop each query's own row, recompute every candidate's score exactly, keep the best k.
+
+        ids (nq, c) candidates, -1 where none; each distinct row is read once (neighbours repeat).
+        """
         if query_ids is not None:
             ids = np.where(ids == query_ids[:, None], -1, ids)
-        order = np.argsort(ids < 0, axis=1, kind="stable")[:, :k]            # valid ids first, rank kept
-        ids = np.take_along_axis(ids, order, axis=1)
         valid = ids >= 0
-        vectors = self.dataset.take(np.where(valid, ids, self.row_ids[0]).ravel()).reshape(*ids.shape, -1)
-        D = exact.exact_scores(X, vectors.reshape(-1, X.shape[1]),
-                               np.arange(ids.size).reshape(ids.shape), self.metric)
+        rows, local = np.unique(np.where(valid, ids, self.row_ids[0]).ravel(), return_inverse=True)
+        D = exact.exact_scores(X, self.dataset.take(rows), np.where(valid, local.reshape(ids.shape), -1), self.metric)
         D = np.where(valid, D, np.inf if self.metric == "l2" else -np.inf)
-        resort = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")
-        return (np.take_along_axis(D, resort, axis=1).astype(np.float32),
-                np.take_along_axis(np.where(valid, ids, -1), resort, axis=1))
+        best = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(D, best, axis=1).astype(np.float32),
+                np.take_along_axis(np.where(valid, ids, -1), best, axis=1))
 
-    def recall(self, queries: int, k: int, seed: int = 0) -> dict[str, Any]:
-        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns (`recall_at`)."""
-        k = min(k, self.shards.ntotal - 1)
+    def _recall_sample(self, queries: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A seeded sample of `queries` indexed patterns as self-join queries: (row ids (q,), X (q, n),
+        exact scores of their k nearest OTHER patterns (q, k)), the truth a recall is measured against."""
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
         query_ids = self.row_ids[pick]
         X = self.dataset.take(query_ids)
-        approx, _ = self.search(X, k, query_ids)
-        split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
-        database = dataset_blocks(self.dataset, split, layer)
+        database = dataset_blocks(self.dataset, self.info["dataset"]["split"], self.info["dataset"]["layer"])
         _, truth, _ = self.engine.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
+        return query_ids, X, truth
+
+    def recall(self, queries: int, k: int, seed: int = 0) -> dict[str, Any]:
+        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns (`recall_at`)."""
+        k = min(k, self.shards.ntotal - 1)
+        query_ids, X, truth = self._recall_sample(queries, k, seed)
+        approx, _ = self.search(X, k, query_ids)
         at_1, at_k = recall_at(approx, truth, self.metric)
         return {"queries": len(query_ids), "k": k, "recall_1_at_1": at_1, "recall_k_at_k": at_k,
                 "search": dict(self.info["search"])}
+
+    def tune(self, plan: list[tuple[str, int]], target: float, seed: int = 0,
+             queries: int = TUNE_QUERIES) -> dict[str, Any]:
+        """Set each (parameter, largest value) of `plan` in turn (`_tuning_plan`) to the smallest value
+        whose 1-recall@1 of a search for TUNE_K neighbours reaches `target` on a seeded sample of
+        `queries` indexed patterns, each leaving its own row out (`tuning.sweep` over the
+        tie-tolerant `recall_at`).
+
+        With k_factor in the plan the sweeps before it run with its largest value, so nprobe
+        (or efSearch) is chosen for what the codes can reach, and k_factor then for that.
+        Returns index.json's record: the target, the sample, every sweep's curve and choice.
+        """
+        k = min(tuning.TUNE_K, self.shards.ntotal - 1)
+        query_ids, X, truth = self._recall_sample(queries, 1, seed)
+        if "k_factor" in dict(plan):
+            self.set_search_params(k_factor=dict(plan)["k_factor"])
+        sweeps = []
+        for parameter, limit in plan:
+            measure = functools.partial(self._recall_with, parameter, X, query_ids, truth, k)
+            sweeps.append(tuning.sweep(parameter, tuning.search_values(parameter, limit), measure, target))
+            self.set_search_params(**{parameter: sweeps[-1]["chosen"]})
+        chosen = {sweep["parameter"]: sweep["chosen"] for sweep in sweeps}
+        reached = sweeps[-1]["reached"]
+        log.info("tuned %s for a 1-recall@1 of %.3f on %d patterns: %s", chosen, target, len(query_ids),
+                 "reached" if reached else "NOT reached")
+        if not reached:
+            log.warning("no search parameters up to %s reach a 1-recall@1 of %.3f; the index keeps %s "
+                        "(see index.json's tuning)", dict(plan), target, chosen)
+        return {"target_recall": target, "queries": len(query_ids), "k": k, "seed": seed, "sweeps": sweeps,
+                "chosen": chosen, "reached": reached}
+
+    def _recall_with(self, parameter: str, X: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int,
+                     value: int) -> float:
+        """1-recall@1 of a k-search of X (the patterns `query_ids`, own rows left out) with `parameter` = value."""
+        self.set_search_params(**{parameter: value})
+        approx, _ = self.search(X, k, query_ids)
+        return recall_at(approx[:, :1], truth, self.metric)[0]
 
 
 RECALL_RTOL = 1e-6   # float rounding of one distance computed twice; far below any real gap

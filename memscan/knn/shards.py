@@ -22,7 +22,7 @@ import numpy as np
 
 from memscan import files, store
 from memscan.errors import DataError
-from memscan.knn import exact
+from memscan.knn import exact, tuning
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,35 @@ class Shard:
         self.params[name] = value
 
     def search(self, X: np.ndarray, k: int, grouped: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(D (nq, k) FAISS scores, I (nq, k) row ids, -1 where none).
+        """(D (nq, k) FAISS scores, I (nq, k) row ids, -1 where none: only where the shard holds fewer than k).
 
         `grouped` (for self-joins: many queries) scans each inverted list of a CPU IVF index
         once per batch of queries (faiss.contrib.big_batch_search) instead of once per query.
         """
+        D, ids = self._search(X, k, grouped)
+        return self._fill(X, k, D, ids)
+
+    def _fill(self, X: np.ndarray, k: int, D: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Queries whose probed IVF lists (or graph walk) held fewer than k vectors, as a tuned nprobe
+        of 1 or 2 can leave a query near a small cluster, searched again at twice the nprobe /
+        efSearch until they have k (FAISS caps nprobe at nlist: a full scan); the setting is kept."""
+        short = (ids >= 0).sum(axis=1) < min(k, len(self.row_ids))
+        name = next((name for name in ("nprobe", "efSearch") if name in self.params), None)
+        if name is None or not short.any():
+            return D, ids
+        kept = value = self.params[name]
+        limit = len(self.row_ids) if name == "nprobe" else max(k, tuning.EF_SEARCH_MAX)
+        D, ids, count = np.array(D), np.array(ids), int(short.sum())
+        while short.any() and value < limit:
+            value = min(2 * value, limit)
+            self.set_parameter(name, value)
+            D[short], ids[short] = self._search(X[short], k, grouped=False)
+            short = (ids >= 0).sum(axis=1) < min(k, len(self.row_ids))
+        self.set_parameter(name, kept)
+        log.debug("searched %d queries again, %s up to %d, for %d neighbours each", count, name, value, k)
+        return D, ids
+
+    def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
         import faiss
         from faiss.contrib.big_batch_search import big_batch_search
 
@@ -96,8 +120,10 @@ class Shard:
         ivf = faiss.downcast_index(self.index)
         if grouped and not on_gpu and isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ,
                                                        faiss.IndexIVFScalarQuantizer)):
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress at every verbosity
-                D, local = big_batch_search(ivf, X, k, verbose=1)
+            # verbose=0 logs nothing (1 logs its memory use at INFO on the root logger); its
+            # per-list progress still goes to print, so stdout is caught
+            with contextlib.redirect_stdout(io.StringIO()):
+                D, local = big_batch_search(ivf, X, k, verbose=0)
         else:  # Flat, HNSW, an IVF behind a transform, or the GPU copy: the plain search
             D, local = (self.gpu_index if on_gpu else self.index).search(X, k)
         return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
