@@ -7,14 +7,14 @@ A3 (well-separated): balls of radius r disjoint (s_i > 2 r), and Ramsauer's sepa
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.special import logsumexp
 
-from memscan import theory
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -54,41 +54,111 @@ def shared_bins(*samples: np.ndarray, count: int = 50) -> np.ndarray:
     return np.linspace(low, high if high > low else low + 1.0, count + 1)
 
 
-MCHNPartial = tuple[np.ndarray, int, float]  # (log-sum-exp of beta rho.x (nq,), patterns, max ||rho||^2)
-
-
-def mchn_partial(block: tuple[np.ndarray, np.ndarray], X: np.ndarray, beta: float) -> MCHNPartial:
+class MCHNPartial(NamedTuple):
     """One pattern block's share of Ramsauer's energy of queries X (nq, n); see `mchn_combine`."""
+
+    lse: np.ndarray          # log-sum-exp of beta rho.x over the block (nq,)
+    count: int               # patterns in the block
+    max_sq_norm: float       # max ||rho||^2 over the block
+    top_ip: np.ndarray       # the block's largest inner products rho.x (nq, min(k, count)), descending
+
+
+class MCHN(NamedTuple):
+    """Ramsauer's energy over all patterns (nq,) and the k largest inner products rho.x (nq, k), descending."""
+
+    energy: np.ndarray
+    top_ip: np.ndarray
+
+
+def mchn_partial(block: tuple[np.ndarray, np.ndarray], X: np.ndarray, beta: float, k: int) -> MCHNPartial:
+    """One pattern block's share of Ramsauer's energy of queries X (nq, n) and its k largest inner products."""
     P = np.asarray(block[1], np.float64)
-    return logsumexp(beta * np.asarray(X, np.float64) @ P.T, axis=1), len(P), float((P * P).sum(1).max())
+    ip = np.asarray(X, np.float64) @ P.T                                          # (nq, m)
+    kept = min(k, len(P))
+    top = -np.sort(np.partition(-ip, kept - 1, axis=1)[:, :kept], axis=1)         # (nq, kept), descending
+    return MCHNPartial(logsumexp(beta * ip, axis=1), len(P), float((P * P).sum(1).max()), top)
 
 
-def mchn_combine(X: np.ndarray, partials: Iterable[MCHNPartial], beta: float) -> np.ndarray:
-    """Ramsauer's energy of queries X (nq, n) over all patterns, from every block's `mchn_partial`: (nq,).
+def mchn_combine(X: np.ndarray, partials: Iterable[MCHNPartial], beta: float, k: int) -> MCHN:
+    """Ramsauer's energy of queries X (nq, n) over all patterns, and their k largest inner products, from
+    every block's `mchn_partial`.
 
-    The log-sum-exps, the count d and M = max ||rho|| combine across blocks, so patterns
-    never need to fit in memory and blocks can be computed anywhere (Ray tasks).
+    The log-sum-exps, the count d, M = max ||rho|| and the top k combine across blocks, so
+    patterns never need to fit in memory and blocks can be computed anywhere (Ray tasks).
+    The top k are exact float64 products, for `theory.mchn_energy_interval`.
     """
     X = np.asarray(X, np.float64)
     lse, count, max_sq_norm = np.full(len(X), -np.inf), 0, 0.0
-    for block_lse, block_count, block_max in partials:
-        lse, count, max_sq_norm = np.logaddexp(lse, block_lse), count + block_count, max(max_sq_norm, block_max)
-    return -lse / beta + 0.5 * (X * X).sum(1) + math.log(count) / beta + 0.5 * max_sq_norm
+    top = np.empty((len(X), 0))
+    for part in partials:
+        lse, count, max_sq_norm = np.logaddexp(lse, part.lse), count + part.count, max(max_sq_norm, part.max_sq_norm)
+        top = -np.sort(-np.hstack([top, part.top_ip]), axis=1)[:, :k]
+    energy = -lse / beta + 0.5 * (X * X).sum(1) + math.log(count) / beta + 0.5 * max_sq_norm
+    return MCHN(energy, top)
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(torch: Any, device: str) -> Iterator[None]:
+    """torch on one CPU thread for the block, then as before. The retrieval is hundreds of small
+    element-wise steps: with the CPU shared (FAISS's OpenMP threads, other jobs) every parallel
+    region waits for a time slice, and one thread measured 4-12x faster than two on 2 cores."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def retrieve_batch(X: np.ndarray, neighbours: np.ndarray, beta: float, tol: float, max_steps: int,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`theory.retrieve` for a block of queries at once, in float64 torch on `device` (cpu or cuda).
+
+    X (b, n), neighbours (b, k, n) nearest first. Every row iterates the same update as
+    theory.retrieve until its own step moves less than `tol`, then stops (a per-row mask);
+    rows still moving are compacted once fewer than half of those computed remain.
+    Returns (fixed points (b, n) float64, steps (b,) int32, converged (b,) bool).
+    """
+    import torch
+
+    with _one_thread_on_cpu(torch, device):
+        P = torch.as_tensor(np.array(neighbours, np.float64), device=device)        # (b, k, n)
+        xi = torch.as_tensor(np.array(X, np.float64), device=device)                # (b, n)
+        fixed = xi.clone()
+        steps = torch.full((len(xi),), max_steps, dtype=torch.int32, device=device)
+        converged = torch.zeros(len(xi), dtype=torch.bool, device=device)
+        rows = torch.arange(len(xi), device=device)        # the original row of each row computed
+        moving = torch.ones(len(xi), dtype=torch.bool, device=device)
+        for step in range(1, max_steps + 1):
+            if 2 * int(moving.sum()) < len(rows):           # compact: stop computing rows that are done
+                P, xi, rows, moving = P[moving], xi[moving], rows[moving], moving[moving]
+            if not len(rows):
+                break
+            logits = -beta * ((P - xi[:, None, :]) ** 2).sum(-1)                            # (b', k)
+            weights = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+            new = torch.bmm(weights[:, None, :], P)[:, 0] / weights.sum(dim=1, keepdim=True)  # (b', n)
+            moved = torch.linalg.vector_norm(new - xi, dim=1)
+            xi = torch.where(moving[:, None], new, xi)
+            done = moving & (moved < tol)
+            steps[rows[done]] = step
+            converged[rows[done]] = True
+            fixed[rows[done]] = xi[done]
+            moving = moving & ~done
+        fixed[rows] = xi   # the rows still computed: done ones hold their fixed point, the rest their last step
+        return fixed.cpu().numpy(), steps.cpu().numpy(), converged.cpu().numpy()
 
 
 def retrieval(X: np.ndarray, neighbours: np.ndarray, beta: float, epsilon: float, tol: float,
-              max_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A1: iterate the retrieval update of each query over its k nearest patterns.
+              max_steps: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A1: iterate the retrieval update of each query over its k nearest patterns (`retrieve_batch`).
 
     X (nq, n), neighbours (nq, k, n) nearest first. Returns converged (nq,) bool, steps
-    (nq,) int, retrieved (nq,) bool: converged within epsilon of its nearest pattern.
+    (nq,) int32, retrieved (nq,) bool: converged within epsilon of its nearest pattern.
     """
-    converged = np.zeros(len(X), bool)
-    steps = np.zeros(len(X), np.int32)
-    retrieved = np.zeros(len(X), bool)
-    for i, (x, patterns) in enumerate(zip(X, neighbours)):
-        fixed, steps[i], converged[i] = theory.retrieve(x, patterns, beta, tol, max_steps)
-        retrieved[i] = converged[i] and np.linalg.norm(fixed - patterns[0]) <= epsilon
+    fixed, steps, converged = retrieve_batch(X, neighbours, beta, tol, max_steps, device)
+    nearest = np.asarray(neighbours[:, 0], np.float64)
+    retrieved = converged & (np.linalg.norm(fixed - nearest, axis=1) <= epsilon)
     return converged, steps, retrieved
 
 

@@ -1,12 +1,18 @@
 """`memscan query`: nearest-neighbour tables, assumption tests, energies and the cross-entropy floor.
 
 For every layer the dataset holds (the index's layer through the index, the others by
-exact blockwise search) it runs the self-join of the patterns and the kNN of the
-queries, then writes `neighbours`, `queries`, `patterns`, `histograms` and `coverage`
-tables and `summary.json` into the run folder. The query split is held in memory; the
-patterns are streamed. summary.json, written last and signed (`self_sha256`), lists every
-table with its size and sha256: a folder whose summary does not vouch for its tables is
-an incomplete run. Queries from the index's own dataset and split leave their own row out.
+exact blockwise search) a pipeline of small steps runs: the patterns' statistics, their
+self-join, A3 (spacing and Ramsauer's separation), the 25/50/75% subsets, then the query
+split streamed in blocks (search, energies, retrieval), each block's rows appended to the
+`neighbours` and `queries` tables on disk; the `patterns`, `histograms` and `coverage`
+tables and the layer's summary come last. When the index is approximate every statistic
+goes through an index, its recall or certified interval written beside it; `--exact`
+(or a Flat index) keeps every statistic exact. One budget, `--memory`, sizes every block:
+nothing proportional to d x d or to the whole query split is held, only a few numbers a
+pattern and one a query. summary.json, written last and signed (`self_sha256`), lists
+every table with its size and sha256: a folder whose summary does not vouch for its
+tables is an incomplete run. Queries from the index's own dataset and split leave their
+own row out.
 """
 
 from __future__ import annotations
@@ -15,17 +21,18 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from memscan import analysis, files, store, theory
 from memscan.errors import DataError, InputError
-from memscan.knn import exact
+from memscan.knn import exact, tuning
 from memscan.knn.index import DEVICES, KnnIndex, at_least, dataset_blocks, manifest_sha256
+from memscan.knn.mips import CANDIDATE_SLACK, RECALL_QUERIES, MipsIndex, Sample
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +40,25 @@ FORMAT, FORMAT_VERSION = "memscan.run", 2   # 2: tables checksummed, the summary
 SUMMARY = "summary.json"
 TABLES = ("neighbours", "queries", "patterns", "histograms", "coverage")
 TABLE_FILES = tuple(f"{name}.parquet" for name in TABLES)
-STEPS = ("patterns", "self-join", "searches", "inner-product join", "energies", "retrieval", "subsets")
-RETRIEVAL_CHUNK = 1024  # queries whose k neighbour vectors are gathered at once
+STEPS = ("patterns", "self-join", "inner-product join", "subsets", "searches", "energies", "retrieval")
+MIN_MEMORY = 1 << 20     # bytes: below this a block would hold a handful of rows
+MAX_BLOCK_ROWS = 65536   # the store's batch: more rows per block buy no speed
+MIN_PATTERN_ROWS = 64    # a floor for tiny budgets: smaller blocks cost more per block than they save
+
+Sink = Callable[[str, dict[str, np.ndarray]], None]   # appends rows (columns (m,)) to the named table
 
 
 def _positive_finite(flag: str, value: float, given: Any = None) -> None:
     if not (math.isfinite(value) and value > 0):
         raise InputError(f"{flag} must be positive and finite; got {value if given is None else given}")
+
+
+def memory_bytes(text: str) -> int:
+    """--memory in bytes (`tuning.parse_memory`: 512MB, 2GiB, 1.5G, ...), refused below 1 MiB."""
+    size = tuning.parse_memory(text)
+    if size < MIN_MEMORY:
+        raise InputError(f"--memory must be at least 1MiB; got '{text}'")
+    return size
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,7 @@ class QuerySettings:
     subsets: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0))
     seed: int = 0
     device: str = "auto"
+    memory: str = "2GB"              # the working-memory budget every block is sized from (the index aside)
 
     def check(self) -> None:
         """Every value against its range, once, naming the flag: NaN and Inf are refused."""
@@ -76,199 +96,561 @@ class QuerySettings:
             raise InputError(f"subsets must be fractions in (0, 1]; got {list(self.subsets)}")
         if self.device not in DEVICES:
             raise InputError(f"--device must be auto, cpu or gpu; got '{self.device}'")
+        memory_bytes(self.memory)
 
 
-def _columns(dataset: store.ActivationDataset, split: str, layer: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Every vector and its row id, next token and loss, for one split and layer: (X, meta)."""
-    blocks = list(dataset.iter_batches(split=split, layer=layer, columns=("row_id", "next_token_id", "nll")))
-    if not blocks:
-        return np.empty((0, dataset.n), np.float32), {"row_id": np.empty(0, np.int64)}
-    return (np.concatenate([b[0] for b in blocks]),
-            {name: np.concatenate([b[1][name] for b in blocks]) for name in blocks[0][1]})
+# ---------------------------------------------------------------- one layer: its sizes and what its steps read
 
 
-def _pattern_meta(dataset: store.ActivationDataset, split: str, layer: int) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Blocks:
+    """Rows handled at once, each derived from the --memory budget (written into the summary)."""
+
+    memory_bytes: int
+    pattern_rows: int    # patterns streamed at once: exact searches, the MCHN pass, the inner-product index
+    query_rows: int      # queries searched, scored and written at once
+    join_rows: int       # patterns per batch of the index's self-join
+
+
+def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
+    """The largest blocks whose working sets fit the budget.
+
+    A quarter of it holds a block of patterns (float32 and a float64 copy: 12 n bytes a
+    row). Half holds a block of queries, whose largest working set is a gather of
+    neighbour vectors: 8 n (3k + 8) bytes a query bounds retrieval's k float32 vectors
+    with two float64 copies (20 k n) and the exact re-ranking of k + 9 candidates (float32,
+    scored in chunks); exact runs add the MCHN pass's float64 products against a pattern
+    block (24 bytes a pattern). Half holds a batch of the index's self-join (k + 1 gathered
+    float32 vectors and a copy: 8 n (k + 1) bytes a pattern). Blocks never go below one
+    row (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
+    """
+    def rows(share: int, per_row: int, most: int, least: int = 1) -> int:
+        return int(min(max(share // per_row, least), most))
+
+    pattern_rows = rows(budget // 4, 12 * n, min(MAX_BLOCK_ROWS, d), MIN_PATTERN_ROWS)
+    per_query = 8 * n * (3 * k + CANDIDATE_SLACK) + (24 * pattern_rows if full_pass else 0)
+    return Blocks(budget, pattern_rows, rows(budget // 2, per_query, MAX_BLOCK_ROWS),
+                  rows(budget // 2, 8 * n * (k + 1), MAX_BLOCK_ROWS))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What every step of one layer reads."""
+
+    index: KnnIndex
+    queries: store.ActivationDataset
+    layer: int
+    settings: QuerySettings
+    leave_one_out: bool     # the queries are the indexed patterns: each leaves its own row out
+    d: int                  # patterns
+    nq: int                 # queries
+    use_index: bool         # searched through the index (its own layer, no --exact)
+    approximate: bool       # ... and the index is approximate: every statistic goes through an index
+    blocks: Blocks
+    device: str             # torch device of the retrieval: cpu or cuda
+
+    @property
+    def patterns(self) -> store.ActivationDataset:
+        return self.index.dataset
+
+    @property
+    def pattern_split(self) -> str:
+        return self.index.info["dataset"]["split"]
+
+    @property
+    def engine(self) -> exact.Engine:
+        return self.index.engine
+
+    @property
+    def pattern_blocks(self) -> Callable[[], Iterator[exact.Block]]:
+        """The patterns of this layer as a re-startable iterator of (row ids, X) blocks of `pattern_rows`."""
+        return dataset_blocks(self.patterns, self.pattern_split, self.layer, self.blocks.pattern_rows)
+
+
+def _torch_device(device: str) -> str:
+    """cuda where torch sees a GPU and --device is not cpu; else cpu."""
+    import torch
+
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settings: QuerySettings,
+           leave_one_out: bool) -> Layer:
+    """The layer's sizes and search mode, after refusing a --k or a query split it cannot serve."""
+    d = index.dataset.count(index.info["dataset"]["split"], layer)
+    if not settings.k <= d - 1:
+        raise InputError(f"--k must be at most the {d - 1:,} patterns other than the query itself; got {settings.k:,}")
+    nq = queries.count(settings.split, layer)
+    if not nq:
+        raise InputError(f"split '{settings.split}' of '{queries.directory}' has no rows at layer {layer}")
+    use_index = layer == index.info["dataset"]["layer"] and not settings.exact
+    approximate = use_index and not index.exact
+    blocks = block_sizes(memory_bytes(settings.memory), index.dataset.n, settings.k, d, full_pass=not approximate)
+    return Layer(index, queries, layer, settings, leave_one_out, d, nq, use_index, approximate, blocks,
+                 _torch_device(settings.device))
+
+
+@contextlib.contextmanager
+def _step(progress: Any, layer: int, name: str, done: bool = True) -> Iterator[None]:
+    """One step of STEPS on the progress bar: named while it runs, counted when `done`
+    (a step repeated per query block counts once, with the last block)."""
+    progress.set_postfix_str(f"layer {layer}: {name}")
+    yield
+    if done:
+        progress.update()
+
+
+# ---------------------------------------------------------------- the patterns' steps
+
+
+class PatternMeta(NamedTuple):
+    """Per pattern, in row order (d,): row id, next token, loss and squared norm (float64)."""
+
+    row_id: np.ndarray
+    next_token_id: np.ndarray
+    nll: np.ndarray
+    sq_norm: np.ndarray
+
+
+def _pattern_meta(layer: Layer) -> PatternMeta:
     """Row id, next token, loss and squared norm of every pattern, streamed (vectors not kept)."""
-    parts: dict[str, list[np.ndarray]] = {"row_id": [], "next_token_id": [], "nll": [], "sq_norm": []}
-    for X, meta in dataset.iter_batches(split=split, layer=layer, columns=("row_id", "next_token_id", "nll")):
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in PatternMeta._fields}
+    batches = layer.patterns.iter_batches(split=layer.pattern_split, layer=layer.layer,
+                                          columns=("row_id", "next_token_id", "nll"),
+                                          batch_rows=layer.blocks.pattern_rows)
+    for X, meta in batches:
         for name in ("row_id", "next_token_id", "nll"):
             parts[name].append(meta[name])
-        parts["sq_norm"].append(np.einsum("ij,ij->i", X.astype(np.float64), X.astype(np.float64)))
-    return {name: np.concatenate(values) for name, values in parts.items()}
+        X64 = X.astype(np.float64)
+        parts["sq_norm"].append(np.einsum("ij,ij->i", X64, X64))
+    patterns = PatternMeta(*(np.concatenate(parts[name]) for name in PatternMeta._fields))
+    exact.check_rms(math.sqrt(float(patterns.sq_norm.mean())), f"split '{layer.pattern_split}' at layer {layer.layer}")
+    return patterns
+
+
+class SelfJoin(NamedTuple):
+    """Every pattern's k nearest other patterns: D (d, k) squared distances, I (d, k) row ids, s (d,) nearest."""
+
+    D: np.ndarray
+    I: np.ndarray
+    s: np.ndarray
+
+
+def _missing(found: np.ndarray, k: int) -> None:
+    """Refuses neighbour lists (m, k) holding -1: an approximate index that found fewer than k."""
+    missing = int((found < 0).any(axis=1).sum())
+    if missing:
+        raise InputError(f"the approximate index found fewer than k={k} neighbours for {missing:,} vectors; "
+                         "raise the index's nprobe / efSearch, lower --k, or pass --exact")
+
+
+def _self_join(layer: Layer, patterns: PatternMeta) -> SelfJoin:
+    """The patterns' self-join: through the index at its own layer (unless --exact), exactly elsewhere."""
+    k = layer.settings.k
+    if layer.use_index:
+        pid, D, I = layer.index.self_join(k, batch_rows=layer.blocks.join_rows)
+    else:
+        pid, D, I = layer.engine.self_join(layer.pattern_blocks, k)
+    assert np.array_equal(pid, patterns.row_id)   # both stream the same split and layer in row order
+    _missing(I, k)
+    return SelfJoin(D, I, np.sqrt(D[:, 0]))
+
+
+class Radii(NamedTuple):
+    """The radii of A2/A3 and the retrieval's tolerances, all from the spacing s."""
+
+    r_star: float
+    typical: float
+    radius: float       # the --radius value
+    scale: float        # median positive s: the spacing tolerances scale with
+    epsilon: float      # retrieval: converged this close to the nearest pattern
 
 
 def _radius(mode: str, r_star: float, typical: float) -> float:
     return r_star if mode == "r*" else typical if mode == "typical" else float(mode)
 
 
-def _subset_nearest(blocks: Any, row_ids: np.ndarray, fraction: float, seed: int, engine: exact.Engine) -> np.ndarray:
-    """Nearest-other distances within a seeded random `fraction` of the patterns (the paper's 25/50/75%)."""
-    keep = np.zeros(len(row_ids), bool)
-    keep[np.random.default_rng(seed).choice(len(row_ids), size=max(2, int(fraction * len(row_ids))), replace=False)] = True
-    chosen = set(row_ids[keep].tolist())
+def _radii(layer: Layer, joined: SelfJoin) -> Radii:
+    s = joined.s
+    r_star, typical = theory.unit_volume_radius(layer.patterns.n), float(np.median(s) / 2)
+    scale = float(np.median(s[s > 0])) if (s > 0).any() else 1.0   # duplicates give s = 0
+    return Radii(r_star, typical, _radius(layer.settings.radius, r_star, typical), scale,
+                 layer.settings.epsilon or 0.01 * scale)
 
-    def subset():
+
+class Mips(NamedTuple):
+    """The inner-product index of an approximate layer and its measured recall (`MipsIndex.tune`)."""
+
+    index: MipsIndex
+    recall: dict[str, Any]
+
+
+def _query_sample(layer: Layer) -> Sample:
+    """A seeded sample of the queries, each searched for its k largest inner products (the MCHN interval's)."""
+    ids = layer.queries.row_ids(layer.settings.split, layer.layer)
+    rng = np.random.default_rng(layer.settings.seed)
+    ids = np.sort(rng.choice(ids, size=min(RECALL_QUERIES, len(ids)), replace=False))
+    return Sample(ids, layer.queries.take(ids), layer.settings.k, exclude_self=False)
+
+
+def _mips(layer: Layer, patterns: PatternMeta) -> Mips | None:
+    """The inner-product index of an approximate layer, its nprobe tuned so that the patterns' maxima
+    (Delta) and the queries' top k (E_mchn) reach the target recall; None when the layer is exact."""
+    if not layer.approximate:
+        return None
+    blocks = layer.pattern_blocks
+    index = MipsIndex.build(layer.patterns, blocks, layer.d, float(patterns.sq_norm.max()),
+                            layer.blocks.memory_bytes, layer.settings.seed)
+    samples = {"patterns": index.sample(seed=layer.settings.seed), "queries": _query_sample(layer)}
+    return Mips(index, index.tune(layer.engine, blocks, samples))
+
+
+class Separation(NamedTuple):
+    """A3 by Ramsauer: Delta_i (d,) float64, the threshold, M, and how Delta's inner products were found."""
+
+    delta: np.ndarray
+    threshold: float
+    max_norm: float
+    search: dict[str, Any]
+
+
+def _paired_products(layer: Layer, partners: np.ndarray) -> np.ndarray:
+    """rho_i . rho_partner(i) in float64 for every pattern i (d,), streamed: the exact join's scores are
+    float32, whose rounding at ||rho||^2 would swamp a small Delta_i."""
+    parts, start = [], 0
+    for _, X in layer.pattern_blocks():
+        other = layer.patterns.take(partners[start:start + len(X)])
+        parts.append(np.einsum("ij,ij->i", X.astype(np.float64), other.astype(np.float64)))
+        start += len(X)
+    return np.concatenate(parts)
+
+
+def _separation(layer: Layer, patterns: PatternMeta, mips: Mips | None) -> Separation:
+    """Delta_i = rho_i.rho_i - max_{j != i} rho_i.rho_j: through the inner-product index, or an exact join."""
+    if mips is None:
+        pid, _, partner = layer.engine.self_join(layer.pattern_blocks, 1, metric="ip")
+        best = _paired_products(layer, partner[:, 0])
+        search: dict[str, Any] = {"search": "exact", "recall_1_at_1": None}
+    else:
+        pid, best = mips.index.max_other(layer.pattern_blocks)
+        search = {"search": f"approximate: {mips.index.factory} {mips.index.search_params}",
+                  "factory_reason": mips.index.reason,
+                  "recall_1_at_1": mips.recall["samples"]["patterns"]["recall_1_at_1"], **mips.recall}
+    assert np.array_equal(pid, patterns.row_id)
+    M = math.sqrt(float(patterns.sq_norm.max()))
+    return Separation(theory.ramsauer_separation(patterns.sq_norm, best),
+                      theory.ramsauer_threshold(layer.d, layer.settings.beta, M), M, search)
+
+
+class SubsetNearest(NamedTuple):
+    """A seeded subset's members (m,) in row order, their nearest-other distances within it (m,) float32,
+    and how many of those the self-join's lists gave (the rest were searched)."""
+
+    fraction: float
+    row_ids: np.ndarray
+    values: np.ndarray
+    from_lists: int
+
+
+def _filtered(blocks: Callable[[], Iterator[exact.Block]], keep: np.ndarray) -> Callable[[], Iterator[exact.Block]]:
+    """The blocks' rows whose row ids are in `keep` (ascending), as a re-startable iterator."""
+    def subset() -> Iterator[exact.Block]:
         for ids, X in blocks():
-            mask = np.fromiter((i in chosen for i in ids.tolist()), bool, len(ids))
+            mask = np.isin(ids, keep, assume_unique=True)
             if mask.any():
                 yield ids[mask], X[mask]
-    _, D, _ = engine.self_join(subset, 1)
-    return np.sqrt(D[:, 0])
+    return subset
 
 
-@contextlib.contextmanager
-def _step(progress: Any, layer: int, name: str) -> Iterator[None]:
-    """One step of STEPS on the progress bar: named while it runs, counted when done."""
-    progress.set_postfix_str(f"layer {layer}: {name}")
-    yield
-    progress.update()
+def _subset(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: float) -> SubsetNearest:
+    """The paper's 25/50/75%: nearest-other distances within a seeded random `fraction` of the patterns.
 
-
-def _search(index: KnnIndex, blocks: Any, layer: int, Xq: np.ndarray, query_ids: np.ndarray,
-            settings: QuerySettings, leave_one_out: bool, progress: Any,
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The patterns' self-join and the queries' kNN: (pattern ids (d,), Dp (d, k), Dq (nq, k), Iq (nq, k)).
-
-    Through the index at its own layer (unless --exact), exactly elsewhere; `leave_one_out`
-    excludes each query's own row (queries drawn from the indexed patterns themselves).
+    A member whose self-join list holds another member takes the first such one: the
+    list is sorted by distance, so that member is its nearest within the subset (exact
+    where the list is). Only the members whose lists hold none are searched, exactly,
+    against the subset.
     """
-    use_index = layer == index.info["dataset"]["layer"] and not settings.exact
-    own = query_ids if leave_one_out else None
-    with _step(progress, layer, "self-join"):
-        pid, Dp, Ip = index.self_join(settings.k) if use_index else index.engine.self_join(blocks, settings.k)
-    with _step(progress, layer, "searches"):
-        if use_index:
-            Dq, Iq = index.search(Xq, settings.k, own)
-        else:
-            _, Dq, Iq = index.engine.knn(iter([(query_ids, Xq)]), blocks, settings.k, exclude_self=leave_one_out)
-    missing = int((Iq < 0).any(axis=1).sum() + (Ip < 0).any(axis=1).sum())
-    if missing:
-        raise InputError(f"the approximate index found fewer than k={settings.k} neighbours for {missing:,} vectors; "
-                         "raise the index's nprobe / efSearch, lower --k, or pass --exact")
-    return pid, Dp, Dq, Iq
+    d = layer.d
+    chosen = np.random.default_rng(layer.settings.seed).choice(d, size=max(2, int(fraction * d)), replace=False)
+    member = np.zeros(d, bool)
+    member[chosen] = True
+    rows = np.flatnonzero(member)
+    members = patterns.row_id[rows]
+    hits = member[np.searchsorted(patterns.row_id, joined.I[rows])]                 # (m, k)
+    listed = hits.any(axis=1)
+    sq = np.empty(len(rows), joined.D.dtype)
+    sq[listed] = joined.D[rows[listed], hits[listed].argmax(axis=1)]
+    if not listed.all():
+        blocks = layer.pattern_blocks
+        _, D, _ = layer.engine.knn(_filtered(blocks, members[~listed])(), _filtered(blocks, members), 1,
+                                   exclude_self=True)
+        sq[~listed] = D[:, 0]
+    return SubsetNearest(fraction, members, np.sqrt(sq), int(listed.sum()))
+
+
+# ---------------------------------------------------------------- the queries' steps, one block at a time
+
+
+def _search_block(layer: Layer, ids: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The block's k nearest patterns (D (b, k), I (b, k)): through the index or exactly, as the self-join."""
+    k, own = layer.settings.k, ids if layer.leave_one_out else None
+    if layer.use_index:
+        D, I = layer.index.search(X, k, own)
+    else:
+        _, D, I = layer.engine.knn(iter([(ids, X)]), layer.pattern_blocks, k, exclude_self=layer.leave_one_out)
+    _missing(I, k)
+    return D, I
+
+
+class Energies(NamedTuple):
+    """Per query (b,) float64: E's certified interval, E_mchn (exact runs; NaN otherwise) and its interval."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    mchn: np.ndarray
+    mchn_lower: np.ndarray
+    mchn_upper: np.ndarray
+
+
+def _energies(layer: Layer, mips: Mips | None, max_sq_norm: float, X: np.ndarray, D: np.ndarray) -> Energies:
+    """E from the k nearest; E_mchn from the k largest inner products, with an interval over the d - k others.
+
+    Exact runs take E_mchn over all patterns and its top k in the same pass; approximate
+    ones take the top k from the inner-product index (the interval's lower end is then
+    certified as far as those k are the true top k) and never pass over every pattern.
+    """
+    k, beta = layer.settings.k, layer.settings.beta
+    lower, upper = theory.energy_interval(D.astype(np.float64), layer.d, beta)   # certified when the k are exact
+    if mips is None:
+        mchn, top = analysis.mchn_combine(
+            X, layer.engine.map_blocks(analysis.mchn_partial, layer.pattern_blocks, X, beta, k), beta, k)
+    else:
+        found = mips.index.search(X, k)
+        _missing(found.ids, k)
+        mchn, top = np.full(len(X), np.nan), found.ip
+    X64 = X.astype(np.float64)
+    mchn_lower, mchn_upper = theory.mchn_energy_interval(top, np.einsum("ij,ij->i", X64, X64), layer.d,
+                                                         max_sq_norm, beta)
+    return Energies(lower, upper, mchn, mchn_lower, mchn_upper)
+
+
+class Retrieval(NamedTuple):
+    """A1 per query (b,): converged, steps taken, retrieved (converged within epsilon of the nearest)."""
+
+    converged: np.ndarray
+    steps: np.ndarray
+    retrieved: np.ndarray
+
+
+def _retrieval(layer: Layer, radii: Radii, X: np.ndarray, I: np.ndarray) -> Retrieval:
+    """The retrieval update of the whole block at once over each query's k nearest patterns."""
+    neighbours = layer.patterns.take(I.ravel()).reshape(*I.shape, -1)                 # (b, k, n)
+    return Retrieval(*analysis.retrieval(X, neighbours, layer.settings.beta, radii.epsilon, tol=1e-6 * radii.scale,
+                                         max_steps=layer.settings.max_steps, device=layer.device))
+
+
+@dataclass
+class QueryTotals:
+    """What the summary needs of the queries, accumulated block by block: the nearest distances
+    (one float32 a query, for quantiles and coverage) and running sums."""
+
+    nearest: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    def add(self, nearest: np.ndarray, energies: Energies, retrieval: Retrieval, next_match: np.ndarray,
+            nll: np.ndarray) -> None:
+        self.nearest.append(nearest)
+        self.count += len(nearest)
+        for name, values in (*energies._asdict().items(), ("retrieved", retrieval.retrieved),
+                             ("converged", retrieval.converged), ("next_match", next_match)):
+            self.sums[name] = self.sums.get(name, 0.0) + float(np.sum(values, dtype=np.float64))
+        finite = np.isfinite(nll)
+        self.loss_sum += float(np.sum(nll[finite], dtype=np.float64))
+        self.loss_count += int(finite.sum())
+
+    def mean(self, name: str) -> float:
+        return self.sums[name] / self.count
+
+    @property
+    def test_loss(self) -> float | None:
+        return self.loss_sum / self.loss_count if self.loss_count else None
+
+
+def _query_rows(layer: Layer, ids: np.ndarray, D: np.ndarray, I: np.ndarray, energies: Energies,
+                retrieval: Retrieval, next_match: np.ndarray, nll: np.ndarray, radius: float,
+                ) -> dict[str, dict[str, np.ndarray]]:
+    """The block's rows of the neighbours (b k) and queries (b) tables."""
+    k, b = layer.settings.k, len(ids)
+    nearest = np.sqrt(D[:, 0])
+    return {
+        "neighbours": {"layer": np.full(I.size, layer.layer, np.int16), "query_row_id": np.repeat(ids, k),
+                       "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), b),
+                       "neighbour_row_id": I.ravel(), "dist": np.sqrt(D).ravel(), "sqdist": D.ravel()},
+        "queries": {"layer": np.full(b, layer.layer, np.int16), "query_row_id": ids,
+                    "nearest_dist": nearest, "nearest_sqdist": D[:, 0], "energy_lower": energies.lower,
+                    "energy_upper": energies.upper, "mchn_energy": energies.mchn,
+                    "mchn_energy_lower": energies.mchn_lower, "mchn_energy_upper": energies.mchn_upper,
+                    "retrieval_converged": retrieval.converged, "retrieval_steps": retrieval.steps,
+                    "retrieved": retrieval.retrieved, "next_token_match": next_match, "nll": nll,
+                    "inside_radius": nearest <= radius},
+    }
+
+
+def _stream_queries(layer: Layer, patterns: PatternMeta, radii: Radii, mips: Mips | None, sink: Sink,
+                    progress: Any) -> tuple[QueryTotals, int]:
+    """Every query block searched, scored and written: (the totals, the number of blocks)."""
+    from tqdm.auto import tqdm
+
+    settings, totals, blocks = layer.settings, QueryTotals(), 0
+    max_sq_norm = float(patterns.sq_norm.max())
+    batches = layer.queries.iter_batches(split=settings.split, layer=layer.layer,
+                                         columns=("row_id", "next_token_id", "nll"),
+                                         batch_rows=layer.blocks.query_rows)
+    with tqdm(total=layer.nq, desc="queries", unit="vec", unit_scale=True, disable=None, leave=False) as bar:
+        for X, meta in batches:
+            started = time.perf_counter()
+            last = totals.count + len(X) == layer.nq
+            exact.check_scale(X, f"the queries (split '{settings.split}' at layer {layer.layer})")
+            ids = meta["row_id"]
+            with _step(progress, layer.layer, "searches", last):
+                D, I = _search_block(layer, ids, X)
+            with _step(progress, layer.layer, "energies", last):
+                energies = _energies(layer, mips, max_sq_norm, X, D)
+            with _step(progress, layer.layer, "retrieval", last):
+                retrieval = _retrieval(layer, radii, X, I)
+            nearest_next = patterns.next_token_id[np.searchsorted(patterns.row_id, I[:, 0])]
+            next_match = (meta["next_token_id"] >= 0) & (nearest_next == meta["next_token_id"])
+            for name, rows in _query_rows(layer, ids, D, I, energies, retrieval, next_match, meta["nll"],
+                                          radii.radius).items():
+                sink(name, rows)
+            totals.add(np.sqrt(D[:, 0]), energies, retrieval, next_match, meta["nll"])
+            blocks += 1
+            bar.update(len(X))
+            log.debug("layer %d: query block %d, %d queries, %.2f s", layer.layer, blocks, len(X),
+                      time.perf_counter() - started)
+    return totals, blocks
+
+
+# ---------------------------------------------------------------- the layer's last tables and its summary
+
+
+def _pattern_rows(layer: Layer, patterns: PatternMeta, joined: SelfJoin, radii: Radii,
+                  separation: Separation) -> dict[str, np.ndarray]:
+    s, delta = joined.s, separation.delta
+    return {"layer": np.full(layer.d, layer.layer, np.int16), "row_id": patterns.row_id, "nearest_other_dist": s,
+            "disjoint_radius": s / 2, "ramsauer_delta": delta,
+            "well_separated_r_star": analysis.disjoint(s, radii.r_star),
+            "well_separated_ramsauer": delta >= separation.threshold}
+
+
+def _histogram_rows(layer: Layer, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every sample's histogram over bins shared by all (subsets spread wider: bin them all)."""
+    count = layer.settings.bins
+    bins = analysis.shared_bins(*samples.values(), count=count)
+    return {"layer": np.full(len(samples) * count, layer.layer, np.int16), "table": np.repeat(list(samples), count),
+            "bin_left": np.tile(bins[:-1], len(samples)), "bin_right": np.tile(bins[1:], len(samples)),
+            "count": np.concatenate([analysis.histogram(values, bins) for values in samples.values()])}
+
+
+def _coverage_rows(layer: Layer, nearest: np.ndarray, radius: float) -> dict[str, np.ndarray]:
+    radii = np.linspace(0, float(max(nearest.max(), 2 * radius)) * 1.05, 101)
+    return {"layer": np.full(len(radii), layer.layer, np.int16), "radius": radii,
+            "coverage": analysis.coverage(nearest, radii)}
+
+
+def _floor_and_size(layer: Layer, joined: SelfJoin, test_loss: float | None,
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The partition function and the floor (r_i = s_i / 2); the size condition where the model is known."""
+    log_z = theory.log_partition(layer.patterns.n, joined.s / 2)
+    floor = {"log_z": log_z, "predicted_floor": theory.cross_entropy_floor(log_z), "measured_test_loss": test_loss}
+    manifest = layer.patterns.manifest
+    parameters, chunk_tokens = manifest["model"]["num_parameters"], manifest["chunk_tokens"]
+    if not (parameters and chunk_tokens):   # imported vectors: no model or chunk length
+        return floor, None
+    data_size, ratio = theory.size_ratio(parameters, chunk_tokens, layer.d)
+    return floor, {"N": parameters, "D": data_size, "N_over_D2": ratio, "chunk_tokens": chunk_tokens}
+
+
+def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, radii: Radii, separation: Separation,
+             mips: Mips | None, subsets: list[SubsetNearest], totals: QueryTotals, nearest: np.ndarray,
+             query_blocks: int) -> dict[str, Any]:
+    """The layer's summary.json entry (docs/formats.md)."""
+    settings, index, s = layer.settings, layer.index, joined.s
+    delta = separation.delta
+    train_loss, test_loss = analysis.nan_mean(patterns.nll), totals.test_loss
+    floor, size = _floor_and_size(layer, joined, test_loss)
+    blocks = layer.blocks
+    return {
+        "layer": layer.layer, "n": layer.patterns.n, "d": layer.d, "d_prime": layer.nq, "k": settings.k,
+        "search": f"approximate: {index.info['factory']} {index.info['search']}" if layer.approximate else "exact",
+        "recall": (index.info["recall"] or index.recall(200, settings.k, settings.seed)) if layer.approximate else None,
+        "query_nearest_dist": analysis.describe(nearest), "pattern_nearest_dist": analysis.describe(s),
+        "r_star": radii.r_star, "typical_radius": radii.typical, "typical_over_r_star": radii.typical / radii.r_star,
+        "radius": {"mode": settings.radius, "value": radii.radius},
+        "A2": {"coverage_at_r_star": float(analysis.coverage(nearest, [radii.r_star])[0]),
+               "coverage_at_typical": float(analysis.coverage(nearest, [radii.typical])[0]),
+               "coverage_at_radius": float(analysis.coverage(nearest, [radii.radius])[0])},
+        "A3": {"disjoint_at_radius": float(analysis.disjoint(s, radii.radius).mean()),
+               "disjoint_at_r_star": float(analysis.disjoint(s, radii.r_star).mean()),
+               "ramsauer_well_separated": float((delta >= separation.threshold).mean()),
+               "ramsauer_threshold": separation.threshold, "max_norm": separation.max_norm,
+               "ramsauer_delta": analysis.describe(delta), "inner_products": separation.search},
+        "A1": {"retrieval_rate": totals.mean("retrieved"), "converged_rate": totals.mean("converged"),
+               "epsilon": radii.epsilon, "next_token_agreement": totals.mean("next_match"),
+               "train_loss": train_loss, "test_loss": test_loss,
+               "loss_gap": None if train_loss is None or test_loss is None else test_loss - train_loss},
+        "energy": {"beta": settings.beta, "mean_lower": totals.mean("lower"), "mean_upper": totals.mean("upper"),
+                   "mean_mchn": totals.mean("mchn"), "mean_mchn_lower": totals.mean("mchn_lower"),
+                   "mean_mchn_upper": totals.mean("mchn_upper"),
+                   "mchn_top_k_recall": None if mips is None else mips.recall["samples"]["queries"]},
+        "floor": floor,
+        "size": size,
+        "subsets": [{"fraction": subset.fraction, "patterns": len(subset.values), "from_lists": subset.from_lists,
+                     "searched": len(subset.values) - subset.from_lists} for subset in subsets],
+        "blocks": {"memory": settings.memory, "memory_bytes": blocks.memory_bytes,
+                   "pattern_rows": blocks.pattern_rows, "query_rows": blocks.query_rows,
+                   "join_rows": blocks.join_rows, "query_blocks": query_blocks},
+    }
 
 
 def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settings: QuerySettings,
-                  leave_one_out: bool = False, progress: Any = None,
-                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """All tables and the summary of one layer; `progress` (a tqdm bar) advances once per step of STEPS."""
+                  sink: Sink, leave_one_out: bool = False, progress: Any = None) -> dict[str, Any]:
+    """One layer's pipeline: its rows go to `sink` (table name, columns), its summary is returned.
+
+    `progress` (a tqdm bar) advances once per step of STEPS.
+    """
     from tqdm.auto import tqdm
 
     progress = progress if progress is not None else tqdm(disable=True)
     started = time.perf_counter()
-    patterns, pattern_split = index.dataset, index.info["dataset"]["split"]
-    blocks = dataset_blocks(patterns, pattern_split, layer)
-    use_index = layer == index.info["dataset"]["layer"] and not settings.exact
-    d = patterns.count(pattern_split, layer)
-    if not settings.k <= d - 1:
-        raise InputError(f"--k must be at most the {d - 1:,} patterns other than the query itself; got {settings.k:,}")
-    Xq, qmeta = _columns(queries, settings.split, layer)
-    if not len(Xq):
-        raise InputError(f"split '{settings.split}' of '{queries.directory}' has no rows at layer {layer}")
+    context = _layer(index, queries, layer, settings, leave_one_out)
     with _step(progress, layer, "patterns"):
-        pmeta = _pattern_meta(patterns, pattern_split, layer)
-        exact.check_rms(math.sqrt(float(pmeta["sq_norm"].mean())), f"split '{pattern_split}' at layer {layer}")
-        exact.check_scale(Xq, f"the queries (split '{settings.split}' at layer {layer})")
-    pid, Dp, Dq, Iq = _search(index, blocks, layer, Xq, qmeta["row_id"], settings, leave_one_out, progress)
-    assert np.array_equal(pmeta["row_id"], pid)
-    n, k, beta = patterns.n, settings.k, settings.beta
-    s = np.sqrt(Dp[:, 0])
-    q_near = np.sqrt(Dq[:, 0])
-
-    # A3: disjoint balls and Ramsauer's separation (a maximum-inner-product self-join)
-    r_star, typical = theory.unit_volume_radius(n), float(np.median(s) / 2)
-    scale = float(np.median(s[s > 0])) if (s > 0).any() else 1.0  # spacing, for tolerances (duplicates give s = 0)
-    radius = _radius(settings.radius, r_star, typical)
+        patterns = _pattern_meta(context)
+    with _step(progress, layer, "self-join"):
+        joined = _self_join(context, patterns)
+    radii = _radii(context, joined)
     with _step(progress, layer, "inner-product join"):
-        _, Dip, _ = index.engine.self_join(blocks, 1, metric="ip")
-    delta = theory.ramsauer_separation(pmeta["sq_norm"], Dip[:, 0])
-    M = math.sqrt(pmeta["sq_norm"].max())
-    threshold = theory.ramsauer_threshold(d, beta, M)
-
-    # energies and retrieval (A1)
-    with _step(progress, layer, "energies"):
-        lower, upper = theory.energy_interval(Dq.astype(np.float64), d, beta)  # certified when the k are exact
-        mchn = analysis.mchn_combine(Xq, index.engine.map_blocks(analysis.mchn_partial, blocks, Xq, beta), beta)
-    epsilon = settings.epsilon or 0.01 * scale
-    converged, steps, retrieved = (np.zeros(len(Xq), bool), np.zeros(len(Xq), np.int32), np.zeros(len(Xq), bool))
-    with _step(progress, layer, "retrieval"):
-        for start in range(0, len(Xq), RETRIEVAL_CHUNK):
-            rows = slice(start, start + RETRIEVAL_CHUNK)
-            neighbours = patterns.take(Iq[rows].ravel()).reshape(-1, k, n)
-            converged[rows], steps[rows], retrieved[rows] = analysis.retrieval(
-                Xq[rows], neighbours, beta, epsilon, tol=1e-6 * scale, max_steps=settings.max_steps)
-    nearest_next = pmeta["next_token_id"][np.searchsorted(pid, Iq[:, 0])]
-    next_match = (qmeta["next_token_id"] >= 0) & (nearest_next == qmeta["next_token_id"])
-
-    # the partition function, the floor, the losses and the size condition
-    log_z = theory.log_partition(n, s / 2)
-    parameters, chunk_tokens = patterns.manifest["model"]["num_parameters"], patterns.manifest["chunk_tokens"]
-    size = None  # imported vectors have no model or chunk length: the size condition does not apply
-    if parameters and chunk_tokens:
-        data_size, ratio = theory.size_ratio(parameters, chunk_tokens, d)
-        size = {"N": parameters, "D": data_size, "N_over_D2": ratio, "chunk_tokens": chunk_tokens}
-    train_loss, test_loss = analysis.nan_mean(pmeta["nll"]), analysis.nan_mean(qmeta["nll"])
-
-    samples = {"query_nearest": q_near}
+        mips = _mips(context, patterns)
+        separation = _separation(context, patterns, mips)
     with _step(progress, layer, "subsets"):
-        for fraction in settings.subsets:
-            samples[f"pattern_nearest_{round(100 * fraction)}"] = (
-                s if fraction == 1.0 else _subset_nearest(blocks, pid, fraction, settings.seed, index.engine))
-    bins = analysis.shared_bins(*samples.values(), count=settings.bins)  # subsets spread wider: bin them all
-    histograms = {
-        "layer": np.full(len(samples) * settings.bins, layer, np.int16),
-        "table": np.repeat(list(samples), settings.bins),
-        "bin_left": np.tile(bins[:-1], len(samples)), "bin_right": np.tile(bins[1:], len(samples)),
-        "count": np.concatenate([analysis.histogram(values, bins) for values in samples.values()]),
-    }
-    radii = np.linspace(0, float(max(q_near.max(), 2 * radius)) * 1.05, 101)
-
-    tables = {
-        "neighbours": {"layer": np.full(Iq.size, layer, np.int16), "query_row_id": np.repeat(qmeta["row_id"], k),
-                       "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(Iq)),
-                       "neighbour_row_id": Iq.ravel(), "dist": np.sqrt(Dq).ravel(), "sqdist": Dq.ravel()},
-        "queries": {"layer": np.full(len(Xq), layer, np.int16), "query_row_id": qmeta["row_id"],
-                    "nearest_dist": q_near, "nearest_sqdist": Dq[:, 0], "energy_lower": lower,
-                    "energy_upper": upper, "mchn_energy": mchn, "retrieval_converged": converged,
-                    "retrieval_steps": steps, "retrieved": retrieved, "next_token_match": next_match,
-                    "nll": qmeta["nll"], "inside_radius": q_near <= radius},
-        "patterns": {"layer": np.full(d, layer, np.int16), "row_id": pid, "nearest_other_dist": s,
-                     "disjoint_radius": s / 2, "ramsauer_delta": delta,
-                     "well_separated_r_star": analysis.disjoint(s, r_star),
-                     "well_separated_ramsauer": delta >= threshold},
-        "histograms": histograms,
-        "coverage": {"layer": np.full(len(radii), layer, np.int16), "radius": radii,
-                     "coverage": analysis.coverage(q_near, radii)},
-    }
-    approximate = use_index and not index.exact
-    summary = {
-        "layer": layer, "n": n, "d": d, "d_prime": len(Xq), "k": k,
-        "search": ("approximate: " + index.info["factory"] + f" {index.info['search']}") if approximate else "exact",
-        "recall": (index.info["recall"] or index.recall(200, k, settings.seed)) if approximate else None,
-        "query_nearest_dist": analysis.describe(q_near), "pattern_nearest_dist": analysis.describe(s),
-        "r_star": r_star, "typical_radius": typical, "typical_over_r_star": typical / r_star,
-        "radius": {"mode": settings.radius, "value": radius},
-        "A2": {"coverage_at_r_star": float(analysis.coverage(q_near, [r_star])[0]),
-               "coverage_at_typical": float(analysis.coverage(q_near, [typical])[0]),
-               "coverage_at_radius": float(analysis.coverage(q_near, [radius])[0])},
-        "A3": {"disjoint_at_radius": float(analysis.disjoint(s, radius).mean()),
-               "disjoint_at_r_star": float(analysis.disjoint(s, r_star).mean()),
-               "ramsauer_well_separated": float((delta >= threshold).mean()),
-               "ramsauer_threshold": threshold, "max_norm": M},
-        "A1": {"retrieval_rate": float(retrieved.mean()), "converged_rate": float(converged.mean()),
-               "epsilon": epsilon, "next_token_agreement": float(next_match.mean()),
-               "train_loss": train_loss, "test_loss": test_loss,
-               "loss_gap": None if train_loss is None or test_loss is None else test_loss - train_loss},
-        "energy": {"beta": beta, "mean_lower": float(lower.mean()), "mean_upper": float(upper.mean()),
-                   "mean_mchn": float(mchn.mean())},
-        "floor": {"log_z": log_z, "predicted_floor": theory.cross_entropy_floor(log_z),
-                  "measured_test_loss": test_loss},
-        "size": size,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    log.info("layer %d: %d patterns, %d queries, typical radius %.3g vs r* %.3g (%.1f s)",
-             layer, d, len(Xq), typical, r_star, summary["seconds"])
-    return tables, summary
+        subsets = [_subset(context, patterns, joined, fraction) for fraction in settings.subsets if fraction < 1]
+    totals, query_blocks = _stream_queries(context, patterns, radii, mips, sink, progress)
+    nearest = np.concatenate(totals.nearest)
+    sink("patterns", _pattern_rows(context, patterns, joined, radii, separation))
+    samples = {"query_nearest": nearest}
+    for fraction in settings.subsets:
+        samples[f"pattern_nearest_{round(100 * fraction)}"] = next(
+            (subset.values for subset in subsets if subset.fraction == fraction), joined.s)
+    sink("histograms", _histogram_rows(context, samples))
+    sink("coverage", _coverage_rows(context, nearest, radii.radius))
+    summary = _summary(context, patterns, joined, radii, separation, mips, subsets, totals, nearest, query_blocks)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    log.info("layer %d: %d patterns, %d queries in %d blocks, typical radius %.3g vs r* %.3g (%.1f s)",
+             layer, context.d, context.nq, query_blocks, radii.typical, radii.r_star, summary["seconds"])
+    return summary
 
 
 def queries_are_patterns(index: KnnIndex, queries_dir: str | Path, split: str) -> bool:
@@ -278,14 +660,14 @@ def queries_are_patterns(index: KnnIndex, queries_dir: str | Path, split: str) -
 
 
 def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
-        settings: QuerySettings = QuerySettings(), ray_options: Any = None,
-        allow_other_files: bool = False) -> dict[str, Any]:
+        settings: QuerySettings = QuerySettings(), engine: exact.Engine | None = None,
+        allow_other_files: bool = False, ray_options: Any = None) -> dict[str, Any]:
     """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
 
     The job holds `out_dir` (one job at a time) and refuses files memscan did not write
-    there unless `allow_other_files`. With `ray_options` (memscan.engines.ray_runner.RayOptions)
-    the index shards sit in Ray actors and the exact searches run as Ray tasks; the tables
-    are the same.
+    there unless `allow_other_files`. `engine` (None: this process) holds the index's shards
+    and runs the exact searches; with `ray_runner.RayEngine` (or, as before, `ray_options`)
+    the shards sit in Ray actors and the exact searches run as Ray tasks; the tables are the same.
     """
     from tqdm.auto import tqdm
 
@@ -294,35 +676,51 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
     with files.job_folder(out_dir):
         if not allow_other_files:
             files.refuse_foreign(out_dir, _ours)
-        index = KnnIndex.load(index_dir, device=settings.device, ray_options=ray_options)
+        index = KnnIndex.load(index_dir, device=settings.device, engine=engine, ray_options=ray_options)
         queries = store.ActivationDataset(queries_dir)
         index.check_queries(queries)
         leave_one_out = queries_are_patterns(index, queries_dir, settings.split)
         if leave_one_out:
             log.info("the queries are the indexed patterns (split '%s'): each leaves its own row out", settings.split)
         layers = [layer for layer in index.dataset.layers if layer in queries.layers]
-        with tqdm(total=len(layers) * len(STEPS), desc="query", unit="step", disable=None) as progress:
-            results = [analyse_layer(index, queries, layer, settings, leave_one_out, progress) for layer in layers]
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": str(Path(index_dir).resolve()),
-                  "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
-                  "queries_are_patterns": leave_one_out,
-                  "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search",
-                                                                   files.SELF_SHA256)}}
-        return _write(out_dir, results, header)
+        with _table_writers(out_dir) as writers:
+            def sink(name: str, rows: dict[str, np.ndarray]) -> None:
+                writers[name].write(rows)
+
+            with tqdm(total=len(layers) * len(STEPS), desc="query", unit="step", disable=None) as progress:
+                summaries = [analyse_layer(index, queries, layer, settings, sink, leave_one_out, progress)
+                             for layer in layers]
+            header = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": str(Path(index_dir).resolve()),
+                      "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
+                      "queries_are_patterns": leave_one_out,
+                      "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search",
+                                                                       files.SELF_SHA256)}}
+            return _commit(out_dir, writers, header, summaries)
 
 
-def _write(out_dir: Path, results: list[tuple[dict[str, Any], dict[str, Any]]], header: dict[str, Any],
-           ) -> dict[str, Any]:
-    """The tables, then the signed summary listing them; the old summary goes first, so a run killed
-    (or out of disk) while writing leaves no summary vouching for a mix of old and new tables."""
+@contextlib.contextmanager
+def _table_writers(out_dir: Path) -> Iterator[dict[str, store.TableWriter]]:
+    """One streaming writer per table, under its temporary name; a job that fails removes them all
+    (a run already in the folder stays whole: its tables are replaced only at the commit)."""
+    writers = {name: store.TableWriter(out_dir / path) for name, path in zip(TABLES, TABLE_FILES)}
+    try:
+        yield writers
+    except BaseException:
+        for writer in writers.values():
+            with contextlib.suppress(OSError):
+                writer.discard()
+        raise
+
+
+def _commit(out_dir: Path, writers: dict[str, store.TableWriter], header: dict[str, Any],
+            summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tables renamed into place, then the signed summary listing them; the old summary goes first,
+    so a run killed (or out of disk) while committing leaves no summary vouching for a mix of old
+    and new tables."""
     (out_dir / SUMMARY).unlink(missing_ok=True)
     files.fsync_directory(out_dir)
-    entries = []
-    for name, path in zip(TABLES, TABLE_FILES):
-        columns = {column: np.concatenate([np.asarray(tables[name][column]) for tables, _ in results])
-                   for column in results[0][0][name]}
-        entries.append(store.write_table(out_dir / path, columns))
-    summary = files.signed(analysis.finite_or_none({**header, "tables": entries, "layers": [s for _, s in results]}))
+    entries = [writers[name].commit() for name in TABLES]
+    summary = files.signed(analysis.finite_or_none({**header, "tables": entries, "layers": summaries}))
     files.write_json_atomic(out_dir / SUMMARY, summary)
     return summary
 

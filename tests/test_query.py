@@ -92,6 +92,17 @@ def test_summary_equals_a_numpy_recomputation_from_the_shards(pipeline, layer):
     mchn = -logsumexp(beta * Q @ P.T, axis=1) / beta + 0.5 * (Q * Q).sum(1) + math.log(d) / beta + 0.5 * M2
     np.testing.assert_allclose(q.mchn_energy, mchn, rtol=1e-9)
     assert close(got["energy"]["mean_mchn"], mchn.mean())
+    top_ip = -np.sort(-(Q @ P.T), axis=1)[:, :4]                      # E_mchn's interval from the top 4 products
+    rest = 0.5 * (Q * Q).sum(1) + math.log(d) / beta + 0.5 * M2
+    lse_low = logsumexp(beta * top_ip, axis=1)
+    lse_high = np.logaddexp(lse_low, math.log(d - 4) + beta * top_ip[:, -1])
+    np.testing.assert_allclose(q.mchn_energy_lower, rest - lse_high / beta, rtol=1e-9)
+    np.testing.assert_allclose(q.mchn_energy_upper, rest - lse_low / beta, rtol=1e-9)
+    assert (q.mchn_energy_lower <= mchn + 1e-9).all() and (mchn <= q.mchn_energy_upper + 1e-9).all()
+    assert close(got["energy"]["mean_mchn_lower"], (rest - lse_high / beta).mean())
+    assert close(got["energy"]["mean_mchn_upper"], (rest - lse_low / beta).mean())
+    assert got["energy"]["mchn_top_k_recall"] is None and got["A3"]["inner_products"]["search"] == "exact"
+    assert close(got["A3"]["ramsauer_delta"]["median"], np.median(delta))
     top = np.sort(qp, axis=1)[:, :4]
     upper = -logsumexp(-beta * top, axis=1) / beta
     lower = -np.logaddexp(logsumexp(-beta * top, axis=1), math.log(d - 4) - beta * top[:, -1]) / beta
@@ -125,6 +136,9 @@ def test_summary_equals_a_numpy_recomputation_from_the_shards(pipeline, layer):
     assert full["count"].sum() == d  # the max s_i sits on the top edge, so bin the stored values
     assert np.array_equal(full["count"].to_numpy(), np.histogram(pat.nearest_other_dist, bins=edges)[0])
     assert h[h.table == "pattern_nearest_50"]["count"].sum() == d // 2
+    subset, = got["subsets"]
+    assert subset["fraction"] == 0.5 and subset["patterns"] == d // 2
+    assert subset["from_lists"] + subset["searched"] == d // 2 and got["blocks"]["query_blocks"] == 1
     c = tables.coverage[tables.coverage.layer == layer]
     np.testing.assert_allclose(c.coverage, [(q_near <= r).mean() for r in c.radius])
 

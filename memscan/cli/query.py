@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from memscan.cli.options import allow_other_files
-from memscan.cli.ray_flags import ray_flags, ray_options
+from memscan.cli.ray_flags import engine_of, ray_flags
 
 
 @click.command()
@@ -20,6 +20,8 @@ from memscan.cli.ray_flags import ray_flags, ray_options
 @click.option("--epsilon", type=float, default=None, help="Retrieval tolerance [default: 1% of median s_i].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]))
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--memory", default="2GB", show_default=True,
+              help="Working-memory budget every block is sized from, the index aside (512MB, 2GiB, 1.5G, ...).")
 @allow_other_files
 @ray_flags
 def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, engine: str, address: str | None,
@@ -28,8 +30,8 @@ def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, e
     from memscan.query import QuerySettings, run
 
     query_settings = QuerySettings(**settings)  # type: ignore[arg-type]  # checked by the library
-    options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
-    summary = run(index_dir, queries_dir, out, query_settings, ray_options=options, allow_other_files=allow_other_files)
+    runner = engine_of(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
+    summary = run(index_dir, queries_dir, out, query_settings, engine=runner, allow_other_files=allow_other_files)
     if summary["queries_are_patterns"]:
         click.echo(f"queries   split '{query_settings.split}' is the index's own: each query leaves its own row "
                    "out (leave-one-out), so nearest distances are to the nearest OTHER pattern")

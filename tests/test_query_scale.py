@@ -1,0 +1,336 @@
+"""Issue 12 on the query side: every statistic through an index, streamed in blocks, in one memory budget.
+
+Approximate and exact runs agree within their recall on data with clusters, exact
+duplicates and ties; the subsets come from the self-join's lists (exact) and a search for
+the rest; the MCHN interval contains the exact energy; the streamed tables equal the
+unblocked ones; retrieval over a block at once equals the per-query loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import clustered
+
+import memscan
+from memscan import analysis, query, store, theory
+from memscan.cli import main
+from memscan.errors import InputError
+from memscan.knn import exact, mips, tuning
+from memscan.knn.index import IndexSettings, KnnIndex, build, dataset_blocks
+from memscan.query import QuerySettings, run
+
+TRAIN, TEST = 2000, 1200
+K, BETA = 3, 0.5
+
+
+def tied_clusters() -> np.ndarray:
+    """3,200 vectors of n = 8: 12 clusters at varied norms, 40 exact duplicates, and a lattice
+    of 64 points (in train and test) whose neighbours tie at equal distances."""
+    X = clustered(TRAIN + TEST, 8, 12, seed=3) * np.random.default_rng(4).uniform(0.5, 2.0, (TRAIN + TEST, 1))
+    X[100:140] = X[500:540]
+    lattice = np.zeros((64, 8))
+    lattice[:, :3] = np.stack(np.meshgrid(*[np.arange(4)] * 3), -1).reshape(-1, 3) * 0.5
+    X[1000:1064] = lattice
+    X[TRAIN + 10:TRAIN + 74] = lattice
+    return X.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("scale") / "data"
+    store.write_vectors(directory, tied_clusters(), ["train"] * TRAIN + ["test"] * TEST, model="synthetic",
+                        shard_rows=700)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ivf(data, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("scale") / "ivf"
+    build(data, directory, IndexSettings(factory="IVF16,Flat", nprobe=4))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def arrays(data) -> dict[str, np.ndarray]:
+    dataset = store.ActivationDataset(data)
+    P = dataset.take(dataset.row_ids("train")).astype(np.float64)
+    Q = dataset.take(dataset.row_ids("test")).astype(np.float64)
+    return {"P": P, "Q": Q, "pp": ((P[:, None] - P[None]) ** 2).sum(-1), "qp": ((Q[:, None] - P[None]) ** 2).sum(-1)}
+
+
+@pytest.fixture(scope="module")
+def runs(data, ivf, tmp_path_factory) -> dict[str, memscan.RunTables]:
+    """The same query approximate (an IVF inner-product index too) and exact, each also streamed in a few
+    MiB: several blocks of queries (the exact MCHN pass's products make its blocks smaller)."""
+    root = tmp_path_factory.mktemp("runs")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF16,Flat", "a test's IVF"))
+    settings = QuerySettings(k=K, beta=BETA, subsets=(0.25, 1.0))
+    for name, extra in (("approximate", {}), ("approximate_small", {"memory": "1MiB"}), ("exact", {"exact": True}),
+                        ("exact_small", {"exact": True, "memory": "4MiB"})):
+        run(ivf, data, root / name, QuerySettings(**{**settings.__dict__, **extra}))
+    patch.undo()
+    return {name: memscan.load(root / name) for name in ("approximate", "approximate_small", "exact", "exact_small")}
+
+
+def layer_summary(tables: memscan.RunTables) -> dict:
+    return tables.summary["layers"][0]
+
+
+# ---------------------------------------------------------------- retrieval: a block at once equals the loop
+
+
+@pytest.mark.parametrize("spread", [0.05, 0.5, 3.0])
+def test_vectorized_retrieval_equals_the_per_query_loop(spread):
+    rng = np.random.default_rng(7)
+    neighbours = rng.normal(size=(120, 5, 6)).astype(np.float32)
+    neighbours[:10, 1] = neighbours[:10, 0]                       # duplicates among the k
+    X = (neighbours[:, 0] + spread * rng.normal(size=(120, 6))).astype(np.float32)
+    fixed, steps, converged = analysis.retrieve_batch(X, neighbours, 0.7, 1e-6, 30)
+    loop = [theory.retrieve(x, P, 0.7, 1e-6, 30) for x, P in zip(X, neighbours)]
+    np.testing.assert_allclose(fixed, np.stack([point for point, _, _ in loop]), rtol=1e-12, atol=1e-12)
+    assert steps.tolist() == [step for _, step, _ in loop] and converged.tolist() == [done for _, _, done in loop]
+    assert 0 < converged.sum() <= len(X) and len(set(steps.tolist())) > 1    # rows stop at different steps
+    epsilon = 0.3
+    _, _, retrieved = analysis.retrieval(X, neighbours, 0.7, epsilon, 1e-6, 30)
+    expected = [done and np.linalg.norm(point - P[0]) <= epsilon for (point, _, done), P in zip(loop, neighbours)]
+    assert retrieved.tolist() == expected
+
+
+# ---------------------------------------------------------------- MIPS through an L2 index
+
+
+def test_the_augmentation_turns_inner_products_into_distances():
+    rng = np.random.default_rng(0)
+    P, X = rng.normal(size=(50, 5)) * rng.uniform(0.1, 3, (50, 1)), rng.normal(size=(7, 5))
+    M2 = float((P * P).sum(1).max())
+    A, B = mips.augment_patterns(P, M2).astype(np.float64), mips.augment_queries(X).astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(A, axis=1), np.sqrt(M2), rtol=1e-6)
+    sq = ((B[:, None] - A[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(sq, (X * X).sum(1)[:, None] + M2 - 2 * X @ P.T, rtol=1e-5, atol=1e-5)
+
+
+def test_mips_finds_the_largest_inner_products_and_measures_its_recall(data, arrays):
+    P = arrays["P"]
+    dataset = store.ActivationDataset(data)
+    blocks = dataset_blocks(dataset, "train", 0, 500)
+    index = mips.MipsIndex.build(dataset, blocks, TRAIN, float((P * P).sum(1).max()), 1 << 30,
+                                 factory="IVF16,Flat")
+    X = arrays["Q"][:50].astype(np.float32)
+    samples = {"patterns": index.sample(seed=1), "queries": mips.Sample(np.arange(50), X, 4, exclude_self=False)}
+    record = index.tune(exact.LocalEngine(), blocks, samples)
+    swept, recall = record["tuning"], record["samples"]["patterns"]["recall_1_at_1"]
+    assert record["samples"]["patterns"]["queries"] == 200 and record["samples"]["queries"]["k"] == 4
+    assert swept["reached"] and min(r["recall_1_at_1"] for r in record["samples"].values()) >= 0.95
+    assert index.search_params == {"nprobe": swept["chosen"]} and swept["chosen"] in swept["curve"]["nprobe"]
+
+    gram = P @ P.T
+    np.fill_diagonal(gram, -np.inf)
+    row_ids, best = index.max_other(blocks)
+    truth = gram.max(1)
+    assert np.array_equal(row_ids, np.arange(TRAIN))
+    assert (best <= truth + 1e-9 * np.abs(truth)).all()            # exact products of real patterns: never above
+    found = np.isclose(best, truth, rtol=1e-9, atol=1e-9)
+    assert found.mean() >= recall - 0.05
+
+    result = index.search(X, 4)
+    products = X.astype(np.float64) @ P.T
+    np.testing.assert_allclose(result.ip, np.take_along_axis(products, result.ids, axis=1), rtol=1e-12)
+    assert (np.diff(result.ip, axis=1) <= 0).all()
+    assert np.isclose(result.ip[:, 0], products.max(1), rtol=1e-9).mean() >= 0.95
+
+
+# ---------------------------------------------------------------- approximate and exact runs agree
+
+
+def test_exact_run_keeps_every_exact_statistic(runs, arrays):
+    """--exact: MCHN over all patterns (as theory.mchn_energy on the full arrays), Delta from an exact join."""
+    P, Q, qp, pp = arrays["P"], arrays["Q"], arrays["qp"], arrays["pp"]
+    tables = runs["exact"]
+    summary = layer_summary(tables)
+    assert summary["search"] == "exact" and summary["A3"]["inner_products"] == {"search": "exact",
+                                                                                 "recall_1_at_1": None}
+    exact_mchn = theory.mchn_energy(Q, P, BETA)
+    q = tables.queries
+    np.testing.assert_allclose(q.mchn_energy, exact_mchn, rtol=1e-9)
+    assert (q.mchn_energy_lower <= exact_mchn + 1e-9).all() and (exact_mchn <= q.mchn_energy_upper + 1e-9).all()
+    assert summary["energy"]["mean_mchn_lower"] == pytest.approx(q.mchn_energy_lower.mean(), rel=1e-12)
+    assert summary["energy"]["mean_mchn"] == pytest.approx(exact_mchn.mean(), rel=1e-9)
+    gram = P @ P.T
+    delta = np.diag(gram) - np.where(np.eye(TRAIN, dtype=bool), -np.inf, gram).max(1)
+    np.testing.assert_allclose(tables.patterns.ramsauer_delta, delta, rtol=1e-6, atol=1e-6)
+    np.fill_diagonal(pp, np.inf)
+    np.testing.assert_allclose(tables.patterns.nearest_other_dist, np.sqrt(pp.min(1)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(q.nearest_dist, np.sqrt(qp.min(1)), rtol=1e-6)
+
+
+def test_approximate_and_exact_runs_agree_within_their_recall(runs, arrays):
+    P, Q = arrays["P"], arrays["Q"]
+    approx, exact_run = runs["approximate"], runs["exact"]
+    summary = layer_summary(approx)
+    recall = summary["recall"]["recall_1_at_1"]
+    products = summary["A3"]["inner_products"]
+    assert summary["search"].startswith("approximate: IVF16,Flat") and recall >= 0.9
+    assert products["search"].startswith("approximate: IVF16,Flat") and products["tuning"]["reached"]
+    assert products["factory_reason"] == "a test's IVF" and products["samples"]["patterns"]["queries"] == 200
+    top_k = summary["energy"]["mchn_top_k_recall"]
+    assert top_k == products["samples"]["queries"] and top_k["k"] == K and top_k["queries"] == 200
+    slack = 0.05   # the recalls are measured on 200 of the 2,000 patterns
+
+    for table, column in (("queries", "nearest_dist"), ("patterns", "nearest_other_dist")):
+        a, e = getattr(approx, table)[column].to_numpy(), getattr(exact_run, table)[column].to_numpy()
+        assert (a >= e * (1 - 1e-6)).all()                          # real neighbours: never nearer than the nearest
+        assert np.isclose(a, e, rtol=1e-6).mean() >= recall - slack
+
+    a, e = approx.patterns.ramsauer_delta.to_numpy(), exact_run.patterns.ramsauer_delta.to_numpy()
+    assert (a >= e - 1e-6 * np.abs(e) - 1e-6).all()                # a maximum found is at most the true one
+    assert np.isclose(a, e, rtol=1e-6, atol=1e-6).mean() >= products["recall_1_at_1"] - slack
+
+    exact_mchn = theory.mchn_energy(Q, P, BETA)                     # the interval, through the inner-product index
+    q = approx.queries
+    assert q.mchn_energy.isna().all() and summary["energy"]["mean_mchn"] is None
+    assert (exact_mchn <= q.mchn_energy_upper + 1e-9).all()         # certified whatever the index found
+    complete = 1 - K * (1 - top_k["recall_k_at_k"])   # rows whose top k were all found: at least this many
+    assert (q.mchn_energy_lower <= exact_mchn + 1e-9).mean() >= complete - slack
+    exact_E = -np.logaddexp.reduce(-BETA * arrays["qp"], axis=1) / BETA
+    assert (exact_E <= q.energy_upper + 1e-9).all()
+
+    for key in ("retrieval_rate", "next_token_agreement"):
+        assert summary["A1"][key] == pytest.approx(layer_summary(exact_run)["A1"][key], abs=1 - recall + slack)
+    assert summary["A2"]["coverage_at_r_star"] == pytest.approx(
+        layer_summary(exact_run)["A2"]["coverage_at_r_star"], abs=1 - recall + slack)
+
+
+# ---------------------------------------------------------------- subsets from the self-join's lists
+
+
+def brute_subset_nearest(P: np.ndarray, members: np.ndarray) -> np.ndarray:
+    sub = P[members]
+    sq = ((sub[:, None] - sub[None]) ** 2).sum(-1)
+    np.fill_diagonal(sq, np.inf)
+    return np.sqrt(sq.min(1))
+
+
+@pytest.mark.parametrize("exact_search", [True, False])
+def test_subsets_equal_an_exact_subset_self_join(data, ivf, arrays, exact_search):
+    settings = QuerySettings(k=2, exact=exact_search, subsets=(0.25, 0.5, 0.75, 1.0))
+    index = KnnIndex.load(ivf, device="cpu")
+    layer = query._layer(index, store.ActivationDataset(data), 0, settings, leave_one_out=False)
+    patterns = query._pattern_meta(layer)
+    joined = query._self_join(layer, patterns)
+    P, lists_exact = arrays["P"], exact_search
+    for fraction in (0.25, 0.5, 0.75):
+        subset = query._subset(layer, patterns, joined, fraction)
+        assert len(subset.row_ids) == int(fraction * TRAIN) and 0 < subset.from_lists < len(subset.row_ids)
+        truth = brute_subset_nearest(P, subset.row_ids)
+        if lists_exact:   # every member, from the lists or searched, is its exact nearest within the subset
+            np.testing.assert_allclose(subset.values, truth, rtol=1e-6, atol=1e-6)
+        else:             # the lists are approximate: real members, never nearer, mostly the nearest
+            assert (subset.values >= truth * (1 - 1e-6)).all()
+            assert np.isclose(subset.values, truth, rtol=1e-6).mean() >= 0.9
+        listed = np.isin(joined.I[subset.row_ids], subset.row_ids).any(axis=1)
+        assert listed.sum() == subset.from_lists
+        searched = ~listed   # those the lists missed are searched exactly against the subset
+        np.testing.assert_allclose(subset.values[searched], truth[searched], rtol=1e-6, atol=1e-6)
+
+
+def test_the_summary_records_the_subsets_and_the_blocks(runs):
+    summary = layer_summary(runs["exact"])
+    entry, = summary["subsets"]
+    assert entry["fraction"] == 0.25 and entry["patterns"] == TRAIN // 4
+    assert entry["from_lists"] + entry["searched"] == entry["patterns"] and entry["searched"] > 0
+    hist = runs["exact"].histograms
+    assert hist[hist.table == "pattern_nearest_25"]["count"].sum() == TRAIN // 4
+    blocks = summary["blocks"]
+    assert blocks["memory"] == "2GB" and blocks["memory_bytes"] == 2 * 10**9 and blocks["query_blocks"] == 1
+    expected = query.block_sizes(2 * 10**9, 8, K, TRAIN, full_pass=True)
+    assert (blocks["pattern_rows"], blocks["query_rows"], blocks["join_rows"]) == (
+        expected.pattern_rows, expected.query_rows, expected.join_rows)
+
+
+# ---------------------------------------------------------------- streamed in blocks
+
+
+@pytest.mark.parametrize("mode", ["approximate", "exact"])
+def test_streamed_tables_equal_the_unblocked_ones(runs, mode):
+    large, small = runs[mode], runs[f"{mode}_small"]
+    assert layer_summary(large)["blocks"]["query_blocks"] == 1 and layer_summary(small)["blocks"]["query_blocks"] > 1
+    assert layer_summary(small)["blocks"]["query_rows"] < TEST
+    for name in query.TABLES:
+        pd.testing.assert_frame_equal(getattr(large, name), getattr(small, name))
+    a, b = layer_summary(large), layer_summary(small)
+    for key in ("A1", "A2", "A3", "energy", "floor", "query_nearest_dist", "pattern_nearest_dist", "subsets"):
+        assert_same(a[key], b[key])
+
+
+def assert_same(a: object, b: object) -> None:
+    """Equal JSON documents, floats to 1e-12 (the means are sums over blocks, rounded in another order)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-12)
+    else:
+        assert a == b
+
+
+def test_block_sizes_follow_the_budget():
+    small, large = (query.block_sizes(budget, 256, 10, 10**6, full_pass=False) for budget in (64 << 20, 2 << 30))
+    assert small.query_rows < large.query_rows and small.join_rows < large.join_rows
+    assert large.pattern_rows <= query.MAX_BLOCK_ROWS and small.query_rows >= 1
+    gather = small.query_rows * 10 * 256 * 4 * 6   # retrieval: float32 neighbours and float64 copies
+    assert gather <= 64 << 20
+    exact_blocks = query.block_sizes(64 << 20, 256, 10, 10**6, full_pass=True)
+    assert exact_blocks.query_rows < small.query_rows   # the MCHN pass's products take their share
+
+
+@pytest.mark.parametrize("given,expected", [("512MB", 512 * 10**6), ("2GiB", 2 << 30), ("1.5G", 1.5e9),
+                                            ("1MiB", 1 << 20)])
+def test_memory_sizes_are_parsed(given, expected):
+    assert query.memory_bytes(given) == int(expected)
+    QuerySettings(memory=given).check()
+
+
+@pytest.mark.parametrize("given,match", [("100KB", "--memory must be at least 1MiB; got '100KB'"),
+                                         ("lots", "--memory must be a size like 512MB"),
+                                         ("0", "--memory must be a size like 512MB")])
+def test_a_memory_budget_out_of_range_names_the_flag(capsys, data, ivf, tmp_path, given, match):
+    with pytest.raises(InputError, match=match):
+        QuerySettings(memory=given).check()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", str(ivf), "--queries", str(data), "--out", str(tmp_path / "run"), "--memory", given])
+    assert exit_info.value.code == 1 and match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+class Killed(BaseException):
+    """What a kill or a full disk does to the job: it stops where it is."""
+
+
+def test_a_run_that_dies_mid_analysis_leaves_the_previous_run_whole(data, ivf, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run(ivf, data, run_dir, QuerySettings(k=K, subsets=(1.0,), memory="1MiB"))
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    calls = []
+
+    def dies_on_the_second_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed()
+        return retrieval(*args, **kwargs)
+
+    retrieval = query._retrieval
+    monkeypatch.setattr(query, "_retrieval", dies_on_the_second_block)
+    with pytest.raises(Killed):
+        run(ivf, data, run_dir, QuerySettings(k=K + 1, subsets=(1.0,), memory="1MiB"))
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before   # no temporary file left
+    assert query.verify(run_dir) == [] and memscan.load(run_dir).summary["settings"]["k"] == K
