@@ -386,18 +386,15 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             raise _no_chunk_error(settings.source, stats, settings.chunk_tokens)
         chunks = itertools.chain([first], chunks)
 
-    # The per-chunk table needs the LM head over every position, which Ray's capture actors do not run.
-    with_table = settings.engine == "local"
+    # Both engines write the per-chunk table; a dataset begun without one (chunk_tables null) is resumed without.
+    with_table = manifest is None or manifest["chunk_tables"] is not None
     if manifest is None:
         manifest = store.new_manifest(
             fingerprint=fingerprint, **identity, n=loaded.hidden_size, layers=layers, positions=settings.positions,
             chunk_tokens=settings.chunk_tokens, dtype=dtype_name, vec_dtype=vec_dtype, seed=settings.seed,
             rows_per_chunk=len(layers) * len(positions), versions=_versions(), split_rule=rule.describe(),
-            chunk_table_chunks=store.chunk_table_chunks(settings.batch_size) if with_table else None,
+            chunk_table_chunks=store.chunk_table_chunks(settings.batch_size),
         )
-        if not with_table:
-            log.warning("--engine ray writes no per-chunk table: `memscan score` and `memscan verbatim` need "
-                        "a local extraction")
         files.write_json_atomic(out / store.MANIFEST, manifest)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
     rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
@@ -467,10 +464,10 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
 
             work = [(b, np.stack([c.tokens for c in batch]), np.stack([c.next_tokens for c in batch]))
                     for b, batch in remote.items()]
-            for b, vec, nll in ray_runner.capture_batches(
+            for b, vec, nll, per_token in ray_runner.capture_batches(
                     work, settings.model, dtype_name, settings.revision, settings.trust_remote_code, layers,
                     positions, settings.loss, ray_options or ray_runner.RayOptions()):
-                write(b, remote.pop(b), vec, nll)
+                write(b, remote.pop(b), vec, nll, per_token)
         if total_chunks is None:
             _check_labels(rule, tally, chunk_counts)
     except BaseException:

@@ -2,8 +2,9 @@
 
 `score` rates every train and test chunk of an extraction with the membership scores of
 `memscan.membership` (from the per-chunk table that `extract` writes, plus a reference
-model's forward pass when asked), and with the activation geometry of a `memscan query`
-run over the same dataset; it measures each score's ROC-AUC and TPR at low FPR against
+model's forward pass when asked), and with the activation geometry of `memscan query`
+runs over the same dataset (a test-split run rates the non-members, a leave-one-out
+train-split run the members); it measures each score's ROC-AUC and TPR at low FPR against
 the dataset's split (train = member), and crosses the views on the same chunks (the
 bridge: rank correlations, AUCs side by side). `verbatim` prompts a seeded sample of
 chunks of each split with their first P tokens and records how much of the next S the
@@ -40,7 +41,7 @@ class ScoreSettings:
     """Everything that decides a score run (see `memscan score --help`)."""
 
     data: str
-    query_run: str | None = None
+    query_run: tuple[str, ...] = ()   # `memscan query` runs: one of the test split, one leave-one-out of the train
     reference_model: str | None = None
     verbatim: str | None = None
     min_k: float = membership.DEFAULT_K
@@ -159,43 +160,108 @@ def _query_layer(summary: dict[str, Any], layer: int | None, run: Path) -> dict[
     return layers[chosen]
 
 
-def geometry_scores(run: Path, data: Path, manifest: dict[str, Any], rows: np.ndarray,
-                    split: np.ndarray, layer: int | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Geometric scores (m,) of the chunks `rows` at their last position, from a `memscan query` run.
+QUERY_COLUMNS = ("nearest_dist", "energy_lower", "energy_upper", "retrieved")
+# What must agree between the runs of one score, beside the index, for their numbers to be comparable.
+SHARED_QUERY_SETTINGS = ("k", "exact", "beta", "radius", "epsilon", "max_steps")
 
-    nearest: minus the distance to the nearest other pattern (a train chunk: the patterns
-    table's leave-one-out nearest_other_dist) or to the nearest pattern (a test chunk: the
-    queries table's nearest_dist); inside_ball: that distance <= the run's radius (1/0);
-    energy: minus the midpoint of the certified energy interval; retrieved: 1/0. NaN where
-    the run has no row for the chunk. Also returns what the summary records of the run.
-    """
+
+@dataclass(frozen=True)
+class QueryRun:
+    """One `memscan query` run of a score: its folder, summary, the layer's summary entry and its query split."""
+
+    folder: Path
+    summary: dict[str, Any]
+    layer: dict[str, Any]
+
+    @property
+    def split(self) -> str:
+        return self.summary["settings"]["split"]
+
+    def table(self, name: str) -> Any:
+        """The run's table `name`, the rows of its layer only."""
+        entry = next(e for e in self.summary["tables"] if e["name"] == name)
+        table = store.read_table(files.check_file(self.folder, entry, "table"))
+        return table.filter(np.asarray(table.column("layer")) == self.layer["layer"])
+
+
+def _open_run(run: Path, data: Path, layer: int | None) -> QueryRun:
+    """A run that queried `data` with the test split, or with the train split leaving each query's own row out."""
     from memscan import query
 
     summary = query.read_summary(run)
     if Path(summary["queries"]).resolve() != data.resolve():
         raise InputError(f"--query-run '{run}' queried the dataset '{summary['queries']}', not '{data}'")
-    entry = _query_layer(summary, layer, run)
-    tables = {e["name"]: e for e in summary["tables"]}
+    opened = QueryRun(run, summary, _query_layer(summary, layer, run))
+    if opened.split not in SPLITS:
+        raise InputError(f"--query-run '{run}' queried the split '{opened.split}'; score rates the splits "
+                         f"{' and '.join(SPLITS)}")
+    if opened.split == "train" and not summary["queries_are_patterns"]:
+        raise InputError(f"--query-run '{run}' queried the train split against an index of other patterns: members "
+                         "need a leave-one-out run (`memscan query` of the index's own dataset and split)")
+    return opened
 
-    def read(name: str) -> Any:
-        table = store.read_table(files.check_file(run, tables[name], "table"))
-        return table.filter(np.asarray(table.column("layer")) == entry["layer"])
 
+def _open_runs(runs: tuple[Path, ...], data: Path, layer: int | None) -> list[QueryRun]:
+    """Every run opened and checked: one a split, all over `data` at one layer, with one index and its settings."""
+    opened = [_open_run(run, data, layer) for run in runs]
+    first = opened[0]
+    seen: dict[str, Path] = {}
+    for run in opened:
+        if run.split in seen:
+            raise InputError(f"--query-run '{seen[run.split]}' and '{run.folder}' both queried the {run.split} "
+                             "split; give one run of each split")
+        seen[run.split] = run.folder
+        if run.layer["layer"] != first.layer["layer"]:
+            raise InputError(f"--query-run '{run.folder}' is scored at layer {run.layer['layer']}, '{first.folder}' at "
+                             f"layer {first.layer['layer']}: the runs must share a layer (pass --layer)")
+        if _identity(run) != _identity(first):
+            raise InputError(f"--query-run '{run.folder}' searched another index or with other settings "
+                             f"({', '.join(SHARED_QUERY_SETTINGS)}) than '{first.folder}'; the runs must share both")
+    return opened
+
+
+def _identity(run: QueryRun) -> dict[str, Any]:
+    """What makes two runs' geometric scores comparable: the index and the settings that shape its numbers."""
+    return {"index": run.summary.get("index_info"),
+            **{key: run.summary["settings"].get(key) for key in SHARED_QUERY_SETTINGS}}
+
+
+def geometry_scores(runs: tuple[Path, ...], data: Path, manifest: dict[str, Any], rows: np.ndarray,
+                    split: np.ndarray, layer: int | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Geometric scores (m,) of the chunks `rows` at their last position, from `memscan query` runs.
+
+    Each run rates the chunks of its own split: a test-split run the non-members, a
+    leave-one-out train-split run the members. nearest: minus the distance to the nearest
+    other pattern (a train chunk: the patterns table's nearest_other_dist, which every run
+    of the index holds and a leave-one-out run's nearest_dist equals) or to the nearest
+    pattern (a test chunk: the test run's nearest_dist); inside_ball: that distance <= the
+    runs' radius (1/0); energy: minus the midpoint of the certified energy interval;
+    retrieved: 1/0. NaN where no run has a row for the chunk. Also returns what the
+    summary records of the runs.
+    """
+    opened = _open_runs(runs, data, layer)
+    first = opened[0]
     per_chunk, positions = manifest["rows_per_chunk"], len(_kept_positions(manifest))
-    layer_index = manifest["layers"].index(entry["layer"])
+    layer_index = manifest["layers"].index(first.layer["layer"])
     last_rows = rows * per_chunk + layer_index * positions + positions - 1     # (m,) row ids at the last position
-    radius = float(entry["radius"]["value"])
-    patterns, queries = read("patterns.parquet"), read("queries.parquet")
+    radius = float(first.layer["radius"]["value"])
+    patterns = first.table("patterns.parquet")
     nearest_other = _lookup(np.asarray(patterns.column("row_id")), np.asarray(patterns.column("nearest_other_dist")),
                             last_rows)
-    lookup = {name: _lookup(np.asarray(queries.column("query_row_id")), np.asarray(queries.column(name), np.float64),
-                            last_rows)
-              for name in ("nearest_dist", "energy_lower", "energy_upper", "retrieved")}
-    distance = np.where(split == "train", nearest_other, lookup["nearest_dist"])
+    looked_up = {name: np.full(len(rows), np.nan) for name in QUERY_COLUMNS}
+    for run in opened:
+        mine = split == run.split
+        queries = run.table("queries.parquet")
+        keys = np.asarray(queries.column("query_row_id"))
+        for name in QUERY_COLUMNS:
+            looked_up[name][mine] = _lookup(keys, np.asarray(queries.column(name), np.float64), last_rows[mine])
+    distance = np.where(split == "train", nearest_other, looked_up["nearest_dist"])
     with np.errstate(invalid="ignore"):
         scores = {"nearest": -distance, "inside_ball": np.where(np.isnan(distance), np.nan, distance <= radius),
-                  "energy": -(lookup["energy_lower"] + lookup["energy_upper"]) / 2, "retrieved": lookup["retrieved"]}
-    return scores, {"folder": str(run.resolve()), "layer": entry["layer"], "radius": radius}
+                  "energy": -(looked_up["energy_lower"] + looked_up["energy_upper"]) / 2,
+                  "retrieved": looked_up["retrieved"]}
+    return scores, {"folders": {run.split: str(run.folder.resolve()) for run in opened},
+                    "layer": first.layer["layer"], "radius": radius}
 
 
 def _kept_positions(manifest: dict[str, Any]) -> list[int]:
@@ -296,7 +362,7 @@ def score(settings: ScoreSettings, out: str | Path, allow_other_files: bool = Fa
                                                                            settings.device))
         run_info = None
         if settings.query_run:
-            geometry, run_info = geometry_scores(Path(settings.query_run), data, manifest, rows, split,
+            geometry, run_info = geometry_scores(tuple(map(Path, settings.query_run)), data, manifest, rows, split,
                                                  settings.layer)
             scores.update(geometry)
         metrics, skipped = score_metrics(scores, labels, settings.resamples, settings.seed)

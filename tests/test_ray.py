@@ -83,11 +83,30 @@ def assert_same_dataset(got, expected):
     assert manifest["corpus"] == reference["corpus"]  # planned by Ray tasks, counted the same
 
 
+def assert_same_chunk_tables(got, expected):
+    """The per-chunk tables byte for byte: the same pieces, listed with the same checksums."""
+    listed, reference = (json.loads((d / store.MANIFEST).read_text())["chunk_tables"] for d in (got, expected))
+    assert listed == reference and listed
+    for entry in listed:
+        assert (got / entry["name"]).read_bytes() == (expected / entry["name"]).read_bytes()
+
+
 def test_ray_extraction_equals_the_local_runner(options, qf_model, local_reference, tmp_path):
     out = tmp_path / "ray"
     extract(replace(SETTINGS, model=str(qf_model), engine="ray"), out, ray_options=options)
     assert_same_dataset(out, local_reference)
+    assert_same_chunk_tables(out, local_reference)
+    assert not np.isnan(store.read_chunk_table(out)["nll"]).all()    # the statistics, not an empty table
     assert store.verify(out) == []
+
+
+def test_ray_extraction_without_the_loss_writes_the_same_token_table(options, qf_model, tmp_path):
+    settings = replace(SETTINGS, model=str(qf_model), num_chunks=24, loss=False)
+    extract(settings, tmp_path / "local")
+    extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    assert_same_dataset(tmp_path / "ray", tmp_path / "local")
+    assert_same_chunk_tables(tmp_path / "ray", tmp_path / "local")
+    assert np.isnan(store.read_chunk_table(tmp_path / "ray")["nll"]).all()
 
 
 @pytest.mark.parametrize("kind", ["files", "hf"])
@@ -172,7 +191,7 @@ def test_query_on_ray_equals_the_local_query(options, local_reference, tmp_path)
     build(local_reference, tmp_path / "index", IndexSettings(layer=2, factory="IVF4,Flat", nprobe=2, shards=2))
     settings = QuerySettings(k=3, subsets=(0.5, 1.0))
     run(tmp_path / "index", local_reference, tmp_path / "local", settings)
-    run(tmp_path / "index", local_reference, tmp_path / "ray", settings, ray_options=options)
+    run(tmp_path / "index", local_reference, tmp_path / "ray", settings, engine=ray_runner.RayEngine(options))
     here, there = memscan.load(tmp_path / "local"), memscan.load(tmp_path / "ray")
     for name in ("neighbours", "queries", "patterns", "histograms", "coverage"):
         pd.testing.assert_frame_equal(getattr(here, name), getattr(there, name))

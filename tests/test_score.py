@@ -184,3 +184,105 @@ def test_geometry_lookup_takes_the_leave_one_out_distance_for_members():
     keys = np.array([7, 3, 11])
     values = np.array([0.7, 0.3, 1.1])
     assert np.allclose(_lookup(keys, values, np.array([3, 5, 11])), [0.3, np.nan, 1.1], equal_nan=True)
+
+
+def run_cli(argv, capsys=None):
+    """main(argv): its exit code and, with capsys, its stderr."""
+    with pytest.raises(SystemExit) as code:
+        main([str(a) for a in argv])
+    return code.value.code, capsys.readouterr().err if capsys else ""
+
+
+@pytest.fixture(scope="module")
+def geometry(scored, tmp_path_factory):
+    """An index of the train split, a test-split run and a leave-one-out train-split run, and a score of both."""
+    data = scored[0]
+    root = tmp_path_factory.mktemp("geometry")
+    index, test_run, train_run, out = root / "index", root / "test-run", root / "train-run", root / "score"
+    for argv in (["index", data, "--out", index, "--factory", "Flat"],
+                 ["query", index, "--queries", data, "--out", test_run, "--k", "3"],
+                 ["query", index, "--queries", data, "--split", "train", "--out", train_run, "--k", "3"],
+                 ["score", data, "--out", out, "--query-run", test_run, "--query-run", train_run, "--resamples", "50"]):
+        assert run_cli(argv)[0] == 0, argv[0]
+    return data, index, test_run, train_run, out
+
+
+def last_row_ids(data, table):
+    """The dataset's row id (m,) of each chunk of the per-chunk table at its last position and layer."""
+    _, meta = read_all(data)
+    last = (meta["position"] == meta["position"].max()) & (meta["layer"] == meta["layer"].max())
+    row_of = dict(zip(zip(meta["doc_id"][last].tolist(), meta["chunk_id"][last].tolist()), meta["row_id"][last]))
+    return np.array([row_of[key] for key in zip(table["doc_id"].tolist(), table["chunk_id"].tolist())])
+
+
+def by_row(frame, key, rows):
+    """frame's rows (a DataFrame) in the order of the ids `rows`, looked up in its column `key`."""
+    return frame.set_index(key).loc[rows]
+
+
+def test_members_are_rated_on_energy_and_retrieved_by_a_leave_one_out_run(geometry):
+    data, _, test_run, train_run, out = geometry
+    table = store.read_chunk_table(data)
+    rows = last_row_ids(data, table)
+    member = table["split"] == "train"
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["scores"]) >= {"nearest", "inside_ball", "energy", "retrieved"} and not metrics["skipped"]
+    assert json.loads(test_run.joinpath("summary.json").read_text())["queries_are_patterns"] is False
+    assert json.loads(train_run.joinpath("summary.json").read_text())["queries_are_patterns"] is True
+    test_rows = by_row(pq.read_table(test_run / "queries.parquet").to_pandas(), "query_row_id", rows[~member])
+    train_rows = by_row(pq.read_table(train_run / "queries.parquet").to_pandas(), "query_row_id", rows[member])
+    for mask, run in ((member, train_rows), (~member, test_rows)):
+        energy = -(run.energy_lower.to_numpy(np.float64) + run.energy_upper.to_numpy(np.float64)) / 2
+        np.testing.assert_array_equal(scores.energy[mask], energy)
+        np.testing.assert_array_equal(scores.retrieved[mask], run.retrieved.to_numpy(np.float64))
+    # members' nearest: the nearest *other* pattern, the same in the patterns table and the leave-one-out run
+    patterns = by_row(pq.read_table(train_run / "patterns.parquet").to_pandas(), "row_id", rows[member])
+    np.testing.assert_array_equal(patterns.nearest_other_dist.to_numpy(), train_rows.nearest_dist.to_numpy())
+    np.testing.assert_array_equal(scores.nearest[member], -patterns.nearest_other_dist.to_numpy(np.float64))
+    np.testing.assert_array_equal(scores.nearest[~member], -test_rows.nearest_dist.to_numpy(np.float64))
+    for name in ("energy", "retrieved", "nearest"):
+        assert metrics["scores"][name]["auc"]["value"] == pytest.approx(roc_auc_score(scores.label, scores[name]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["query_run"]["folders"] == {"test": str(test_run.resolve()), "train": str(train_run.resolve())}
+
+
+def test_a_test_split_run_alone_rates_no_member_on_energy_and_retrieved(geometry, tmp_path):
+    data, _, test_run, _, _ = geometry
+    assert run_cli(["score", data, "--out", tmp_path / "score", "--query-run", test_run, "--resamples", "20"])[0] == 0
+    metrics = json.loads((tmp_path / "score" / "metrics.json").read_text())
+    assert metrics["skipped"] == {"energy": "rates no member", "retrieved": "rates no member"}
+    assert {"nearest", "inside_ball"} <= set(metrics["scores"])
+
+
+def relayered(run, to, layer):
+    """A copy of the run `run` in `to` whose summary (re-signed) names its one layer `layer`."""
+    to.mkdir()
+    for path in run.iterdir():
+        (to / path.name).write_bytes(path.read_bytes())
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop(files.SELF_SHA256)
+    summary["layers"] = [{**summary["layers"][-1], "layer": layer}]
+    files.write_json_atomic(to / "summary.json", files.signed(summary))
+    return to
+
+
+def test_query_runs_that_do_not_fit_together_are_one_line_errors(geometry, tmp_path, capsys):
+    data, index, test_run, train_run, _ = geometry
+    other_index, not_loo, other_k = tmp_path / "index-of-test", tmp_path / "not-loo", tmp_path / "k2"
+    for argv in (["index", data, "--split", "test", "--out", other_index, "--factory", "Flat"],
+                 ["query", other_index, "--queries", data, "--split", "train", "--out", not_loo, "--k", "3"],
+                 ["query", index, "--queries", data, "--out", other_k, "--k", "2"]):
+        assert run_cli(argv)[0] == 0, argv[0]
+    capsys.readouterr()
+    layer = json.loads((train_run / "summary.json").read_text())["layers"][-1]["layer"]
+    cases = {
+        (test_run, not_loo): "queried the train split against an index of other patterns",
+        (test_run, test_run): "both queried the test split",
+        (other_k, train_run): "searched another index or with other settings",
+        (test_run, relayered(train_run, tmp_path / "relayered", layer + 1)): "the runs must share a layer",
+    }
+    for (first, second), message in cases.items():
+        code, err = run_cli(["score", data, "--out", tmp_path / "score", "--query-run", first, "--query-run", second],
+                            capsys)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err

@@ -12,9 +12,11 @@ from memscan.cli.options import allow_other_files
 @click.command()
 @click.argument("data_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the scores into.")
-@click.option("--query-run", default=None, type=click.Path(file_okay=False),
-              help="A `memscan query` run over DATA_DIR: adds nearest-pattern distance, energy, inside-ball, retrieved.")
-@click.option("--layer", type=int, default=None, help="Layer of --query-run to use [default: its last].")
+@click.option("--query-run", multiple=True, type=click.Path(file_okay=False),
+              help="A `memscan query` run over DATA_DIR: adds nearest-pattern distance, energy, inside-ball, "
+                   "retrieved for the chunks of its split. Repeat it: a test-split run rates the non-members, a "
+                   "leave-one-out train-split run (queries = the index's own patterns) the members.")
+@click.option("--layer", type=int, default=None, help="Layer of the --query-run runs to use [default: their last].")
 @click.option("--reference-model", default=None, help="A reference model (hub id or folder): adds reference - target loss.")
 @click.option("--verbatim", "verbatim_dir", default=None, type=click.Path(file_okay=False),
               help="A `memscan verbatim` folder of DATA_DIR: its match columns join the bridge.")

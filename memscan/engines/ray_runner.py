@@ -168,21 +168,31 @@ class _CaptureActor:
         self.positions = torch.tensor(positions, device=self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch's vec (1, B, L, P, n) float32 and, with the loss, nll (1, B, P) and stats (1, 3, B, T).
+
+        With the loss the LM head runs over every position (`models.capture_statistics`, as the
+        local runner does), so the per-chunk table gets the same statistics and the shards the
+        same nll; without it, the backbone only.
+        """
         torch = self.torch
         tokens = torch.from_numpy(np.asarray(batch["tokens"][0])).to(self.device, torch.long)
         following = torch.from_numpy(np.asarray(batch["next_tokens"][0])).to(self.device, torch.long)
-        vec, nll = self.models.capture(self.loaded.model, tokens, following, self.layers, self.positions,
-                                       self.with_loss)
-        out = {"index": batch["index"], "vec": vec.float().cpu().numpy()[None]}
-        out["nll"] = (nll.cpu().numpy() if nll is not None else np.full(tokens.shape[:1] + self.positions.shape, np.nan,
-                                                                         np.float32))[None]
+        out = {"index": batch["index"]}
+        if self.with_loss:
+            vec, nll, stats = self.models.capture_statistics(self.loaded.model, tokens, following, self.layers,
+                                                             self.positions)
+            out.update(nll=nll.cpu().numpy()[None], stats=stats.cpu().numpy()[None])
+        else:
+            vec, _ = self.models.capture(self.loaded.model, tokens, following, self.layers, self.positions, False)
+        out["vec"] = vec.float().cpu().numpy()[None]
         return out
 
 
 def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, dtype: str, revision: str | None,
                     trust_remote_code: bool, layers: list[int], positions: list[int], with_loss: bool,
-                    options: RayOptions) -> Iterator[tuple[int, Any, np.ndarray | None]]:
-    """(batch index, vec (B, L, P, n) float32 tensor, nll (B, P) or None) in batch order, from Ray Data actors."""
+                    options: RayOptions) -> Iterator[tuple[int, Any, np.ndarray | None, Any]]:
+    """(batch index, vec (B, L, P, n) float32 tensor, nll (B, P) or None, stats (3, B, T) float32 tensor or None)
+    in batch order, from Ray Data actors; stats are the per-chunk table's nll, mu and var (None without the loss)."""
     ray = connect(options)
     import ray.data
     import torch
@@ -196,7 +206,11 @@ def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, 
         fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss,
                              "cuda" if options.gpus_per_worker else "cpu"))  # Ray leaves unrequested GPUs visible
     for row in results.iter_rows():
-        yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]) if with_loss else None
+        if with_loss:
+            yield (int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]),
+                   torch.from_numpy(np.array(row["stats"])))
+        else:
+            yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), None, None
 
 
 class _ShardHolder:
