@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     options = ray_runner.RayOptions(num_workers=args.workers)
+    engine = ray_runner.RayEngine(options)
     results = {}
     start = time.perf_counter()
     ray_runner.connect(options)
@@ -55,7 +56,7 @@ def main() -> None:
     blocks = exact.array_blocks(np.arange(len(X)), X, args.block_rows)
     pairs = (-(-len(X) // args.block_rows)) ** 2
     local = timed(exact.self_join, blocks, 10)
-    remote = timed(ray_runner.RayEngine(options).self_join, blocks, 10)
+    remote = timed(engine.self_join, blocks, 10)
     results["self_join"] = {"n_vectors": args.n_vectors, "dim": args.dim, "block_pairs": pairs,
                             "local_s": round(local, 2), "ray_s": round(remote, 2), "ray_over_local": round(remote / local, 2)}
     print(results, file=sys.stderr)
@@ -66,9 +67,9 @@ def main() -> None:
         sharded = replace(settings, shards=args.workers)
         timings = {
             "local_build_s": timed(build, Path(tmp) / "vectors", Path(tmp) / "one", settings),
-            "ray_build_s": timed(build, Path(tmp) / "vectors", Path(tmp) / "sharded", sharded, ray_options=options),
+            "ray_build_s": timed(build, Path(tmp) / "vectors", Path(tmp) / "sharded", sharded, engine=engine),
             "local_self_join_s": timed(KnnIndex.load(Path(tmp) / "one").self_join, 10),
-            "ray_self_join_s": timed(KnnIndex.load(Path(tmp) / "sharded", ray_options=options).self_join, 10),
+            "ray_self_join_s": timed(KnnIndex.load(Path(tmp) / "sharded", engine=engine).self_join, 10),
         }
         results["index"] = {"factory": settings.factory, "nprobe": settings.nprobe, "shards": args.workers,
                             **{name: round(seconds, 2) for name, seconds in timings.items()},

@@ -6,10 +6,12 @@ self-join, A3 (spacing and Ramsauer's separation), the 25/50/75% subsets, then t
 split streamed in blocks (search, energies, retrieval), each block's rows appended to the
 `neighbours` and `queries` tables on disk; the `patterns`, `histograms` and `coverage`
 tables and the layer's summary come last. When the index is approximate every statistic
-goes through an index, its recall or certified interval written beside it; `--exact`
-(or a Flat index) keeps every statistic exact. One budget, `--memory`, sizes every block:
-nothing proportional to d x d or to the whole query split is held, only a few numbers a
-pattern and one a query. summary.json, written last and signed (`self_sha256`), lists
+goes through an index, its recall, bound or certified interval written beside it (the
+largest nearest-other distances, which dominate log Z_t, are searched again exactly; Delta
+and E_mchn are exact below `tuning.FLAT_MAX` patterns, where an inner-product index would
+be Flat); `--exact` (or a Flat index) keeps every statistic exact. One budget, `--memory`,
+sizes every block: nothing proportional to d x d or to the whole query split is held, only
+a few numbers a pattern and one a query. summary.json, written last and signed (`self_sha256`), lists
 every table with its size and sha256: a folder whose summary does not vouch for its
 tables is an incomplete run. Queries from the index's own dataset and split leave their
 own row out.
@@ -31,8 +33,8 @@ import numpy as np
 from memscan import analysis, files, store, theory
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, tuning
-from memscan.knn.index import DEVICES, KnnIndex, at_least, dataset_blocks, manifest_sha256
-from memscan.knn.mips import CANDIDATE_SLACK, RECALL_QUERIES, MipsIndex, Sample
+from memscan.knn.index import DEVICES, RECALL_RTOL, KnnIndex, at_least, dataset_blocks, manifest_sha256
+from memscan.knn.mips import CANDIDATE_SLACK, RECALL_QUERIES, MipsIndex, Sample, choose_factory
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ STEPS = ("patterns", "self-join", "inner-product join", "subsets", "searches", "
 MIN_MEMORY = 1 << 20     # bytes: below this a block would hold a handful of rows
 MAX_BLOCK_ROWS = 65536   # the store's batch: more rows per block buy no speed
 MIN_PATTERN_ROWS = 64    # a floor for tiny budgets: smaller blocks cost more per block than they save
+# log Z_t is a log-sum dominated by the largest radii s_i / 2, and a missed neighbour only makes
+# an s_i larger: the largest 1% are searched again exactly (about 1% of an exact self-join) ...
+VERIFY_FRACTION = 0.01
+VERIFY_ROUNDS = 4        # ... and again while corrections bring unverified s_i among the largest
 
 Sink = Callable[[str, dict[str, np.ndarray]], None]   # appends rows (columns (m,)) to the named table
 
@@ -110,6 +116,7 @@ class Blocks:
     pattern_rows: int    # patterns streamed at once: exact searches, the MCHN pass, the inner-product index
     query_rows: int      # queries searched, scored and written at once
     join_rows: int       # patterns per batch of the index's self-join
+    exact_rows: int      # queries per exact pass over the patterns (query_rows in exact runs)
 
 
 def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
@@ -120,17 +127,19 @@ def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
     neighbour vectors: 8 n (3k + 8) bytes a query bounds retrieval's k float32 vectors
     with two float64 copies (20 k n) and the exact re-ranking of k + 9 candidates (float32,
     scored in chunks); exact runs add the MCHN pass's float64 products against a pattern
-    block (24 bytes a pattern). Half holds a batch of the index's self-join (k + 1 gathered
-    float32 vectors and a copy: 8 n (k + 1) bytes a pattern). Blocks never go below one
-    row (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
+    block (24 bytes a pattern), as does every exact search of queries against the patterns
+    (`exact_rows`). Half holds a batch of the index's self-join (k + 1 gathered float32
+    vectors and a copy: 8 n (k + 1) bytes a pattern). Blocks never go below one row
+    (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
     """
     def rows(share: int, per_row: int, most: int, least: int = 1) -> int:
         return int(min(max(share // per_row, least), most))
 
     pattern_rows = rows(budget // 4, 12 * n, min(MAX_BLOCK_ROWS, d), MIN_PATTERN_ROWS)
-    per_query = 8 * n * (3 * k + CANDIDATE_SLACK) + (24 * pattern_rows if full_pass else 0)
-    return Blocks(budget, pattern_rows, rows(budget // 2, per_query, MAX_BLOCK_ROWS),
-                  rows(budget // 2, 8 * n * (k + 1), MAX_BLOCK_ROWS))
+    per_query = 8 * n * (3 * k + CANDIDATE_SLACK)
+    exact_rows = rows(budget // 2, per_query + 24 * pattern_rows, MAX_BLOCK_ROWS)
+    query_rows = exact_rows if full_pass else rows(budget // 2, per_query, MAX_BLOCK_ROWS)
+    return Blocks(budget, pattern_rows, query_rows, rows(budget // 2, 8 * n * (k + 1), MAX_BLOCK_ROWS), exact_rows)
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,8 @@ class Layer:
     d: int                  # patterns
     nq: int                 # queries
     use_index: bool         # searched through the index (its own layer, no --exact)
-    approximate: bool       # ... and the index is approximate: every statistic goes through an index
+    approximate: bool       # ... and the index is approximate: the statistics go through indexes
+    exact_products: bool    # Delta and E_mchn exact: not approximate, or the inner-product index would be Flat
     blocks: Blocks
     device: str             # torch device of the retrieval: cpu or cuda
 
@@ -185,9 +195,12 @@ def _layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settin
         raise InputError(f"split '{settings.split}' of '{queries.directory}' has no rows at layer {layer}")
     use_index = layer == index.info["dataset"]["layer"] and not settings.exact
     approximate = use_index and not index.exact
-    blocks = block_sizes(memory_bytes(settings.memory), index.dataset.n, settings.k, d, full_pass=not approximate)
-    return Layer(index, queries, layer, settings, leave_one_out, d, nq, use_index, approximate, blocks,
-                 _torch_device(settings.device))
+    budget = memory_bytes(settings.memory)
+    # a Flat inner-product index scans every pattern: an exact join costs as much and is exact
+    exact_products = not approximate or choose_factory(d, index.dataset.n, budget)[0] == "Flat"
+    blocks = block_sizes(budget, index.dataset.n, settings.k, d, full_pass=exact_products)
+    return Layer(index, queries, layer, settings, leave_one_out, d, nq, use_index, approximate, exact_products,
+                 blocks, _torch_device(settings.device))
 
 
 @contextlib.contextmanager
@@ -256,6 +269,46 @@ def _self_join(layer: Layer, patterns: PatternMeta) -> SelfJoin:
     return SelfJoin(D, I, np.sqrt(D[:, 0]))
 
 
+class Verified(NamedTuple):
+    """Which s_i of an approximate self-join were searched again exactly (`_verify_largest`)."""
+
+    exact: np.ndarray     # (d,) bool: s_i (and the pattern's whole list) is exact
+    largest: int          # how many of the largest s_i were to be exact (VERIFY_FRACTION of d)
+    largest_exact: bool   # ... and are: no unverified s_i is among them
+    corrected: int        # verified s_i the index had too large (a nearer pattern was missed)
+    rounds: int
+
+
+def _verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> tuple[SelfJoin, Verified | None]:
+    """An approximate layer's self-join with the lists of its largest s_i replaced by exact ones.
+
+    A missed neighbour only makes s_i larger, so the misses gather among the largest s_i,
+    which also dominate log Z_t: the VERIFY_FRACTION largest are searched exactly against
+    every pattern (own row excluded), then the largest again, up to VERIFY_ROUNDS times,
+    while corrected values let unverified ones in. (joined, None) in exact layers.
+    """
+    if not layer.approximate:
+        return joined, None
+    D, I, s = joined.D.copy(), joined.I.copy(), joined.s.copy()
+    exact_rows = np.zeros(layer.d, bool)
+    largest, corrected, rounds = math.ceil(VERIFY_FRACTION * layer.d), 0, 0
+    while True:
+        top = np.argpartition(-s, largest - 1)[:largest]
+        todo = np.sort(top[~exact_rows[top]])
+        if not todo.size or rounds == VERIFY_ROUNDS:
+            break
+        ids = patterns.row_id[todo]
+        queries = exact.array_blocks(ids, layer.patterns.take(ids), layer.blocks.exact_rows)
+        _, D_exact, I_exact = layer.engine.knn(queries(), layer.pattern_blocks, layer.settings.k, exclude_self=True)
+        corrected += int((D_exact[:, 0] < D[todo, 0] * (1 - RECALL_RTOL)).sum())   # float rounding is no miss
+        D[todo], I[todo], s[todo] = D_exact, I_exact, np.sqrt(D_exact[:, 0])
+        exact_rows[todo] = True
+        rounds += 1
+    log.info("layer %d: the %d largest nearest-other distances searched exactly in %d rounds: %d corrected",
+             layer.layer, int(exact_rows.sum()), rounds, corrected)
+    return SelfJoin(D, I, s), Verified(exact_rows, largest, not todo.size, corrected, rounds)
+
+
 class Radii(NamedTuple):
     """The radii of A2/A3 and the retrieval's tolerances, all from the spacing s."""
 
@@ -295,8 +348,8 @@ def _query_sample(layer: Layer) -> Sample:
 
 def _mips(layer: Layer, patterns: PatternMeta) -> Mips | None:
     """The inner-product index of an approximate layer, its nprobe tuned so that the patterns' maxima
-    (Delta) and the queries' top k (E_mchn) reach the target recall; None when the layer is exact."""
-    if not layer.approximate:
+    (Delta) and the queries' top k (E_mchn) reach the target recall; None where the products are exact."""
+    if layer.exact_products:
         return None
     blocks = layer.pattern_blocks
     index = MipsIndex.build(layer.patterns, blocks, layer.d, float(patterns.sq_norm.max()),
@@ -326,16 +379,22 @@ def _paired_products(layer: Layer, partners: np.ndarray) -> np.ndarray:
 
 
 def _separation(layer: Layer, patterns: PatternMeta, mips: Mips | None) -> Separation:
-    """Delta_i = rho_i.rho_i - max_{j != i} rho_i.rho_j: through the inner-product index, or an exact join."""
+    """Delta_i = rho_i.rho_i - max_{j != i} rho_i.rho_j: through the inner-product index, or an exact join.
+
+    Through the index Delta_i is an upper bound: a maximum found is never above the true one.
+    """
     if mips is None:
         pid, _, partner = layer.engine.self_join(layer.pattern_blocks, 1, metric="ip")
         best = _paired_products(layer, partner[:, 0])
         search: dict[str, Any] = {"search": "exact", "recall_1_at_1": None}
     else:
         pid, best = mips.index.max_other(layer.pattern_blocks)
+        recall = mips.recall["samples"]["patterns"]["recall_1_at_1"]
         search = {"search": f"approximate: {mips.index.factory} {mips.index.search_params}",
-                  "factory_reason": mips.index.reason,
-                  "recall_1_at_1": mips.recall["samples"]["patterns"]["recall_1_at_1"], **mips.recall}
+                  "factory_reason": mips.index.reason, "recall_1_at_1": recall,
+                  "bound": f"upper: ramsauer_delta and ramsauer_well_separated are upper bounds (a maximum inner "
+                           f"product found is never above the true one); the maxima's 1-recall@1 is {recall:.3f}",
+                  **mips.recall}
     assert np.array_equal(pid, patterns.row_id)
     M = math.sqrt(float(patterns.sq_norm.max()))
     return Separation(theory.ramsauer_separation(patterns.sq_norm, best),
@@ -561,11 +620,29 @@ def _coverage_rows(layer: Layer, nearest: np.ndarray, radius: float) -> dict[str
             "coverage": analysis.coverage(nearest, radii)}
 
 
-def _floor_and_size(layer: Layer, joined: SelfJoin, test_loss: float | None,
+def _floor_bounds(layer: Layer, joined: SelfJoin, verified: Verified, log_z: float) -> dict[str, Any]:
+    """How far an approximate layer's log Z_t and floor can be from the exact ones.
+
+    Every s_i is at least the true one and log Z_t grows with each, so log_z is an upper
+    bound; the sum over the verified (exact) s_i alone is a lower bound. The floor
+    log Z + 1/Z is convex in log Z, least (1) at 0: its interval follows from log Z's.
+    """
+    lower = theory.log_partition(layer.patterns.n, joined.s[verified.exact] / 2)
+    floors = [theory.cross_entropy_floor(value) for value in (lower, log_z)]
+    least = theory.cross_entropy_floor(min(max(0.0, lower), log_z))
+    return {"log_z": "upper bound: an approximate nearest-other distance s_i is never below the true one",
+            "log_z_interval": [lower, log_z], "predicted_floor_interval": [least, max(floors)],
+            "verified_exact": int(verified.exact.sum()), "corrected": verified.corrected,
+            "largest": verified.largest, "largest_exact": verified.largest_exact, "rounds": verified.rounds}
+
+
+def _floor_and_size(layer: Layer, joined: SelfJoin, verified: Verified | None, test_loss: float | None,
                     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The partition function and the floor (r_i = s_i / 2); the size condition where the model is known."""
+    """The partition function and the floor (r_i = s_i / 2), with their bounds in approximate layers
+    (`_floor_bounds`; None in exact ones); the size condition where the model is known."""
     log_z = theory.log_partition(layer.patterns.n, joined.s / 2)
-    floor = {"log_z": log_z, "predicted_floor": theory.cross_entropy_floor(log_z), "measured_test_loss": test_loss}
+    floor = {"log_z": log_z, "predicted_floor": theory.cross_entropy_floor(log_z), "measured_test_loss": test_loss,
+             "approximate": None if verified is None else _floor_bounds(layer, joined, verified, log_z)}
     manifest = layer.patterns.manifest
     parameters, chunk_tokens = manifest["model"]["num_parameters"], manifest["chunk_tokens"]
     if not (parameters and chunk_tokens):   # imported vectors: no model or chunk length
@@ -574,14 +651,14 @@ def _floor_and_size(layer: Layer, joined: SelfJoin, test_loss: float | None,
     return floor, {"N": parameters, "D": data_size, "N_over_D2": ratio, "chunk_tokens": chunk_tokens}
 
 
-def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, radii: Radii, separation: Separation,
-             mips: Mips | None, subsets: list[SubsetNearest], totals: QueryTotals, nearest: np.ndarray,
-             query_blocks: int) -> dict[str, Any]:
+def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Verified | None, radii: Radii,
+             separation: Separation, mips: Mips | None, subsets: list[SubsetNearest], totals: QueryTotals,
+             nearest: np.ndarray, query_blocks: int) -> dict[str, Any]:
     """The layer's summary.json entry (docs/formats.md)."""
     settings, index, s = layer.settings, layer.index, joined.s
     delta = separation.delta
     train_loss, test_loss = analysis.nan_mean(patterns.nll), totals.test_loss
-    floor, size = _floor_and_size(layer, joined, test_loss)
+    floor, size = _floor_and_size(layer, joined, verified, test_loss)
     blocks = layer.blocks
     return {
         "layer": layer.layer, "n": layer.patterns.n, "d": layer.d, "d_prime": layer.nq, "k": settings.k,
@@ -630,7 +707,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     with _step(progress, layer, "patterns"):
         patterns = _pattern_meta(context)
     with _step(progress, layer, "self-join"):
-        joined = _self_join(context, patterns)
+        joined, verified = _verify_largest(context, patterns, _self_join(context, patterns))
     radii = _radii(context, joined)
     with _step(progress, layer, "inner-product join"):
         mips = _mips(context, patterns)
@@ -646,7 +723,8 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
             (subset.values for subset in subsets if subset.fraction == fraction), joined.s)
     sink("histograms", _histogram_rows(context, samples))
     sink("coverage", _coverage_rows(context, nearest, radii.radius))
-    summary = _summary(context, patterns, joined, radii, separation, mips, subsets, totals, nearest, query_blocks)
+    summary = _summary(context, patterns, joined, verified, radii, separation, mips, subsets, totals, nearest,
+                       query_blocks)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     log.info("layer %d: %d patterns, %d queries in %d blocks, typical radius %.3g vs r* %.3g (%.1f s)",
              layer, context.d, context.nq, query_blocks, radii.typical, radii.r_star, summary["seconds"])
@@ -660,14 +738,14 @@ def queries_are_patterns(index: KnnIndex, queries_dir: str | Path, split: str) -
 
 
 def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
-        settings: QuerySettings = QuerySettings(), engine: exact.Engine | None = None,
-        allow_other_files: bool = False, ray_options: Any = None) -> dict[str, Any]:
+        settings: QuerySettings = QuerySettings(), engine: exact.Engine = exact.LocalEngine(),
+        allow_other_files: bool = False) -> dict[str, Any]:
     """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
 
     The job holds `out_dir` (one job at a time) and refuses files memscan did not write
-    there unless `allow_other_files`. `engine` (None: this process) holds the index's shards
-    and runs the exact searches; with `ray_runner.RayEngine` (or, as before, `ray_options`)
-    the shards sit in Ray actors and the exact searches run as Ray tasks; the tables are the same.
+    there unless `allow_other_files`. `engine` (default: this process) holds the index's shards
+    and runs the exact searches; with `ray_runner.RayEngine` the shards sit in Ray actors and
+    the exact searches run as Ray tasks; the tables are the same.
     """
     from tqdm.auto import tqdm
 
@@ -676,7 +754,7 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
     with files.job_folder(out_dir):
         if not allow_other_files:
             files.refuse_foreign(out_dir, _ours)
-        index = KnnIndex.load(index_dir, device=settings.device, engine=engine, ray_options=ray_options)
+        index = KnnIndex.load(index_dir, device=settings.device, engine=engine)
         queries = store.ActivationDataset(queries_dir)
         index.check_queries(queries)
         leave_one_out = queries_are_patterns(index, queries_dir, settings.split)

@@ -8,6 +8,7 @@ unblocked ones; retrieval over a block at once equals the per-query loop.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from memscan import analysis, query, store, theory
 from memscan.cli import main
 from memscan.errors import InputError
 from memscan.knn import exact, mips, tuning
+from memscan.knn import index as knn_index
 from memscan.knn.index import IndexSettings, KnnIndex, build, dataset_blocks
 from memscan.query import QuerySettings, run
 
@@ -203,6 +205,114 @@ def test_approximate_and_exact_runs_agree_within_their_recall(runs, arrays):
         assert summary["A1"][key] == pytest.approx(layer_summary(exact_run)["A1"][key], abs=1 - recall + slack)
     assert summary["A2"]["coverage_at_r_star"] == pytest.approx(
         layer_summary(exact_run)["A2"]["coverage_at_r_star"], abs=1 - recall + slack)
+
+
+def exact_nearest_other(arrays: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Brute-force float64 distances (d, k) from every pattern to its k nearest OTHER patterns."""
+    pp = arrays["pp"].copy()
+    np.fill_diagonal(pp, np.inf)
+    return np.sqrt(np.sort(pp, axis=1)[:, :k])
+
+
+def brute_delta(P: np.ndarray) -> np.ndarray:
+    gram = P @ P.T
+    return np.diag(gram) - np.where(np.eye(len(P), dtype=bool), -np.inf, gram).max(1)
+
+
+def test_a_flat_inner_product_index_is_exact(data, ivf, arrays, tmp_path):
+    """Below tuning.FLAT_MAX patterns the inner-product index would be Flat, a scan of every pattern:
+    Delta and E_mchn are then exact (an exact join costs as much) and labelled so, beside an IVF L2 index."""
+    P, Q = arrays["P"], arrays["Q"]
+    assert mips.choose_factory(TRAIN, 8, 2 * 10**9)[0] == "Flat"
+    run(ivf, data, tmp_path / "run", QuerySettings(k=K, beta=BETA, subsets=(1.0,)))
+    tables = memscan.load(tmp_path / "run")
+    summary = layer_summary(tables)
+    assert summary["search"].startswith("approximate: IVF16,Flat")                  # the L2 searches: the index
+    assert summary["A3"]["inner_products"] == {"search": "exact", "recall_1_at_1": None}
+    np.testing.assert_allclose(tables.patterns.ramsauer_delta, brute_delta(P), rtol=1e-6, atol=1e-6)
+    exact_mchn = theory.mchn_energy(Q, P, BETA)
+    np.testing.assert_allclose(tables.queries.mchn_energy, exact_mchn, rtol=1e-9)
+    assert summary["energy"]["mean_mchn"] == pytest.approx(exact_mchn.mean(), rel=1e-9)
+    assert summary["energy"]["mchn_top_k_recall"] is None
+    assert summary["blocks"]["query_rows"] == query.block_sizes(2 * 10**9, 8, K, TRAIN, full_pass=True).query_rows
+
+
+def test_the_largest_nearest_other_distances_are_searched_again_exactly(tmp_path):
+    """An approximate s_i is never below the true one, so misses gather among the largest s_i, which
+    dominate log Z: those are replaced by an exact search, and log Z moves down towards the exact one."""
+    X = np.random.default_rng(5).normal(size=(2100, 16)).astype(np.float32)   # even spacing: misses reach the top
+    store.write_vectors(tmp_path / "data", X, ["train"] * 2000 + ["test"] * 100, model="synthetic", shard_rows=700)
+    build(tmp_path / "data", tmp_path / "ivf", IndexSettings(factory="IVF32,Flat", nprobe=4, train_size=2000))
+    index = KnnIndex.load(tmp_path / "ivf", device="cpu")
+    data = store.ActivationDataset(tmp_path / "data")
+    layer = query._layer(index, data, 0, QuerySettings(k=2), leave_one_out=False)
+    patterns = query._pattern_meta(layer)
+    approx = query._self_join(layer, patterns)
+    joined, verified = query._verify_largest(layer, patterns, approx)
+
+    P = X[:2000].astype(np.float64)
+    pp = ((P[:, None] - P[None]) ** 2).sum(-1)
+    np.fill_diagonal(pp, np.inf)
+    truth = np.sqrt(np.sort(pp, axis=1)[:, :2])
+    s_true, checked = truth[:, 0], verified.exact
+    assert verified.largest == 20 and verified.largest_exact and checked.sum() >= verified.largest
+    assert checked[np.argsort(-joined.s)[:verified.largest]].all()      # the largest s_i now are all exact
+    np.testing.assert_allclose(np.sqrt(joined.D[checked]), truth[checked], rtol=1e-5)   # their whole lists
+    np.testing.assert_allclose(joined.s[checked], s_true[checked], rtol=1e-5)
+    assert np.array_equal(joined.s[~checked], approx.s[~checked])
+    assert np.array_equal(joined.I[~checked], approx.I[~checked])
+    assert (joined.s >= s_true * (1 - 1e-6)).all()
+    missed = approx.s[checked] > s_true[checked] * (1 + 1e-5)
+    assert verified.corrected == missed.sum() > 0 and verified.rounds > 1
+    exact_log_z, before, after = (theory.log_partition(16, s / 2) for s in (s_true, approx.s, joined.s))
+    assert exact_log_z <= after + 1e-9 < before                          # closer, still an upper bound
+    exact_layer = query._layer(index, data, 0, QuerySettings(k=2, exact=True), leave_one_out=False)
+    assert query._verify_largest(exact_layer, patterns, approx) == (approx, None)
+
+
+def within(value: float, low: float, high: float) -> bool:
+    """low <= value <= high up to float rounding (the exact and the verified s_i come from two exact searches)."""
+    return low - 1e-9 * abs(low) <= value <= high + 1e-9 * abs(high)
+
+
+def test_an_approximate_floor_and_delta_say_they_are_upper_bounds(runs, arrays):
+    approx, exact_summary = layer_summary(runs["approximate"]), layer_summary(runs["exact"])
+    exact_floor, floor = exact_summary["floor"], approx["floor"]
+    assert exact_floor["approximate"] is None
+    bounds = floor["approximate"]
+    assert bounds["log_z"].startswith("upper bound") and bounds["largest"] == TRAIN // 100
+    assert bounds["largest_exact"] and bounds["verified_exact"] >= bounds["largest"] and bounds["rounds"] >= 1
+    assert bounds["log_z_interval"][1] == floor["log_z"]
+    assert within(exact_floor["log_z"], *bounds["log_z_interval"])
+    assert exact_floor["log_z"] == pytest.approx(theory.log_partition(8, exact_nearest_other(arrays, 1)[:, 0] / 2),
+                                                 rel=1e-6)
+    assert within(exact_floor["predicted_floor"], *bounds["predicted_floor_interval"])
+    assert within(floor["predicted_floor"], *bounds["predicted_floor_interval"])
+    products = approx["A3"]["inner_products"]
+    assert products["bound"].startswith("upper") and f"{products['recall_1_at_1']:.3f}" in products["bound"]
+    assert "bound" not in exact_summary["A3"]["inner_products"]
+    delta = runs["approximate"].patterns.ramsauer_delta.to_numpy()
+    truth = brute_delta(arrays["P"])
+    assert (delta >= truth - 1e-6 * np.abs(truth) - 1e-6).all()        # the bound holds row by row
+
+
+class CountingEngine(exact.LocalEngine):
+    """The local engine, counting the shards it opens and the exact searches it runs."""
+
+    calls: list[str] = []
+
+    def open_shards(self, *args, **kwargs):
+        self.calls.append("open_shards")
+        return super().open_shards(*args, **kwargs)
+
+
+def test_the_engine_is_passed_in_and_never_built_from_ray_options(data, ivf, tmp_path):
+    for function in (build, KnnIndex.load, run):
+        assert "ray_options" not in inspect.signature(function).parameters
+    assert not hasattr(knn_index, "engine_of")
+    CountingEngine.calls.clear()
+    run(ivf, data, tmp_path / "run", QuerySettings(k=K, subsets=(1.0,), exact=True), engine=CountingEngine())
+    assert CountingEngine.calls == ["open_shards"]
 
 
 # ---------------------------------------------------------------- subsets from the self-join's lists

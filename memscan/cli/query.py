@@ -42,7 +42,7 @@ def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, e
             f"A2 coverage {_number(s['A2']['coverage_at_typical'], '.1%')}; "
             f"A3 disjoint at r* {_number(s['A3']['disjoint_at_r_star'], '.1%')}; "
             f"A1 retrieval {_number(s['A1']['retrieval_rate'], '.1%')}; "
-            f"floor {_number(s['floor']['predicted_floor'])} vs held-out loss {_number(s['A1']['test_loss'])}")
+            f"floor {_floor(s['floor'])} vs held-out loss {_number(s['A1']['test_loss'])}")
     click.echo(f"run       {out} (next: `memscan report {out}`)")
 
 
@@ -53,6 +53,14 @@ def report(run_dir: str) -> None:
     from memscan.report import render
 
     click.echo(f"report    {render(run_dir)}")
+
+
+def _floor(floor: dict) -> str:
+    """The predicted floor; in approximate layers with its interval (log Z from the index is an upper bound)."""
+    if floor["approximate"] is None:
+        return _number(floor["predicted_floor"])
+    low, high = floor["approximate"]["predicted_floor_interval"]
+    return f"{_number(floor['predicted_floor'])} (in [{_number(low)}, {_number(high)}])"
 
 
 def _number(value: float | None, spec: str = ".3g") -> str:

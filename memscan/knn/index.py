@@ -270,23 +270,15 @@ def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: st
     return train_size, time.perf_counter() - started
 
 
-def engine_of(engine: exact.Engine | None, ray_options: Any = None) -> exact.Engine:
-    """The engine to run on: `engine` (None: this process), or the one `ray_options` makes
-    (`ray_runner.RayOptions.engine()`) for callers that still pass options instead of an engine."""
-    if ray_options is not None:
-        return ray_options.engine()
-    return engine if engine is not None else exact.LocalEngine()
-
-
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
-          overwrite: bool = False, engine: exact.Engine | None = None, allow_other_files: bool = False,
-          ray_options: Any = None) -> dict[str, Any]:
+          overwrite: bool = False, engine: exact.Engine = exact.LocalEngine(),
+          allow_other_files: bool = False) -> dict[str, Any]:
     """Build, tune, evaluate and save an index over one split and layer of a dataset; returns index.json.
 
     The job holds `out_dir` (one job at a time); an index already there is replaced only with
     `overwrite`, and only once the new one is whole (a kill at any moment leaves the old or the
     new index loadable). Files memscan did not write are refused unless `allow_other_files`,
-    and never removed. `engine` (None: this process) holds the shards and runs the exact
+    and never removed. `engine` (default: this process) holds the shards and runs the exact
     searches; with `ray_runner.RayEngine` each shard is filled by a Ray actor that reads its
     own rows and writes its own files, so `out_dir` must be on a file system every worker sees.
     """
@@ -295,7 +287,7 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
     with files.job_folder(out_dir):
         replaced = _claim_folder(out_dir, overwrite, allow_other_files)
-        info, sharded = _build(data_dir, settings, engine_of(engine, ray_options))
+        info, sharded = _build(data_dir, settings, engine)
         info["shards"] = sharded.save(out_dir, _build_id(set(replaced), len(sharded)))
         info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
         return _commit(out_dir, info, replaced)
@@ -435,14 +427,14 @@ class KnnIndex:
         self.metric = info["metric"]
 
     @classmethod
-    def load(cls, index_dir: str | Path, device: str = "cpu", engine: exact.Engine | None = None,
-             ray_options: Any = None) -> KnnIndex:
+    def load(cls, index_dir: str | Path, device: str = "cpu", engine: exact.Engine = exact.LocalEngine(),
+             ) -> KnnIndex:
         """Open an index folder: index.json checked (signature and shape), every file against its
         size and sha256, the dataset against the manifest it was built from.
 
-        Shards load where `engine` keeps them (None: here, on the GPU with device auto|gpu where
-        faiss sees one; `ray_runner.RayEngine`: each in a Ray actor, searched in parallel), and
-        its exact searches run on `device`. `ray_options`: see `engine_of`.
+        Shards load where `engine` keeps them (`exact.LocalEngine`, the default: here, on the GPU
+        with device auto|gpu where faiss sees one; `ray_runner.RayEngine`: each in a Ray actor,
+        searched in parallel), and its exact searches run on `device`.
         """
         index_dir = Path(index_dir)
         info = read_info(index_dir)
@@ -452,7 +444,7 @@ class KnnIndex:
         params = {name: value for name, value in info["search"].items() if name in SHARD_PARAMS}
         makers = [functools.partial(load_shard, index_dir.resolve(), entry, params, info["n"], info["metric"])
                   for entry in info["shards"]]
-        sharded, searcher = engine_of(engine, ray_options).open_shards(makers, info["metric"], device)
+        sharded, searcher = engine.open_shards(makers, info["metric"], device)
         return cls(sharded, info, store.ActivationDataset(info["dataset"]["path"]), searcher)
 
     @property

@@ -62,6 +62,13 @@ def _sample(blocks: Blocks, count: int, size: int, seed: int, max_sq_norm: float
     return np.concatenate(parts)
 
 
+def choose_factory(count: int, n: int, budget: int) -> tuple[str, str]:
+    """The L2 index `tuning.auto_factory` picks for `count` augmented patterns of width n + 1 in
+    `budget` bytes, and why: "Flat" (a scan of every pattern, no faster than an exact join) below
+    `tuning.FLAT_MAX`."""
+    return tuning.auto_factory(count, n + 1, budget)
+
+
 class Sample(NamedTuple):
     """Queries the recall is measured on: row ids (m,), vectors X (m, n), the k searched, and whether
     each row's own id is excluded (patterns searched among themselves)."""
@@ -98,7 +105,7 @@ class MipsIndex:
         import faiss
 
         n = dataset.n + 1
-        factory, reason = tuning.auto_factory(count, n, budget) if factory is None else (factory, "given")
+        factory, reason = choose_factory(count, dataset.n, budget) if factory is None else (factory, "given")
         index = faiss.index_factory(n, factory, faiss.METRIC_L2)
         lists = nlist(index)
         if not index.is_trained:
