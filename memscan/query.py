@@ -119,6 +119,13 @@ class Blocks:
     exact_rows: int      # queries per exact pass over the patterns (query_rows in exact runs)
 
 
+def mips_budget(budget: int) -> int:
+    """The share of --memory the inner-product index may hold: the quarter the blocks leave free
+    (pattern blocks take a quarter, query blocks half), so it gets compressed codes before it
+    would double the working memory of a large layer."""
+    return budget // 4
+
+
 def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
     """The largest blocks whose working sets fit the budget.
 
@@ -197,7 +204,7 @@ def _layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settin
     approximate = use_index and not index.exact
     budget = memory_bytes(settings.memory)
     # a Flat inner-product index scans every pattern: an exact join costs as much and is exact
-    exact_products = not approximate or choose_factory(d, index.dataset.n, budget)[0] == "Flat"
+    exact_products = not approximate or choose_factory(d, index.dataset.n, mips_budget(budget))[0] == "Flat"
     blocks = block_sizes(budget, index.dataset.n, settings.k, d, full_pass=exact_products)
     return Layer(index, queries, layer, settings, leave_one_out, d, nq, use_index, approximate, exact_products,
                  blocks, _torch_device(settings.device))
@@ -353,7 +360,7 @@ def _mips(layer: Layer, patterns: PatternMeta) -> Mips | None:
         return None
     blocks = layer.pattern_blocks
     index = MipsIndex.build(layer.patterns, blocks, layer.d, float(patterns.sq_norm.max()),
-                            layer.blocks.memory_bytes, layer.settings.seed)
+                            mips_budget(layer.blocks.memory_bytes), layer.settings.seed)
     samples = {"patterns": index.sample(seed=layer.settings.seed), "queries": _query_sample(layer)}
     return Mips(index, index.tune(layer.engine, blocks, samples))
 
