@@ -51,11 +51,11 @@ def bpe_model(tmp_path_factory) -> Path:
     return save_gpt2(tmp_path_factory.mktemp("bpe_model"), tokenizer, n_positions=48)
 
 
-def clustered(count: int, n: int, clusters: int, seed: int) -> np.ndarray:
-    """`count` float32 vectors of dimension n around `clusters` Gaussian centres (noise 0.15 of their spread)."""
+def clustered(count: int, n: int, clusters: int, seed: int, spread: float = 0.15) -> np.ndarray:
+    """`count` float32 vectors of dimension n around `clusters` Gaussian centres (noise `spread` of their spread)."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(clusters, n))
-    return (centers[rng.integers(0, clusters, count)] + 0.15 * rng.normal(size=(count, n))).astype(np.float32)
+    return (centers[rng.integers(0, clusters, count)] + spread * rng.normal(size=(count, n))).astype(np.float32)
 
 
 def qf_lines(count: int, seed: int = 0) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import clustered
 
 import memscan
 from memscan import store
@@ -19,12 +20,6 @@ from memscan.cli import main
 from memscan.errors import InputError
 from memscan.knn import exact, tuning
 from memscan.knn.index import IndexSettings, KnnIndex, auto_factory, build
-
-
-def clustered(count: int, n: int, clusters: int, seed: int, spread: float = 0.3) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, n))
-    return (centers[rng.integers(0, clusters, count)] + spread * rng.normal(size=(count, n))).astype(np.float32)
 
 
 def brute_force(Q: np.ndarray, X: np.ndarray, k: int, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +35,7 @@ def brute_force(Q: np.ndarray, X: np.ndarray, k: int, own: np.ndarray | None = N
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory) -> Path:
     """51,200 train + 200 test vectors of n=32 in 300 clusters, 100 exact duplicates: above FLAT_MAX, so IVF."""
-    X = clustered(51_400, 32, 300, seed=0)
+    X = clustered(51_400, 32, 300, seed=0, spread=0.3)
     X[1000:1100] = X[2000:2100]
     directory = tmp_path_factory.mktemp("wide") / "data"
     store.write_vectors(directory, X, ["train"] * 51_200 + ["test"] * 200, model="synthetic", shard_rows=20_000)
