@@ -13,14 +13,14 @@ import logging
 import platform
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from memscan import checks, corpus, files, store
+from memscan import checks, corpus, files, preflight, store
 from memscan.errors import InputError, NonFiniteActivationsError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class ExtractSettings:
     max_documents: int | None = None     # None: the whole source; else its first N documents (a training run's prefix)
     chunk_tokens: int = 256              # the paper's T_max
     test_fraction: float = 0.1
-    layers: str = "last"                 # last | all | comma-separated indices (negative from the end)
+    layers: str | None = None            # last | all | indices (negative from the end); None: last, or none with sites
+    sites: str | None = None             # sites inside blocks and module outputs (memscan.sites), e.g. attn_out:0-5
     positions: str = "last"              # last | all | every:K
     dtype: str = "auto"                  # auto | bf16 | fp16 | fp32
     vec_dtype: str = "auto"              # auto (float16 for 16-bit models) | float16 | float32
@@ -54,6 +55,8 @@ class ExtractSettings:
     split_column: str | None = None      # a source column naming membership (member/non-member, train/test, 1/0, ...)
     members: str | None = None           # a file of member document ids (or keys of key_column), one a line
     key_column: str | None = None        # the source column whose values the --members file lists
+    device_map: str | None = None        # auto: accelerate spreads the model over the GPUs, CPU memory and disk
+    max_memory: str | None = None        # with device_map: a budget per device, e.g. cpu=2GB,0=20GB
 
     def check(self) -> None:
         """Refuse out-of-range settings with one line that names the flag, the range and the value."""
@@ -67,12 +70,25 @@ class ExtractSettings:
         checks.at_least("--shard-rows", self.shard_rows, 1)
         checks.at_least("--seed", self.seed, 0)
         checks.choice("--engine", self.engine, ("local", "ray"))
+        checks.need(self.device_map in (None, "auto"),
+                    f"--device-map must be auto (or left out); got '{self.device_map}'")
+        checks.need(self.max_memory is None or self.device_map is not None, "--max-memory needs --device-map auto")
+        checks.need(self.device_map is None or self.engine == "local",
+                    "--device-map auto runs with --engine local (each Ray worker loads a whole model)")
+        if self.max_memory is not None:
+            from memscan import models
+
+            models.parse_max_memory(self.max_memory)
         corpus.resolve_split(self.source, self.split)
         self.split_rule()
 
     def split_rule(self) -> corpus.SplitRule:
         """The rule that makes a document train or test: --split-column, --members, or the seeded hash."""
         return corpus.split_rule(self.split_column, self.members, self.key_column)
+
+
+# Settings added after format version 1: out of the record while None.
+ADDED_SETTINGS = ("sites", "device_map", "max_memory")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -84,12 +100,55 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     try:
         raw = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise InputError(f"--layers must be last, all or comma-separated integers; got '{spec}'") from None
+        raise InputError(f"--layers must be last, all, none (with --sites) or comma-separated integers; "
+                         f"got '{spec}'") from None
     layers = sorted({layer + num_layers + 1 if layer < 0 else layer for layer in raw})
     if layers[0] < 0 or layers[-1] > num_layers:
         raise InputError(f"--layers {spec} is out of range: this model has layers 0-{num_layers} "
                          f"(0 = embeddings, {num_layers} = final hidden state)")
     return layers
+
+
+def settings_record(resolved: ExtractSettings) -> dict[str, Any]:
+    """The resolved settings as the fingerprint and manifest hold them; a setting newer than a dataset is left
+    out while unused (None), so datasets written before it still resume and compare equal."""
+    record = asdict(resolved)
+    return {key: value for key, value in record.items() if not (key in ADDED_SETTINGS and value is None)}
+
+
+def resolve_layers(settings: ExtractSettings) -> str:
+    """--layers as stored: given, or `last` (the paper's vector) unless --sites asks for other sites instead."""
+    if settings.layers is not None:
+        return settings.layers
+    return "none" if settings.sites else "last"
+
+
+def plan_targets(layers: str, site_spec: str | None, loaded: Any) -> list[Any]:
+    """What each chunk stores, in row order: the residual stream at `layers` (`none`: not at all), then the
+    --sites grouped by site name in the order first named, blocks ascending (one module: path per site)."""
+    from memscan import models, sites
+
+    targets = [] if layers == "none" else models.hidden_targets(parse_layers(layers, loaded.num_layers))
+    if site_spec:
+        hooked = sites.parse(site_spec, loaded.num_layers, loaded.model)
+        names = list(dict.fromkeys(site_name(site) for site in hooked))
+        hooked.sort(key=lambda site: (names.index(site_name(site)), -1 if site.block is None else site.block))
+        targets += [models.Target(site_name(site), -1 if site.block is None else site.block, site) for site in hooked]
+    return targets
+
+
+def site_name(site: Any) -> str:
+    """The `site` column's value: a block site's name, or `module:PATH`."""
+    return site.label if site.block is None else site.name
+
+
+def site_records(targets: list[Any], widths: list[int]) -> list[dict[str, Any]]:
+    """The manifest's `sites`: {name, layers, n} per site, in row order."""
+    records: dict[str, dict[str, Any]] = {}
+    for target, width in zip(targets, widths):
+        record = records.setdefault(target.site, {"name": target.site, "layers": [], "n": width})
+        record["layers"].append(target.layer)
+    return list(records.values())
 
 
 def parse_positions(spec: str, chunk_tokens: int) -> list[int]:
@@ -247,24 +306,23 @@ class BackgroundWriter:
             raise self._error
 
 
-def _batch_table(batch: list[corpus.Chunk], vec: Any, nll: Any, layers: list[int], positions: list[int],
+def _batch_table(batch: list[corpus.Chunk], vec: list[Any], nll: Any, targets: list[Any], positions: list[int],
                  first_row: int, table_schema: Any, vec_dtype: str) -> Any:
-    """Rows of one batch, ordered (chunk, layer, position); refuses NaN/Inf activations."""
+    """Rows of one batch, ordered (chunk, target, position), from one (B, P, n_target) tensor per target;
+    refuses NaN/Inf activations."""
+    import pyarrow as pa
     import torch
 
-    n_chunks, n_layers, n_positions, n = vec.shape
-    stored = vec.to(getattr(torch, vec_dtype))
-    finite = torch.isfinite(stored).all(dim=-1)                       # (B, L, P)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().tolist()
-        b, l, p = bad[0]
-        hint = " (they fit in float32: pass --vec-dtype float32)" if bool(torch.isfinite(vec[b, l, p]).all()) else ""
-        raise NonFiniteActivationsError(
-            f"the model produced NaN or Inf activations in {len(bad)} rows of chunks "
-            f"{batch[0].doc_id}:{batch[0].chunk_id}-{batch[-1].doc_id}:{batch[-1].chunk_id}, first at doc "
-            f"{batch[b].doc_id} chunk {batch[b].chunk_id} layer {layers[l]} position {positions[p]}{hint}; "
-            "that batch was not written, earlier shards are kept")
+    stored = [v.to(getattr(torch, vec_dtype)) for v in vec]
+    for target, raw, kept in zip(targets, vec, stored):
+        _refuse_non_finite(batch, target, positions, raw, kept)
+    n_chunks, n_positions = len(batch), len(positions)
+    n_layers = len(targets)   # vector sets per chunk: (site, layer) pairs
     per_chunk = n_layers * n_positions
+    widths = [v.shape[-1] for v in stored]
+    values = torch.cat([v.reshape(n_chunks, -1) for v in stored], dim=1).cpu().numpy()   # (B, sum of P x n)
+    names = list(dict.fromkeys(target.site for target in targets))
+    site_codes = np.asarray([names.index(target.site) for target in targets], np.int16)
     tokens = np.stack([c.tokens for c in batch])[:, positions]           # (B, P)
     following = np.stack([c.next_tokens for c in batch])[:, positions]   # (B, P)
     losses = np.full(tokens.shape, np.nan, np.float32) if nll is None else np.asarray(
@@ -282,9 +340,31 @@ def _batch_table(batch: list[corpus.Chunk], vec: Any, nll: Any, layers: list[int
         "next_token_id": over_layers(following),
         "nll": over_layers(losses),
         "split": np.repeat([c.split for c in batch], per_chunk),
-        "layer": np.tile(np.repeat(np.asarray(layers, np.int16), n_positions), n_chunks),
+        "layer": np.tile(np.repeat(np.asarray([t.layer for t in targets], np.int16), n_positions), n_chunks),
+        "site": pa.DictionaryArray.from_arrays(np.tile(np.repeat(site_codes, n_positions), n_chunks),
+                                               pa.array(names, pa.string())),
     }
-    return store.rows_table(columns, stored.cpu().numpy().reshape(-1, n), table_schema)
+    row_widths = np.tile(np.repeat(widths, n_positions), n_chunks)
+    return store.rows_table(columns, values if len(set(widths)) > 1 else values.reshape(-1, widths[0]),
+                            table_schema, row_widths)
+
+
+def _refuse_non_finite(batch: list[corpus.Chunk], target: Any, positions: list[int], raw: Any, kept: Any) -> None:
+    """NonFiniteActivationsError naming the first bad row of one target's (B, P, n) vectors, as stored (`kept`)."""
+    import torch
+
+    finite = torch.isfinite(kept).all(dim=-1)                         # (B, P)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().tolist()
+    b, p = bad[0]
+    hint = " (they fit in float32: pass --vec-dtype float32)" if bool(torch.isfinite(raw[b, p]).all()) else ""
+    where = "layer" if target.site == store.DEFAULT_SITE else f"site {target.site} block"
+    raise NonFiniteActivationsError(
+        f"the model produced NaN or Inf activations in {len(bad)} rows of chunks "
+        f"{batch[0].doc_id}:{batch[0].chunk_id}-{batch[-1].doc_id}:{batch[-1].chunk_id}, first at doc "
+        f"{batch[b].doc_id} chunk {batch[b].chunk_id} {where} {target.layer} position {positions[p]}{hint}; "
+        "that batch was not written, earlier shards are kept")
 
 
 def _chunk_rows(batch: list[corpus.Chunk], stats: Any) -> Any:
@@ -318,6 +398,10 @@ def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False,
     memscan.engines.ray_runner.RayOptions); ordering and writing stay here.
     """
     settings.check()
+    if settings.engine == "ray" and ray_options is None:
+        from memscan.engines.ray_runner import RayOptions
+
+        ray_options = RayOptions()
     with files.job_folder(Path(out)) as folder:
         return _extract_into(folder, settings, overwrite, allow_other_files, ray_options)
 
@@ -332,21 +416,32 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     rule = settings.split_rule()
     source = corpus.open_source(settings.source, seed=settings.seed, text_column=settings.text_column,
                                 split=settings.split, revision=settings.revision, label_column=rule.label_column)
-    device = models.resolve_device(settings.device)
-    dtype = models.resolve_dtype(settings.dtype, device)
-    loaded = models.load(settings.model, dtype=dtype, device=device, revision=settings.revision,
-                         trust_remote_code=settings.trust_remote_code)
+    if settings.engine == "ray":  # the model runs in the actors: a worker resolves where, the driver loads no weights
+        from memscan.engines import ray_runner
+
+        device, dtype = ray_runner.resolve_on_workers(settings.device, settings.dtype, ray_options)
+        loaded = models.describe(settings.model, settings.revision, settings.trust_remote_code)
+    else:
+        device = models.resolve_device(settings.device)
+        dtype = models.resolve_dtype(settings.dtype, device)
+        loaded = models.load(settings.model, dtype=dtype, device=device, revision=settings.revision,
+                             trust_remote_code=settings.trust_remote_code, device_map=settings.device_map,
+                             max_memory=models.parse_max_memory(settings.max_memory))
     if loaded.context_length and settings.chunk_tokens > loaded.context_length:
         raise InputError(f"--chunk-tokens {settings.chunk_tokens} is longer than the model's context of "
                          f"{loaded.context_length} tokens")
-    layers = parse_layers(settings.layers, loaded.num_layers)
+    layers = resolve_layers(settings)
+    targets = plan_targets(layers, settings.sites, loaded)
+    if not targets:
+        raise InputError("--layers none stores nothing: name --sites, or --layers to store")
+    widths = models.target_widths(loaded.model, targets)
     positions = parse_positions(settings.positions, settings.chunk_tokens)
     dtype_name = {v: k for k, v in models.DTYPES.items()}[dtype]
     vec_dtype = settings.vec_dtype if settings.vec_dtype != "auto" else (
         "float32" if dtype == torch.float32 else "float16")
-    resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype,
+    resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype, layers=layers,
                        split=corpus.resolve_split(settings.source, settings.split))
-    identity = {"settings": asdict(resolved), "model": loaded.info, "source": source.describe()}
+    identity = {"settings": settings_record(resolved), "model": loaded.info, "source": source.describe()}
     fingerprint = files.fingerprint({**identity, "split_rule": rule.describe()})
     manifest = prepare_output(out, fingerprint, overwrite, allow_other_files)
     if manifest is not None and manifest["complete"]:
@@ -356,11 +451,9 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     stats = corpus.CorpusStats()
     tally = corpus.LabelTally()
     chunks: Iterable[corpus.Chunk]
-    if settings.engine == "ray":  # planned by Ray tasks, one per piece of the source
-        from memscan.engines import ray_runner
-
+    if settings.engine == "ray":  # planned by Ray tasks, one per piece of the source, streamed in order
         labelled = source if rule.kind == "hash" else corpus.LabeledSource(source, rule)
-        chunks, stats = ray_runner.plan(labelled, settings, ray_options or ray_runner.RayOptions())
+        chunks, stats = ray_runner.plan(labelled, settings, ray_options)
         if rule.kind == "members":  # the planning tasks' tallies stay on the workers: count here
             for _ in corpus.label_documents(itertools.islice(source.documents(), settings.max_documents), rule, tally):
                 pass
@@ -386,14 +479,18 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             raise _no_chunk_error(settings.source, stats, settings.chunk_tokens)
         chunks = itertools.chain([first], chunks)
 
+    plan = preflight.estimate(total_chunks, widths, len(positions), vec_dtype, settings.chunk_tokens,
+                              settings.shard_rows, settings.loss)
+    preflight.check_space(out, plan, manifest)
+
     # Both engines write the per-chunk table; a dataset begun without one (chunk_tables null) is resumed without.
     with_table = manifest is None or manifest["chunk_tables"] is not None
     if manifest is None:
         manifest = store.new_manifest(
-            fingerprint=fingerprint, **identity, n=loaded.hidden_size, layers=layers, positions=settings.positions,
+            fingerprint=fingerprint, **identity, positions=settings.positions,
             chunk_tokens=settings.chunk_tokens, dtype=dtype_name, vec_dtype=vec_dtype, seed=settings.seed,
-            rows_per_chunk=len(layers) * len(positions), versions=_versions(), split_rule=rule.describe(),
-            chunk_table_chunks=store.chunk_table_chunks(settings.batch_size),
+            rows_per_chunk=len(targets) * len(positions), versions=_versions(), split_rule=rule.describe(),
+            chunk_table_chunks=store.chunk_table_chunks(settings.batch_size), sites=site_records(targets, widths),
         )
         files.write_json_atomic(out / store.MANIFEST, manifest)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
@@ -418,13 +515,14 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     def record_shard(info: store.ShardInfo) -> None:
         record("shards", info.to_dict())
 
-    table_schema = store.schema(loaded.hidden_size, vec_dtype)
+    table_schema = store.shard_schema(manifest)   # a dataset begun by version 1 is finished in version 1
     writer = BackgroundWriter(store.ShardWriter(out, table_schema, settings.shard_rows,
-                                                rows_done - rows_done % settings.shard_rows, record_shard))
+                                                rows_done - rows_done % settings.shard_rows, record_shard,
+                                                widest=max(widths)))
     table_writer = store.ChunkTableWriter(out, piece_chunks, chunks_done - chunks_done % piece_chunks,
                                           lambda entry: record("chunk_tables", entry))
     chunk_counts: dict[str, int] = {}
-    positions_index = torch.tensor(positions, device=device)
+    positions_index = None if settings.engine == "ray" else torch.tensor(positions, device=device)
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_chunks, unit="chunk", desc="extract", disable=None)
@@ -434,15 +532,19 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     def table_wanted(b: int) -> bool:
         return not table_written and b >= table_first_batch
 
+    batches = None if total_chunks is None else sum(
+        rows_wanted(b) or table_wanted(b) for b in range(-(-total_chunks // batch_size)))
+    clock = preflight.FirstBatchClock(batches, batch_size)
+
     def write(b: int, batch: list[corpus.Chunk], vec: Any, nll: Any, stats: Any = None) -> None:
         if rows_wanted(b):
-            table = _batch_table(batch, vec, nll, layers, positions, b * batch_size * per_chunk, table_schema,
+            table = _batch_table(batch, vec, nll, targets, positions, b * batch_size * per_chunk, table_schema,
                                  vec_dtype)
             writer.put(table.slice(skip_rows) if b == first_batch and skip_rows else table)
         if table_wanted(b):
             table_writer.write(_chunk_rows(batch, stats))
 
-    remote: dict[int, list[corpus.Chunk]] = {}
+    pool = _capture_pool(settings, device, dtype_name, targets, positions, ray_options, write)
     try:
         for b, batch in enumerate(prefetch(batched(chunks, batch_size))):
             for chunk in batch:
@@ -450,24 +552,19 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             progress.update(len(batch))
             if not rows_wanted(b) and not table_wanted(b):
                 continue
-            if settings.engine == "ray":
-                remote[b] = batch
+            if pool is not None:  # to a Ray actor; earlier batches are written once the window is full
+                pool.submit((b, batch), np.stack([c.tokens for c in batch]), np.stack([c.next_tokens for c in batch]))
                 continue
+            clock.start()
             input_ids = torch.from_numpy(np.stack([c.tokens for c in batch])).to(device, torch.long)
             next_ids = torch.from_numpy(np.stack([c.next_tokens for c in batch])).to(device, torch.long)
             if settings.loss:
-                write(b, batch, *models.capture_statistics(loaded.model, input_ids, next_ids, layers, positions_index))
+                write(b, batch, *models.capture_statistics(loaded.model, input_ids, next_ids, targets, positions_index))
             else:
-                write(b, batch, *models.capture(loaded.model, input_ids, next_ids, layers, positions_index, False))
-        if remote:
-            from memscan.engines import ray_runner
-
-            work = [(b, np.stack([c.tokens for c in batch]), np.stack([c.next_tokens for c in batch]))
-                    for b, batch in remote.items()]
-            for b, vec, nll, per_token in ray_runner.capture_batches(
-                    work, settings.model, dtype_name, settings.revision, settings.trust_remote_code, layers,
-                    positions, settings.loss, ray_options or ray_runner.RayOptions()):
-                write(b, remote.pop(b), vec, nll, per_token)
+                write(b, batch, *models.capture(loaded.model, input_ids, next_ids, targets, positions_index, False))
+            clock.stop()
+        if pool is not None:
+            pool.finish()
         if total_chunks is None:
             _check_labels(rule, tally, chunk_counts)
     except BaseException:
@@ -476,6 +573,8 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
         raise
     finally:
         progress.close()
+        if pool is not None:
+            pool.close()
     writer.close()
     table_writer.close()
     manifest["counts"] = {"chunks": dict(sorted(chunk_counts.items())),
@@ -485,6 +584,19 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     files.write_json_atomic(out / store.MANIFEST, manifest)
     log.info("extracted %d rows into %s", sum(manifest["counts"]["rows"].values()), out)
     return manifest
+
+
+def _capture_pool(settings: ExtractSettings, device: Any, dtype_name: str, targets: list[Any], positions: list[int],
+                  ray_options: Any, write: Callable[..., None]) -> Any:
+    """With --engine ray, the actors that run the forward passes (ray_runner.CapturePool), handing each batch's
+    result to `write(b, batch, *result)` in batch order; None with the local engine."""
+    if settings.engine != "ray":
+        return None
+    from memscan.engines import ray_runner
+
+    spec = ray_runner.CaptureSpec(settings.model, settings.revision, settings.trust_remote_code, str(device),
+                                  dtype_name, targets, positions, settings.loss)
+    return ray_runner.CapturePool(spec, ray_options, lambda key, result: write(*key, *result))
 
 
 def _check_labels(rule: corpus.SplitRule, tally: corpus.LabelTally, chunk_counts: dict[str, int]) -> None:

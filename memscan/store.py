@@ -28,36 +28,60 @@ from memscan.files import commit_file, sha256_of, write_json_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "memscan.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: a `site` column beside `layer`, and the manifest's `sites`
+READABLE_VERSIONS = (1, 2)  # version 1 holds the residual stream only: every row is site "hidden"
+DEFAULT_SITE = "hidden"     # the residual stream as output_hidden_states numbers it (--layers)
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
 _SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
 ROW_GROUP_BYTES = 32 << 20  # tens of MB: big enough to stream fast, small enough to bound memory
 VEC_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
-METADATA_COLUMNS = ("row_id", "doc_id", "chunk_id", "position", "token_id", "next_token_id",
-                    "nll", "split", "layer")
+DICTIONARY_COLUMNS = ("split", "site")
 
 
-def schema(n: int, vec_dtype: str) -> pa.Schema:
-    """The shard schema of DESIGN.md; `vec` is fixed_size_list<vec_dtype>[n]."""
-    return pa.schema([
+def schema(widths: int | Sequence[int], vec_dtype: str, format_version: int = FORMAT_VERSION) -> pa.Schema:
+    """The shard schema of DESIGN.md, plus `site` from format version 2.
+
+    `vec` is fixed_size_list<vec_dtype>[n] when every site has width n; sites of several
+    widths (mlp_hidden beside the residual stream) store it as large_list<vec_dtype>, each
+    row as wide as its site.
+    """
+    distinct = sorted({widths} if isinstance(widths, int) else set(widths))
+    vec = (pa.list_(VEC_DTYPES[vec_dtype], distinct[0]) if len(distinct) == 1
+           else pa.large_list(VEC_DTYPES[vec_dtype]))
+    fields = [
         ("row_id", pa.int64()), ("doc_id", pa.int64()), ("chunk_id", pa.int64()),
         ("position", pa.int32()), ("token_id", pa.int32()), ("next_token_id", pa.int32()),
-        ("nll", pa.float32()), ("split", pa.dictionary(pa.int8(), pa.string())),
-        ("layer", pa.int16()), ("vec", pa.list_(VEC_DTYPES[vec_dtype], n)),
-    ])
+        ("nll", pa.float32()), ("split", pa.dictionary(pa.int8(), pa.string())), ("layer", pa.int16()),
+    ]
+    if format_version >= 2:
+        fields.append(("site", pa.dictionary(pa.int16(), pa.string())))
+    return pa.schema([*fields, ("vec", vec)])
 
 
-def rows_table(columns: dict[str, np.ndarray], vec: np.ndarray, table_schema: pa.Schema) -> pa.Table:
-    """Build one table of rows: metadata columns (m,) and `vec` (m, n), without copying vec."""
-    arrays = [_arrow_column(columns[name], table_schema.field(name).type) for name in METADATA_COLUMNS]
+def rows_table(columns: dict[str, np.ndarray], vec: np.ndarray, table_schema: pa.Schema,
+               widths: np.ndarray | None = None) -> pa.Table:
+    """Build one table of rows: metadata columns (m,) and `vec`, without copying it.
+
+    vec is (m, n) for a fixed width, or the rows' values end to end with `widths` (m,)
+    their widths for a large_list `vec`. A schema without `site` (format version 1) skips it.
+    """
+    names = [name for name in table_schema.names if name != "vec"]
+    arrays = [_arrow_column(columns[name], table_schema.field(name).type) for name in names]
     vec_type = table_schema.field("vec").type
     flat = pa.array(np.ascontiguousarray(vec).reshape(-1), type=vec_type.value_type)
-    arrays.append(pa.FixedSizeListArray.from_arrays(flat, vec_type.list_size))
+    if pa.types.is_fixed_size_list(vec_type):
+        arrays.append(pa.FixedSizeListArray.from_arrays(flat, vec_type.list_size))
+    else:
+        offsets = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
+        arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), flat))
     return pa.Table.from_arrays(arrays, schema=table_schema)
 
 
-def _arrow_column(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+def _arrow_column(values: np.ndarray | pa.Array, arrow_type: pa.DataType) -> pa.Array:
+    """A column of `arrow_type` from numpy values (dictionary-encoded where the type says so) or an Arrow array."""
+    if isinstance(values, pa.Array):
+        return values.cast(arrow_type)
     if pa.types.is_dictionary(arrow_type):
         return pa.array(values, type=arrow_type.value_type).dictionary_encode().cast(arrow_type)
     return pa.array(values, type=arrow_type)
@@ -67,21 +91,27 @@ def _arrow_column(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
 
 
 def new_manifest(*, fingerprint: str | None, settings: dict[str, Any], model: dict[str, Any],
-                 source: dict[str, Any], n: int, layers: list[int], positions: str, chunk_tokens: int,
+                 source: dict[str, Any], n: int | None = None, layers: list[int] | None = None, positions: str,
+                 chunk_tokens: int,
                  dtype: str, vec_dtype: str, seed: int | None, rows_per_chunk: int,
                  versions: dict[str, str] | None = None, split_rule: dict[str, Any] | None = None,
-                 chunk_table_chunks: int | None = None) -> dict[str, Any]:
+                 chunk_table_chunks: int | None = None, sites: list[dict[str, Any]] | None = None,
+                 ) -> dict[str, Any]:
     """The manifest of a dataset being written: incomplete, no shards yet (DESIGN.md, the manifest).
 
-    `n` is the vector width, `layers` the stored layers in ascending order, `rows_per_chunk`
-    len(layers) x positions per chunk. The one place a manifest is built, so every writer
+    `sites`: the stored vector sets in row order within a chunk, each {name, layers, n}
+    (or the residual stream alone: site "hidden" at `layers`, width `n`); `n` and
+    `layers` are the first site's, as version 1 recorded them. `rows_per_chunk` is the
+    sites' layers x positions per chunk. The one place a manifest is built, so every writer
     records the same keys that `read_manifest` checks. `split_rule`: what made the split
     (default the seeded hash); `chunk_table_chunks`: chunks per piece of the per-chunk table,
     None for a dataset without one (its `chunk_tables` is then null).
     """
+    sites = sites or [{"name": DEFAULT_SITE, "layers": layers, "n": n}]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, "fingerprint": fingerprint,
-        "settings": settings, "model": model, "source": source, "n": n, "layers": layers, "positions": positions,
+        "settings": settings, "model": model, "source": source, "n": sites[0]["n"], "layers": sites[0]["layers"],
+        "sites": sites, "positions": positions,
         "chunk_tokens": chunk_tokens, "dtype": dtype, "vec_dtype": vec_dtype, "seed": seed,
         "rows_per_chunk": rows_per_chunk, "versions": versions or {}, "shards": [],
         "split_rule": split_rule or {"kind": "hash"}, "chunk_table_chunks": chunk_table_chunks,
@@ -110,9 +140,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = files.read_record(path, "memscan dataset")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a memscan activation manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise DataError(f"{path} has format version {manifest.get('format_version')}; "
-                        f"this memscan reads version {FORMAT_VERSION}")
+                        f"this memscan reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     for key, kinds in _MANIFEST_FIELDS.items():
         files.require(manifest, key, kinds, path)
     _check_shape(manifest, path)
@@ -129,9 +159,26 @@ def _check_shape(manifest: dict[str, Any], path: Path) -> None:
             refuse(key, f"at least {minimum}", manifest[key])
     if manifest["vec_dtype"] not in VEC_DTYPES:
         refuse("vec_dtype", " or ".join(VEC_DTYPES), manifest["vec_dtype"])
-    layers = manifest["layers"]
-    if not layers or not all(type(x) is int and x >= 0 for x in layers) or layers != sorted(set(layers)):
-        refuse("layers", "a non-empty ascending list of layer numbers >= 0", layers)
+    if manifest["format_version"] >= 2:
+        files.require(manifest, "sites", list, path)
+    stored = sites_of(manifest)
+    if not stored or not all(isinstance(site, dict) for site in stored):
+        refuse("sites", "a non-empty list of site records", stored)
+    for site in stored:
+        files.require(site, "name", str, path)
+        files.require(site, "n", int, path)
+        layers = files.require(site, "layers", list, path)
+        if not layers or not all(type(x) is int and x >= -1 for x in layers) or layers != sorted(set(layers)):
+            refuse("layers", "a non-empty ascending list of layer numbers >= -1 (-1: a module: site)", layers)
+        if site["n"] < 1:
+            refuse("n", "at least 1", site["n"])
+    for key in ("n", "layers"):   # the first site's, as version 1 readers expect them
+        if manifest[key] != stored[0][key]:
+            refuse(key, f"the first site's ({json.dumps(stored[0][key])})", manifest[key])
+    if len({site["name"] for site in stored}) != len(stored):
+        refuse("sites", "a list of distinct site names", [site["name"] for site in stored])
+    if manifest["rows_per_chunk"] % sum(len(site["layers"]) for site in stored):
+        refuse("rows_per_chunk", "a whole number of positions for every site and layer", manifest["rows_per_chunk"])
     files.require(manifest["model"], "id", str, path)
     files.require(manifest["model"], "num_parameters", int, path)
     files.require(manifest["settings"], "source", str, path)
@@ -153,6 +200,23 @@ def _check_shape(manifest: dict[str, Any], path: Path) -> None:
             table = files.require(counts, key, dict, path)
             if not all(type(v) is int and v >= 0 for v in table.values()):
                 refuse(f"counts.{key}", "counts >= 0 per split", table)
+
+
+def sites_of(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stored sites {name, layers, n} in row order; a version-1 manifest's are site "hidden" alone."""
+    if manifest["format_version"] >= 2:
+        return manifest["sites"]
+    return [{"name": DEFAULT_SITE, "layers": manifest["layers"], "n": manifest["n"]}]
+
+
+def set_index(manifest: dict[str, Any], site: str, layer: int) -> int:
+    """Where (site, layer) comes among a chunk's vector sets: its rows start at chunk x rows_per_chunk + this x P."""
+    return [(entry["name"], number) for entry in sites_of(manifest) for number in entry["layers"]].index((site, layer))
+
+
+def shard_schema(manifest: dict[str, Any]) -> pa.Schema:
+    """The schema every shard of this manifest has (its version, its sites' widths)."""
+    return schema([site["n"] for site in sites_of(manifest)], manifest["vec_dtype"], manifest["format_version"])
 
 
 def is_dataset_file(name: str, listed: Collection[str] = ()) -> bool:
@@ -191,11 +255,14 @@ class ShardWriter:
     """
 
     def __init__(self, directory: Path, table_schema: pa.Schema, shard_rows: int, first_row: int,
-                 on_shard: Callable[[ShardInfo], None]):
+                 on_shard: Callable[[ShardInfo], None], widest: int | None = None):
         self.directory, self.schema, self.shard_rows = Path(directory), table_schema, shard_rows
         self.on_shard = on_shard
-        row_bytes = table_schema.field("vec").type.list_size * table_schema.field("vec").type.value_type.byte_width + 40
-        self.group_rows = max(1, min(shard_rows, ROW_GROUP_BYTES // row_bytes))
+        vec_type = table_schema.field("vec").type
+        width = vec_type.list_size if pa.types.is_fixed_size_list(vec_type) else widest
+        if width is None:
+            raise ValueError("a schema of several vector widths needs `widest` to size its row groups")
+        self.group_rows = max(1, min(shard_rows, ROW_GROUP_BYTES // (width * vec_type.value_type.byte_width + 40)))
         self.shard_index, remainder = divmod(first_row, shard_rows)
         if remainder:
             raise ValueError(f"resume must start at a shard boundary; got row {first_row}")
@@ -242,9 +309,10 @@ class ShardWriter:
 
     def _flush_group(self) -> None:
         if self._writer is None:
+            metadata = [name for name in self.schema.names if name != "vec"]
             self._writer = pq.ParquetWriter(
-                self.tmp_path, self.schema, compression={name: "zstd" for name in METADATA_COLUMNS},
-                use_dictionary=["split"], write_statistics=list(METADATA_COLUMNS),
+                self.tmp_path, self.schema, compression={name: "zstd" for name in metadata},
+                use_dictionary=[name for name in DICTIONARY_COLUMNS if name in metadata], write_statistics=metadata,
             )
         group = pa.concat_tables(self._pending).combine_chunks()
         self._writer.write_table(group, row_group_size=self.group_rows)
@@ -268,27 +336,43 @@ class ShardWriter:
 
 
 class ActivationDataset:
-    """A dataset folder opened for reading: the manifest checked, shards streamed.
+    """A dataset folder opened for reading at one site: the manifest checked, shards streamed.
 
-    Every shard's size and sha256 are checked against the manifest before its first
-    row is read, so a corrupt or truncated shard is named, never half-read.
+    Every read (n, layers, counts, batches, row ids) is of the rows of `site`: by default
+    the residual stream ("hidden") when the dataset holds it, else its first site. Every
+    shard's size and sha256 are checked against the manifest before its first row is read,
+    so a corrupt or truncated shard is named, never half-read.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]):
+    def __init__(self, directory: str | os.PathLike[str], site: str | None = None):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if not self.manifest["complete"]:
             raise DataError(f"dataset '{directory}' is incomplete: rerun the same `memscan extract` "
                             "command to finish it")
+        stored = {entry["name"]: entry for entry in sites_of(self.manifest)}
+        if site is None:
+            site = DEFAULT_SITE if DEFAULT_SITE in stored else next(iter(stored))
+        if site not in stored:
+            raise InputError(f"site '{site}' is not in dataset '{directory}' (sites: {', '.join(stored)})")
+        self.site, self._site = site, stored[site]
+        self._one_site = len(stored) == 1  # then no row needs filtering by site
         self._verified: set[str] = set()
 
     @property
+    def sites(self) -> list[str]:
+        """Every site the dataset holds, in row order."""
+        return [entry["name"] for entry in sites_of(self.manifest)]
+
+    @property
     def n(self) -> int:
-        return int(self.manifest["n"])
+        """The width of this site's vectors."""
+        return int(self._site["n"])
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
+        """This site's layers: output_hidden_states numbering for "hidden", block indices for block sites."""
+        return list(self._site["layers"])
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -300,10 +384,12 @@ class ActivationDataset:
         return int(self.manifest["shards"][-1]["row_stop"]) if self.manifest["shards"] else 0
 
     def count(self, split: str | None = None, layer: int | None = None) -> int:
-        """Rows in a split (all splits when None) at a layer (all layers when None)."""
-        per_split = self.manifest["counts"]["rows"]
-        rows = sum(per_split.values()) if split is None else per_split.get(split, 0)
-        return rows if layer is None else rows // len(self.layers) * (layer in self.layers)
+        """Rows of this site in a split (all splits when None) at a layer (all its layers when None)."""
+        per_split = self.manifest["counts"]["chunks"]
+        chunks = sum(per_split.values()) if split is None else per_split.get(split, 0)
+        sets = sum(len(entry["layers"]) for entry in sites_of(self.manifest))
+        per_layer = chunks * (self.manifest["rows_per_chunk"] // sets)
+        return per_layer * (len(self.layers) if layer is None else int(layer in self.layers))
 
     def iter_batches(self, split: str | None = None, layer: int | None = None,
                      columns: Sequence[str] = ("row_id",), batch_rows: int = 65536,
@@ -316,7 +402,7 @@ class ActivationDataset:
         """
         if layer is not None and layer not in self.layers:
             raise InputError(f"layer {layer} is not in dataset '{self.directory}' (layers: {self.layers})")
-        wanted = list(dict.fromkeys([*columns, "vec", "split", "layer", "row_id"]))
+        wanted = list(dict.fromkeys([*columns, "vec", *self._filter_columns]))
         start, stop = rows or (0, self.total_rows)
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
@@ -329,7 +415,7 @@ class ActivationDataset:
             last = (min(stop, shard["row_stop"]) - shard["row_start"] - 1) // group_rows
             for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted,
                                               row_groups=list(range(first, last + 1))):
-                batch = _filter(batch, split, layer, (start, stop))
+                batch = self._filter(batch, split, layer, (start, stop))
                 while batch.num_rows:
                     head, batch = batch.slice(0, batch_rows - pending_rows), batch.slice(batch_rows - pending_rows)
                     pending.append(head)
@@ -342,13 +428,14 @@ class ActivationDataset:
 
     def row_ids(self, split: str | None = None, layer: int | None = None) -> np.ndarray:
         """Row ids (int64, ascending) of a split and layer, from the metadata columns alone (no vectors read)."""
-        parts = [_filter(batch, split, layer, (0, self.total_rows)).column("row_id").to_numpy()
+        parts = [self._filter(batch, split, layer, (0, self.total_rows)).column("row_id").to_numpy()
                  for shard in self.shards
-                 for batch in self._open_checked(shard).iter_batches(columns=["row_id", "split", "layer"])]
+                 for batch in self._open_checked(shard).iter_batches(columns=self._filter_columns)]
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def take(self, row_ids: np.ndarray) -> np.ndarray:
-        """Vectors of the given row ids, float32 (m, n) in the order given; reads only their row groups."""
+        """Vectors of the given row ids (rows of this site), float32 (m, n) in the order given; reads only their
+        row groups."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
         out = np.empty((len(row_ids), self.n), np.float32)
         starts = np.array([s["row_start"] for s in self.shards])
@@ -363,8 +450,8 @@ class ActivationDataset:
             groups = np.unique(local // group_rows)
             table = parquet.read_row_groups(groups.tolist(), columns=["vec"])
             position = np.searchsorted(groups, local // group_rows) * group_rows + local % group_rows
-            vec = table.column("vec").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.n)
-            out[here] = vec[position]
+            vec = table.column("vec").combine_chunks().take(pa.array(position)).flatten()
+            out[here] = vec.to_numpy(zero_copy_only=False).reshape(-1, self.n)
         return out
 
     def _to_numpy(self, batches: list[pa.RecordBatch], columns: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -381,16 +468,22 @@ class ActivationDataset:
             self._verified.add(shard["name"])
         return pq.ParquetFile(path, memory_map=True)
 
+    @property
+    def _filter_columns(self) -> list[str]:
+        return ["row_id", "split", "layer", *([] if self._one_site else ["site"])]
 
-def _filter(batch: pa.RecordBatch, split: str | None, layer: int | None, rows: tuple[int, int]) -> pa.RecordBatch:
-    """The batch's rows of one split and layer (None: any) with row ids in [start, stop)."""
-    row_id = batch.column("row_id")
-    mask = pc.and_(pc.greater_equal(row_id, rows[0]), pc.less(row_id, rows[1]))
-    if split is not None:
-        mask = pc.and_(mask, pc.equal(batch.column("split").dictionary_decode(), split))
-    if layer is not None:
-        mask = pc.and_(mask, pc.equal(batch.column("layer"), layer))
-    return batch.filter(mask)
+    def _filter(self, batch: pa.RecordBatch, split: str | None, layer: int | None,
+                rows: tuple[int, int]) -> pa.RecordBatch:
+        """The batch's rows of this site and of one split and layer (None: any) with row ids in [start, stop)."""
+        row_id = batch.column("row_id")
+        mask = pc.and_(pc.greater_equal(row_id, rows[0]), pc.less(row_id, rows[1]))
+        if split is not None:
+            mask = pc.and_(mask, pc.equal(batch.column("split").dictionary_decode(), split))
+        if layer is not None:
+            mask = pc.and_(mask, pc.equal(batch.column("layer"), layer))
+        if not self._one_site:
+            mask = pc.and_(mask, pc.equal(batch.column("site").dictionary_decode(), self.site))
+        return batch.filter(mask)
 
 
 def _column_numpy(column: pa.Array) -> np.ndarray:
@@ -404,7 +497,7 @@ def verify(directory: str | os.PathLike[str]) -> list[str]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = [] if manifest["complete"] else ["the dataset is incomplete (extraction did not finish)"]
-    expected_schema = schema(manifest["n"], manifest["vec_dtype"])
+    expected_schema = shard_schema(manifest)
     for shard in manifest["shards"]:
         problem = files.file_problem(directory, shard, "shard")
         if problem:
@@ -475,7 +568,8 @@ def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequ
     rows = np.arange(m, dtype=np.int64)
     columns = {"row_id": rows, "doc_id": rows, "chunk_id": np.zeros(m, np.int64), "position": np.zeros(m, np.int32),
                "token_id": np.full(m, -1, np.int32), "next_token_id": np.full(m, -1, np.int32),
-               "nll": np.full(m, np.nan, np.float32), "split": splits, "layer": np.full(m, layer, np.int16)}
+               "nll": np.full(m, np.nan, np.float32), "split": splits, "layer": np.full(m, layer, np.int16),
+               "site": np.full(m, DEFAULT_SITE, object)}
     writer.write(rows_table(columns, X.astype(vec_dtype, copy=False), writer.schema))
     writer.close()
     names, counts = np.unique(splits, return_counts=True)

@@ -1,4 +1,5 @@
-"""The Ray runners on a local Ray instance (2 CPUs): equal to the local runners, and robust to a lost worker."""
+"""The Ray runners on a local Ray instance (2 CPUs): equal to the local runners, and robust to a lost worker;
+extraction streamed in bounded windows, its model run and resolved on the workers, never loaded on the driver."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 import memscan
-from memscan import store
+from memscan import corpus, models, sites, store
 from memscan.cli import main
 from memscan.errors import InputError
 from memscan.engines import ray_runner
@@ -127,11 +130,110 @@ def test_ray_planning_of_a_stream_in_pieces_gives_the_same_chunks(kind, options,
     assert json.loads((tmp_path / "ray" / store.MANIFEST).read_text())["corpus"]["documents"] == 14
 
 
+def chunk_keys(chunks) -> list[tuple]:
+    return [(c.doc_id, c.chunk_id, c.split, c.tokens.tolist(), c.next_tokens.tolist()) for c in chunks]
+
+
+def test_planning_every_chunk_streams_pieces_a_window_at_a_time(options, qf_model, monkeypatch):
+    settings = replace(SETTINGS, model=str(qf_model), num_chunks=None)
+    source = corpus.open_source(settings.source, seed=settings.seed)
+    drawn = []
+    real_ahead = ray_runner._ahead
+
+    def counted_ahead(items, width):
+        def counting():
+            for item in items:
+                drawn.append(item)
+                yield item
+        return real_ahead(counting(), width)
+
+    monkeypatch.setattr(ray_runner, "_ahead", counted_ahead)
+    chunks, stats = ray_runner.plan(source, settings, options)
+    first = next(iter(chunks))
+    assert len(drawn) == options.num_workers     # 2 of the 8 pieces' tasks started when the first chunk arrives
+    assert stats.documents == 0                  # counts come with each piece's end
+    got = [first, *chunks]
+    local_stats = corpus.CorpusStats()
+    expected = list(corpus.iter_chunks(source.documents(), models.load_tokenizer(str(qf_model)), settings.chunk_tokens,
+                                       settings.test_fraction, settings.seed, local_stats))
+    assert len(drawn) == 4 * options.num_workers and len(expected) > 100
+    assert chunk_keys(got) == chunk_keys(expected) and stats == local_stats
+
+
+def test_streamed_extraction_keeps_a_window_of_batches_and_loads_no_model_here(options, qf_model, tmp_path,
+                                                                               monkeypatch):
+    settings = replace(SETTINGS, model=str(qf_model), num_chunks=None, max_documents=5,
+                       sites="attn_out:all,resid_mid:1")   # hooked sites go to the actors as they are
+    extract(settings, tmp_path / "local")
+    after_submit = []
+    real_submit = ray_runner.CapturePool.submit
+
+    def counted_submit(pool, key, tokens, following):
+        real_submit(pool, key, tokens, following)
+        after_submit.append((pool.in_flight, pool.window))
+
+    def no_weights_here(*args, **kwargs):
+        raise AssertionError("the driver loaded the model's weights")
+
+    monkeypatch.setattr(ray_runner.CapturePool, "submit", counted_submit)
+    monkeypatch.setattr(models, "load", no_weights_here)   # Ray workers are other processes: theirs is untouched
+    extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    assert_same_dataset(tmp_path / "ray", tmp_path / "local")
+    assert_same_chunk_tables(tmp_path / "ray", tmp_path / "local")
+    window = 2 * options.num_workers
+    assert len(after_submit) > 2 * window and {w for _, w in after_submit} == {window}
+    # Each batch past the window had the oldest written before it went out, long before the source's end.
+    assert [n for n, _ in after_submit] == [min(k, window) for k in range(1, len(after_submit) + 1)]
+
+
+def test_the_workers_resolve_device_and_dtype_and_the_manifest_records_theirs(options, qf_model, tmp_path,
+                                                                              monkeypatch):
+    worker_dtype = {v: k for k, v in models.DTYPES.items()}[models.resolve_dtype("auto", torch.device("cpu"))]
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the driver resolved the device or dtype")
+
+    monkeypatch.setattr(models, "resolve_device", not_here)
+    monkeypatch.setattr(models, "resolve_dtype", not_here)
+    settings = replace(SETTINGS, model=str(qf_model), num_chunks=8, dtype="auto", vec_dtype="auto", device="auto")
+    manifest = extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    assert manifest["settings"]["device"] == "cpu"         # no GPU given to the workers: none used
+    assert manifest["settings"]["dtype"] == manifest["dtype"] == worker_dtype
+    assert manifest["vec_dtype"] == ("float32" if worker_dtype == "fp32" else "float16")
+    assert store.verify(tmp_path / "ray") == []
+
+
+def test_device_cuda_on_workers_without_gpus_is_one_line_from_a_worker(options, qf_model, tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr(models, "resolve_device", lambda name: pytest.fail("the driver resolved --device"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--model", str(qf_model), "--source", "qf:documents=4", "--out", str(tmp_path / "out"),
+              "--chunk-tokens", "32", "--engine", "ray", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--device cuda with --engine ray needs --gpus-per-worker" in err
+
+
+def test_describe_gives_what_load_gives_without_weights(qf_model):
+    described = models.describe(str(qf_model))
+    loaded = models.load(str(qf_model), dtype=torch.float32, device=torch.device("cpu"))
+    assert described.info == loaded.info and described.info["num_parameters"] > 0
+    for name in ("num_layers", "hidden_size", "context_length"):
+        assert getattr(described, name) == getattr(loaded, name)
+    assert all(isinstance(p, FakeTensor) for p in described.model.parameters())   # shapes, no storage
+    targets = [[*models.hidden_targets([0, 2]), *(models.Target(s.name, s.block, s) for s in
+                                                  sites.parse("mlp_hidden:all,attn_out:1", 2, model))]
+               for model in (described.model, loaded.model)]
+    assert targets[0] == targets[1]
+    widths = [models.target_widths(model, t) for model, t in zip((described.model, loaded.model), targets)]
+    assert widths == [[32, 32, 128, 128, 32]] * 2
+
+
 def _capture_workers() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "name"]):
         text = " ".join(process.info["cmdline"] or []) + " " + (process.info["name"] or "")
-        if "_CaptureActor" in text or "MapWorker" in text:
+        if "_CaptureActor" in text:
             found.append(process)
     return found
 

@@ -20,12 +20,22 @@ from memscan.cli.render import print_summary
 @click.option("--chunk-tokens", type=int, default=256, show_default=True, help="Tokens per chunk (the paper's T_max).")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True,
               help="Fraction of documents (by seeded hash) in the test split.")
-@click.option("--layers", default="last", show_default=True, help="last | all | indices like 0,6,-1.")
+@click.option("--layers", default=None,
+              help="The residual stream (site hidden): last | all | indices like 0,6,-1 | none "
+                   "[default: last, or none with --sites].")
+@click.option("--sites", default=None,
+              help="Sites inside blocks, read in the same forward pass: resid_pre, resid_mid, resid_post, attn_out, "
+                   "mlp_out, mlp_hidden with blocks (attn_out:0-5, mlp_hidden:-1, resid_post:all), or module:PATH.")
 @click.option("--positions", default="last", show_default=True, help="last | all | every:K.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
 @click.option("--vec-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float16", "float32"]),
               help="Stored vector type; auto is float16 for 16-bit models.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Spread a model larger than one device over the GPUs, CPU memory and disk (accelerate); "
+                   "--device then only picks the default --dtype.")
+@click.option("--max-memory", default=None,
+              help="With --device-map: memory per device for the model, e.g. cpu=2GB,0=20GB (GPU indices, cpu, disk).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Chunks per forward pass.")
 @click.option("--shard-rows", type=int, default=65536, show_default=True, help="Rows per Parquet shard.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -9,6 +9,8 @@ import click
 
 def print_summary(directory: str, manifest: dict[str, Any]) -> None:
     """What a dataset holds: model, source, shape, rows per split, shards."""
+    from memscan import store
+
     counts = manifest.get("counts", {})
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines = [
@@ -16,8 +18,9 @@ def print_summary(directory: str, manifest: dict[str, Any]) -> None:
         f"model     {manifest['model']['id']} ({manifest['model']['class']}, "
         f"{manifest['model']['num_parameters']:,} parameters, {manifest['dtype']})",
         f"source    {manifest['settings']['source']} (seed {manifest['seed']})",
-        f"vectors   n={manifest['n']} {manifest['vec_dtype']}, layers {manifest['layers']}, "
-        f"positions {manifest['positions']}, chunks of {manifest['chunk_tokens']} tokens",
+        f"vectors   positions {manifest['positions']}, chunks of {manifest['chunk_tokens']} tokens",
+        *(f"site      {site['name']}: n={site['n']} {manifest['vec_dtype']}, layers {site['layers']}"
+          for site in store.sites_of(manifest)),
     ]
     if counts:
         per_split = ", ".join(f"{split} {n:,}" for split, n in counts["chunks"].items())

@@ -1,4 +1,4 @@
-"""Ray: exact kNN as tasks over block pairs, index shards in actors, extraction in stateful actors.
+"""Ray: exact kNN as tasks over block pairs, index shards in actors, extraction streamed through stateful actors.
 
 Each runs the local engine's unit of work (`exact.pair_candidates`, `shards.Shard`,
 `models.capture`) and merges or writes on the driver in the local order, so its tables
@@ -7,11 +7,13 @@ equal the local ones. Connects to `address` (a running cluster) or starts a loca
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from memscan.knn import exact
 from memscan.knn.shards import Shard, Shards
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -151,66 +154,145 @@ class RayEngine(exact.Engine):
         return iter(_get([task.remote(block, *shared) for block in blocks()]))
 
 
-class _CaptureActor:
-    """Loads the model once per actor and runs the capturing forward pass on whole batches."""
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What every capture actor runs: the model, where the workers resolved it to run, and what to keep per batch."""
 
-    def __init__(self, model: str, dtype: str, revision: str | None, trust_remote_code: bool, layers: list[int],
-                 positions: list[int], with_loss: bool, device: str):
+    model: str
+    revision: str | None
+    trust_remote_code: bool
+    device: str                      # as `resolve_on_workers` returned it: cpu, cuda, ...
+    dtype: str                       # bf16 | fp16 | fp32, likewise
+    targets: Any                     # handed as is to models.capture / capture_statistics
+    positions: list[int]
+    with_loss: bool
+
+
+def resolve_on_workers(device: str, dtype: str, options: RayOptions) -> tuple[Any, Any]:
+    """--device and --dtype (torch.device, torch.dtype) as a worker with the capture actors' resources resolves
+    them: the model runs there, so a driver without a GPU can extract on workers with one."""
+    ray = connect(options)
+    probe = ray.remote(**options.task_resources())(_resolve_here)
+    return _get(probe.remote(device, dtype, bool(options.gpus_per_worker)))
+
+
+def _resolve_here(device: str, dtype: str, given_gpus: bool) -> tuple[Any, Any]:
+    """models.resolve_device and resolve_dtype on this worker, using no GPU that Ray did not give it."""
+    from memscan import models
+
+    if not given_gpus:  # Ray leaves GPUs it did not give a worker visible
+        if device.startswith("cuda"):
+            raise InputError(f"--device {device} with --engine ray needs --gpus-per-worker: "
+                             "the Ray workers are given no GPU")
+        device = "cpu" if device == "auto" else device
+    resolved = models.resolve_device(device)
+    return resolved, models.resolve_dtype(dtype, resolved)
+
+
+class _CaptureActor:
+    """Runs the capturing forward pass on whole batches; loads the model on its first batch, so a model that does
+    not load on a worker is a one-line error there (Ray keeps only the text of an error in a constructor)."""
+
+    def __init__(self, spec: CaptureSpec):
+        self.spec = spec
+
+    @functools.cached_property
+    def model(self) -> Any:
+        from memscan import models
+
+        spec = self.spec
+        return models.load(spec.model, dtype=models.DTYPES[spec.dtype], device=self.device, revision=spec.revision,
+                           trust_remote_code=spec.trust_remote_code).model
+
+    @functools.cached_property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device(self.spec.device)
+
+    def capture(self, tokens: np.ndarray, following: np.ndarray) -> tuple[Any, ...]:
+        """What the local runner's call returns for one batch of (B, T) token ids, on the CPU: with the loss
+        `models.capture_statistics` (vec, nll, per-token stats), else `models.capture` without it (vec, None)."""
         import torch
 
         from memscan import models
 
-        self.torch, self.models = torch, models
-        self.device = torch.device(device)
-        self.loaded = models.load(model, dtype=models.DTYPES[dtype], device=self.device, revision=revision,
-                                  trust_remote_code=trust_remote_code)
-        self.layers, self.with_loss = layers, with_loss
-        self.positions = torch.tensor(positions, device=self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One batch's vec (1, B, L, P, n) float32 and, with the loss, nll (1, B, P) and stats (1, 3, B, T).
-
-        With the loss the LM head runs over every position (`models.capture_statistics`, as the
-        local runner does), so the per-chunk table gets the same statistics and the shards the
-        same nll; without it, the backbone only.
-        """
-        torch = self.torch
-        tokens = torch.from_numpy(np.asarray(batch["tokens"][0])).to(self.device, torch.long)
-        following = torch.from_numpy(np.asarray(batch["next_tokens"][0])).to(self.device, torch.long)
-        out = {"index": batch["index"]}
-        if self.with_loss:
-            vec, nll, stats = self.models.capture_statistics(self.loaded.model, tokens, following, self.layers,
-                                                             self.positions)
-            out.update(nll=nll.cpu().numpy()[None], stats=stats.cpu().numpy()[None])
+        spec = self.spec
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # a copy: Ray's arrays are read-only
+        next_ids = torch.tensor(following, dtype=torch.long, device=self.device)
+        positions = torch.tensor(spec.positions, device=self.device)
+        if spec.with_loss:
+            result = models.capture_statistics(self.model, input_ids, next_ids, spec.targets, positions)
         else:
-            vec, _ = self.models.capture(self.loaded.model, tokens, following, self.layers, self.positions, False)
-        out["vec"] = vec.float().cpu().numpy()[None]
-        return out
+            result = models.capture(self.model, input_ids, next_ids, spec.targets, positions, False)
+        return _on_cpu(result)
 
 
-def capture_batches(work: list[tuple[int, np.ndarray, np.ndarray]], model: str, dtype: str, revision: str | None,
-                    trust_remote_code: bool, layers: list[int], positions: list[int], with_loss: bool,
-                    options: RayOptions) -> Iterator[tuple[int, Any, np.ndarray | None, Any]]:
-    """(batch index, vec (B, L, P, n) float32 tensor, nll (B, P) or None, stats (3, B, T) float32 tensor or None)
-    in batch order, from Ray Data actors; stats are the per-chunk table's nll, mu and var (None without the loss)."""
-    ray = connect(options)
-    import ray.data
-    import torch
+def _on_cpu(value: Any) -> Any:
+    """`value` with every tensor in it (nested in tuples and lists) moved to the CPU, to travel to the driver."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value.cpu() if hasattr(value, "cpu") else value
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    items = [{"index": index, "tokens": tokens, "next_tokens": following} for index, tokens, following in work]
-    results = ray.data.from_items(items).map_batches(
-        _CaptureActor, batch_size=1, batch_format="numpy", concurrency=options.num_workers,
-        **options.task_resources(),
-        fn_constructor_args=(model, dtype, revision, trust_remote_code, layers, positions, with_loss,
-                             "cuda" if options.gpus_per_worker else "cpu"))  # Ray leaves unrequested GPUs visible
-    for row in results.iter_rows():
-        if with_loss:
-            yield (int(row["index"]), torch.from_numpy(np.array(row["vec"])), np.asarray(row["nll"]),
-                   torch.from_numpy(np.array(row["stats"])))
-        else:
-            yield int(row["index"]), torch.from_numpy(np.array(row["vec"])), None, None
+
+IN_FLIGHT_PER_ACTOR = 2   # one batch running, one queued behind it: an actor never waits for the driver
+ACTOR_RESTARTS = 4        # a capture actor whose process dies is restarted and its batches retried (they are pure)
+
+
+class CapturePool:
+    """Capture actors fed as batches are produced; results reach `deliver(key, result)` in submission order.
+
+    At most IN_FLIGHT_PER_ACTOR x num_workers batches are in flight (`window`), so the driver
+    holds those batches and their results, never the corpus. Actors start on the first
+    batch; `close` ends them, freeing their slots.
+    """
+
+    def __init__(self, spec: CaptureSpec, options: RayOptions, deliver: Callable[[Any, tuple[Any, ...]], None]):
+        self.spec, self.options, self.deliver = spec, options, deliver
+        self.window = IN_FLIGHT_PER_ACTOR * options.num_workers
+        self._actors: list[Any] = []
+        self._in_flight: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._submitted = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def submit(self, key: Any, tokens: np.ndarray, following: np.ndarray) -> None:
+        """Hand one batch of (B, T) token ids to the next actor, first delivering the oldest result if the window
+        is full. Actors take batches in turn, so each has at most IN_FLIGHT_PER_ACTOR."""
+        if len(self._in_flight) == self.window:
+            self._deliver_oldest()
+        actor = self._next_actor()
+        self._in_flight.append((key, actor.capture.remote(tokens, following)))
+
+    def finish(self) -> None:
+        """Deliver every result still in flight."""
+        while self._in_flight:
+            self._deliver_oldest()
+
+    def close(self) -> None:
+        """End the actors (also after an error: their slots are free for the next job)."""
+        import ray
+
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+        self._in_flight.clear()
+
+    def _deliver_oldest(self) -> None:
+        key, ref = self._in_flight.popleft()
+        self.deliver(key, _get(ref))
+
+    def _next_actor(self) -> Any:
+        if not self._actors:
+            ray = connect(self.options)
+            actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+                               **self.options.task_resources())(_CaptureActor)
+            self._actors = [actor.remote(self.spec) for _ in range(self.options.num_workers)]
+        actor = self._actors[self._submitted % len(self._actors)]
+        self._submitted += 1
+        return actor
 
 
 class _ShardHolder:
@@ -274,24 +356,67 @@ def _count_documents(piece: Any) -> int:
     return int(piece.count_documents())
 
 
-def _plan_piece(piece: Any, model: str, revision: str | None, trust_remote_code: bool, chunk_tokens: int,
-                test_fraction: float, seed: int, num_chunks: int | None) -> tuple[list[Any], Any]:
-    """Tokenize and chunk one piece of the source; keep its bottom-k sample when sampling."""
+PLAN_GROUP = 256   # chunks per object a streaming planning task yields: what the driver holds of a piece at once
+PLAN_AHEAD = 4     # objects a planning task yields before it waits for the driver to read them (Ray's backpressure)
+
+
+def _piece_chunks(piece: Any, settings: Any, stats: Any) -> Iterator[Any]:
+    """One piece's chunks, tokenized on this worker as the local runner does, counted into `stats`."""
     from memscan import corpus, models
 
-    tokenizer = models.load_tokenizer(model, revision, trust_remote_code)
+    tokenizer = models.load_tokenizer(settings.model, settings.revision, settings.trust_remote_code)
+    return corpus.iter_chunks(piece.documents(), tokenizer, settings.chunk_tokens, settings.test_fraction,
+                              settings.seed, stats)
+
+
+def _sample_piece(piece: Any, settings: Any) -> tuple[list[Any], Any]:
+    """One piece's bottom-k sample of --num-chunks chunks, and its counts."""
+    from memscan import corpus
+
     stats = corpus.CorpusStats()
-    chunks = corpus.iter_chunks(piece.documents(), tokenizer, chunk_tokens, test_fraction, seed, stats)
-    return (corpus.sample_chunks(chunks, num_chunks) if num_chunks else list(chunks)), stats
+    return corpus.sample_chunks(_piece_chunks(piece, settings, stats), settings.num_chunks), stats
 
 
-def plan(source: Any, settings: Any, options: RayOptions) -> tuple[list[Any], Any]:
+def _chunk_groups(piece: Any, settings: Any) -> Iterator[Any]:
+    """One piece's chunks, PLAN_GROUP at a time, then its counts (a Ray streaming generator)."""
+    from memscan import corpus
+
+    stats = corpus.CorpusStats()
+    chunks = _piece_chunks(piece, settings, stats)
+    while group := list(itertools.islice(chunks, PLAN_GROUP)):
+        yield group
+    yield stats
+
+
+def _ahead(items: Iterable[T], width: int) -> Iterator[T]:
+    """`items` in order, drawn up to `width` - 1 ahead of the one yielded: drawing an item submits its work,
+    so at most `width` are under way (or done and waiting to be read) at once."""
+    iterator = iter(items)
+    waiting = collections.deque(itertools.islice(iterator, width))
+    while waiting:
+        yield waiting.popleft()
+        waiting.extend(itertools.islice(iterator, 1))
+
+
+def _add_counts(total: Any, piece: Any) -> None:
+    """Add one piece's CorpusStats to the running `total`."""
+    for name in ("documents", "documents_too_short", "tokens", "tokens_in_chunks", "chunks_available"):
+        setattr(total, name, getattr(total, name) + getattr(piece, name))
+    total.longest_document_tokens = max(total.longest_document_tokens, piece.longest_document_tokens)
+
+
+def plan(source: Any, settings: Any, options: RayOptions) -> tuple[Iterable[Any], Any]:
     """The local runner's chunks (or seeded sample) and corpus counts, computed by Ray tasks per source piece.
 
     Pieces are contiguous ranges of the document stream (documents of `qf`, files of a folder,
     runs of files of an `hf:` dataset, each counted by its own task to learn its first doc
     id), so their chunks in piece order are the stream's; bottom-k samples merge by keeping
-    the k smallest keys, so the merged sample is the local one.
+    the k smallest keys, so the merged sample is the local one. Pieces are planned in order,
+    `num_workers` at a time. Without --num-chunks the chunks stream: each task yields PLAN_GROUP
+    chunks at a time, at most PLAN_AHEAD groups ahead of the driver, and the counts are
+    complete once the chunks are read to the end. With --num-chunks the sample is held (at
+    most --num-chunks chunks, as in the local runner) and returned with its counts.
+    Planning tasks reserve no CPU: they run beside the capture actors, which may hold every slot.
     """
     from memscan import corpus
 
@@ -301,16 +426,38 @@ def plan(source: Any, settings: Any, options: RayOptions) -> tuple[list[Any], An
                                count_documents=lambda runs: _get([count.remote(run) for run in runs]))
     if len(pieces) == 1:
         log.info("this source is one piece (one file, or a stream): its chunks are planned by one task")
-    task = ray.remote(_plan_piece)
-    results = _get([task.remote(piece, settings.model, settings.revision, settings.trust_remote_code,
-                                   settings.chunk_tokens, settings.test_fraction, settings.seed, settings.num_chunks)
-                       for piece in pieces])
-    chunks = [chunk for piece_chunks, _ in results for chunk in piece_chunks]
-    if settings.num_chunks:
-        chunks = corpus.sample_chunks(chunks, settings.num_chunks)
     stats = corpus.CorpusStats()
-    for _, piece_stats in results:
-        for name in ("documents", "documents_too_short", "tokens", "tokens_in_chunks", "chunks_available"):
-            setattr(stats, name, getattr(stats, name) + getattr(piece_stats, name))
-        stats.longest_document_tokens = max(stats.longest_document_tokens, piece_stats.longest_document_tokens)
-    return chunks, stats
+    if settings.num_chunks:
+        return _merged_sample(pieces, settings, options, stats), stats
+    return _streamed_chunks(pieces, settings, options, stats), stats
+
+
+def _merged_sample(pieces: list[Any], settings: Any, options: RayOptions, stats: Any) -> list[Any]:
+    """The bottom-k sample of all pieces, merged as each piece's sample arrives; counts added to `stats`."""
+    import ray
+
+    from memscan import corpus
+
+    task = ray.remote(num_cpus=0)(_sample_piece)
+    sample: list[Any] = []
+    for ref in _ahead((task.remote(piece, settings) for piece in pieces), options.num_workers):
+        piece_sample, piece_stats = _get(ref)
+        sample = corpus.sample_chunks(itertools.chain(sample, piece_sample), settings.num_chunks)
+        _add_counts(stats, piece_stats)
+    return sample
+
+
+def _streamed_chunks(pieces: list[Any], settings: Any, options: RayOptions, stats: Any) -> Iterator[Any]:
+    """Every chunk of the pieces in order, as their tasks yield them; each piece's counts added to `stats`."""
+    import ray
+
+    from memscan import corpus
+
+    task = ray.remote(num_cpus=0, _generator_backpressure_num_objects=PLAN_AHEAD)(_chunk_groups)
+    for groups in _ahead((task.remote(piece, settings) for piece in pieces), options.num_workers):
+        for ref in groups:
+            item = _get(ref)
+            if isinstance(item, corpus.CorpusStats):
+                _add_counts(stats, item)
+            else:
+                yield from item
