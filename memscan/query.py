@@ -83,6 +83,7 @@ class QuerySettings:
     seed: int = 0
     device: str = "auto"
     memory: str = "2GB"              # the working-memory budget every block is sized from (the index aside)
+    sites: str | None = None         # None: the index's site; `all` or names: those sites too, searched exactly
 
     def check(self) -> None:
         """Every value against its range, once, naming the flag: NaN and Inf are refused."""
@@ -155,20 +156,17 @@ class Layer:
 
     index: KnnIndex
     queries: store.ActivationDataset
+    patterns: store.ActivationDataset   # the index's dataset at this layer's site
     layer: int
     settings: QuerySettings
     leave_one_out: bool     # the queries are the indexed patterns: each leaves its own row out
     d: int                  # patterns
     nq: int                 # queries
-    use_index: bool         # searched through the index (its own layer, no --exact)
+    use_index: bool         # searched through the index (its own site and layer, no --exact)
     approximate: bool       # ... and the index is approximate: the statistics go through indexes
     exact_products: bool    # Delta and E_mchn exact: not approximate, or the inner-product index would be Flat
     blocks: Blocks
     device: str             # torch device of the retrieval: cpu or cuda
-
-    @property
-    def patterns(self) -> store.ActivationDataset:
-        return self.index.dataset
 
     @property
     def pattern_split(self) -> str:
@@ -192,21 +190,25 @@ def _torch_device(device: str) -> str:
 
 
 def _layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settings: QuerySettings,
-           leave_one_out: bool) -> Layer:
-    """The layer's sizes and search mode, after refusing a --k or a query split it cannot serve."""
-    d = index.dataset.count(index.info["dataset"]["split"], layer)
+           leave_one_out: bool, patterns: store.ActivationDataset | None = None) -> Layer:
+    """The layer's sizes and search mode, after refusing a --k or a query split it cannot serve.
+
+    `patterns`: the index's dataset at the queries' site (None: the index's own site)."""
+    patterns = patterns or index.dataset
+    d = patterns.count(index.info["dataset"]["split"], layer)
     if not settings.k <= d - 1:
         raise InputError(f"--k must be at most the {d - 1:,} patterns other than the query itself; got {settings.k:,}")
     nq = queries.count(settings.split, layer)
     if not nq:
         raise InputError(f"split '{settings.split}' of '{queries.directory}' has no rows at layer {layer}")
-    use_index = layer == index.info["dataset"]["layer"] and not settings.exact
+    own = patterns.site == index.dataset.site and layer == index.info["dataset"]["layer"]
+    use_index = own and not settings.exact
     approximate = use_index and not index.exact
     budget = memory_bytes(settings.memory)
     # a Flat inner-product index scans every pattern: an exact join costs as much and is exact
-    exact_products = not approximate or choose_factory(d, index.dataset.n, mips_budget(budget))[0] == "Flat"
-    blocks = block_sizes(budget, index.dataset.n, settings.k, d, full_pass=exact_products)
-    return Layer(index, queries, layer, settings, leave_one_out, d, nq, use_index, approximate, exact_products,
+    exact_products = not approximate or choose_factory(d, patterns.n, mips_budget(budget))[0] == "Flat"
+    blocks = block_sizes(budget, patterns.n, settings.k, d, full_pass=exact_products)
+    return Layer(index, queries, patterns, layer, settings, leave_one_out, d, nq, use_index, approximate, exact_products,
                  blocks, _torch_device(settings.device))
 
 
@@ -668,7 +670,7 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
     floor, size = _floor_and_size(layer, joined, verified, test_loss)
     blocks = layer.blocks
     return {
-        "layer": layer.layer, "n": layer.patterns.n, "d": layer.d, "d_prime": layer.nq, "k": settings.k,
+        "site": layer.patterns.site, "layer": layer.layer, "n": layer.patterns.n, "d": layer.d, "d_prime": layer.nq, "k": settings.k,
         "search": f"approximate: {index.info['factory']} {index.info['search']}" if layer.approximate else "exact",
         "recall": (index.info["recall"] or index.recall(200, settings.k, settings.seed)) if layer.approximate else None,
         "query_nearest_dist": analysis.describe(nearest), "pattern_nearest_dist": analysis.describe(s),
@@ -701,16 +703,18 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
 
 
 def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settings: QuerySettings,
-                  sink: Sink, leave_one_out: bool = False, progress: Any = None) -> dict[str, Any]:
+                  sink: Sink, leave_one_out: bool = False, progress: Any = None,
+                  patterns: store.ActivationDataset | None = None) -> dict[str, Any]:
     """One layer's pipeline: its rows go to `sink` (table name, columns), its summary is returned.
 
+    `queries` and `patterns` (None: the index's dataset) are opened at the same site;
     `progress` (a tqdm bar) advances once per step of STEPS.
     """
     from tqdm.auto import tqdm
 
     progress = progress if progress is not None else tqdm(disable=True)
     started = time.perf_counter()
-    context = _layer(index, queries, layer, settings, leave_one_out)
+    context = _layer(index, queries, layer, settings, leave_one_out, patterns)
     with _step(progress, layer, "patterns"):
         patterns = _pattern_meta(context)
     with _step(progress, layer, "self-join"):
@@ -749,6 +753,8 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
         allow_other_files: bool = False) -> dict[str, Any]:
     """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
 
+    Layers are those of the index's site, and with `settings.sites` those of other sites too
+    (searched exactly: the index holds one site and layer); every table gets a `site` column.
     The job holds `out_dir` (one job at a time) and refuses files memscan did not write
     there unless `allow_other_files`. `engine` (default: this process) holds the index's shards
     and runs the exact searches; with `ray_runner.RayEngine` the shards sit in Ray actors and
@@ -762,25 +768,53 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
         if not allow_other_files:
             files.refuse_foreign(out_dir, _ours)
         index = KnnIndex.load(index_dir, device=settings.device, engine=engine)
-        queries = store.ActivationDataset(queries_dir)
+        queries = index.open_queries(queries_dir)
         index.check_queries(queries)
         leave_one_out = queries_are_patterns(index, queries_dir, settings.split)
         if leave_one_out:
             log.info("the queries are the indexed patterns (split '%s'): each leaves its own row out", settings.split)
-        layers = [layer for layer in index.dataset.layers if layer in queries.layers]
+        pairs = _site_pairs(index, queries, queries_dir, settings.sites)
         with _table_writers(out_dir) as writers:
-            def sink(name: str, rows: dict[str, np.ndarray]) -> None:
-                writers[name].write(rows)
-
-            with tqdm(total=len(layers) * len(STEPS), desc="query", unit="step", disable=None) as progress:
-                summaries = [analyse_layer(index, queries, layer, settings, sink, leave_one_out, progress)
-                             for layer in layers]
+            steps = sum(len(layers) for _, _, layers in pairs) * len(STEPS)
+            with tqdm(total=steps, desc="query", unit="step", disable=None) as progress:
+                summaries = [analyse_layer(index, site_queries, layer, settings, _site_sink(writers, patterns.site),
+                                           leave_one_out, progress, patterns)
+                             for patterns, site_queries, layers in pairs for layer in layers]
             header = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": str(Path(index_dir).resolve()),
                       "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
-                      "queries_are_patterns": leave_one_out,
+                      "queries_are_patterns": leave_one_out, "site": index.dataset.site,
                       "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search",
                                                                        files.SELF_SHA256)}}
             return _commit(out_dir, writers, header, summaries)
+
+
+def _site_pairs(index: KnnIndex, queries: store.ActivationDataset, queries_dir: str | Path, sites: str | None,
+                ) -> list[tuple[store.ActivationDataset, store.ActivationDataset, list[int]]]:
+    """(patterns, queries, shared layers) per site to analyse: the index's own, then --sites (`all`: every site
+    both datasets hold), in the patterns dataset's order."""
+    own = index.dataset.site
+    stored = index.dataset.sites
+    wanted = [own] if sites is None else stored if sites == "all" else [name.strip() for name in sites.split(",")]
+    unknown = [name for name in wanted if name not in stored]
+    if unknown:
+        raise InputError(f"--sites: '{unknown[0]}' is not in the index's dataset (sites: {', '.join(stored)})")
+    chosen = [name for name in stored if name in wanted or name == own]
+    if sites == "all":
+        chosen = [name for name in chosen if name in queries.sites]
+    pairs = []
+    for name in chosen:
+        patterns = index.dataset if name == own else store.ActivationDataset(index.dataset.directory, name)
+        site_queries = queries if name == own else store.ActivationDataset(queries_dir, name)
+        pairs.append((patterns, site_queries, [layer for layer in patterns.layers if layer in site_queries.layers]))
+    return pairs
+
+
+def _site_sink(writers: dict[str, store.TableWriter], site: str) -> Sink:
+    """A sink that writes one site's rows, each table with its `site` column."""
+    def sink(name: str, rows: dict[str, np.ndarray]) -> None:
+        count = len(next(iter(rows.values())))
+        writers[name].write({"site": np.full(count, site, dtype=object), **rows})
+    return sink
 
 
 @contextlib.contextmanager
@@ -887,6 +921,12 @@ class RunTables:
     patterns: Any
     histograms: Any
     coverage: Any
+
+    def at_site(self, site: str) -> RunTables:
+        """The tables' rows of one site (a run from before sites has no site column: all of them)."""
+        def rows(table: Any) -> Any:
+            return table[table.site == site] if "site" in table else table
+        return RunTables(self.summary, *(rows(getattr(self, name)) for name in TABLES))
 
 
 def load(run_dir: str | Path) -> RunTables:

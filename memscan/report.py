@@ -22,6 +22,7 @@ PAGE = "report.html"
 IMAGES = ("nearest_distances.png", "subset_histograms.png", "coverage.png", "distance_vs_nll.png",
           "radius_by_layer.png")
 SATURATION_DIR = "saturation"   # a `memscan saturation` folder placed in the run folder is drawn too
+COMPARISON = "comparison.json"  # `memscan run` of an experiment with [paper] numbers: paper against measured
 
 # (path in a layer's summary, label, what it tests): one row of the page each.
 ROWS: list[tuple[str, str, str]] = [
@@ -58,7 +59,7 @@ def _get(summary: dict[str, Any], path: str) -> Any:
 
 def owns(name: str) -> bool:
     """Whether `memscan report` writes `name` into a run folder."""
-    return name in (PAGE, *IMAGES, SATURATION_DIR)
+    return name in (PAGE, *IMAGES, SATURATION_DIR, COMPARISON)
 
 
 def _format(value: Any) -> str:
@@ -81,8 +82,13 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    last = run.summary["layers"][-1]
+    own = run.summary.get("site", "hidden")   # runs from before sites hold the residual stream alone
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for entry in run.summary["layers"]:
+        by_site.setdefault(entry.get("site", "hidden"), []).append(entry)
+    last = by_site[own][-1]
     layer, r_star = last["layer"], last["r_star"]
+    run = run.at_site(own)
 
     def save(fig: Any, name: str) -> None:
         names.append(_save(fig, folder / name))
@@ -125,12 +131,14 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     ax.set(xlabel="distance to nearest pattern", ylabel="next-token loss (nats)", title="Distance against loss")
     save(fig, loss_png)
 
-    layers = [s["layer"] for s in run.summary["layers"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(layers, [s["typical_radius"] for s in run.summary["layers"]], marker="o", label="typical radius")
-    ax.plot(layers, [s["r_star"] for s in run.summary["layers"]], linestyle=":", label="r*")
-    ax.set(xlabel="layer", ylabel="radius", title="Radius through depth")
-    ax.legend()
+    for site, entries in by_site.items():
+        line, = ax.plot([s["layer"] for s in entries], [s["typical_radius"] for s in entries], marker="o",
+                        label=f"typical radius, {site}")
+        ax.plot([s["layer"] for s in entries], [s["r_star"] for s in entries], linestyle=":", color=line.get_color(),
+                label=f"r*, {site}")
+    ax.set(xlabel="layer (hidden) or block (other sites)", ylabel="radius", title="Radius through depth, per site")
+    ax.legend(fontsize="small")
     save(fig, depth_png)
     return names
 
@@ -191,16 +199,43 @@ def render(run_dir: str | Path) -> Path:
         saturation_dir = run_dir / SATURATION_DIR
         saturation = render_saturation(saturation_dir) if (saturation_dir / "summary.json").exists() else []
         path = run_dir / PAGE
-        files.tmp_path(path).write_text(_page(run.summary, images, [f"{SATURATION_DIR}/{n}" for n in saturation]))
+        files.tmp_path(path).write_text(_page(run.summary, images, [f"{SATURATION_DIR}/{n}" for n in saturation],
+                                              _comparison(run_dir)))
         files.commit_file(files.tmp_path(path), path)
     log.info("report: %s", path)
     return path
 
 
-def _page(summary: dict[str, Any], images: list[str], saturation: list[str]) -> str:
-    """The HTML page: one row per ROWS entry and one column per layer, then the figures; all text escaped."""
+def _comparison(run_dir: Path) -> dict[str, Any] | None:
+    """The run folder's comparison.json (written by `memscan run`), or None."""
+    path = run_dir / COMPARISON
+    return files.read_record(path, "memscan comparison", {"rows": list}) if path.exists() else None
+
+
+def _comparison_table(comparison: dict[str, Any] | None) -> str:
+    """The paper's numbers beside the measured ones, with their ratio; empty without a comparison."""
+    if comparison is None:
+        return ""
+    rows = "".join(f"<tr><td>{_format(row.get('quantity'))}</td><td>{_format(row.get('paper'))}</td>"
+                   f"<td>{_format(row.get('measured'))}</td><td>{_format(row.get('ratio'))}</td></tr>"
+                   for row in comparison["rows"] if isinstance(row, dict))
+    return (f"<h2>Against the paper</h2><p>{_format(comparison.get('reproduces') or comparison.get('experiment'))}"
+            "</p><table><tr><th>quantity</th><th>paper</th><th>measured</th><th>measured / paper</th></tr>"
+            f"{rows}</table>")
+
+
+def _column_name(entry: dict[str, Any]) -> str:
+    """`layer 4` for the residual stream, `attn_out 3` for a site's block (runs before sites: the residual stream)."""
+    site = entry.get("site", "hidden")
+    return f"{'layer' if site == 'hidden' else site} {entry['layer']}"
+
+
+def _page(summary: dict[str, Any], images: list[str], saturation: list[str],
+          comparison: dict[str, Any] | None = None) -> str:
+    """The HTML page: one row per ROWS entry and one column per layer, the comparison with the paper where
+    there is one, then the figures; all text escaped."""
     layers, settings = summary["layers"], summary["settings"]
-    header = "".join(f"<th>layer {_format(s['layer'])}</th>" for s in layers)
+    header = "".join(f"<th>{_format(_column_name(s))}</th>" for s in layers)
     body = "".join(
         f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{_format(_get(s, path))}</td>' for s in layers)}"
         f"<td class='why'>{html.escape(why)}</td></tr>" for path, label, why in ROWS)
@@ -216,6 +251,7 @@ text-align:right}}td:first-child,.why{{text-align:left}}.why{{color:#555;font-si
 (split <code>{_format(settings['split'])}</code>{', each leaving its own row out' * summary['queries_are_patterns']}),
 k = {_format(settings['k'])}, beta = {_format(settings['beta'])}.</p>
 <table><tr><th>quantity</th>{header}<th>what it tests</th></tr>{body}</table>
+{_comparison_table(comparison)}
 {figures}</body></html>"""
 
 

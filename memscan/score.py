@@ -153,7 +153,8 @@ def reference_nll(model_id: str, texts: list[str], device: str) -> np.ndarray:
 
 
 def _query_layer(summary: dict[str, Any], layer: int | None, run: Path) -> dict[str, Any]:
-    layers = {entry["layer"]: entry for entry in summary["layers"]}
+    site = summary.get("site", store.DEFAULT_SITE)   # runs from before sites hold the residual stream alone
+    layers = {entry["layer"]: entry for entry in summary["layers"] if entry.get("site", store.DEFAULT_SITE) == site}
     chosen = max(layers) if layer is None else layer
     if chosen not in layers:
         raise InputError(f"--layer {layer} is not in --query-run '{run}' (layers: {sorted(layers)})")
@@ -178,10 +179,17 @@ class QueryRun:
         return self.summary["settings"]["split"]
 
     def table(self, name: str) -> Any:
-        """The run's table `name`, the rows of its layer only."""
+        """The run's table `name`, the rows of its site and layer only."""
         entry = next(e for e in self.summary["tables"] if e["name"] == name)
         table = store.read_table(files.check_file(self.folder, entry, "table"))
-        return table.filter(np.asarray(table.column("layer")) == self.layer["layer"])
+        keep = np.asarray(table.column("layer")) == self.layer["layer"]
+        if "site" in table.column_names:
+            keep &= np.asarray(table.column("site").to_pylist(), dtype=object) == self.site
+        return table.filter(keep)
+
+    @property
+    def site(self) -> str:
+        return self.layer.get("site", store.DEFAULT_SITE)
 
 
 def _open_run(run: Path, data: Path, layer: int | None) -> QueryRun:
@@ -211,9 +219,10 @@ def _open_runs(runs: tuple[Path, ...], data: Path, layer: int | None) -> list[Qu
             raise InputError(f"--query-run '{seen[run.split]}' and '{run.folder}' both queried the {run.split} "
                              "split; give one run of each split")
         seen[run.split] = run.folder
-        if run.layer["layer"] != first.layer["layer"]:
-            raise InputError(f"--query-run '{run.folder}' is scored at layer {run.layer['layer']}, '{first.folder}' at "
-                             f"layer {first.layer['layer']}: the runs must share a layer (pass --layer)")
+        if (run.site, run.layer["layer"]) != (first.site, first.layer["layer"]):
+            raise InputError(f"--query-run '{run.folder}' is scored at site {run.site} layer {run.layer['layer']}, "
+                             f"'{first.folder}' at site {first.site} layer {first.layer['layer']}: the runs must share "
+                             "a site and layer (pass --layer, or index the same site)")
         if _identity(run) != _identity(first):
             raise InputError(f"--query-run '{run.folder}' searched another index or with other settings "
                              f"({', '.join(SHARED_QUERY_SETTINGS)}) than '{first.folder}'; the runs must share both")
@@ -242,7 +251,7 @@ def geometry_scores(runs: tuple[Path, ...], data: Path, manifest: dict[str, Any]
     opened = _open_runs(runs, data, layer)
     first = opened[0]
     per_chunk, positions = manifest["rows_per_chunk"], len(_kept_positions(manifest))
-    layer_index = manifest["layers"].index(first.layer["layer"])
+    layer_index = store.set_index(manifest, first.site, first.layer["layer"])
     last_rows = rows * per_chunk + layer_index * positions + positions - 1     # (m,) row ids at the last position
     radius = float(first.layer["radius"]["value"])
     patterns = first.table("patterns.parquet")

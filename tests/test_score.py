@@ -280,7 +280,7 @@ def test_query_runs_that_do_not_fit_together_are_one_line_errors(geometry, tmp_p
         (test_run, not_loo): "queried the train split against an index of other patterns",
         (test_run, test_run): "both queried the test split",
         (other_k, train_run): "searched another index or with other settings",
-        (test_run, relayered(train_run, tmp_path / "relayered", layer + 1)): "the runs must share a layer",
+        (test_run, relayered(train_run, tmp_path / "relayered", layer + 1)): "the runs must share a site and layer",
     }
     for (first, second), message in cases.items():
         code, err = run_cli(["score", data, "--out", tmp_path / "score", "--query-run", first, "--query-run", second],

@@ -12,7 +12,9 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.argument("data_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--split", default="train", show_default=True, help="Split whose vectors are the patterns.")
-@click.option("--layer", type=int, default=None, help="Layer to index [default: the dataset's last].")
+@click.option("--layer", type=int, default=None, help="Layer (block, for a --sites site) to index [default: the last].")
+@click.option("--site", default=None,
+              help="Site to index (hidden, attn_out, mlp_hidden, module:PATH, ...) [default: hidden where stored].")
 @click.option("--factory", default="auto", show_default=True,
               help="auto | Flat | IVF<nlist>,Flat | IVF<nlist>,PQ<m> | HNSW<M> | any FAISS factory string.")
 @click.option("--metric", default="l2", show_default=True, type=click.Choice(["l2", "ip"]))

@@ -22,6 +22,9 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--memory", default="2GB", show_default=True,
               help="Working-memory budget every block is sized from, the index aside (512MB, 2GiB, 1.5G, ...).")
+@click.option("--sites", default=None,
+              help="Also analyse these sites of the dataset (comma-separated, or all), searched exactly "
+                   "[default: the index's site only].")
 @allow_other_files
 @ray_flags
 def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, engine: str, address: str | None,
@@ -36,8 +39,9 @@ def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, e
         click.echo(f"queries   split '{query_settings.split}' is the index's own: each query leaves its own row "
                    "out (leave-one-out), so nearest distances are to the nearest OTHER pattern")
     for s in summary["layers"]:
+        where = f"layer {s['layer']:>3}" if s["site"] == "hidden" else f"{s['site']} {s['layer']:>3}"
         click.echo(
-            f"layer {s['layer']:>3}: typical radius {_number(s['typical_radius'])} vs r* {_number(s['r_star'])} "
+            f"{where}: typical radius {_number(s['typical_radius'])} vs r* {_number(s['r_star'])} "
             f"({_number(s['typical_over_r_star'], '.2f')}x); "
             f"A2 coverage {_number(s['A2']['coverage_at_typical'], '.1%')}; "
             f"A3 disjoint at r* {_number(s['A3']['disjoint_at_r_star'], '.1%')}; "

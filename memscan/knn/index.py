@@ -55,7 +55,8 @@ class IndexSettings:
     """What `memscan index` builds (see `memscan index --help`)."""
 
     split: str = "train"
-    layer: int | None = None         # None: the dataset's last layer
+    layer: int | None = None         # None: the site's last layer
+    site: str | None = None          # None: the residual stream ("hidden") where stored, else the first site
     factory: str = "auto"
     metric: str = "l2"
     device: str = "auto"
@@ -158,6 +159,8 @@ def _check_shape(info: dict[str, Any], path: Path) -> None:
             raise DataError(f"{path}: '{key}' must be at least 1; got {info[key]}")
     for key, kinds in {"path": str, "manifest_sha256": str, "model": str, "layer": int, "split": str}.items():
         files.require(info["dataset"], key, kinds, path)
+    if "site" in info["dataset"]:  # indexes built before sites have none: the residual stream
+        files.require(info["dataset"], "site", str, path)
     for name, value in info["search"].items():
         if name not in SEARCH_PARAMS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"{path}: search parameter {name!r} must be nprobe, efSearch or k_factor, "
@@ -312,7 +315,7 @@ def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tup
     problems = store.verify(data_dir)
     if problems:
         raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
-    dataset = store.ActivationDataset(data_dir)
+    dataset = store.ActivationDataset(data_dir, settings.site)
     layer, count = _split_count(dataset, settings)
     backend = exact.choose_backend(settings.device)
     on_gpu = backend.name == "faiss-gpu"
@@ -330,7 +333,8 @@ def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tup
     t = time.perf_counter()
     row_ids = dataset.row_ids(settings.split, layer)
     makers = [functools.partial(fill_shard, trained, data_dir, settings.split, layer, rows, search,
-                                int(np.searchsorted(row_ids, rows[1]) - np.searchsorted(row_ids, rows[0])))
+                                int(np.searchsorted(row_ids, rows[1]) - np.searchsorted(row_ids, rows[0])),
+                                site=dataset.site)
               for rows in row_ranges(row_ids, settings.shards)]
     sharded, searcher = engine.open_shards(makers, settings.metric, settings.device)
     add_seconds = time.perf_counter() - t
@@ -340,7 +344,8 @@ def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tup
         "factory": factory, "factory_reason": reason, "metric": settings.metric,
         "n": dataset.n, "ntotal": sharded.ntotal,
         "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": manifest_sha256(data_dir),
-                    "model": dataset.manifest["model"]["id"], "layer": layer, "split": settings.split},
+                    "model": dataset.manifest["model"]["id"], "site": dataset.site, "layer": layer,
+                    "split": settings.split},
         "device": backend.name if on_gpu else "cpu",
         "engine": engine.name,
         "build": {"settings": asdict(settings), "train_size": train_size, "train_seconds": round(train_seconds, 3),
@@ -445,16 +450,24 @@ class KnnIndex:
         makers = [functools.partial(load_shard, index_dir.resolve(), entry, params, info["n"], info["metric"])
                   for entry in info["shards"]]
         sharded, searcher = engine.open_shards(makers, info["metric"], device)
-        return cls(sharded, info, store.ActivationDataset(info["dataset"]["path"]), searcher)
+        dataset = store.ActivationDataset(info["dataset"]["path"], info["dataset"].get("site"))
+        return cls(sharded, info, dataset, searcher)
 
     @property
     def exact(self) -> bool:
         return self.info["factory"] == "Flat"
 
+    def open_queries(self, data_dir: str | Path) -> store.ActivationDataset:
+        """A dataset of queries opened at the index's site (one line if it does not hold that site)."""
+        return store.ActivationDataset(data_dir, self.dataset.site)
+
     def check_queries(self, dataset: store.ActivationDataset, layer: int | None = None) -> int:
-        """The layer to query at; refuses queries from another model, layer or dimension than the index's."""
+        """The layer to query at; refuses queries from another model, site, layer or dimension than the index's."""
         built = self.info["dataset"]
         layer = built["layer"] if layer is None else layer
+        if dataset.site != self.dataset.site:
+            raise InputError(f"queries in '{dataset.directory}' are of site '{dataset.site}'; "
+                             f"the index holds site '{self.dataset.site}'")
         if dataset.n != self.info["n"]:
             raise InputError(f"queries in '{dataset.directory}' have dimension {dataset.n}; "
                              f"the index holds dimension {self.info['n']}")
@@ -469,7 +482,7 @@ class KnnIndex:
     def search_dataset(self, data_dir: str | Path, k: int, split: str = "test",
                        batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """kNN of one split of another dataset: (query row ids, D, I), checked for compatibility."""
-        dataset = store.ActivationDataset(data_dir)
+        dataset = self.open_queries(data_dir)
         layer = self.check_queries(dataset)
         if dataset.count(split, layer) == 0:
             raise InputError(f"split '{split}' of '{data_dir}' has no rows to query")
@@ -487,7 +500,7 @@ class KnnIndex:
                              block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exact kNN of one split of another dataset against the indexed patterns, blockwise."""
         self.check_k(k)
-        queries = store.ActivationDataset(data_dir)
+        queries = self.open_queries(data_dir)
         layer = self.check_queries(queries)
         if queries.count(split, layer) == 0:
             raise InputError(f"split '{split}' of '{data_dir}' has no rows to query")

@@ -149,8 +149,10 @@ def _gpu(device: str) -> bool:
 
 
 def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str, layer: int, rows: tuple[int, int],
-               params: dict[str, int], count: int | None = None, device: str = "auto") -> Shard:
-    """A copy of the trained index (faiss.serialize_index) holding the split's vectors at `layer` with row ids in `rows`.
+               params: dict[str, int], count: int | None = None, device: str = "auto", site: str | None = None,
+               ) -> Shard:
+    """A copy of the trained index (faiss.serialize_index) holding the split's vectors at `site` and `layer` with row
+    ids in `rows`.
 
     Runs wherever the shard will live (a Ray actor reads its own rows), on the GPU when
     faiss sees one; `device` as in `exact.choose_backend`. `count` (the rows it will hold)
@@ -165,7 +167,7 @@ def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str
     flat_on_gpu = gpu_index is not None and isinstance(index, faiss.IndexFlat)
     batch_rows = max(1, rows[1] - rows[0]) if flat_on_gpu else ADD_BATCH_ROWS
     row_ids = []
-    batches = store.ActivationDataset(data_dir).iter_batches(split=split, layer=layer, batch_rows=batch_rows, rows=rows)
+    batches = store.ActivationDataset(data_dir, site).iter_batches(split=split, layer=layer, batch_rows=batch_rows, rows=rows)
     with tqdm(total=count, desc="add", unit="vec", unit_scale=True, disable=None, leave=False) as progress:
         for X, meta in batches:
             exact.check_finite(X, f"split '{split}'")
