@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--exact-at", type=int, default=100_000, help="The size also queried with --exact.")
+    parser.add_argument("--exact-at", type=int, default=100_000,
+                        help="The size also queried with --exact (0: none).")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--memory", default=None, help="--memory for index and query [default: theirs].")
     parser.add_argument("--seed", type=int, default=0)
@@ -188,7 +189,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="Write every number here as well.")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
-    exact_at = args.exact_at if args.exact_at in sizes else next((s for s in sizes if s >= FLAT_MAX), sizes[0])
+    exact_at = args.exact_at if args.exact_at in sizes or args.exact_at == 0 else next(
+        (s for s in sizes if s >= FLAT_MAX), sizes[0])
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_query-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []

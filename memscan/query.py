@@ -176,6 +176,12 @@ class Layer:
     def engine(self) -> exact.Engine:
         return self.index.engine
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Patterns' vectors (m, n) float32 by row id: from the index where it holds this site and layer (an O(m)
+        lookup when its codes are exact), else read from the dataset."""
+        own = self.patterns.site == self.index.dataset.site and self.layer == self.index.info["dataset"]["layer"]
+        return self.index.vectors(rows) if own else self.patterns.take(rows)
+
     @property
     def pattern_blocks(self) -> Callable[[], Iterator[exact.Block]]:
         """The patterns of this layer as a re-startable iterator of (row ids, X) blocks of `pattern_rows`."""
@@ -288,6 +294,18 @@ class Verified(NamedTuple):
     rounds: int
 
 
+def _exact_neighbours(layer: Layer, ids: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest other patterns (D squared, I) of the patterns `ids`, whose k-th nearest other lies
+    within `radius`: through the lists of an IVF-Flat index that can hold one, else a blockwise exact search."""
+    X = layer.vectors(ids)
+    found = layer.index.exact_within(X, layer.settings.k, ids, radius) if layer.use_index else None
+    if found is not None:
+        return found
+    queries = exact.array_blocks(ids, X, layer.blocks.exact_rows)
+    _, D, I = layer.engine.knn(queries(), layer.pattern_blocks, layer.settings.k, exclude_self=True)
+    return D, I
+
+
 def _verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> tuple[SelfJoin, Verified | None]:
     """An approximate layer's self-join with the lists of its largest s_i replaced by exact ones.
 
@@ -307,8 +325,7 @@ def _verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> tu
         if not todo.size or rounds == VERIFY_ROUNDS:
             break
         ids = patterns.row_id[todo]
-        queries = exact.array_blocks(ids, layer.patterns.take(ids), layer.blocks.exact_rows)
-        _, D_exact, I_exact = layer.engine.knn(queries(), layer.pattern_blocks, layer.settings.k, exclude_self=True)
+        D_exact, I_exact = _exact_neighbours(layer, ids, np.sqrt(D[todo, -1]))
         corrected += int((D_exact[:, 0] < D[todo, 0] * (1 - RECALL_RTOL)).sum())   # float rounding is no miss
         D[todo], I[todo], s[todo] = D_exact, I_exact, np.sqrt(D_exact[:, 0])
         exact_rows[todo] = True
@@ -362,7 +379,7 @@ def _mips(layer: Layer, patterns: PatternMeta) -> Mips | None:
         return None
     blocks = layer.pattern_blocks
     index = MipsIndex.build(layer.patterns, blocks, layer.d, float(patterns.sq_norm.max()),
-                            mips_budget(layer.blocks.memory_bytes), layer.settings.seed)
+                            mips_budget(layer.blocks.memory_bytes), layer.settings.seed, vectors=layer.vectors)
     samples = {"patterns": index.sample(seed=layer.settings.seed), "queries": _query_sample(layer)}
     return Mips(index, index.tune(layer.engine, blocks, samples))
 
@@ -381,7 +398,7 @@ def _paired_products(layer: Layer, partners: np.ndarray) -> np.ndarray:
     float32, whose rounding at ||rho||^2 would swamp a small Delta_i."""
     parts, start = [], 0
     for _, X in layer.pattern_blocks():
-        other = layer.patterns.take(partners[start:start + len(X)])
+        other = layer.vectors(partners[start:start + len(X)])
         parts.append(np.einsum("ij,ij->i", X.astype(np.float64), other.astype(np.float64)))
         start += len(X)
     return np.concatenate(parts)
@@ -512,7 +529,7 @@ class Retrieval(NamedTuple):
 
 def _retrieval(layer: Layer, radii: Radii, X: np.ndarray, I: np.ndarray) -> Retrieval:
     """The retrieval update of the whole block at once over each query's k nearest patterns."""
-    neighbours = layer.patterns.take(I.ravel()).reshape(*I.shape, -1)                 # (b, k, n)
+    neighbours = layer.vectors(I.ravel()).reshape(*I.shape, -1)                       # (b, k, n)
     return Retrieval(*analysis.retrieval(X, neighbours, layer.settings.beta, radii.epsilon, tol=1e-6 * radii.scale,
                                          max_steps=layer.settings.max_steps, device=layer.device))
 

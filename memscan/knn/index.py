@@ -571,11 +571,27 @@ class KnnIndex:
             ids = np.where(ids == query_ids[:, None], -1, ids)
         valid = ids >= 0
         rows, local = np.unique(np.where(valid, ids, self.row_ids[0]).ravel(), return_inverse=True)
-        D = exact.exact_scores(X, self.dataset.take(rows), np.where(valid, local.reshape(ids.shape), -1), self.metric)
+        D = exact.exact_scores(X, self.vectors(rows), np.where(valid, local.reshape(ids.shape), -1), self.metric)
         D = np.where(valid, D, np.inf if self.metric == "l2" else -np.inf)
         best = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :k]
         return (np.take_along_axis(D, best, axis=1).astype(np.float32),
                 np.take_along_axis(np.where(valid, ids, -1), best, axis=1))
+
+    def exact_within(self, X: np.ndarray, k: int, query_ids: np.ndarray, radius: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The exact k nearest OTHER patterns (D squared, I) of indexed patterns X whose k-th nearest other lies
+        within radius[i], through the IVF lists that can hold one (`cells`); None where the index cannot."""
+        found = self.shards.search_within(X, min(k + 1, self.shards.ntotal), radius)
+        if found is None:
+            return None
+        _, ids, scanned = found
+        log.debug("exact search of %d patterns through %.1f lists each", len(X), scanned / max(1, len(X)))
+        return self._finish(X, ids, k, query_ids)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Indexed patterns' vectors (m, n) float32, in the order given: from the index's own codes where they
+        are the vectors as added (Flat, IVF-Flat, HNSW-Flat: an O(m) lookup), else read from the dataset."""
+        return self.shards.reconstruct(rows) if self.shards.exact_codes else self.dataset.take(rows)
 
     def _recall_sample(self, queries: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A seeded sample of `queries` indexed patterns as self-join queries: (row ids (q,), X (q, n),

@@ -90,17 +90,19 @@ class MipsResult:
 class MipsIndex:
     """An L2 FAISS index over augmented patterns, searched for the largest inner products (module docstring)."""
 
-    def __init__(self, shard: Shard, dataset: store.ActivationDataset, factory: str, reason: str):
-        self.shard, self.dataset, self.factory, self.reason = shard, dataset, factory, reason
+    def __init__(self, shard: Shard, vectors: Callable[[np.ndarray], np.ndarray], factory: str, reason: str):
+        self.shard, self.vectors, self.factory, self.reason = shard, vectors, factory, reason
 
     @classmethod
     def build(cls, dataset: store.ActivationDataset, blocks: Blocks, count: int, max_sq_norm: float,
-              budget: int, seed: int = 0, factory: str | None = None) -> MipsIndex:
+              budget: int, seed: int = 0, factory: str | None = None,
+              vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> MipsIndex:
         """Train (IVF, PQ) and fill the index over `count` patterns of `dataset` streamed as `blocks`.
 
         `max_sq_norm` is M^2 over all of them; `budget` the bytes the index and its training
         sample may hold; `factory` (None: `tuning.auto_factory`'s choice) any FAISS factory
         string of an L2 index. Its search parameters are FAISS's defaults until `tune`.
+        `vectors` (None: `dataset.take`) gives the patterns' vectors by row id for exact re-ranking.
         """
         import faiss
 
@@ -116,7 +118,7 @@ class MipsIndex:
         for ids, X in blocks():
             index.add(augment_patterns(X, max_sq_norm))
             row_ids.append(ids)
-        return cls(Shard(index, np.concatenate(row_ids), {}), dataset, factory, reason)
+        return cls(Shard(index, np.concatenate(row_ids), {}), vectors or dataset.take, factory, reason)
 
     @property
     def ntotal(self) -> int:
@@ -138,7 +140,7 @@ class MipsIndex:
         if query_ids is not None:
             ids = np.where(ids == query_ids[:, None], -1, ids)
         valid = ids >= 0
-        vectors = self.dataset.take(np.where(valid, ids, self.shard.row_ids[0]).ravel())   # (nq * c, n)
+        vectors = self.vectors(np.where(valid, ids, self.shard.row_ids[0]).ravel())       # (nq * c, n)
         ip = exact.exact_scores(np.asarray(X, np.float32), vectors, np.arange(ids.size).reshape(ids.shape), "ip")
         ip = np.where(valid, ip, -np.inf)
         order = np.argsort(-ip, axis=1, kind="stable")[:, :k]
@@ -159,7 +161,7 @@ class MipsIndex:
         """A seeded sample of the indexed patterns, each searched for its largest product with another."""
         pick = np.sort(np.random.default_rng(seed).choice(self.ntotal, size=min(size, self.ntotal), replace=False))
         ids = self.shard.row_ids[pick]
-        return Sample(ids, self.dataset.take(ids), 1, exclude_self=True)
+        return Sample(ids, self.vectors(ids), 1, exclude_self=True)
 
     def tune(self, engine: exact.Engine, blocks: Blocks, samples: dict[str, Sample],
              target: float = TARGET_RECALL) -> dict[str, Any]:

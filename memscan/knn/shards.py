@@ -10,6 +10,7 @@ Ray actors (`memscan.engines.ray_runner.RayShards`); both work through `Shards`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -22,7 +23,7 @@ import numpy as np
 
 from memscan import files, store
 from memscan.errors import DataError
-from memscan.knn import exact, tuning
+from memscan.knn import cells, exact, tuning
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,42 @@ class Shard:
             D, local = (self.gpu_index if on_gpu else self.index).search(X, k)
         return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
 
+    def has_exact_codes(self) -> bool:
+        """Whether the index stores every vector as added (Flat codes), so `reconstruct` gives it back exactly."""
+        import faiss
+
+        return isinstance(faiss.downcast_index(self.index), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
+
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors (m, n) float32 of `rows` (row ids this shard holds), from the index's codes.
+
+        Reading them here, not from the dataset's shards, keeps each lookup O(m): a block of
+        neighbours is spread over the whole dataset. An IVF index gets a direct map (id ->
+        list, offset), 8 bytes a vector, which `save` leaves out of the file.
+        """
+        import faiss
+
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
+            index.make_direct_map()
+        local = np.searchsorted(self.row_ids, rows)
+        return index.reconstruct_batch(local.astype(np.int64)) if len(local) else np.empty((0, index.d), np.float32)
+
+    def search_within(self, X: np.ndarray, k: int, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(D, I row ids, lists scanned) of the exact k nearest of queries whose k-th nearest lies within
+        radius[i] (`cells.search_within`); None where the index is not a CPU IVF-Flat of metric L2, or where
+        the lists would prune too little to beat an exact search."""
+        import faiss
+
+        ivf = faiss.downcast_index(self.index)
+        if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_L2:
+            return None
+        found = cells.search_within(ivf, np.ascontiguousarray(X, np.float32), k, radius)
+        if found is None:
+            return None
+        D, local, scanned = found
+        return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1), scanned
+
     def save(self, directory: str | os.PathLike[str], index_file: str, ids_file: str) -> dict[str, Any]:
         """Write the CPU index and the row-id map, each fsynced and renamed into place; returns the
         shard's entry for index.json: both files' names, sizes and sha256, and the vector count."""
@@ -135,6 +172,9 @@ class Shard:
 
         directory = Path(directory)
         index_path, ids_path = directory / index_file, directory / ids_file
+        ivf = faiss.downcast_index(self.index)
+        if isinstance(ivf, faiss.IndexIVF):   # the file is the same whether or not `reconstruct` ran
+            ivf.make_direct_map(False)
         faiss.write_index(self.index, str(files.tmp_path(index_path)))
         files.commit_file(files.tmp_path(index_path), index_path)
         with files.tmp_path(ids_path).open("wb") as f:
@@ -262,6 +302,31 @@ class Shards:
 
     def set_parameter(self, name: str, value: int) -> None:
         self._each("set_parameter", name, value)
+
+    @functools.cached_property
+    def exact_codes(self) -> bool:
+        """Whether every shard stores its vectors as added, so `reconstruct` is exact."""
+        return all(self._each("has_exact_codes"))
+
+    def search_within(self, X: np.ndarray, k: int, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """Every shard's `Shard.search_within`, merged: the exact k nearest of queries whose k-th nearest lies
+        within radius[i], with the lists scanned; None unless every shard is an IVF-Flat (L2)."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        parts = self._each("search_within", X, k, radius)
+        if any(part is None for part in parts):
+            return None
+        D, I = exact.merge([(D, I) for D, I, _ in parts], k, self.metric, len(X))
+        return D, I, sum(scanned for _, _, scanned in parts)
+
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors (m, n) float32 of indexed `rows`, in the order given, each from the shard that holds it."""
+        rows = np.asarray(rows, np.int64)
+        shard_of = np.searchsorted(np.cumsum(self.sizes), np.searchsorted(self.row_ids, rows), side="right")
+        parts = self._map("reconstruct", [(rows[shard_of == i],) for i in range(len(self))])
+        out = np.empty((len(rows), parts[0].shape[1]), np.float32)
+        for i, part in enumerate(parts):
+            out[shard_of == i] = part
+        return out
 
     def save(self, directory: str | os.PathLike[str], build_id: str | None = None) -> list[dict[str, Any]]:
         """Every shard's files in `directory` (shared by all workers), named with `build_id` (see
