@@ -35,10 +35,10 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from memscan.cli import assoc, demo, extract, index, inspect, query, score, train, verbatim
+    from memscan.cli import assoc, demo, extract, index, inspect, query, run, score, train, verbatim
 
     for command in (extract.extract, index.index, query.query, query.report, train.train, train.saturation,
-                    assoc.assoc, inspect.verify, inspect.info, demo.demo, score.score, verbatim.verbatim):
+                    assoc.assoc, inspect.verify, inspect.info, demo.demo, score.score, verbatim.verbatim, run.run):
         cli.add_command(command)
 
 

@@ -1,4 +1,4 @@
-"""`memscan demo`: the README's main job, on the built-in default."""
+"""`memscan demo`: the README's main job, on the built-in default: the shipped experiment `memscan run demo`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from memscan.cli.render import print_summary
 @click.option("--quick", is_flag=True, help="A tiny run (seconds), as the test suite uses.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out: str, quick: bool, seed: int) -> None:
-    """Train a small GPT-2 on the Question-Formation language, then extract, index, query and report."""
+    """Train a small GPT-2 on the Question-Formation language, then extract, index, query and report
+    (experiments/demo.toml; `memscan run demo` with other settings)."""
     from memscan import demo as pipeline
 
     started = time.perf_counter()
