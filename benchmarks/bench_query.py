@@ -1,6 +1,7 @@
 """The query stage at scale (issue 12): `memscan index` and `memscan query` as the user runs them.
 
-Data: clustered float16 vectors (1,000 clusters, noise half the centre spread), n = 256,
+Data: clustered float16 vectors (1,000 clusters, or one per --patterns-per-cluster patterns;
+noise half the centre spread), n = 256,
 d patterns (the `train` split) for each of --sizes, and 10,000 queries (the `test` split)
 of the same distribution. Each command runs as its own process (`python -m memscan ...`),
 timed by wall clock, its peak RSS polled (psutil, the process and its children, every
@@ -40,15 +41,15 @@ CLUSTERS = 1000
 POLL_SECONDS = 0.05
 
 
-def write_dataset(directory: Path, patterns: int, queries: int, n: int, seed: int) -> None:
+def write_dataset(directory: Path, patterns: int, queries: int, n: int, seed: int, clusters: int = CLUSTERS) -> None:
     """`patterns` train rows and `queries` test rows of clustered float16 vectors, written in blocks of rows."""
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(CLUSTERS, n)).astype(np.float32)
+    centers = rng.normal(size=(clusters, n)).astype(np.float32)
     count = patterns + queries
     X = np.empty((count, n), np.float16)
     for start in range(0, count, 262_144):   # float32 only one block at a time
         rows = min(262_144, count - start)
-        block = centers[rng.integers(0, CLUSTERS, rows)] + 0.5 * rng.normal(size=(rows, n)).astype(np.float32)
+        block = centers[rng.integers(0, clusters, rows)] + 0.5 * rng.normal(size=(rows, n)).astype(np.float32)
         X[start:start + rows] = block
     store.write_vectors(directory, X, np.array(["train"] * patterns + ["test"] * queries), model="synthetic",
                         vec_dtype="float16")
@@ -114,7 +115,8 @@ def one_size(work: Path, patterns: int, args: argparse.Namespace, exact: bool) -
     """Dataset, index and query (and the --exact query) at one size: the numbers of one table row."""
     data, index_dir = work / f"data-{patterns}", work / f"index-{patterns}"
     started = time.perf_counter()
-    write_dataset(data, patterns, args.queries, args.n, args.seed)
+    clusters = patterns // args.patterns_per_cluster if args.patterns_per_cluster else CLUSTERS
+    write_dataset(data, patterns, args.queries, args.n, args.seed, clusters)
     row: dict[str, Any] = {"patterns": patterns, "queries": args.queries, "n": args.n,
                            "write_seconds": round(time.perf_counter() - started, 2)}
     common = ["--device", args.device, "--seed", str(args.seed)] + (["--memory", args.memory] if args.memory else [])
@@ -184,6 +186,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--memory", default=None, help="--memory for index and query [default: theirs].")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patterns-per-cluster", type=int, default=0,
+                        help="Clusters grow with d, one per this many patterns [default: 1,000 clusters at every d].")
     parser.add_argument("--work", default=None, help="Folder for datasets, indexes and runs [default: temporary].")
     parser.add_argument("--keep", action="store_true", help="Keep each size's files.")
     parser.add_argument("--json", default=None, help="Write every number here as well.")

@@ -117,7 +117,7 @@ class Blocks:
     pattern_rows: int    # patterns streamed at once: exact searches, the MCHN pass, the inner-product index
     query_rows: int      # queries searched, scored and written at once
     join_rows: int       # patterns per batch of the index's self-join
-    exact_rows: int      # queries per exact pass over the patterns (query_rows in exact runs)
+    knn_rows: int        # queries held per exact k-NN pass over the patterns (verification, the subsets' rest)
 
 
 def mips_budget(budget: int) -> int:
@@ -136,18 +136,21 @@ def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
     with two float64 copies (20 k n) and the exact re-ranking of k + 9 candidates (float32,
     scored in chunks); exact runs add the MCHN pass's float64 products against a pattern
     block (24 bytes a pattern), as does every exact search of queries against the patterns
-    (`exact_rows`). Half holds a batch of the index's self-join (k + 1 gathered float32
-    vectors and a copy: 8 n (k + 1) bytes a pattern). Blocks never go below one row
-    (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
+    Half holds a batch of the index's self-join (k + 1 gathered float32 vectors and a copy:
+    8 n (k + 1) bytes a pattern). An exact k-NN pass holds its queries (float32 and a
+    centred copy, 8 n bytes) and their candidates, so a quarter holds far more of them than
+    an MCHN pass: the patterns are streamed once per pass, not once per few hundred queries.
+    Blocks never go below one row (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
     """
     def rows(share: int, per_row: int, most: int, least: int = 1) -> int:
         return int(min(max(share // per_row, least), most))
 
     pattern_rows = rows(budget // 4, 12 * n, min(MAX_BLOCK_ROWS, d), MIN_PATTERN_ROWS)
     per_query = 8 * n * (3 * k + CANDIDATE_SLACK)
-    exact_rows = rows(budget // 2, per_query + 24 * pattern_rows, MAX_BLOCK_ROWS)
-    query_rows = exact_rows if full_pass else rows(budget // 2, per_query, MAX_BLOCK_ROWS)
-    return Blocks(budget, pattern_rows, query_rows, rows(budget // 2, 8 * n * (k + 1), MAX_BLOCK_ROWS), exact_rows)
+    mchn_rows = rows(budget // 2, per_query + 24 * pattern_rows, MAX_BLOCK_ROWS)
+    query_rows = mchn_rows if full_pass else rows(budget // 2, per_query, MAX_BLOCK_ROWS)
+    knn_rows = rows(budget // 4, 8 * n + 24 * (k + CANDIDATE_SLACK), MAX_BLOCK_ROWS)
+    return Blocks(budget, pattern_rows, query_rows, rows(budget // 2, 8 * n * (k + 1), MAX_BLOCK_ROWS), knn_rows)
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ def _exact_neighbours(layer: Layer, ids: np.ndarray, radius: np.ndarray) -> tupl
     found = layer.index.exact_within(X, layer.settings.k, ids, radius) if layer.use_index else None
     if found is not None:
         return found
-    queries = exact.array_blocks(ids, X, layer.blocks.exact_rows)
+    queries = exact.array_blocks(ids, X, layer.blocks.knn_rows)
     _, D, I = layer.engine.knn(queries(), layer.pattern_blocks, layer.settings.k, exclude_self=True)
     return D, I
 
@@ -453,7 +456,7 @@ def _subset(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: flo
     A member whose self-join list holds another member takes the first such one: the
     list is sorted by distance, so that member is its nearest within the subset (exact
     where the list is). Only the members whose lists hold none are searched, exactly,
-    against the subset.
+    against the subset, held in passes of `knn_rows`.
     """
     d = layer.d
     chosen = np.random.default_rng(layer.settings.seed).choice(d, size=max(2, int(fraction * d)), replace=False)
@@ -466,9 +469,9 @@ def _subset(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: flo
     sq = np.empty(len(rows), joined.D.dtype)
     sq[listed] = joined.D[rows[listed], hits[listed].argmax(axis=1)]
     if not listed.all():
-        blocks = layer.pattern_blocks
-        _, D, _ = layer.engine.knn(_filtered(blocks, members[~listed])(), _filtered(blocks, members), 1,
-                                   exclude_self=True)
+        rest = members[~listed]
+        queries = exact.array_blocks(rest, layer.vectors(rest), layer.blocks.knn_rows)
+        _, D, _ = layer.engine.knn(queries(), _filtered(layer.pattern_blocks, members), 1, exclude_self=True)
         sq[~listed] = D[:, 0]
     return SubsetNearest(fraction, members, np.sqrt(sq), int(listed.sum()))
 
@@ -715,7 +718,7 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
                      "searched": len(subset.values) - subset.from_lists} for subset in subsets],
         "blocks": {"memory": settings.memory, "memory_bytes": blocks.memory_bytes,
                    "pattern_rows": blocks.pattern_rows, "query_rows": blocks.query_rows,
-                   "join_rows": blocks.join_rows, "query_blocks": query_blocks},
+                   "join_rows": blocks.join_rows, "knn_rows": blocks.knn_rows, "query_blocks": query_blocks},
     }
 
 
