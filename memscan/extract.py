@@ -556,12 +556,9 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
                 pool.submit((b, batch), np.stack([c.tokens for c in batch]), np.stack([c.next_tokens for c in batch]))
                 continue
             clock.start()
-            input_ids = torch.from_numpy(np.stack([c.tokens for c in batch])).to(device, torch.long)
-            next_ids = torch.from_numpy(np.stack([c.next_tokens for c in batch])).to(device, torch.long)
-            if settings.loss:
-                write(b, batch, *models.capture_statistics(loaded.model, input_ids, next_ids, targets, positions_index))
-            else:
-                write(b, batch, *models.capture(loaded.model, input_ids, next_ids, targets, positions_index, False))
+            write(b, batch, *models.capture_batch(loaded.model, np.stack([c.tokens for c in batch]),
+                                                  np.stack([c.next_tokens for c in batch]), targets, positions_index,
+                                                  settings.loss, device))
             clock.stop()
         if pool is not None:
             pool.finish()

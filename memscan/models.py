@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -308,6 +309,17 @@ def capture(model: Any, input_ids: torch.Tensor, next_ids: torch.Tensor, targets
     vec, final = _backbone(model, input_ids, targets, positions)
     nll = next_token_nll(model, at_positions(final, positions), next_ids[:, positions]) if with_loss else None
     return vec, nll
+
+
+def capture_batch(model: Any, tokens: np.ndarray, next_tokens: np.ndarray, targets: list[Target],
+                  positions: torch.Tensor, with_loss: bool, device: torch.device) -> tuple[Any, ...]:
+    """One batch of (B, T) token ids (next ids -1 where none) as both engines run it: `capture_statistics`
+    (vec, nll, per-token stats) with the loss, else `capture` without it (vec, None)."""
+    input_ids = torch.tensor(tokens, dtype=torch.long, device=device)   # a copy: Ray's arrays are read-only
+    next_ids = torch.tensor(next_tokens, dtype=torch.long, device=device)
+    if with_loss:
+        return capture_statistics(model, input_ids, next_ids, targets, positions)
+    return capture(model, input_ids, next_ids, targets, positions, False)
 
 
 @torch.inference_mode()

@@ -218,14 +218,9 @@ class _CaptureActor:
         from memscan import models
 
         spec = self.spec
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # a copy: Ray's arrays are read-only
-        next_ids = torch.tensor(following, dtype=torch.long, device=self.device)
         positions = torch.tensor(spec.positions, device=self.device)
-        if spec.with_loss:
-            result = models.capture_statistics(self.model, input_ids, next_ids, spec.targets, positions)
-        else:
-            result = models.capture(self.model, input_ids, next_ids, spec.targets, positions, False)
-        return _on_cpu(result)
+        return _on_cpu(models.capture_batch(self.model, tokens, following, spec.targets, positions, spec.with_loss,
+                                            self.device))
 
 
 def _on_cpu(value: Any) -> Any:
