@@ -19,7 +19,7 @@ FLAT_MAX = 50_000          # below this, exact search costs less than training a
 MIN_TRAIN_PER_LIST = 39    # FAISS warns below 39 training points per centroid
 TRAIN_PER_LIST = 64        # default k-means sample per list: enough for stable centroids, a quarter of FAISS's cap
 LIST_SIZE = 256            # mean vectors per inverted list: the work of one probe stays the same as d grows
-KMEANS_ITERATIONS = 25     # faiss.ClusteringParameters().niter
+KMEANS_ITERATIONS = 25     # faiss.ClusteringParameters().niter, at each level of `kmeans.train`
 # k-means flops (2 x iterations x sample x nlist x n) a CPU build may spend: about 4 minutes
 # on a 2-core CPU at the ~80 GFLOP/s its BLAS reaches; a GPU does 50x that in less time.
 TRAIN_FLOPS = {False: 2e13, True: 1e15}
@@ -65,8 +65,11 @@ def nlist_for(count: int, n: int | None = None, budget: int | None = None, gpu: 
     the search grows linearly with d (FAISS's guideline of 4-16 sqrt(count) would make
     each probe, and so the self-join, grow with sqrt(d)); then capped three ways:
     - every list gets MIN_TRAIN_PER_LIST training points: nlist <= count / 39;
-    - k-means on TRAIN_PER_LIST points per list costs 2 x 25 x 64 nlist x nlist x n flops,
-      quadratic in nlist: at most TRAIN_FLOPS (about 4 minutes on a 2-core CPU);
+    - the flat coarse quantizer compares every vector added or searched with every centroid,
+      work quadratic in nlist as d grows with it; nlist is capped where one-level k-means
+      on TRAIN_PER_LIST points per list (2 x 25 x 64 nlist x nlist x n flops) would pass
+      TRAIN_FLOPS (about 4 minutes on a 2-core CPU), although training itself is two-level
+      from `kmeans.TWO_LEVEL_MIN` lists (nlist^1.5);
     - with a `budget`, a training sample of 39 points per list (float32) fits half of it.
     """
     wanted = 2 ** round(math.log2(max(count / LIST_SIZE, 1.0)))
@@ -110,9 +113,9 @@ def auto_factory(count: int, n: int | None = None, budget: int | None = None, gp
     Why this fits `memscan index` + `memscan query` of a million n = 256 vectors into 30
     minutes on a 2-core CPU (measured there: k-means at ~80 GFLOP/s, IVF scans of ~5 million
     256-wide vectors a second, both while the machine was shared): 4096 lists (count / 256;
-    the k-means cap allows 4,940); training on 64 x 4096 = 262,144 points is 1.4e13 flops
-    (3 minutes; FAISS's usual 256 per list and 8 sqrt(count) = 8,000 lists would be 16x
-    that, 45 minutes); adding is 2e12 flops (under a minute); the tuning sample's exact
+    the k-means cap allows 4,940); two-level k-means on 64 x 4096 = 262,144 points takes
+    about 3 s (one level: 1.4e13 flops, 40 s; FAISS's usual 256 per list and 8 sqrt(count)
+    = 8,000 lists would be 16x that); adding is 2e12 flops (under a minute); the tuning sample's exact
     truth 1,000 x 1M x 256 x 2 = 5e11 flops (seconds). A self-join at nprobe p then scans
     p x 244 vectors per pattern, ~50 p seconds, so at the tuned p of 1-8 the query's two
     or three self-joins take 1-20 minutes, and the whole grows linearly with d.
