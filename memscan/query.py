@@ -33,7 +33,7 @@ import numpy as np
 from memscan import analysis, files, store, theory
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, tuning
-from memscan.knn.index import DEVICES, RECALL_RTOL, KnnIndex, at_least, dataset_blocks, manifest_sha256
+from memscan.knn.index import DEVICES, RECALL_RTOL, KnnIndex, at_least, dataset_blocks, manifest_sha256, recall_at
 from memscan.knn.mips import CANDIDATE_SLACK, RECALL_QUERIES, MipsIndex, Sample, choose_factory
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,14 @@ MIN_MEMORY = 1 << 20     # bytes: below this a block would hold a handful of row
 MAX_BLOCK_ROWS = 65536   # the store's batch: more rows per block buy no speed
 MIN_PATTERN_ROWS = 64    # a floor for tiny budgets: smaller blocks cost more per block than they save
 # log Z_t is a log-sum dominated by the largest radii s_i / 2, and a missed neighbour only makes
-# an s_i larger: the largest 1% are searched again exactly (about 1% of an exact self-join) ...
+# an s_i larger: the largest 1%, at most VERIFY_MAX, are searched again exactly (each row a pass
+# over the d patterns: the cap keeps this linear in d; the terms beyond the largest thousand of
+# a log-sum over radii^n hardly move it, and the interval it certifies says how much) ...
 VERIFY_FRACTION = 0.01
-VERIFY_ROUNDS = 4        # ... and again while corrections bring unverified s_i among the largest
+VERIFY_MAX = 1_000
+VERIFY_ROUNDS = 4        # ... and again while corrections bring unverified s_i among the largest;
+VERIFY_MARGIN = 1.25     # the first round takes a quarter more, which those would come from (each round is a pass)
+SUBSET_MISS = 1e-4       # the chance that a subset member's deeper neighbour list holds no other member
 
 Sink = Callable[[str, dict[str, np.ndarray]], None]   # appends rows (columns (m,)) to the named table
 
@@ -291,7 +296,7 @@ class Verified(NamedTuple):
     """Which s_i of an approximate self-join were searched again exactly (`_verify_largest`)."""
 
     exact: np.ndarray     # (d,) bool: s_i (and the pattern's whole list) is exact
-    largest: int          # how many of the largest s_i were to be exact (VERIFY_FRACTION of d)
+    largest: int          # how many of the largest s_i were to be exact (VERIFY_FRACTION of d, at most VERIFY_MAX)
     largest_exact: bool   # ... and are: no unverified s_i is among them
     corrected: int        # verified s_i the index had too large (a nearer pattern was missed)
     rounds: int
@@ -313,17 +318,19 @@ def _verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> tu
     """An approximate layer's self-join with the lists of its largest s_i replaced by exact ones.
 
     A missed neighbour only makes s_i larger, so the misses gather among the largest s_i,
-    which also dominate log Z_t: the VERIFY_FRACTION largest are searched exactly against
-    every pattern (own row excluded), then the largest again, up to VERIFY_ROUNDS times,
-    while corrected values let unverified ones in. (joined, None) in exact layers.
+    which also dominate log Z_t: the VERIFY_FRACTION largest (at most VERIFY_MAX; in the
+    first round VERIFY_MARGIN times as many) are searched exactly against every pattern
+    (own row excluded), then the largest again, up to VERIFY_ROUNDS times, while corrected
+    values let unverified ones in. (joined, None) in exact layers.
     """
     if not layer.approximate:
         return joined, None
     D, I, s = joined.D.copy(), joined.I.copy(), joined.s.copy()
     exact_rows = np.zeros(layer.d, bool)
-    largest, corrected, rounds = math.ceil(VERIFY_FRACTION * layer.d), 0, 0
+    largest, corrected, rounds = min(math.ceil(VERIFY_FRACTION * layer.d), VERIFY_MAX), 0, 0
     while True:
-        top = np.argpartition(-s, largest - 1)[:largest]
+        wanted = largest if rounds else min(layer.d, math.ceil(VERIFY_MARGIN * largest))
+        top = np.argpartition(-s, wanted - 1)[:wanted]
         todo = np.sort(top[~exact_rows[top]])
         if not todo.size or rounds == VERIFY_ROUNDS:
             break
@@ -380,9 +387,11 @@ def _mips(layer: Layer, patterns: PatternMeta) -> Mips | None:
     (Delta) and the queries' top k (E_mchn) reach the target recall; None where the products are exact."""
     if layer.exact_products:
         return None
-    blocks = layer.pattern_blocks
-    index = MipsIndex.build(layer.patterns, blocks, layer.d, float(patterns.sq_norm.max()),
-                            mips_budget(layer.blocks.memory_bytes), layer.settings.seed, vectors=layer.vectors)
+    blocks, max_sq_norm = layer.pattern_blocks, float(patterns.sq_norm.max())
+    # an approximate layer is the index's own site and layer: its lists hold these patterns
+    index = (MipsIndex.over_lists(layer.index.shards, layer.vectors, max_sq_norm, layer.index.info["factory"])
+             or MipsIndex.build(layer.patterns, blocks, layer.d, max_sq_norm, mips_budget(layer.blocks.memory_bytes),
+                                layer.settings.seed, vectors=layer.vectors))
     samples = {"patterns": index.sample(seed=layer.settings.seed), "queries": _query_sample(layer)}
     return Mips(index, index.tune(layer.engine, blocks, samples))
 
@@ -432,12 +441,14 @@ def _separation(layer: Layer, patterns: PatternMeta, mips: Mips | None) -> Separ
 
 class SubsetNearest(NamedTuple):
     """A seeded subset's members (m,) in row order, their nearest-other distances within it (m,) float32,
-    and how many of those the self-join's lists gave (the rest were searched)."""
+    how many of those the self-join's lists gave (the rest were searched), and the searched ones'
+    1-recall@1 against an exact search on a sample (None where the search was exact)."""
 
     fraction: float
     row_ids: np.ndarray
     values: np.ndarray
     from_lists: int
+    recall: dict[str, Any] | None
 
 
 def _filtered(blocks: Callable[[], Iterator[exact.Block]], keep: np.ndarray) -> Callable[[], Iterator[exact.Block]]:
@@ -450,30 +461,95 @@ def _filtered(blocks: Callable[[], Iterator[exact.Block]], keep: np.ndarray) -> 
     return subset
 
 
+def rest_depth(fraction: float, d: int) -> int:
+    """How many nearest patterns to search so that one is a member of a `fraction` subset but for a
+    SUBSET_MISS chance: (1 - fraction)^depth <= SUBSET_MISS (33 for a quarter), at most d - 1."""
+    return min(d - 1, math.ceil(math.log(SUBSET_MISS) / math.log1p(-fraction)))
+
+
+def _first_members(I: np.ndarray, D: np.ndarray, member: np.ndarray, row_id: np.ndarray,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per list (rows of I, sorted by distance): whether it holds a member, and that first member's D (else NaN)."""
+    hits = (I >= 0) & member[np.searchsorted(row_id, np.maximum(I, 0))]
+    listed = hits.any(axis=1)
+    return listed, np.where(listed, D[np.arange(len(I)), hits.argmax(axis=1)], np.nan)
+
+
+def _exact_within_subset(layer: Layer, ids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """The squared distances (m,) from the patterns `ids` to their nearest other member, by an exact pass."""
+    queries = exact.array_blocks(ids, layer.vectors(ids), layer.blocks.knn_rows)
+    _, D, _ = layer.engine.knn(queries(), _filtered(layer.pattern_blocks, members), 1, exclude_self=True)
+    return D[:, 0]
+
+
+def _members_through_index(layer: Layer, member: np.ndarray, row_id: np.ndarray, ids: np.ndarray,
+                           depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each of the patterns `ids` has a member among its `depth` nearest through the index, and the
+    first one's squared distance (NaN where none), in blocks that hold their candidates in the budget."""
+    listed, sq = np.zeros(len(ids), bool), np.full(len(ids), np.nan)
+    step = max(1, layer.blocks.query_rows * layer.settings.k // depth)
+    for start in range(0, len(ids), step):
+        block = ids[start:start + step]
+        D, I = layer.index.search(layer.vectors(block), depth, block)
+        listed[start:start + step], sq[start:start + step] = _first_members(I, D, member, row_id)
+    return listed, sq
+
+
+def _searched_members(layer: Layer, patterns: PatternMeta, member: np.ndarray, ids: np.ndarray,
+                      fraction: float) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """Squared distances (m,) from the patterns `ids` to their nearest other member, and their recall.
+
+    Exact layers (and a Flat index) search the members exactly. Approximate ones take the
+    first member among each one's `rest_depth` nearest through the index, with its nprobe
+    (efSearch) raised to the smallest value at which that reaches the index's target
+    1-recall@1 on a seeded sample against an exact search (deeper neighbours are missed
+    more often than the nearest the index was tuned for); those still without one are
+    searched exactly (in the sample: their exact values are at hand).
+    """
+    members = patterns.row_id[member]
+    if not layer.approximate:
+        return _exact_within_subset(layer, ids, members), None
+    depth, (parameter, limit) = rest_depth(fraction, layer.d), layer.index.recall_knob()
+    sample = np.sort(np.random.default_rng(layer.settings.seed).choice(
+        len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False))
+    truth = _exact_within_subset(layer, ids[sample], members)
+
+    def through_index(rows: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
+        with layer.index.searching_with(**{parameter: value}):
+            return _members_through_index(layer, member, patterns.row_id, rows, depth)
+
+    def measure(value: int) -> float:
+        listed, sq = through_index(ids[sample], value)
+        return recall_at(np.where(listed, sq, truth)[:, None], truth[:, None], "l2")[0]
+
+    start = layer.index.info["search"][parameter]
+    values = [start] + [value for value in tuning.search_values(parameter, limit) if value > start]
+    swept = tuning.sweep(parameter, values, measure, layer.index.target_recall)
+    chosen, curve = swept["chosen"], swept["curve"]
+    listed, sq = through_index(ids, chosen)
+    if not listed.all():
+        sq[~listed] = _exact_within_subset(layer, ids[~listed], members)
+    return sq, {"queries": len(sample), "depth": depth, parameter: chosen, "curve": curve,
+                "recall_1_at_1": curve["recall"][curve[parameter].index(chosen)]}
+
+
 def _subset(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: float) -> SubsetNearest:
     """The paper's 25/50/75%: nearest-other distances within a seeded random `fraction` of the patterns.
 
     A member whose self-join list holds another member takes the first such one: the
     list is sorted by distance, so that member is its nearest within the subset (exact
-    where the list is). Only the members whose lists hold none are searched, exactly,
-    against the subset, held in passes of `knn_rows`.
+    where the list is). The members whose lists hold none are searched (`_searched_members`).
     """
     d = layer.d
     chosen = np.random.default_rng(layer.settings.seed).choice(d, size=max(2, int(fraction * d)), replace=False)
     member = np.zeros(d, bool)
     member[chosen] = True
     rows = np.flatnonzero(member)
-    members = patterns.row_id[rows]
-    hits = member[np.searchsorted(patterns.row_id, joined.I[rows])]                 # (m, k)
-    listed = hits.any(axis=1)
-    sq = np.empty(len(rows), joined.D.dtype)
-    sq[listed] = joined.D[rows[listed], hits[listed].argmax(axis=1)]
+    listed, sq = _first_members(joined.I[rows], joined.D[rows], member, patterns.row_id)
+    recall = None
     if not listed.all():
-        rest = members[~listed]
-        queries = exact.array_blocks(rest, layer.vectors(rest), layer.blocks.knn_rows)
-        _, D, _ = layer.engine.knn(queries(), _filtered(layer.pattern_blocks, members), 1, exclude_self=True)
-        sq[~listed] = D[:, 0]
-    return SubsetNearest(fraction, members, np.sqrt(sq), int(listed.sum()))
+        sq[~listed], recall = _searched_members(layer, patterns, member, patterns.row_id[rows[~listed]], fraction)
+    return SubsetNearest(fraction, patterns.row_id[rows], np.sqrt(sq).astype(np.float32), int(listed.sum()), recall)
 
 
 # ---------------------------------------------------------------- the queries' steps, one block at a time
@@ -715,7 +791,8 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
         "floor": floor,
         "size": size,
         "subsets": [{"fraction": subset.fraction, "patterns": len(subset.values), "from_lists": subset.from_lists,
-                     "searched": len(subset.values) - subset.from_lists} for subset in subsets],
+                     "searched": len(subset.values) - subset.from_lists, "searched_recall": subset.recall}
+                    for subset in subsets],
         "blocks": {"memory": settings.memory, "memory_bytes": blocks.memory_bytes,
                    "pattern_rows": blocks.pattern_rows, "query_rows": blocks.query_rows,
                    "join_rows": blocks.join_rows, "knn_rows": blocks.knn_rows, "query_blocks": query_blocks},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -146,6 +147,58 @@ def test_mips_finds_the_largest_inner_products_and_measures_its_recall(data, arr
     assert np.isclose(result.ip[:, 0], products.max(1), rtol=1e-9).mean() >= 0.95
 
 
+def test_mips_reranks_only_the_candidates_rounding_could_reorder(data, arrays, monkeypatch):
+    """Exact products are recomputed only for candidates within float32 rounding of the k-th best: the same
+    results as recomputing every candidate, from fewer vectors read, on data with duplicates and ties."""
+    P = arrays["P"]
+    dataset = store.ActivationDataset(data)
+    blocks = dataset_blocks(dataset, "train", 0, 500)
+    index = mips.MipsIndex.build(dataset, blocks, TRAIN, float((P * P).sum(1).max()), 1 << 30,
+                                 factory="IVF16,Flat")
+    index.shard.set_parameter("nprobe", 4)
+    read = []
+    index.vectors = lambda rows, take=index.vectors: read.append(len(rows)) or take(rows)
+    X, ids = arrays["P"].astype(np.float32), np.arange(TRAIN)
+    filtered = [index.search(X, 1, ids, grouped=True), index.search(arrays["Q"], 4)]
+    monkeypatch.setattr(index, "exact_codes", False)
+    every = [index.search(X, 1, ids, grouped=True), index.search(arrays["Q"], 4)]
+    for few, full in zip(filtered, every):
+        np.testing.assert_array_equal(few.ip, full.ip)
+        np.testing.assert_array_equal(few.ids, full.ids)
+    assert read[0] < read[2] / 3 and read[1] < read[3]
+
+
+def test_an_ivf_flat_index_is_searched_for_inner_products_through_its_own_lists(data, ivf, arrays):
+    """The inner-product view shares the index's lists (no copy); probing every list it is exact MIPS."""
+    P, Q = arrays["P"], arrays["Q"][:50].astype(np.float32)
+    index = KnnIndex.load(ivf, device="cpu")
+    searcher = mips.MipsIndex.over_lists(index.shards, index.vectors, float((P * P).sum(1).max()),
+                                         index.info["factory"])
+    view = searcher.shard
+    assert view.index.invlists.this == faiss.downcast_index(index.shards.members[0].index).invlists.this
+    assert view.index.ntotal == TRAIN and view.probe.ntotal == 16 and not searcher.augmented
+    view.set_parameter("nprobe", 16)
+    result = searcher.search(Q, 4)
+    products = Q.astype(np.float64) @ P.T
+    np.testing.assert_allclose(result.ip, -np.sort(-products, axis=1)[:, :4], rtol=1e-12)
+    row_ids, best = searcher.max_other(dataset_blocks(store.ActivationDataset(data), "train", 0, 500))
+    gram = P @ P.T
+    np.fill_diagonal(gram, -np.inf)
+    np.testing.assert_allclose(best, gram.max(1), rtol=1e-12)
+    assert index.info["search"] == {"nprobe": 4}   # the index searches as before
+
+
+def test_sharded_indexes_get_their_own_inner_product_index(data, tmp_path):
+    build(data, tmp_path / "ivf", IndexSettings(factory="IVF16,Flat", nprobe=4, shards=2))
+    index = KnnIndex.load(tmp_path / "ivf", device="cpu")
+    assert mips.MipsIndex.over_lists(index.shards, index.vectors, 1.0, index.info["factory"]) is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF16,Flat", "a test's IVF"))
+        layer = query._layer(index, store.ActivationDataset(data), 0, QuerySettings(k=K), leave_one_out=False)
+        found = query._mips(layer, query._pattern_meta(layer))
+    assert found.index.augmented and found.index.reason == "a test's IVF"
+
+
 # ---------------------------------------------------------------- approximate and exact runs agree
 
 
@@ -178,7 +231,9 @@ def test_approximate_and_exact_runs_agree_within_their_recall(runs, arrays):
     products = summary["A3"]["inner_products"]
     assert summary["search"].startswith("approximate: IVF16,Flat") and recall >= 0.9
     assert products["search"].startswith("approximate: IVF16,Flat") and products["tuning"]["reached"]
-    assert products["factory_reason"] == "a test's IVF" and products["samples"]["patterns"]["queries"] == 200
+    assert products["search"].startswith("approximate: IVF16,Flat (its own lists, inner product)")
+    assert products["factory_reason"].startswith("the nearest-neighbour index's inverted lists")
+    assert products["samples"]["patterns"]["queries"] == 200
     top_k = summary["energy"]["mchn_top_k_recall"]
     assert top_k == products["samples"]["queries"] and top_k["k"] == K and top_k["queries"] == 200
     slack = 0.05   # the recalls are measured on 200 of the 2,000 patterns
@@ -277,7 +332,14 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
     exact_log_z, before, after = (theory.log_partition(16, s / 2) for s in (s_true, approx.s, joined.s))
     assert exact_log_z <= after + 1e-9 <= before + 2e-9                  # closer, still an upper bound
     if kind == "even":
-        assert missed.sum() > 0 and verified.rounds > 1 and after < before
+        assert missed.sum() > 0 and after < before
+        assert verified.rounds == 1   # the first round's margin held every s_i that corrections let in
+        with pytest.MonkeyPatch.context() as patch:   # without it, corrections bring them in round by round
+            patch.setattr(query, "VERIFY_MARGIN", 1.0)
+            again, round_by_round = query._verify_largest(layer, patterns, approx)
+        assert round_by_round.rounds > 1 and round_by_round.largest_exact
+        top = np.argsort(-again.s)[:20]
+        np.testing.assert_allclose(again.s[top], s_true[top], rtol=1e-5)
     exact_layer = query._layer(index, data, 0, QuerySettings(k=2, exact=True), leave_one_out=False)
     assert query._verify_largest(exact_layer, patterns, approx) == (approx, None)
 
@@ -356,8 +418,43 @@ def test_subsets_equal_an_exact_subset_self_join(data, ivf, arrays, exact_search
             assert np.isclose(subset.values, truth, rtol=1e-6).mean() >= 0.9
         listed = np.isin(joined.I[subset.row_ids], subset.row_ids).any(axis=1)
         assert listed.sum() == subset.from_lists
-        searched = ~listed   # those the lists missed are searched exactly against the subset
-        np.testing.assert_allclose(subset.values[searched], truth[searched], rtol=1e-6, atol=1e-6)
+        searched = ~listed   # those the lists missed: exactly against the subset, or deeper through the index
+        found_nearest = np.isclose(subset.values[searched], truth[searched], rtol=1e-6, atol=1e-6)
+        if exact_search:
+            assert found_nearest.all() and subset.recall is None
+        else:
+            recall = subset.recall   # nprobe raised from the index's until the sample reaches its target
+            assert recall["depth"] == query.rest_depth(fraction, TRAIN)
+            assert recall["queries"] == min(query.RECALL_QUERIES, searched.sum())
+            assert recall["nprobe"] >= 4 and recall["curve"]["nprobe"][0] == 4 and recall["recall_1_at_1"] >= 0.95
+            assert index.info["search"]["nprobe"] == 4   # the index's own value is back
+            if recall["queries"] == searched.sum():   # the sample is every searched member
+                assert recall["recall_1_at_1"] == pytest.approx(found_nearest.mean())
+            assert found_nearest.mean() >= 0.9
+
+
+def test_a_subset_search_raises_nprobe_until_its_sample_reaches_the_target(data, arrays, tmp_path):
+    """At nprobe 1 a 32-list index misses the deeper neighbours the subsets' rest needs: the search
+    takes the smallest larger nprobe whose sample reaches 0.95, and says so."""
+    build(data, tmp_path / "ivf", IndexSettings(factory="IVF32,Flat", nprobe=1))
+    index = KnnIndex.load(tmp_path / "ivf", device="cpu")
+    layer = query._layer(index, store.ActivationDataset(data), 0, QuerySettings(k=2), leave_one_out=False)
+    patterns = query._pattern_meta(layer)
+    joined = query._self_join(layer, patterns)
+    for fraction in (0.25, 0.5, 0.75):
+        subset = query._subset(layer, patterns, joined, fraction)
+        curve = subset.recall["curve"]
+        assert curve["nprobe"][0] == 1 and curve["recall"][0] < 0.95 <= subset.recall["recall_1_at_1"]
+        assert subset.recall["nprobe"] == next(value for value, recall in zip(curve["nprobe"], curve["recall"])
+                                               if recall >= 0.95)
+        truth = brute_subset_nearest(arrays["P"], subset.row_ids)
+        assert (subset.values >= truth * (1 - 1e-6)).all()
+    assert index.info["search"]["nprobe"] == 1
+
+
+def test_a_subset_search_goes_deep_enough_to_find_a_member():
+    assert query.rest_depth(0.25, 10**6) == 33 and 0.75 ** 33 <= query.SUBSET_MISS < 0.75 ** 32
+    assert query.rest_depth(0.5, 10**6) == 14 and query.rest_depth(0.01, 500) == 499
 
 
 def test_the_summary_records_the_subsets_and_the_blocks(runs):

@@ -17,9 +17,11 @@ this process by default, Ray actors with `memscan.engines.ray_runner.RayEngine`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ import numpy as np
 
 from memscan import checks, files, store
 from memscan.errors import DataError, InputError
-from memscan.knn import exact, tuning
-from memscan.knn.shards import OWN_FILE, Shards, entry_names, file_names, fill_shard, load_shard, row_ranges
+from memscan.knn import exact, kmeans, tuning
+from memscan.knn.shards import OWN_FILE, Shards, entry_names, file_names, fill_shard, load_shard, nlist, row_ranges
 from memscan.knn.tuning import MIN_TRAIN_PER_LIST, auto_factory
 
 log = logging.getLogger(__name__)
@@ -266,7 +268,7 @@ def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: st
     exact.check_scale(sample, f"split '{split}' (a training sample of {train_size:,})")
     log.info("training %s on %d vectors", factory, train_size)
     try:
-        index.train(sample)
+        kmeans.train(index, sample, settings.seed)
     except RuntimeError as exc:
         raise InputError(f"FAISS could not train '{factory}' on {train_size:,} vectors: "
                          f"{exact.faiss_reason(exc)}") from None
@@ -376,16 +378,6 @@ def _commit(out_dir: Path, info: dict[str, Any], replaced: list[str]) -> dict[st
     log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", info["ntotal"], info["factory"], shards,
              "s" * (shards > 1), out_dir, info["build"]["total_seconds"])
     return info
-
-
-def nlist(index: Any) -> int | None:
-    """The number of inverted lists of an IVF index, None for any other kind."""
-    import faiss
-
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except RuntimeError:
-        return None
 
 
 def _default_search_params(factory: str, lists: int | None, settings: IndexSettings) -> dict[str, int]:
@@ -518,6 +510,29 @@ class KnnIndex:
                 if name in SHARD_PARAMS:
                     self.shards.set_parameter(name, value)
                 self.info["search"][name] = value
+
+    @property
+    def target_recall(self) -> float:
+        """The 1-recall@1 the search parameters were tuned for (indexes built before --target-recall: the default)."""
+        return self.info["build"]["settings"].get("target_recall", IndexSettings.target_recall)
+
+    def recall_knob(self) -> tuple[str, int] | None:
+        """The search parameter that buys recall with time and its largest useful value: (nprobe, nlist)
+        for IVF, (efSearch, EF_SEARCH_MAX) for HNSW; None where every search is a full scan (Flat)."""
+        lists = self.shards.nlist
+        if lists:
+            return "nprobe", lists
+        return ("efSearch", tuning.EF_SEARCH_MAX) if "efSearch" in self.info["search"] else None
+
+    @contextlib.contextmanager
+    def searching_with(self, **params: int) -> Iterator[None]:
+        """Searches with `params` (nprobe, efSearch, k_factor) inside the block; the index's own values after."""
+        kept = {name: self.info["search"][name] for name in params if name in self.info["search"]}
+        self.set_search_params(**params)
+        try:
+            yield
+        finally:
+            self.set_search_params(**kept)
 
     def check_k(self, k: int, exclude_self: bool = False) -> None:
         available = self.shards.ntotal - int(exclude_self)

@@ -12,10 +12,18 @@ products recomputed from the stored vectors, the query's own row excluded by id.
 measures recall against exact MIPS on seeded samples (the patterns' own maxima, the
 queries' top k) and picks the smallest nprobe at which each reaches the target
 (`tuning.sweep`).
+
+Where the nearest-neighbour index already holds the patterns as one IVF-Flat, no second
+index is built (`MipsIndex.over_lists`): its own inverted lists are scanned for inner
+products, probed by the lists' augmented means as the augmented index would be
+(`ListsView`), tuned and re-ranked the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,10 +33,10 @@ import numpy as np
 
 from memscan import store
 from memscan.errors import DataError
-from memscan.knn import exact
+from memscan.knn import exact, kmeans
 from memscan.knn import tuning
 from memscan.knn.index import nlist, recall_at
-from memscan.knn.shards import Shard
+from memscan.knn.shards import Shard, Shards
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,46 @@ class Sample(NamedTuple):
     exclude_self: bool
 
 
+class ListsView(Shard):
+    """An IVF-Flat shard's own inverted lists searched for the largest inner products, without a copy.
+
+    The view is an IVF of metric inner product over the same lists (shared, not copied). It
+    probes the lists as the augmented L2 index would: those whose augmented means [mean rho,
+    mean sqrt(M^2 - ||rho||^2)] lie nearest to [x, 0], which favours lists of large norm and
+    wide spread, where large products live (the centroids' products alone miss those).
+    """
+
+    def __init__(self, shard: Shard, max_sq_norm: float):
+        import faiss
+        from faiss.contrib.inspect_tools import get_invlist
+
+        ivf = faiss.downcast_index(shard.index)
+        view = faiss.IndexIVFFlat(faiss.IndexFlatIP(ivf.d), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+        view.replace_invlists(ivf.invlists, False)   # the L2 index keeps owning its lists
+        view.ntotal, view.is_trained = ivf.ntotal, True
+        view.referenced_objects.append(ivf)          # FAISS's own way to keep the owner alive as long
+        self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(ivf.d + 1))
+        for number in range(ivf.nlist):
+            _, codes = get_invlist(ivf.invlists, number)
+            if len(codes):
+                mean = augment_patterns(codes.view(np.float32).reshape(-1, ivf.d), max_sq_norm).mean(axis=0)
+                self.probe.add_with_ids(mean[None], np.array([number]))
+        super().__init__(view, shard.row_ids, {})
+
+    def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+        from faiss.contrib.big_batch_search import big_batch_search
+
+        view = faiss.downcast_index(self.index)
+        lists_D, lists = self.probe.search(augment_queries(X), min(view.nprobe, self.probe.ntotal))
+        if grouped:   # stdout caught as in Shard._search
+            with contextlib.redirect_stdout(io.StringIO()):
+                D, local = big_batch_search(view, X, k, verbose=0, q_assign=lists.astype(np.int32))
+        else:
+            D, local = view.search_preassigned(X, k, lists, lists_D)
+        return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+
+
 @dataclass(frozen=True)
 class MipsResult:
     """The k largest inner products of each query: IP (nq, k) float64, descending; I (nq, k) row ids."""
@@ -88,10 +136,28 @@ class MipsResult:
 
 
 class MipsIndex:
-    """An L2 FAISS index over augmented patterns, searched for the largest inner products (module docstring)."""
+    """A FAISS index searched for the largest inner products (module docstring): an L2 index over augmented
+    patterns (`build`), or an inner-product view of the nearest-neighbour index's own lists (`over_lists`)."""
 
-    def __init__(self, shard: Shard, vectors: Callable[[np.ndarray], np.ndarray], factory: str, reason: str):
-        self.shard, self.vectors, self.factory, self.reason = shard, vectors, factory, reason
+    def __init__(self, shard: Shard, vectors: Callable[[np.ndarray], np.ndarray], max_sq_norm: float, factory: str,
+                 reason: str, augmented: bool = True):
+        self.shard, self.vectors, self.max_sq_norm = shard, vectors, max_sq_norm
+        self.factory, self.reason, self.augmented = factory, reason, augmented
+
+    @classmethod
+    def over_lists(cls, shards: Shards, vectors: Callable[[np.ndarray], np.ndarray], max_sq_norm: float,
+                   factory: str) -> MipsIndex | None:
+        """The patterns of a nearest-neighbour index described by `factory`, searched through its own lists
+        (`ListsView`); None unless it is one IVF-Flat shard (of metric L2) held in this process."""
+        import faiss
+
+        shard = shards.local_shard()
+        ivf = None if shard is None else faiss.downcast_index(shard.index)
+        if type(ivf) is not faiss.IndexIVFFlat or ivf.metric_type != faiss.METRIC_L2:
+            return None
+        return cls(ListsView(shard, max_sq_norm), vectors, max_sq_norm, f"{factory} (its own lists, inner product)",
+                   "the nearest-neighbour index's inverted lists scanned for inner products: no second index",
+                   augmented=False)
 
     @classmethod
     def build(cls, dataset: store.ActivationDataset, blocks: Blocks, count: int, max_sq_norm: float,
@@ -113,16 +179,20 @@ class MipsIndex:
         if not index.is_trained:
             size = min(count, tuning.train_rows(lists, n, budget))
             log.info("training the inner-product index %s on %d augmented patterns", factory, size)
-            index.train(_sample(blocks, count, size, seed, max_sq_norm))
+            kmeans.train(index, _sample(blocks, count, size, seed, max_sq_norm), seed)
         row_ids = []
         for ids, X in blocks():
             index.add(augment_patterns(X, max_sq_norm))
             row_ids.append(ids)
-        return cls(Shard(index, np.concatenate(row_ids), {}), vectors or dataset.take, factory, reason)
+        return cls(Shard(index, np.concatenate(row_ids), {}), vectors or dataset.take, max_sq_norm, factory, reason)
 
     @property
     def ntotal(self) -> int:
         return len(self.shard.row_ids)
+
+    @functools.cached_property
+    def exact_codes(self) -> bool:
+        return self.shard.has_exact_codes()
 
     @property
     def search_params(self) -> dict[str, int]:
@@ -134,18 +204,39 @@ class MipsIndex:
 
         With `query_ids` each query's own row is excluded; -inf and id -1 where fewer than k
         were found. `grouped` scans each inverted list once per block (for self-joins).
+        Where the codes are the vectors as added, only the candidates whose FAISS distance could
+        still place them among the k best (`_contenders`) are read and re-ranked; compressed codes
+        misorder by more than rounding, so there every candidate is.
         """
+        X = np.asarray(X, np.float32)
         wanted = min(self.ntotal, k + int(query_ids is not None) + CANDIDATE_SLACK)
-        _, ids = self.shard.search(augment_queries(X), wanted, grouped)
+        scores, ids = self.shard.search(augment_queries(X) if self.augmented else X, wanted, grouped)
         if query_ids is not None:
             ids = np.where(ids == query_ids[:, None], -1, ids)
         valid = ids >= 0
-        vectors = self.vectors(np.where(valid, ids, self.shard.row_ids[0]).ravel())       # (nq * c, n)
-        ip = exact.exact_scores(np.asarray(X, np.float32), vectors, np.arange(ids.size).reshape(ids.shape), "ip")
-        ip = np.where(valid, ip, -np.inf)
+        contenders = self._contenders(X, scores, valid, k) if self.exact_codes else valid
+        local = np.full(ids.shape, -1)
+        local[contenders] = np.arange(int(contenders.sum()))
+        ip = exact.exact_scores(X, self.vectors(ids[contenders]), local, "ip")
+        ip = np.where(contenders, ip, -np.inf)
         order = np.argsort(-ip, axis=1, kind="stable")[:, :k]
         return MipsResult(np.take_along_axis(ip, order, axis=1),
                           np.take_along_axis(np.where(valid, ids, -1), order, axis=1))
+
+    def _contenders(self, X: np.ndarray, scores: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+        """(nq, c) bool: the valid candidates whose float32 inner product (FAISS's `scores`: augmented squared
+        distances ||x||^2 + M^2 - 2 x.rho, or x.rho itself) is within rounding of the k-th best.
+
+        In float32 either errs by at most 2 gamma_{n+1} (||x||^2 + M^2), gamma_m = m u / (1 - m u)
+        with u = eps / 2 (a dot product's rounding bound), taken twice over here: a candidate
+        further than two such errors below the k-th best has k candidates truly above it.
+        """
+        sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+        error = 2 * (X.shape[1] + 1) * np.finfo(np.float32).eps * (sq + self.max_sq_norm)
+        approximate = (sq[:, None] + self.max_sq_norm - scores) / 2 if self.augmented else scores
+        approximate = np.where(valid, approximate, -np.inf)
+        kth = -np.partition(-approximate, min(k, scores.shape[1]) - 1, axis=1)[:, min(k, scores.shape[1]) - 1]
+        return valid & (approximate >= (kth - 2 * error)[:, None])
 
     def max_other(self, blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
         """For every pattern the largest inner product with another: (row ids (d,), max_{j != i} rho_i . rho_j (d,))."""

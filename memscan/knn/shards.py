@@ -62,6 +62,16 @@ def entry_names(entry: dict[str, Any]) -> list[str]:
     return [entry["index"]["name"], entry["row_ids"]["name"]]
 
 
+def nlist(index: Any) -> int | None:
+    """The number of inverted lists of an IVF index, None for any other kind."""
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
 class Shard:
     """One FAISS index and its row-id map (FAISS id i is dataset row `row_ids[i]`).
 
@@ -128,6 +138,9 @@ class Shard:
         else:  # Flat, HNSW, an IVF behind a transform, or the GPU copy: the plain search
             D, local = (self.gpu_index if on_gpu else self.index).search(X, k)
         return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+
+    def lists(self) -> int | None:
+        return nlist(self.index)
 
     def has_exact_codes(self) -> bool:
         """Whether the index stores every vector as added (Flat codes), so `reconstruct` gives it back exactly."""
@@ -303,6 +316,15 @@ class Shards:
     def set_parameter(self, name: str, value: int) -> None:
         self._each("set_parameter", name, value)
 
+    def local_shard(self) -> Shard | None:
+        """The only shard, when there is one and it is held in this process; else None."""
+        return None
+
+    @functools.cached_property
+    def nlist(self) -> int | None:
+        """The inverted lists of every shard (copies of one trained index); None unless IVF."""
+        return self._each("lists")[0]
+
     @functools.cached_property
     def exact_codes(self) -> bool:
         """Whether every shard stores its vectors as added, so `reconstruct` is exact."""
@@ -321,6 +343,8 @@ class Shards:
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
         """Vectors (m, n) float32 of indexed `rows`, in the order given, each from the shard that holds it."""
         rows = np.asarray(rows, np.int64)
+        if len(self) == 1:
+            return self._each("reconstruct", rows)[0]
         shard_of = np.searchsorted(np.cumsum(self.sizes), np.searchsorted(self.row_ids, rows), side="right")
         parts = self._map("reconstruct", [(rows[shard_of == i],) for i in range(len(self))])
         out = np.empty((len(rows), parts[0].shape[1]), np.float32)
@@ -343,3 +367,6 @@ class LocalShards(Shards):
 
     def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
         return [getattr(shard, method)(*args) for shard, args in zip(self.members, arguments)]
+
+    def local_shard(self) -> Shard | None:
+        return self.members[0] if len(self.members) == 1 else None
