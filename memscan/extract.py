@@ -221,13 +221,15 @@ def _versions() -> dict[str, str]:
 
 
 def prepare_output(out: Path, fingerprint: str, overwrite: bool, allow_other_files: bool = False,
-                   ) -> dict[str, Any] | None:
-    """The manifest to resume from, or None for a fresh start in the (existing, locked) folder `out`.
+                   ) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the manifest to resume from, or None for a fresh start in the (existing, locked) folder `out`;
+    memscan's files a fresh start removes first, manifest first, with `clear_output`).
 
     memscan's files here are manifest.json, the shards it lists and the exact names memscan
     writes (part-NNNNN.parquet and the temporary names of both); anything else is refused
     unless `allow_other_files`, and is never removed. Another extraction is replaced only
-    with `overwrite`; stale files of an unfinished start are removed.
+    with `overwrite`; stale files of an unfinished start go too. Nothing is removed here:
+    a run refused before it writes (the preflight's space check) keeps what it would replace.
     """
     manifest = store.read_manifest(out) if (out / store.MANIFEST).exists() else None
     listed = {shard["name"] for shard in manifest["shards"]} if manifest else set()
@@ -238,16 +240,19 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool, allow_other_fil
     if not allow_other_files:
         files.refuse_foreign(out, ours)
     if manifest is not None and manifest["fingerprint"] == fingerprint:
-        return manifest
+        return manifest, []
     if manifest is not None and not overwrite:
         raise InputError(f"--out '{out}' holds another extraction (different settings, model or data); "
                          "choose another folder or pass --overwrite")
-    if manifest is not None:
-        log.warning("--overwrite: removing the extraction in %s", out)
     # The manifest goes first: a removal cut short never leaves a manifest listing missing shards.
-    stale = sorted((p.name for p in out.iterdir() if ours(p.name)), key=lambda name: name != store.MANIFEST)
-    files.remove_owned(out, stale)
-    return None
+    return None, sorted((p.name for p in out.iterdir() if ours(p.name)), key=lambda name: name != store.MANIFEST)
+
+
+def clear_output(out: Path, replaced: list[str]) -> None:
+    """Remove the files `prepare_output` said a fresh start replaces (an old extraction: with a warning)."""
+    if store.MANIFEST in replaced:
+        log.warning("--overwrite: removing the extraction in %s", out)
+    files.remove_owned(out, replaced)
 
 
 class BackgroundWriter:
@@ -443,7 +448,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
                        split=corpus.resolve_split(settings.source, settings.split))
     identity = {"settings": settings_record(resolved), "model": loaded.info, "source": source.describe()}
     fingerprint = files.fingerprint({**identity, "split_rule": rule.describe()})
-    manifest = prepare_output(out, fingerprint, overwrite, allow_other_files)
+    manifest, replaced = prepare_output(out, fingerprint, overwrite, allow_other_files)
     if manifest is not None and manifest["complete"]:
         log.info("%s is already complete", out)
         return manifest
@@ -481,7 +486,8 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
 
     plan = preflight.estimate(total_chunks, widths, len(positions), vec_dtype, settings.chunk_tokens,
                               settings.shard_rows, settings.loss)
-    preflight.check_space(out, plan, manifest)
+    preflight.check_space(out, plan, manifest, freed=sum((out / name).stat().st_size for name in replaced))
+    clear_output(out, replaced)
 
     # Both engines write the per-chunk table; a dataset begun without one (chunk_tables null) is resumed without.
     with_table = manifest is None or manifest["chunk_tables"] is not None

@@ -89,13 +89,14 @@ def written_bytes(manifest: Mapping[str, Any] | None) -> int:
     return sum(entry["bytes"] for entry in [*manifest["shards"], *(manifest["chunk_tables"] or [])])
 
 
-def check_space(out: Path, plan: Estimate, manifest: Mapping[str, Any] | None) -> None:
+def check_space(out: Path, plan: Estimate, manifest: Mapping[str, Any] | None, freed: int = 0) -> None:
     """Log what the run will write; refuse (InputError, one line) when `out`'s file system lacks the space.
 
-    What a resumed run's manifest already lists counts as written. Only a run of known size
-    can be refused; an open-ended one logs how many chunks the free space holds.
+    What a resumed run's manifest already lists counts as written; the `freed` bytes of the
+    files the run removes before writing (an extraction it replaces) count as free. Only a
+    run of known size can be refused; an open-ended one logs how many chunks the space holds.
     """
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(out).free + freed
     log.info("will write %s; %s free", plan.describe(), size_text(free))
     if not plan.known:
         log.info("the free space holds about %s chunks", f"{free * plan.chunks // max(plan.total_bytes, 1):,}")
@@ -103,8 +104,9 @@ def check_space(out: Path, plan: Estimate, manifest: Mapping[str, Any] | None) -
     needed = max(plan.total_bytes - written_bytes(manifest), 0)
     if needed > free:
         raise InputError(f"--out '{out}' needs about {size_text(needed)} for {plan.rows:,} rows of {plan.chunks:,} "
-                         f"chunks, but its file system has {size_text(free)} free; free space, lower --num-chunks "
-                         "or choose another --out")
+                         f"chunks, but its file system has {size_text(free)} free"
+                         f"{f' with the {size_text(freed)} it would replace' if freed else ''}; "
+                         "free space, lower --num-chunks or choose another --out (nothing was removed)")
 
 
 def time_line(batches: int | None, seconds_per_batch: float, batch_size: int) -> str:

@@ -19,7 +19,7 @@ from memscan import models, preflight, qf, sites, store
 from memscan.errors import InputError
 from memscan.extract import ExtractSettings, extract, settings_record
 from tests.conftest import qf_lines, save_gpt2
-from tests.test_bad_input import extract_args, fails
+from tests.test_bad_input import extract_args, fails, run
 
 CHUNK = 32
 CPU_BUDGET = "cpu=150KB"  # the 4-block model below: embeddings, LM head and block 0 in memory, blocks 1-3 on disk
@@ -180,6 +180,25 @@ def test_too_little_space_is_refused_in_one_line_before_anything_is_written(caps
     assert f"needs about {preflight.size_text(needed)} for 640 rows of 20 chunks" in last
     assert "has 40.0 kB free" in last
     assert not out.exists()
+
+
+def test_an_overwrite_refused_for_space_keeps_the_extraction_it_would_replace(capsys, monkeypatch, qf_model, docs,
+                                                                            tmp_path):
+    out = tmp_path / "out"
+    extract(settings(qf_model, docs), out)
+    old = {path.name: path.read_bytes() for path in out.iterdir()}
+    needed = preflight.estimate(20, [32], CHUNK, "float32", CHUNK, 65536, loss=True).total_bytes
+    args = (*extract_args(qf_model, docs, out), "--num-chunks", "20", "--positions", "all", "--dtype", "fp32",
+            "--overwrite")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 1_000))
+    last = fails(capsys, *args, match="needs about")
+    assert "it would replace; " in last and last.endswith("(nothing was removed)")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == old and store.verify(out) == []
+    # the bytes of the extraction it replaces count as free: with them, just enough goes ahead
+    freed = sum(len(content) for content in old.values())
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, needed - freed + 1_000))
+    assert run(capsys, *args)[0] == 0
+    assert store.read_manifest(out)["complete"] and (out / "manifest.json").read_bytes() != old["manifest.json"]
 
 
 def test_a_resume_needs_only_what_is_not_yet_written(monkeypatch, tmp_path):
