@@ -486,7 +486,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
 
     plan = preflight.estimate(total_chunks, widths, len(positions), vec_dtype, settings.chunk_tokens,
                               settings.shard_rows, settings.loss)
-    preflight.check_space(out, plan, manifest, freed=sum((out / name).stat().st_size for name in replaced))
+    preflight.check_space(out, plan, manifest, freed=sum((out / name).lstat().st_size for name in replaced))
     clear_output(out, replaced)
 
     # Both engines write the per-chunk table; a dataset begun without one (chunk_tables null) is resumed without.

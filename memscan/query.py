@@ -503,34 +503,41 @@ def _searched_members(layer: Layer, patterns: PatternMeta, member: np.ndarray, i
     first member among each one's `rest_depth` nearest through the index, with its nprobe
     (efSearch) raised to the smallest value at which that reaches the index's target
     1-recall@1 on a seeded sample against an exact search (deeper neighbours are missed
-    more often than the nearest the index was tuned for); those still without one are
+    more often than the nearest the index was tuned for; an index with neither, a scan of
+    compressed codes, searches once at its own settings); those still without one are
     searched exactly (in the sample: their exact values are at hand).
     """
     members = patterns.row_id[member]
     if not layer.approximate:
         return _exact_within_subset(layer, ids, members), None
-    depth, (parameter, limit) = rest_depth(fraction, layer.d), layer.index.recall_knob()
+    depth, knob = rest_depth(fraction, layer.d), layer.index.recall_knob()
     sample = np.sort(np.random.default_rng(layer.settings.seed).choice(
         len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False))
     truth = _exact_within_subset(layer, ids[sample], members)
 
-    def through_index(rows: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
-        with layer.index.searching_with(**{parameter: value}):
+    def through_index(rows: np.ndarray, value: int | None) -> tuple[np.ndarray, np.ndarray]:
+        with layer.index.searching_with(**({knob[0]: value} if knob else {})):
             return _members_through_index(layer, member, patterns.row_id, rows, depth)
 
-    def measure(value: int) -> float:
+    def measure(value: int | None) -> float:
         listed, sq = through_index(ids[sample], value)
         return recall_at(np.where(listed, sq, truth)[:, None], truth[:, None], "l2")[0]
 
-    start = layer.index.info["search"][parameter]
-    values = [start] + [value for value in tuning.search_values(parameter, limit) if value > start]
-    swept = tuning.sweep(parameter, values, measure, layer.index.target_recall)
-    chosen, curve = swept["chosen"], swept["curve"]
+    record: dict[str, Any] = {"queries": len(sample), "depth": depth}
+    if knob is None:   # a scan of every (compressed) code: no parameter buys recall
+        chosen, record["recall_1_at_1"] = None, measure(None)
+    else:
+        parameter, limit = knob
+        start = layer.index.info["search"][parameter]
+        values = [start] + [value for value in tuning.search_values(parameter, limit) if value > start]
+        swept = tuning.sweep(parameter, values, measure, layer.index.target_recall)
+        chosen, curve = swept["chosen"], swept["curve"]
+        record.update({parameter: chosen, "curve": curve,
+                       "recall_1_at_1": curve["recall"][curve[parameter].index(chosen)]})
     listed, sq = through_index(ids, chosen)
     if not listed.all():
         sq[~listed] = _exact_within_subset(layer, ids[~listed], members)
-    return sq, {"queries": len(sample), "depth": depth, parameter: chosen, "curve": curve,
-                "recall_1_at_1": curve["recall"][curve[parameter].index(chosen)]}
+    return sq, record
 
 
 def _subset(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: float) -> SubsetNearest:

@@ -188,6 +188,53 @@ def test_an_ivf_flat_index_is_searched_for_inner_products_through_its_own_lists(
     assert index.info["search"] == {"nprobe": 4}   # the index searches as before
 
 
+def lists_view_over(P: np.ndarray, filled: np.ndarray) -> mips.ListsView:
+    """A ListsView over an IVF16 trained on all of P but filled with the rows `filled` only (empty lists),
+    built inside this function so that only the view keeps the L2 index alive."""
+    from memscan.knn.shards import Shard
+
+    ivf = faiss.index_factory(P.shape[1], "IVF16,Flat")
+    ivf.train(P.astype(np.float32))
+    ivf.add(P[filled].astype(np.float32))
+    return mips.ListsView(Shard(ivf, filled, {}), float((P[filled] ** 2).sum(1).max()))
+
+
+def test_a_lists_view_survives_empty_lists_small_batches_and_its_owner_going(arrays):
+    import gc
+
+    P = arrays["P"]
+    filled = np.sort(np.argsort(arrays["pp"][0])[:150])   # one compact region: most of the 16 lists stay empty
+    view = lists_view_over(P, filled)
+    gc.collect()                                  # the index it was made from is gone but for the view
+    assert 0 < view.probe.ntotal < 16
+    view.set_parameter("nprobe", 16)              # more than the non-empty lists: all of them
+    assert view.params["nprobe"] == 16 and faiss.downcast_index(view.index).nprobe == view.probe.ntotal
+    Q = arrays["Q"][:5].astype(np.float32)
+    truth = -np.sort(-(Q.astype(np.float64) @ P[filled].T), axis=1)[:, :3]
+    for grouped in (False, True):                 # 5 queries: too few for a grouped scan, searched plainly
+        scores, ids = view.search(Q, 3, grouped=grouped)
+        np.testing.assert_allclose(scores, truth, rtol=1e-5)
+        assert np.isin(ids, filled).all()
+
+
+def test_a_small_batch_of_a_grouped_search_is_searched_plainly(ivf):
+    index = KnnIndex.load(ivf, device="cpu")
+    X = index.vectors(index.row_ids[:3])
+    plain, grouped = index.shards.search(X, 4), index.shards.search(X, 4, grouped=True)
+    np.testing.assert_array_equal(plain[1], grouped[1])
+
+
+def test_subsets_through_an_index_without_nprobe_are_searched_once(data, arrays, tmp_path):
+    build(data, tmp_path / "sq8", IndexSettings(factory="SQ8"))
+    index = KnnIndex.load(tmp_path / "sq8", device="cpu")
+    layer = query._layer(index, store.ActivationDataset(data), 0, QuerySettings(k=2), leave_one_out=False)
+    assert layer.approximate and index.recall_knob() is None
+    patterns = query._pattern_meta(layer)
+    subset = query._subset(layer, patterns, query._self_join(layer, patterns), 0.25)
+    assert set(subset.recall) == {"queries", "depth", "recall_1_at_1"} and subset.recall["recall_1_at_1"] >= 0.9
+    assert (subset.values >= brute_subset_nearest(arrays["P"], subset.row_ids) * (1 - 1e-6)).all()
+
+
 def test_sharded_indexes_get_their_own_inner_product_index(data, tmp_path):
     build(data, tmp_path / "ivf", IndexSettings(factory="IVF16,Flat", nprobe=4, shards=2))
     index = KnnIndex.load(tmp_path / "ivf", device="cpu")

@@ -21,9 +21,7 @@ products, probed by the lists' augmented means as the augmented index would be
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from memscan.errors import DataError
 from memscan.knn import exact, kmeans
 from memscan.knn import tuning
 from memscan.knn.index import nlist, recall_at
-from memscan.knn.shards import Shard, Shards
+from memscan.knn.shards import Shard, Shards, grouped_search
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ class ListsView(Shard):
         view = faiss.IndexIVFFlat(faiss.IndexFlatIP(ivf.d), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
         view.replace_invlists(ivf.invlists, False)   # the L2 index keeps owning its lists
         view.ntotal, view.is_trained = ivf.ntotal, True
-        view.referenced_objects.append(ivf)          # FAISS's own way to keep the owner alive as long
+        view.referenced_objects.append(shard.index)  # FAISS's own way to keep the owner alive as long
         self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(ivf.d + 1))
         for number in range(ivf.nlist):
             _, codes = get_invlist(ivf.invlists, number)
@@ -113,17 +111,18 @@ class ListsView(Shard):
                 self.probe.add_with_ids(mean[None], np.array([number]))
         super().__init__(view, shard.row_ids, {})
 
+    def set_parameter(self, name: str, value: int) -> None:
+        """As `Shard.set_parameter`; nprobe probes at most the non-empty lists (the probe holds only those)."""
+        super().set_parameter(name, min(value, self.probe.ntotal) if name == "nprobe" else value)
+        self.params[name] = value
+
     def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
         import faiss
-        from faiss.contrib.big_batch_search import big_batch_search
 
         view = faiss.downcast_index(self.index)
-        lists_D, lists = self.probe.search(augment_queries(X), min(view.nprobe, self.probe.ntotal))
-        if grouped:   # stdout caught as in Shard._search
-            with contextlib.redirect_stdout(io.StringIO()):
-                D, local = big_batch_search(view, X, k, verbose=0, q_assign=lists.astype(np.int32))
-        else:
-            D, local = view.search_preassigned(X, k, lists, lists_D)
+        lists_D, lists = self.probe.search(augment_queries(X), view.nprobe)
+        found = grouped_search(view, X, k, lists.astype(np.int32)) if grouped else None
+        D, local = found if found is not None else view.search_preassigned(X, k, lists, lists_D)
         return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
 
 
@@ -217,7 +216,8 @@ class MipsIndex:
         contenders = self._contenders(X, scores, valid, k) if self.exact_codes else valid
         local = np.full(ids.shape, -1)
         local[contenders] = np.arange(int(contenders.sum()))
-        ip = exact.exact_scores(X, self.vectors(ids[contenders]), local, "ip")
+        ip = (exact.exact_scores(X, self.vectors(ids[contenders]), local, "ip") if contenders.any()
+              else np.zeros(ids.shape))
         ip = np.where(contenders, ip, -np.inf)
         order = np.argsort(-ip, axis=1, kind="stable")[:, :k]
         return MipsResult(np.take_along_axis(ip, order, axis=1),

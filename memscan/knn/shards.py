@@ -72,6 +72,23 @@ def nlist(index: Any) -> int | None:
         return None
 
 
+def grouped_search(ivf: Any, X: np.ndarray, k: int, lists: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(D, local ids) of a CPU IVF's search with each inverted list scanned once for all of X
+    (faiss.contrib.big_batch_search; `lists` (nq, p) int32: the lists to probe, else the
+    quantizer's nprobe nearest). None for a batch too small for its bucket sort, which needs
+    more (query, list) pairs than lists + 1: the caller searches it plainly.
+    """
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    if len(X) * (ivf.nprobe if lists is None else lists.shape[1]) <= ivf.nlist + 1:
+        return None
+    # verbose=0 logs nothing (1 logs its memory use at INFO on the root logger); its
+    # per-list progress still goes to print, so stdout is caught
+    with contextlib.redirect_stdout(io.StringIO()):
+        return big_batch_search(ivf, X, k, verbose=0, q_assign=lists)
+
+
 class Shard:
     """One FAISS index and its row-id map (FAISS id i is dataset row `row_ids[i]`).
 
@@ -125,18 +142,13 @@ class Shard:
 
     def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
         import faiss
-        from faiss.contrib.big_batch_search import big_batch_search
 
         on_gpu = self.gpu_index is not None and max(k, self.params.get("nprobe", 0)) <= exact.GPU_MAX_K
         ivf = faiss.downcast_index(self.index)
-        if grouped and not on_gpu and isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ,
-                                                       faiss.IndexIVFScalarQuantizer)):
-            # verbose=0 logs nothing (1 logs its memory use at INFO on the root logger); its
-            # per-list progress still goes to print, so stdout is caught
-            with contextlib.redirect_stdout(io.StringIO()):
-                D, local = big_batch_search(ivf, X, k, verbose=0)
-        else:  # Flat, HNSW, an IVF behind a transform, or the GPU copy: the plain search
-            D, local = (self.gpu_index if on_gpu else self.index).search(X, k)
+        found = grouped_search(ivf, X, k) if grouped and not on_gpu and isinstance(
+            ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)) else None
+        # else Flat, HNSW, an IVF behind a transform, the GPU copy or a small batch: the plain search
+        D, local = found if found is not None else (self.gpu_index if on_gpu else self.index).search(X, k)
         return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
 
     def lists(self) -> int | None:
