@@ -132,7 +132,7 @@ def mips_budget(budget: int) -> int:
     return budget // 4
 
 
-def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
+def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool, candidates: int | None = None) -> Blocks:
     """The largest blocks whose working sets fit the budget.
 
     A quarter of it holds a block of patterns (float32 and a float64 copy: 12 n bytes a
@@ -141,8 +141,10 @@ def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
     with two float64 copies (20 k n) and the exact re-ranking of k + 9 candidates (float32,
     scored in chunks); exact runs add the MCHN pass's float64 products against a pattern
     block (24 bytes a pattern), as does every exact search of queries against the patterns
-    Half holds a batch of the index's self-join (k + 1 gathered float32 vectors and a copy:
-    8 n (k + 1) bytes a pattern). An exact k-NN pass holds its queries (float32 and a
+    Half holds a batch of the index's self-join (its candidates, k + 1 or `candidates` where
+    an index of compressed codes fetches k_factor times as many, gathered as float32 vectors
+    and a copy: 8 n (k + 1) bytes a pattern); the query's re-ranking grows by as many
+    candidates beyond k + 1. An exact k-NN pass holds its queries (float32 and a
     centred copy, 8 n bytes) and their candidates, so a quarter holds far more of them than
     an MCHN pass: the patterns are streamed once per pass, not once per few hundred queries.
     Blocks never go below one row (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
@@ -151,11 +153,13 @@ def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool) -> Blocks:
         return int(min(max(share // per_row, least), most))
 
     pattern_rows = rows(budget // 4, 12 * n, min(MAX_BLOCK_ROWS, d), MIN_PATTERN_ROWS)
-    per_query = 8 * n * (3 * k + CANDIDATE_SLACK)
+    extra = max(0, (candidates or k + 1) - (k + 1))   # candidates a compressed index fetches beyond k + 1
+    per_query = 8 * n * (3 * k + CANDIDATE_SLACK + extra)
     mchn_rows = rows(budget // 2, per_query + 24 * pattern_rows, MAX_BLOCK_ROWS)
     query_rows = mchn_rows if full_pass else rows(budget // 2, per_query, MAX_BLOCK_ROWS)
     knn_rows = rows(budget // 4, 8 * n + 24 * (k + CANDIDATE_SLACK), MAX_BLOCK_ROWS)
-    return Blocks(budget, pattern_rows, query_rows, rows(budget // 2, 8 * n * (k + 1), MAX_BLOCK_ROWS), knn_rows)
+    return Blocks(budget, pattern_rows, query_rows, rows(budget // 2, 8 * n * (k + 1 + extra), MAX_BLOCK_ROWS),
+                  knn_rows)
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,8 @@ def _layer(index: KnnIndex, queries: store.ActivationDataset, layer: int, settin
     budget = memory_bytes(settings.memory)
     # a Flat inner-product index scans every pattern: an exact join costs as much and is exact
     exact_products = not approximate or choose_factory(d, patterns.n, mips_budget(budget))[0] == "Flat"
-    blocks = block_sizes(budget, patterns.n, settings.k, d, full_pass=exact_products)
+    blocks = block_sizes(budget, patterns.n, settings.k, d, full_pass=exact_products,
+                         candidates=index.candidates(settings.k, exclude_self=True) if use_index else None)
     return Layer(index, queries, patterns, layer, settings, leave_one_out, d, nq, use_index, approximate, exact_products,
                  blocks, _torch_device(settings.device))
 
@@ -487,7 +492,9 @@ def _members_through_index(layer: Layer, member: np.ndarray, row_id: np.ndarray,
     """Whether each of the patterns `ids` has a member among its `depth` nearest through the index, and the
     first one's squared distance (NaN where none), in blocks that hold their candidates in the budget."""
     listed, sq = np.zeros(len(ids), bool), np.full(len(ids), np.nan)
-    step = max(1, layer.blocks.query_rows * layer.settings.k // depth)
+    # the self-join's batches hold its candidates in the budget: these hold as many candidate vectors
+    step = max(1, layer.blocks.join_rows * layer.index.candidates(layer.settings.k, True)
+               // layer.index.candidates(depth, True))
     for start in range(0, len(ids), step):
         block = ids[start:start + step]
         D, I = layer.index.search(layer.vectors(block), depth, block)

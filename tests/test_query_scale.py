@@ -557,6 +557,10 @@ def test_block_sizes_follow_the_budget():
     assert gather <= 64 << 20
     exact_blocks = query.block_sizes(64 << 20, 256, 10, 10**6, full_pass=True)
     assert exact_blocks.query_rows < small.query_rows   # the MCHN pass's products take their share
+    # compressed codes re-rank k_factor (k + 1) candidates (16 x 11): the blocks shrink to hold them
+    compressed = query.block_sizes(64 << 20, 256, 10, 10**6, full_pass=False, candidates=176)
+    assert compressed.join_rows * 176 * 8 * 256 <= 32 << 20 < (compressed.join_rows + 1) * 176 * 8 * 256
+    assert compressed.query_rows * 8 * 256 * (30 + 8 + 165) <= 32 << 20
 
 
 @pytest.mark.parametrize("given,expected", [("512MB", 512 * 10**6), ("2GiB", 2 << 30), ("1.5G", 1.5e9),

@@ -547,7 +547,7 @@ class KnnIndex:
             raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
         exact.check_finite(X, "the queries")
         exact.check_scale(X, "the queries")
-        _, ids = self.shards.search(X, self._candidates(k, query_ids is not None))
+        _, ids = self.shards.search(X, self.candidates(k, query_ids is not None))
         return self._finish(X, ids, k, query_ids)
 
     def self_join(self, k: int, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -564,12 +564,12 @@ class KnnIndex:
         with tqdm(total=self.shards.ntotal, desc="self-join", unit="vec", unit_scale=True, disable=None,
                   leave=False) as progress:
             for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
-                _, ids = self.shards.search(X, self._candidates(k, True), grouped=True)
+                _, ids = self.shards.search(X, self.candidates(k, True), grouped=True)
                 parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
                 progress.update(len(X))
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
-    def _candidates(self, k: int, exclude_self: bool) -> int:
+    def candidates(self, k: int, exclude_self: bool) -> int:
         """Candidates to fetch for k neighbours: k (+1 for the query's own row); with compressed codes
         k_factor (k + 1) for at least TUNE_K neighbours, what the tuned search fetched, for every query."""
         if "k_factor" not in self.info["search"]:
