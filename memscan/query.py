@@ -141,10 +141,10 @@ def block_sizes(budget: int, n: int, k: int, d: int, full_pass: bool, candidates
     with two float64 copies (20 k n) and the exact re-ranking of k + 9 candidates (float32,
     scored in chunks); exact runs add the MCHN pass's float64 products against a pattern
     block (24 bytes a pattern), as does every exact search of queries against the patterns
-    Half holds a batch of the index's self-join (its candidates, k + 1 or `candidates` where
-    an index of compressed codes fetches k_factor times as many, gathered as float32 vectors
-    and a copy: 8 n (k + 1) bytes a pattern); the query's re-ranking grows by as many
-    candidates beyond k + 1. An exact k-NN pass holds its queries (float32 and a
+    Half holds a batch of the index's self-join (its candidates gathered as float32 vectors
+    and a copy, 8 n bytes each: k + 1 a pattern, or `candidates` where an index of compressed
+    codes fetches k_factor times as many); a query's re-ranking grows by the candidates beyond
+    k + 1 likewise. An exact k-NN pass holds its queries (float32 and a
     centred copy, 8 n bytes) and their candidates, so a quarter holds far more of them than
     an MCHN pass: the patterns are streamed once per pass, not once per few hundred queries.
     Blocks never go below one row (MIN_PATTERN_ROWS patterns) nor above MAX_BLOCK_ROWS.
