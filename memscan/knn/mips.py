@@ -123,7 +123,7 @@ class ListsView(Shard):
         lists_D, lists = self.probe.search(augment_queries(X), view.nprobe)
         found = grouped_search(view, X, k, lists.astype(np.int32)) if grouped else None
         D, local = found if found is not None else view.search_preassigned(X, k, lists, lists_D)
-        return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+        return D, self.row_ids_of(local)
 
 
 @dataclass(frozen=True)

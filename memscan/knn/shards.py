@@ -140,6 +140,10 @@ class Shard:
         log.debug("searched %d queries again, %s up to %d, for %d neighbours each", count, name, value, k)
         return D, ids
 
+    def row_ids_of(self, local: np.ndarray) -> np.ndarray:
+        """Dataset row ids of FAISS ids `local` (any shape), -1 where FAISS found none."""
+        return np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+
     def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
@@ -149,7 +153,7 @@ class Shard:
             ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)) else None
         # else Flat, HNSW, an IVF behind a transform, the GPU copy or a small batch: the plain search
         D, local = found if found is not None else (self.gpu_index if on_gpu else self.index).search(X, k)
-        return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
+        return D, self.row_ids_of(local)
 
     def lists(self) -> int | None:
         return nlist(self.index)
@@ -188,7 +192,7 @@ class Shard:
         if found is None:
             return None
         D, local, scanned = found
-        return D, np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1), scanned
+        return D, self.row_ids_of(local), scanned
 
     def save(self, directory: str | os.PathLike[str], index_file: str, ids_file: str) -> dict[str, Any]:
         """Write the CPU index and the row-id map, each fsynced and renamed into place; returns the
