@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from memscan.catalog import Folder
     from memscan.query import RunTables
 
 
-def load(run_dir: Any) -> RunTables:
-    """A `memscan query` run folder's tables as pandas DataFrames (see memscan.query.load)."""
-    from memscan.query import load as load_run
+def load(directory: Any) -> RunTables | Folder:
+    """Any memscan folder's record and tables as pandas DataFrames, with its `kind` (memscan.catalog.load):
+    a query run's RunTables (neighbours, queries, patterns, histograms, coverage), every other kind's Folder."""
+    from memscan.catalog import load as load_folder   # here, not above: `memscan --help` stays instant
 
-    return load_run(run_dir)
+    return load_folder(directory)

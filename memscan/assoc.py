@@ -14,15 +14,18 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from memscan import files, folders, store
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("p", "p_hat", "seen", "threshold", "top_seen", "sgd_small", "sgd_large", "adam")
+MAX_ARRAY_NUMBERS = 4 * 10**9   # float64s in the largest array a sweep may allocate (32 GB); a larger sweep is refused
 THEORY_SLOPES = {  # (axis, slope as a function of alpha): docs/theory.md's rates
     "p": ("d", lambda a: -(a - 1) / (2 * a)),
     "threshold": ("d", lambda a: -a + 1),
@@ -53,6 +56,9 @@ class SweepSettings:
     learn_embeddings: bool = False                 # trained schemes also learn the input embeddings
 
     def check(self) -> None:
+        if not self.dims or not self.samples:
+            raise InputError(f"--dims and --samples need at least one value each; got dims {list(self.dims)}, "
+                             f"samples {list(self.samples)}")
         if min(self.dims) < 1 or min(self.samples) < 1 or min(self.sgd_dims, default=1) < 1:
             raise InputError(f"d and T must be positive; got dims {self.dims}, samples {self.samples}")
         if self.classes > self.n_tokens:
@@ -67,6 +73,19 @@ class SweepSettings:
         if set(self.schemes) & {"sgd_small", "sgd_large", "adam"} and not (self.trained_dims and self.trained_samples):
             raise InputError(f"trained schemes run at d in {self.sgd_dims} and T in {self.sgd_samples}, which must "
                              f"appear in --dims and --samples to be compared with p_hat and seen")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Refuse a sweep whose largest array (E (N, d), G (N, N) or the scores S (K, N, M) of the module docstring)
+        could not be held, before any is allocated: one line naming the flag to lower."""
+        n, d, k = self.n_tokens, max(self.dims), len(self.schemes) * len(self.samples)
+        arrays = ((n * d, "--dims", f"--dims {d} with --n-tokens {n}"), (n * n, "--n-tokens", f"--n-tokens {n}"),
+                  (k * n * self.classes, "--classes", f"--classes {self.classes} with --n-tokens {n} and {k} "
+                   "weightings"))
+        numbers, flag, what = max(arrays)
+        if numbers > MAX_ARRAY_NUMBERS:
+            raise InputError(f"{what} needs an array of {numbers:.1e} numbers; a sweep holds at most "
+                             f"{MAX_ARRAY_NUMBERS:.0e} (32 GB): lower {flag}")
 
     @property
     def trained_dims(self) -> tuple[int, ...]:
@@ -317,51 +336,49 @@ def settings_dict(settings: SweepSettings) -> dict[str, Any]:
 
 SWEEP_TABLE, Q_TABLE, SETTINGS_FILE, FIT_FILE = "sweep.parquet", "q.parquet", "settings.json", "fit.json"
 IMAGES = ("error_vs_d.png", "error_vs_T.png", "sgd_q.png")  # drawn by memscan.report.render_assoc
-OWN_FILES = frozenset((SWEEP_TABLE, Q_TABLE, SETTINGS_FILE, FIT_FILE, *IMAGES))
 
 
-def run_sweep(settings: SweepSettings, out: str, allow_other_files: bool = False) -> dict[str, Any]:
-    """Run a sweep and write its tables and settings into `out` (files memscan did not write there
-    are refused unless `allow_other_files`, and never removed)."""
-    from pathlib import Path
-
-    from memscan import files, store
-
+def run_sweep(settings: SweepSettings, out: str, overwrite: bool = False,
+              allow_other_files: bool = False) -> dict[str, Any]:
+    """Run a sweep and write its tables and settings.json (its record) into `out`, claimed by the folder
+    model's rules (memscan.folders.claim): the same sweep finds its finished tables, another needs `overwrite`."""
     started = time.perf_counter()
+    identity = folders.job_fingerprint(settings=settings_dict(settings))
     with files.job_folder(Path(out)) as folder:
-        if not allow_other_files:
-            files.refuse_foreign(folder, files.owned_by(OWN_FILES))
+        claimed = folders.claim(folder, folders.ASSOC, (SWEEP_TABLE, Q_TABLE), identity, overwrite=overwrite,
+                                allow_other_files=allow_other_files)
+        if claimed.done:
+            return claimed.previous
+        pending = folders.begin(folder, folders.ASSOC, identity, (SWEEP_TABLE, Q_TABLE), claimed.previous)
         table, q = sweep(settings)
         tables = [store.write_table(folder / SWEEP_TABLE, table), store.write_table(folder / Q_TABLE, q)]
-        info = {"settings": settings_dict(settings), "rows": int(len(table["error"])),
+        info = {"fingerprint": identity, "settings": settings_dict(settings), "rows": int(len(table["error"])),
                 "seconds": round(time.perf_counter() - started, 2), "files": tables}
-        files.write_json_atomic(folder / SETTINGS_FILE, info)  # last: it vouches for the tables
-    return info
+        return folders.write_record(folder, folders.ASSOC, info, pending)  # last: it vouches for the tables
 
 
 def run_fit(folder: str) -> dict[str, Any]:
-    """Fit a sweep folder's slopes, write fit.json beside it, and return it."""
-    from pathlib import Path
-
-    from memscan import files, store
-
+    """Fit a sweep folder's slopes, write fit.json (a record beside the sweep's, memscan.folders.FIT), return it."""
     path = Path(folder)
     info = read_settings(path)
     table = {k: np.asarray(v) for k, v in store.read_table(path / SWEEP_TABLE).to_pydict().items()}
     result = fit(table, info["settings"])
     with files.folder_lock(path, "FOLDER"):
-        files.write_json_atomic(path / FIT_FILE, result)
-    return result
+        sweep_record = folders.identity(path)
+        claimed = folders.claim(path, folders.FIT, (), sweep_record, overwrite=True, allow_other_files=True)
+        return folders.write_record(path, folders.FIT, {"fingerprint": sweep_record, **result}, claimed.previous)
 
 
 def read_settings(folder: Any) -> dict[str, Any]:
-    """settings.json of a sweep folder, checked: its keys, and both tables against their sha256."""
-    from pathlib import Path
-
-    from memscan import files
-
+    """settings.json of a sweep folder, checked: its record, and both tables against their sha256."""
     path = Path(folder)
-    info = files.read_record(path / SETTINGS_FILE, "`memscan assoc sweep`", {"settings": dict, "files": list})
-    for entry in info["files"]:
+    info = folders.read_record(path, folders.ASSOC)
+    files.require(info, "settings", dict, path / SETTINGS_FILE)
+    for entry in folders.entries(folders.ASSOC, info):
         files.check_file(path, entry, "table")
     return info
+
+
+def read_fit(folder: Any) -> dict[str, Any]:
+    """fit.json of a sweep folder: a sound record of `memscan assoc fit`."""
+    return folders.read_record(Path(folder), folders.FIT)

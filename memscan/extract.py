@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from memscan import checks, corpus, files, preflight, store
+from memscan import checks, corpus, files, folders, preflight, store
 from memscan.errors import InputError, NonFiniteActivationsError
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,14 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool, allow_other_fil
     with `overwrite`; stale files of an unfinished start go too. Nothing is removed here:
     a run refused before it writes (the preflight's space check) keeps what it would replace.
     """
+    files.refuse_link(out / store.MANIFEST)
     manifest = store.read_manifest(out) if (out / store.MANIFEST).exists() else None
     listed = {shard["name"] for shard in manifest["shards"]} if manifest else set()
 
     def ours(name: str) -> bool:
         return store.is_dataset_file(name, listed) and not (out / name).is_dir()
+
+    folders.refuse_links(out, [p.name for p in out.iterdir() if ours(p.name)])
 
     if not allow_other_files:
         files.refuse_foreign(out, ours)
@@ -498,7 +501,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
             rows_per_chunk=len(targets) * len(positions), versions=_versions(), split_rule=rule.describe(),
             chunk_table_chunks=store.chunk_table_chunks(settings.batch_size), sites=site_records(targets, widths),
         )
-        files.write_json_atomic(out / store.MANIFEST, manifest)
+        store.write_manifest(out, manifest)
     per_chunk, batch_size = manifest["rows_per_chunk"], settings.batch_size
     rows_done = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
     first_batch, skip_rows = divmod(rows_done, batch_size * per_chunk)
@@ -516,7 +519,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     def record(key: str, entry: dict[str, Any]) -> None:
         with recording:
             manifest[key].append(entry)
-            files.write_json_atomic(out / store.MANIFEST, manifest)
+            store.write_manifest(out, manifest)
 
     def record_shard(info: store.ShardInfo) -> None:
         record("shards", info.to_dict())
@@ -584,7 +587,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
                           "rows": {k: v * per_chunk for k, v in sorted(chunk_counts.items())}}
     manifest["corpus"] = stats.to_dict()
     manifest["complete"] = True
-    files.write_json_atomic(out / store.MANIFEST, manifest)
+    manifest = store.write_manifest(out, manifest)
     log.info("extracted %d rows into %s", sum(manifest["counts"]["rows"].values()), out)
     return manifest
 

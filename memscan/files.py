@@ -55,8 +55,28 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def refuse_link(path: Path) -> None:
+    """Refuse a symbolic link where memscan would write, remove or read a file of its own: it may point anywhere."""
+    if os.path.islink(path):
+        raise InputError(f"'{path}' is a symbolic link; memscan never writes, removes or reads its files through "
+                         "links: remove the link or choose another folder")
+
+
+def new_tmp(path: Path) -> Path:
+    """The temporary name of `path`, created empty with O_EXCL | O_NOFOLLOW (a stale one of memscan's is
+    removed first, a link there refused): the writer that fills it never writes through a link."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    refuse_link(path)
+    refuse_link(tmp)
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    return tmp
+
+
 def commit_file(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it to `final`, fsync the folder: `final` is then whole on disk."""
+    """fsync `tmp`, rename it to `final`, fsync the folder: `final` is then whole on disk (never a link replaced)."""
+    refuse_link(final)
     with tmp.open("rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -73,10 +93,14 @@ def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
 
     Non-finite floats are refused (JSON has no Infinity or NaN): a record stays standard JSON.
     """
-    path = Path(path)
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    commit_file(tmp, path)
+    write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A text file written as `write_json_atomic` writes a record: whole or not at all, never through a link."""
+    tmp = new_tmp(Path(path))
+    tmp.write_text(text)
+    commit_file(tmp, Path(path))
 
 
 def sha256_of(path: Path, block_bytes: int = 1 << 22) -> str:
@@ -114,9 +138,11 @@ def file_problem(directory: Path, entry: Mapping[str, Any], what: str = "file") 
     name = plain_name(entry.get("name"), Path(directory))
     path = Path(directory) / name
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
     except FileNotFoundError:
         return f"{what} {name} is missing"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{what} {name} is a symbolic link, not the file memscan wrote"
     if not stat.S_ISREG(info.st_mode):
         return f"{what} {name} is not a regular file"
     if info.st_size != entry.get("bytes"):
@@ -145,6 +171,8 @@ def read_record(path: Path, what: str, fields: Mapping[str, type | tuple[type, .
     `fields` maps required top-level keys to their type(s); `what` names the record in errors.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise DataError(f"{path} is a symbolic link, not the record memscan wrote")
     if path.exists() and not path.is_file():  # a FIFO or a device would hang the read
         raise DataError(f"{path} is not a regular file")
     try:
@@ -218,7 +246,8 @@ def remove_owned(directory: Path, names: Iterable[str]) -> None:
     """Remove the listed files (and their exact temporary names) of `directory`; nothing else."""
     for name in names:
         for path in (Path(directory) / name, tmp_path(Path(directory) / name)):
-            if path.is_dir() and not path.is_symlink():
+            refuse_link(path)
+            if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
@@ -235,7 +264,8 @@ def folder_lock(directory: Path, flag: str = "--out") -> Iterator[None]:
     even by kill -9, so a crashed job never leaves a folder locked. The file stays.
     """
     path = Path(directory) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    refuse_link(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -262,8 +292,9 @@ def folder_lock(directory: Path, flag: str = "--out") -> Iterator[None]:
 def job_folder(directory: Path, flag: str = "--out") -> Iterator[Path]:
     """Create `directory` if needed and hold its lock for the job; a failed job removes a folder it created.
 
-    The folder is removed only when the job made it and it then holds nothing but the lock
-    and memscan's temporary files: what a finished stage wrote, or what a user put there, stays.
+    The folder is removed only when the job made it and it then holds nothing but the lock,
+    memscan's temporary files and pending records: what a finished stage wrote, or what a user
+    put there, stays.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -284,6 +315,20 @@ def job_folder(directory: Path, flag: str = "--out") -> Iterator[Path]:
 
 def _remove_if_only_scratch(directory: Path) -> None:
     with contextlib.suppress(OSError):
-        names = [p.name for p in directory.iterdir()]
-        if all(name == LOCK_FILE or name.endswith(TMP_SUFFIX) for name in names):
+        paths = list(directory.iterdir())
+        if all(p.name == LOCK_FILE or p.name.endswith(TMP_SUFFIX) or _is_pending(p) for p in paths):
             shutil.rmtree(directory)
+
+
+PENDING = "pending"   # the key of a record written before its job's files: it vouches for nothing (memscan.folders)
+
+
+def _is_pending(path: Path) -> bool:
+    """Whether `path` is a pending record (scratch, as temporary files are): a regular JSON file with PENDING."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 20:
+        return False
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and PENDING in document

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from memscan import analysis, files, store, theory
+from memscan import analysis, files, folders, store, theory
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, tuning
 from memscan.knn.index import DEVICES, RECALL_RTOL, KnnIndex, at_least, dataset_blocks, manifest_sha256, recall_at
@@ -38,8 +38,7 @@ from memscan.knn.mips import CANDIDATE_SLACK, RECALL_QUERIES, MipsIndex, Sample,
 
 log = logging.getLogger(__name__)
 
-FORMAT, FORMAT_VERSION = "memscan.run", 2   # 2: tables checksummed, the summary signed
-SUMMARY = "summary.json"
+SUMMARY = folders.QUERY_RUN.record
 TABLES = ("neighbours", "queries", "patterns", "histograms", "coverage")
 TABLE_FILES = tuple(f"{name}.parquet" for name in TABLES)
 STEPS = ("patterns", "self-join", "inner-product join", "subsets", "searches", "energies", "retrieval")
@@ -638,19 +637,23 @@ class QueryTotals:
     loss_sum: float = 0.0
     loss_count: int = 0
 
-    def add(self, nearest: np.ndarray, energies: Energies, retrieval: Retrieval, next_match: np.ndarray,
-            nll: np.ndarray) -> None:
+    def add(self, nearest: np.ndarray, energies: Energies, retrieval: Retrieval, next_token: np.ndarray,
+            next_match: np.ndarray, nll: np.ndarray) -> None:
         self.nearest.append(nearest)
         self.count += len(nearest)
         for name, values in (*energies._asdict().items(), ("retrieved", retrieval.retrieved),
-                             ("converged", retrieval.converged), ("next_match", next_match)):
+                             ("converged", retrieval.converged), ("next_known", next_token >= 0),
+                             ("next_match", next_match)):
             self.sums[name] = self.sums.get(name, 0.0) + float(np.sum(values, dtype=np.float64))
         finite = np.isfinite(nll)
         self.loss_sum += float(np.sum(nll[finite], dtype=np.float64))
         self.loss_count += int(finite.sum())
 
-    def mean(self, name: str) -> float:
-        return self.sums[name] / self.count
+    def mean(self, name: str, over: str | None = None) -> float:
+        """The mean of a summed column over the queries, or over those where the column `over` holds;
+        NaN over none (null in summary.json: undefined, not 0)."""
+        count = self.count if over is None else self.sums[over]
+        return self.sums[name] / count if count else math.nan
 
     @property
     def test_loss(self) -> float | None:
@@ -704,7 +707,7 @@ def _stream_queries(layer: Layer, patterns: PatternMeta, radii: Radii, mips: Mip
             for name, rows in _query_rows(layer, ids, D, I, energies, retrieval, next_match, meta["nll"],
                                           radii.radius).items():
                 sink(name, rows)
-            totals.add(np.sqrt(D[:, 0]), energies, retrieval, next_match, meta["nll"])
+            totals.add(np.sqrt(D[:, 0]), energies, retrieval, meta["next_token_id"], next_match, meta["nll"])
             blocks += 1
             bar.update(len(X))
             log.debug("layer %d: query block %d, %d queries, %.2f s", layer.layer, blocks, len(X),
@@ -795,7 +798,7 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
                "ramsauer_threshold": separation.threshold, "max_norm": separation.max_norm,
                "ramsauer_delta": analysis.describe(delta), "inner_products": separation.search},
         "A1": {"retrieval_rate": totals.mean("retrieved"), "converged_rate": totals.mean("converged"),
-               "epsilon": radii.epsilon, "next_token_agreement": totals.mean("next_match"),
+               "epsilon": radii.epsilon, "next_token_agreement": totals.mean("next_match", over="next_known"),
                "train_loss": train_loss, "test_loss": test_loss,
                "loss_gap": None if train_loss is None or test_loss is None else test_loss - train_loss},
         "energy": {"beta": settings.beta, "mean_lower": totals.mean("lower"), "mean_upper": totals.mean("upper"),
@@ -861,13 +864,15 @@ def queries_are_patterns(index: KnnIndex, queries_dir: str | Path, split: str) -
 
 def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
         settings: QuerySettings = QuerySettings(), engine: exact.Engine = exact.LocalEngine(),
-        allow_other_files: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, allow_other_files: bool = False) -> dict[str, Any]:
     """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
 
     Layers are those of the index's site, and with `settings.sites` those of other sites too
     (searched exactly: the index holds one site and layer); every table gets a `site` column.
-    The job holds `out_dir` (one job at a time) and refuses files memscan did not write
-    there unless `allow_other_files`. `engine` (default: this process) holds the index's shards
+    The job holds `out_dir` (one job at a time) and claims it by the folder model's rules
+    (memscan.folders.claim): the same query finds its finished run and returns it, another
+    needs `overwrite`, files memscan did not write need `allow_other_files` and stay untouched.
+    `engine` (default: this process) holds the index's shards
     and runs the exact searches; with `ray_runner.RayEngine` the shards sit in Ray actors and
     the exact searches run as Ray tasks; the tables are the same.
     """
@@ -876,11 +881,16 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
     settings.check()
     out_dir = Path(out_dir)
     with files.job_folder(out_dir):
-        if not allow_other_files:
-            files.refuse_foreign(out_dir, _ours)
         index = KnnIndex.load(index_dir, device=settings.device, engine=engine)
         queries = index.open_queries(queries_dir)
         index.check_queries(queries)
+        identity = folders.job_fingerprint(settings=asdict(settings), index=index.info[files.SELF_SHA256],
+                                           queries=manifest_sha256(Path(queries_dir)))
+        claimed = folders.claim(out_dir, folders.QUERY_RUN, TABLE_FILES, identity, overwrite=overwrite,
+                                allow_other_files=allow_other_files)
+        if claimed.done:
+            log.info("%s already holds this query's finished run", out_dir)
+            return claimed.previous
         leave_one_out = queries_are_patterns(index, queries_dir, settings.split)
         if leave_one_out:
             log.info("the queries are the indexed patterns (split '%s'): each leaves its own row out", settings.split)
@@ -891,12 +901,12 @@ def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
                 summaries = [analyse_layer(index, site_queries, layer, settings, _site_sink(writers, patterns.site),
                                            leave_one_out, progress, patterns)
                              for patterns, site_queries, layers in pairs for layer in layers]
-            header = {"format": FORMAT, "format_version": FORMAT_VERSION, "index": str(Path(index_dir).resolve()),
+            header = {"fingerprint": identity, "index": str(Path(index_dir).resolve()),
                       "queries": str(Path(queries_dir).resolve()), "settings": asdict(settings),
                       "queries_are_patterns": leave_one_out, "site": index.dataset.site,
                       "index_info": {key: index.info[key] for key in ("factory", "metric", "n", "ntotal", "search",
                                                                        files.SELF_SHA256)}}
-            return _commit(out_dir, writers, header, summaries)
+            return _commit(out_dir, writers, header, summaries, claimed.previous)
 
 
 def _site_pairs(index: KnnIndex, queries: store.ActivationDataset, queries_dir: str | Path, sites: str | None,
@@ -943,24 +953,14 @@ def _table_writers(out_dir: Path) -> Iterator[dict[str, store.TableWriter]]:
 
 
 def _commit(out_dir: Path, writers: dict[str, store.TableWriter], header: dict[str, Any],
-            summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The tables renamed into place, then the signed summary listing them; the old summary goes first,
-    so a run killed (or out of disk) while committing leaves no summary vouching for a mix of old
-    and new tables."""
-    (out_dir / SUMMARY).unlink(missing_ok=True)
-    files.fsync_directory(out_dir)
+            summaries: list[dict[str, Any]], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The tables renamed into place, then the signed summary listing them; a pending record replaces the old
+    summary first, so a run killed (or out of disk) while committing leaves no summary vouching for a mix of
+    old and new tables, and a rerun resumes."""
+    pending = folders.begin(out_dir, folders.QUERY_RUN, header["fingerprint"], TABLE_FILES, previous)
     entries = [writers[name].commit() for name in TABLES]
-    summary = files.signed(analysis.finite_or_none({**header, "tables": entries, "layers": summaries}))
-    files.write_json_atomic(out_dir / SUMMARY, summary)
-    return summary
-
-
-def _ours(name: str) -> bool:
-    """A name memscan writes in a run folder: the tables, the summary, the report's files, their temporaries."""
-    from memscan import report
-
-    base = name.removesuffix(files.TMP_SUFFIX)
-    return base in (*TABLE_FILES, SUMMARY) or report.owns(base)
+    body = analysis.finite_or_none({**header, "tables": entries, "layers": summaries})
+    return folders.write_record(out_dir, folders.QUERY_RUN, body, pending)
 
 
 # ---------------------------------------------------------------- reading a run folder
@@ -975,13 +975,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
             raise DataError(f"'{run_dir}' holds an incomplete run (no {SUMMARY} vouches for its tables): "
                             "rerun `memscan query`")
         raise DataError(f"'{run_dir}' is not a memscan run folder: it has no {SUMMARY} (run `memscan query`)")
-    summary = files.read_record(path, "memscan run", {"format": str, "format_version": int})
-    if summary["format"] != FORMAT:
-        raise DataError(f"{path} is not a memscan run summary (format '{summary['format']}')")
-    if summary["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{path} has format version {summary['format_version']}; this memscan reads version "
-                        f"{FORMAT_VERSION} (earlier runs carry no checksums): rerun `memscan query`")
-    files.check_signature(summary, path)
+    summary = folders.read_record(run_dir, folders.QUERY_RUN)
     _check_shape(summary, path)
     return summary
 
@@ -1032,6 +1026,16 @@ class RunTables:
     patterns: Any
     histograms: Any
     coverage: Any
+
+    kind = folders.QUERY_RUN.name
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.summary
+
+    @property
+    def tables(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in TABLES}
 
     def at_site(self, site: str) -> RunTables:
         """The tables' rows of one site (a run from before sites has no site column: all of them)."""

@@ -6,14 +6,16 @@ chosen: split names, paths), so every one is escaped.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memscan import files, store
+from memscan import files, folders, store
 from memscan.query import RunTables, load
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,6 @@ def _get(summary: dict[str, Any], path: str) -> Any:
     for key in path.split("."):
         value = value.get(key) if isinstance(value, dict) else None
     return value
-
-
-def owns(name: str) -> bool:
-    """Whether `memscan report` writes `name` into a run folder."""
-    return name in (PAGE, *IMAGES, SATURATION_DIR, COMPARISON)
 
 
 def _format(value: Any) -> str:
@@ -143,16 +140,25 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
     return names
 
 
-def render_saturation(folder: str | Path) -> list[str]:
-    """Plots of a `memscan saturation` folder: norm growth with its fits, cosines by layer, head spread."""
+def render_saturation(folder: str | Path, allow_other_files: bool = False) -> list[str]:
+    """Plots of a `memscan saturation` folder, listed in its report.json: norm growth with its fits, cosines by
+    layer, head spread."""
+    from memscan import saturation
+
+    folder = Path(folder)
+    with _report_files(folder, saturation.IMAGES, allow_other_files) as written:
+        written += _saturation_plots(folder)
+    return written
+
+
+def _saturation_plots(folder: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memscan import saturation, store
+    from memscan import saturation
 
-    folder = Path(folder)
     summary = saturation.read_summary(folder)  # its tables checked against their sha256
     names = []
     growth = summary["norm_growth"]
@@ -182,34 +188,61 @@ def render_saturation(folder: str | Path) -> list[str]:
 
 
 def _save(fig: Any, path: Path) -> str:
+    """Save a pyplot figure atomically (a fresh temporary file, then rename) and close it; returns its name."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(files.new_tmp(path), dpi=110, format="png")
+    files.commit_file(files.tmp_path(path), path)
     plt.close(fig)
     return path.name
 
 
-def render(run_dir: str | Path) -> Path:
-    """Write the plots and report.html into the run folder (its tables checked first); returns the page's path."""
+@contextlib.contextmanager
+def _report_files(folder: Path, names: tuple[str, ...], allow_other_files: bool) -> Iterator[list[str]]:
+    """Claim `folder` for a report drawn from its record (memscan.folders.REPORT, beside that record), collect
+    the names the block writes, then sign report.json listing them; a report's earlier files not drawn again go."""
+    claimed = folders.claim(folder, folders.REPORT, names, folders.identity(folder), overwrite=True,
+                            allow_other_files=allow_other_files)
+    written: list[str] = []
+    yield written
+    entries = [files.file_entry(folder / name) for name in written]
+    folders.write_record(folder, folders.REPORT, {"fingerprint": folders.identity(folder), "files": entries},
+                         claimed.previous)
+
+
+def render(run_dir: str | Path, comparison: dict[str, Any] | None = None, allow_other_files: bool = False) -> Path:
+    """Write the plots and report.html into the run folder (its tables checked first); returns the page's path.
+
+    `comparison` (from `memscan run`: the paper's numbers against the measured ones) is written
+    beside them as comparison.json and shown on the page; without it, an earlier one is kept.
+    """
     run_dir = Path(run_dir)
     run = load(run_dir)
     with files.folder_lock(run_dir, "RUN_DIR"):
-        images = _plots(run, run_dir)
-        saturation_dir = run_dir / SATURATION_DIR
-        saturation = render_saturation(saturation_dir) if (saturation_dir / "summary.json").exists() else []
-        path = run_dir / PAGE
-        files.tmp_path(path).write_text(_page(run.summary, images, [f"{SATURATION_DIR}/{n}" for n in saturation],
-                                              _comparison(run_dir)))
-        files.commit_file(files.tmp_path(path), path)
+        comparison = comparison or _comparison(run_dir)
+        with _report_files(run_dir, (PAGE, COMPARISON, *IMAGES), allow_other_files) as written:
+            images = _plots(run, run_dir)
+            saturation_dir = run_dir / SATURATION_DIR
+            saturation = (render_saturation(saturation_dir, allow_other_files)
+                          if (saturation_dir / "summary.json").exists() else [])
+            if comparison is not None:
+                files.write_json_atomic(run_dir / COMPARISON, comparison)
+                written.append(COMPARISON)
+            path = run_dir / PAGE
+            files.write_text_atomic(path, _page(run.summary, images, [f"{SATURATION_DIR}/{n}" for n in saturation],
+                                                comparison))
+            written += [*images, PAGE]
     log.info("report: %s", path)
     return path
 
 
 def _comparison(run_dir: Path) -> dict[str, Any] | None:
-    """The run folder's comparison.json (written by `memscan run`), or None."""
+    """The comparison.json an earlier report of this run folder wrote (listed in its report.json), or None."""
     path = run_dir / COMPARISON
-    return files.read_record(path, "memscan comparison", {"rows": list}) if path.exists() else None
+    if COMPARISON not in folders.owned_names(run_dir):
+        return None
+    return files.read_record(path, "memscan comparison", {"rows": list})
 
 
 def _comparison_table(comparison: dict[str, Any] | None) -> str:
@@ -255,16 +288,25 @@ k = {_format(settings['k'])}, beta = {_format(settings['beta'])}.</p>
 {figures}</body></html>"""
 
 
-def render_assoc(folder: str | Path) -> list[str]:
-    """Error against d and against T with docs/theory.md's rates, and SGD's q against q_gamma."""
+def render_assoc(folder: str | Path, allow_other_files: bool = False) -> list[str]:
+    """Plots of an assoc sweep folder, listed in its report.json: error against d and against T with
+    docs/theory.md's rates, and SGD's q against q_gamma."""
+    from memscan import assoc
+
+    folder = Path(folder)
+    with _report_files(folder, assoc.IMAGES, allow_other_files) as written:
+        written += _assoc_plots(folder)
+    return written
+
+
+def _assoc_plots(folder: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memscan import assoc, store
+    from memscan import assoc
 
-    folder = Path(folder)
     settings = assoc.read_settings(folder)["settings"]
     table = store.read_table(folder / assoc.SWEEP_TABLE).to_pandas()
     alpha, largest_T, largest_d = settings["alpha"], max(settings["samples"]), max(settings["dims"])
@@ -315,8 +357,7 @@ def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
     """A `memscan score` folder's scores table (pyarrow) and metrics, checked against its signed summary."""
     from memscan import score
 
-    summary = files.read_record(folder / score.SUMMARY, "memscan score run", {"tables": list})
-    files.check_signature(summary, folder / score.SUMMARY)
+    summary = folders.read_record(folder, folders.SCORES)
     entries = {entry["name"]: entry for entry in summary["tables"]}
     table = store.read_table(files.check_file(folder, entries[score.SCORES], "table"))
     metrics = files.read_record(files.check_file(folder, entries[score.METRICS], "metrics"), "memscan metrics")
@@ -324,25 +365,34 @@ def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def _commit_figure(fig: Any, path: Path) -> str:
-    """Save a Figure atomically (tmp file, then rename); returns the file's name."""
+    """Save a Figure atomically (a fresh temporary file, then rename); returns the file's name."""
     fig.tight_layout()
-    fig.savefig(files.tmp_path(path), dpi=110, format="png", bbox_inches="tight")   # long tick labels stay whole
+    fig.savefig(files.new_tmp(path), dpi=110, format="png", bbox_inches="tight")   # long tick labels stay whole
     files.commit_file(files.tmp_path(path), path)
     return path.name
 
 
-def render_scores(folder: str | Path) -> str:
-    """ROC curves of every rated score of a `memscan score` folder, FPR on a log axis as the field plots
-    them, into roc.png; returns its name. Called by the score job, which holds the folder.
+def render_scores(folder: str | Path, allow_other_files: bool = False) -> list[str]:
+    """roc.png and bridge.png of a `memscan score` folder, listed in its report.json; returns their names.
 
-    Drawn on a matplotlib Figure of its own (no pyplot, no global backend change).
+    Called by the score job, which holds the folder; each drawn on a matplotlib Figure of its
+    own (no pyplot, no global backend change).
     """
+    from memscan import score
+
+    folder = Path(folder)
+    table, metrics = _score_run(folder)
+    with _report_files(folder, (score.ROC_IMAGE, score.BRIDGE_IMAGE), allow_other_files) as written:
+        written += [_roc(folder, table, metrics), _bridge(folder, table, metrics)]
+    return written
+
+
+def _roc(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
+    """ROC curves of every rated score, FPR on a log axis as the field plots them, into roc.png."""
     from matplotlib.figure import Figure
 
     from memscan import membership, score
 
-    folder = Path(folder)
-    table, metrics = _score_run(folder)
     labels = np.asarray(table.column("label"))
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.subplots()
@@ -418,20 +468,14 @@ def _bridge_heatmap(fig: Any, ax: Any, spearman: dict[str, dict[str, float | Non
     fig.colorbar(image, ax=ax, shrink=0.8)
 
 
-def render_bridge(folder: str | Path) -> str:
-    """The bridge plot of a `memscan score` folder into bridge.png; returns its name.
-
-    Left, where the run has a geometric or verbatim column: loss against nearest-pattern
-    distance (or the verbatim match fraction), coloured by split, filled where the chunk is
-    verbatim-extractable. Right: the heatmap of metrics.json's Spearman matrix. Called by
-    the score job, which holds the folder; a Figure of its own, as render_scores.
-    """
+def _bridge(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
+    """The bridge plot into bridge.png. Left, where the run has a geometric or verbatim column: loss against
+    nearest-pattern distance (or the verbatim match fraction), coloured by split, filled where the chunk is
+    verbatim-extractable. Right: the heatmap of metrics.json's Spearman matrix."""
     from matplotlib.figure import Figure
 
     from memscan import score
 
-    folder = Path(folder)
-    table, metrics = _score_run(folder)
     points = bridge_points(table)
     fig = Figure(figsize=(13, 6.4) if points else (7, 6.4))
     axes = fig.subplots(1, 2 if points else 1, squeeze=False)[0]

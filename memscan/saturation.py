@@ -17,14 +17,14 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from memscan import checks, files
+from memscan import checks, files, folders
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,9 @@ def head_statistics(attentions: np.ndarray, threshold: float = ATTENTION_THRESHO
     }
 
 
-SUMMARY = "summary.json"
+SUMMARY = folders.SATURATION.record
 TABLES = ("norms.parquet", "saturation.parquet", "heads.parquet")
 IMAGES = ("norm_growth.png", "saturation.png", "heads.png")  # drawn by memscan.report.render_saturation
-OWN_FILES = frozenset((SUMMARY, *TABLES, *IMAGES))
 
 
 @dataclass(frozen=True)
@@ -160,14 +159,14 @@ class SaturationSettings:
 
 
 def analyse(target: str, out: str, settings: SaturationSettings = SaturationSettings(),
-            allow_incomplete: bool = False, allow_other_files: bool = False) -> dict[str, Any]:
+            allow_incomplete: bool = False, overwrite: bool = False, allow_other_files: bool = False) -> dict[str, Any]:
     """Norm growth over a training run's checkpoints (if `target` is one) and saturation of its model.
 
     `target` is a `memscan train` run folder (its last checkpoint and its own source and
     context are used) or any model; the text is the first `chunks` chunks of the source.
     A run that did not finish is refused unless `allow_incomplete`: then its checkpoints so
-    far are analysed, and summary.json says so. The job holds `out` from start to end; files
-    there that memscan did not write are refused unless `allow_other_files` (and never removed).
+    far are analysed, and summary.json says so. The job holds `out` from start to end and claims
+    it by the folder model's rules (memscan.folders.claim).
     """
     from memscan import models
 
@@ -175,16 +174,23 @@ def analyse(target: str, out: str, settings: SaturationSettings = SaturationSett
     target_path = Path(target)
     if not target_path.exists() and models.looks_like_path(target):
         raise InputError(f"'{target}' does not exist (give a `memscan train` run folder or a model)")
+    run_record = target_path / folders.TRAINING.record
+    target_record = files.sha256_of(run_record) if run_record.is_file() else None
+    identity = folders.job_fingerprint(settings=asdict(settings), target=target, target_record=target_record,
+                                       allow_incomplete=allow_incomplete)
     with files.job_folder(Path(out)) as out_path:
-        if not allow_other_files:
-            files.refuse_foreign(out_path, files.owned_by(OWN_FILES))
+        claimed = folders.claim(out_path, folders.SATURATION, TABLES, identity, overwrite=overwrite,
+                                allow_other_files=allow_other_files)
+        if claimed.done:
+            return claimed.previous
         # The summary vouches for the tables: it goes first, so a run cut short leaves no mixed result.
-        files.remove_owned(out_path, [SUMMARY, *TABLES])
-        return _analyse_into(target, out_path, settings, allow_incomplete)
+        pending = folders.begin(out_path, folders.SATURATION, identity, TABLES, claimed.previous)
+        summary = _analyse_into(target, out_path, settings, allow_incomplete)
+        return folders.write_record(out_path, folders.SATURATION, {"fingerprint": identity, **summary}, pending)
 
 
 def _analyse_into(target: str, out: Path, settings: SaturationSettings, allow_incomplete: bool) -> dict[str, Any]:
-    """`analyse` in a folder this job holds."""
+    """`analyse` in a folder this job holds; returns the summary's body (its record is written by the caller)."""
     from memscan import corpus, models, store, train
 
     summary: dict[str, Any] = {"target": target, "scale": settings.scale, "norm_growth": None}
@@ -218,7 +224,6 @@ def _analyse_into(target: str, out: Path, settings: SaturationSettings, allow_in
                    argmax_heads=int((heads["mean_count"] <= 1.05).sum()), heads=len(heads["head"]),
                    mean_heads_fraction=float(heads["mean_fraction"].mean()),
                    files=[files.file_entry(out / name) for name in TABLES if (out / name).exists()])
-    files.write_json_atomic(out / SUMMARY, summary)
     return summary
 
 
@@ -259,9 +264,11 @@ def _growth_summary(growth: dict[str, np.ndarray]) -> dict[str, Any]:
 def read_summary(out: str | Path) -> dict[str, Any]:
     """summary.json of a saturation folder, checked: its keys, and every table it lists against its sha256."""
     out = Path(out)
-    summary = files.read_record(out / SUMMARY, "saturation", {
+    summary = folders.read_record(out, folders.SATURATION)
+    for key, kinds in {
         "target": str, "scale": (int, float), "norm_growth": (dict, type(None)), "layer_cosines": list,
-        "argmax_heads": int, "heads": int, "files": list})
+            "argmax_heads": int, "heads": int, "files": list}.items():
+        files.require(summary, key, kinds, out / SUMMARY)
     for entry in summary["files"]:
         files.check_file(out, entry, "table")
     return summary

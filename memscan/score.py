@@ -13,21 +13,21 @@ model reproduces (`memscan.verbatim`). Every score is oriented larger = member.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memscan import checks, files, membership, store
+from memscan import checks, files, folders, membership, store
 from memscan.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
-SCORE_FORMAT, VERBATIM_FORMAT, FORMAT_VERSION = "memscan.scores", "memscan.verbatim", 1
-SCORES, METRICS, SUMMARY, ROC_IMAGE = "scores.parquet", "metrics.json", "summary.json", "roc.png"
+SCORES, METRICS, SUMMARY, ROC_IMAGE = "scores.parquet", "metrics.json", folders.SCORES.record, "roc.png"
 BRIDGE_IMAGE = "bridge.png"
 VERBATIM = "verbatim.parquet"
 SPLITS = ("train", "test")            # members, non-members; other splits (qf's "gen") are not rated
@@ -50,6 +50,8 @@ class ScoreSettings:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 8
+    trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
+    allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
 
     def check(self) -> None:
         checks.number("--min-k", self.min_k, 0, 1, low_open=True, high_open=False)
@@ -70,6 +72,8 @@ class VerbatimSettings:
     seed: int = 0
     device: str = "auto"
     resamples: int = 1000
+    trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
+    allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
 
     def check(self) -> None:
         for flag, value in (("--num-chunks", self.num_chunks), ("--prompt-tokens", self.prompt_tokens),
@@ -94,17 +98,56 @@ def _rated_chunks(data: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np
     return manifest, table, rated
 
 
-def _model_ref(manifest: dict[str, Any]) -> tuple[str, str | None, bool]:
-    """(model id or path, revision, trust_remote_code) of the dataset's model."""
+def _model_ref(manifest: dict[str, Any]) -> tuple[str, str | None]:
+    """(model id or path, revision) of the dataset's model. Never whether to run its code: a record names a
+    model, it does not vouch for it (trust_remote_code comes from the command line alone)."""
     model, settings = manifest["model"], manifest["settings"]
-    return model.get("path") or model["id"], settings.get("revision"), bool(settings.get("trust_remote_code"))
+    ref, revision = model.get("path") or model["id"], settings.get("revision")
+    if not isinstance(ref, str) or not (revision is None or isinstance(revision, str)):
+        raise DataError(f"the dataset's manifest names the model {json.dumps(ref)[:60]} at revision "
+                        f"{json.dumps(revision)[:60]}: 'model.path' and 'settings.revision' must be text")
+    return ref, revision
 
 
-def _decode(manifest: dict[str, Any], token_ids: np.ndarray) -> list[str]:
-    """Each chunk's text (m,), decoded with the dataset's tokenizer."""
+def _dataset_model(manifest: dict[str, Any], settings: ScoreSettings | VerbatimSettings, device: Any = None,
+                   ) -> tuple[Any, dict[str, Any]]:
+    """The dataset's model, loaded on `device` (None: its tokenizer alone), and what the summary records of it.
+
+    A local folder's weights are hashed as `extract` hashed them (models.weights_digest) before
+    anything is loaded from it, and must match the manifest's `model.weights_sha256` unless
+    `settings.allow_other_model`; a hub model (no folder, weights_sha256 null) cannot be checked and
+    is pinned by its revision alone. `trust_remote_code` is the command line's, never the manifest's.
+    """
     from memscan import models
 
-    tokenizer = models.load_tokenizer(*_model_ref(manifest))
+    def short(value: Any) -> str:
+        return value[:12] if isinstance(value, str) else "none (a hub model)"
+
+    ref, revision = _model_ref(manifest)
+    local = Path(ref).expanduser()
+    digest = models.weights_digest(local) if local.is_dir() else None
+    recorded = manifest["model"].get("weights_sha256")
+    if digest is None and recorded is None:
+        matches = None
+        log.info("the dataset's model '%s' is a hub model: its weights cannot be checked against the dataset "
+                 "(weights_sha256 null); its revision %s pins it", ref, revision or "(none recorded)")
+    else:
+        matches = digest == recorded
+        if not matches and not settings.allow_other_model:
+            raise DataError(f"the model '{ref}' has weights sha256 {short(digest)}, not the {short(recorded)} "
+                            f"dataset '{settings.data}' was extracted with; pass --allow-other-model to use it anyway")
+        if not matches:
+            log.warning("--allow-other-model: the model '%s' (weights sha256 %s) is not the one dataset '%s' was "
+                        "extracted with (%s)", ref, short(digest), settings.data, short(recorded))
+    record = {"path": ref, "weights_sha256": digest, "matches_dataset": matches}
+    if device is None:
+        return models.load_tokenizer(ref, revision, settings.trust_remote_code), record
+    return models.load(ref, dtype=models.resolve_dtype("auto", device), device=device, revision=revision,
+                       trust_remote_code=settings.trust_remote_code), record
+
+
+def _decode(tokenizer: Any, token_ids: np.ndarray) -> list[str]:
+    """Each chunk's text (m,), decoded with the dataset's tokenizer."""
     return tokenizer.batch_decode(token_ids.tolist())
 
 
@@ -290,10 +333,7 @@ def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndar
 
 def _verbatim_columns(folder: Path, table: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """A verbatim run's columns (m,) aligned to the chunks `rows`, NaN for chunks it did not sample."""
-    summary = files.read_record(folder / SUMMARY, "memscan verbatim run", {"format": str, "tables": list})
-    if summary["format"] != VERBATIM_FORMAT:
-        raise DataError(f"{folder / SUMMARY} is not a `memscan verbatim` summary")
-    files.check_signature(summary, folder / SUMMARY)
+    summary = folders.read_record(folder, folders.VERBATIM)
     run = store.read_table(files.check_file(folder, summary["tables"][0], "table"))
     chunk_key = table["doc_id"][rows] * (1 << 32) + table["chunk_id"][rows]
     run_key = np.asarray(run.column("doc_id")) * (1 << 32) + np.asarray(run.column("chunk_id"))
@@ -339,31 +379,32 @@ def bridge(columns: dict[str, np.ndarray], metrics: dict[str, Any]) -> dict[str,
 # ---------------------------------------------------------------- the jobs
 
 
-def _ours(extra: tuple[str, ...]) -> Any:
-    def ours(name: str) -> bool:
-        return name.removesuffix(files.TMP_SUFFIX) in (SUMMARY, *extra)
-    return ours
+def _job_identity(settings: ScoreSettings | VerbatimSettings) -> str:
+    """A score or verbatim job's fingerprint: its settings and the records of every folder it reads."""
+    inputs = [settings.data, *(getattr(settings, "query_run", None) or ()), getattr(settings, "verbatim", None)]
+    return folders.job_fingerprint(settings=asdict(settings),
+                                   inputs={str(path): folders.identity(Path(path)) for path in inputs if path})
 
 
-def _prepare(out: Path, names: tuple[str, ...], allow_other_files: bool) -> None:
-    """Refuse foreign files (unless allowed), then drop the old summary first: no record vouches for a mix."""
-    if not allow_other_files:
-        files.refuse_foreign(out, _ours(names))
-    (out / SUMMARY).unlink(missing_ok=True)
-
-
-def score(settings: ScoreSettings, out: str | Path, allow_other_files: bool = False) -> dict[str, Any]:
-    """Run `memscan score` into `out` (held for the job); returns its summary."""
+def score(settings: ScoreSettings, out: str | Path, overwrite: bool = False,
+          allow_other_files: bool = False) -> dict[str, Any]:
+    """Run `memscan score` into `out` (held for the job, claimed by the folder model's rules); returns its summary."""
     from memscan import report
 
     settings.check()
     data = Path(settings.data)
+    identity = _job_identity(settings)
     with files.job_folder(Path(out)) as folder:
-        _prepare(folder, (SCORES, METRICS, ROC_IMAGE, BRIDGE_IMAGE), allow_other_files)
+        claimed = folders.claim(folder, folders.SCORES, (SCORES, METRICS), identity, overwrite=overwrite,
+                                allow_other_files=allow_other_files)
+        if claimed.done:
+            return claimed.previous
+        pending = folders.begin(folder, folders.SCORES, identity, (SCORES, METRICS), claimed.previous)
         manifest, table, rows = _rated_chunks(data)
         split = table["split"][rows]
         labels = (split == "train").astype(np.int64)
-        texts = _decode(manifest, table["token_ids"][rows])
+        tokenizer, model_record = _dataset_model(manifest, settings)
+        texts = _decode(tokenizer, table["token_ids"][rows])
         scores = membership_scores(table, rows, texts, settings.min_k)
         if settings.reference_model:
             scores["reference"] = membership.reference_score(table["nll"][rows],
@@ -385,14 +426,12 @@ def score(settings: ScoreSettings, out: str | Path, allow_other_files: bool = Fa
         entries = [store.write_table(folder / SCORES, columns)]
         files.write_json_atomic(folder / METRICS, _finite(document))
         entries.append(files.file_entry(folder / METRICS))
-        summary = files.signed({
-            "format": SCORE_FORMAT, "format_version": FORMAT_VERSION, "data": str(data.resolve()),
-            "settings": settings.__dict__, "query_run": run_info, "chunks": {s: int((split == s).sum()) for s in SPLITS},
-            "tables": entries,
-        })
-        files.write_json_atomic(folder / SUMMARY, summary)
-        report.render_scores(folder)
-        report.render_bridge(folder)
+        summary = folders.write_record(folder, folders.SCORES, {
+            "fingerprint": identity, "data": str(data.resolve()), "settings": settings.__dict__,
+            "query_run": run_info, "chunks": {s: int((split == s).sum()) for s in SPLITS}, "tables": entries,
+            "model": model_record,
+        }, pending)
+        report.render_scores(folder, allow_other_files=True)   # the folder is claimed above
     return summary
 
 
@@ -424,21 +463,25 @@ def mean_interval(values: np.ndarray, resamples: int, seed: int, level: float = 
     return {"value": float(values.mean()), "low": float(low), "high": float(high)}
 
 
-def verbatim(settings: VerbatimSettings, out: str | Path, allow_other_files: bool = False) -> dict[str, Any]:
-    """Run `memscan verbatim` into `out` (held for the job); returns its summary."""
+def verbatim(settings: VerbatimSettings, out: str | Path, overwrite: bool = False,
+             allow_other_files: bool = False) -> dict[str, Any]:
+    """Run `memscan verbatim` into `out` (held for the job, claimed by the folder model's rules); returns its summary."""
     from memscan import models
     from memscan import verbatim as extraction
 
     settings.check()
     data = Path(settings.data)
+    identity = _job_identity(settings)
     with files.job_folder(Path(out)) as folder:
-        _prepare(folder, (VERBATIM,), allow_other_files)
+        claimed = folders.claim(folder, folders.VERBATIM, (VERBATIM,), identity, overwrite=overwrite,
+                                allow_other_files=allow_other_files)
+        if claimed.done:
+            return claimed.previous
+        pending = folders.begin(folder, folders.VERBATIM, identity, (VERBATIM,), claimed.previous)
         manifest, table, _ = _rated_chunks(data)
         rows = sample_per_split(table["split"], settings.num_chunks, settings.seed)
-        model_id, revision, trust = _model_ref(manifest)
         device = models.resolve_device(settings.device)
-        loaded = models.load(model_id, dtype=models.resolve_dtype("auto", device), device=device, revision=revision,
-                             trust_remote_code=trust)
+        loaded, model_record = _dataset_model(manifest, settings, device)
         stats = extraction.verbatim_table(loaded.model, table["token_ids"][rows].astype(np.int64),
                                           settings.prompt_tokens, settings.suffix_tokens, settings.batch_size, device)
         split = table["split"][rows]
@@ -450,8 +493,7 @@ def verbatim(settings: VerbatimSettings, out: str | Path, allow_other_files: boo
                          "extractable_rate": mean_interval(stats["extractable"][split == s], settings.resamples,
                                                            settings.seed)}
                      for s in SPLITS}
-        summary = files.signed({"format": VERBATIM_FORMAT, "format_version": FORMAT_VERSION,
-                                "data": str(data.resolve()), "settings": settings.__dict__, "splits": per_split,
-                                "tables": entries})
-        files.write_json_atomic(folder / SUMMARY, summary)
+        summary = folders.write_record(folder, folders.VERBATIM, {
+            "fingerprint": identity, "data": str(data.resolve()), "settings": settings.__dict__,
+            "splits": per_split, "tables": entries, "model": model_record}, pending)
     return summary

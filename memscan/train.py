@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memscan import checks, corpus, files, models, qf, store
+from memscan import checks, corpus, files, folders, models, qf, store
 from memscan.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ STATE_FILE, OPTIMIZER_FILE = "state.json", "optimizer.pt"
 OLD_SUFFIX = ".old"
 LOG_COLUMNS = ("step", "tokens_seen", "lr", "train_loss", "heldout_loss", "seconds")
 _STEP_FOLDER = re.compile(r"step-(\d{7,})")
+MAX_PARAMETERS = 10**11   # 1.6 TB of weights, gradients and AdamW state: more than one machine holds
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,20 @@ class TrainSettings:
         checks.number("--grad-clip", self.grad_clip, 0, low_open=True)
         checks.choice("--dtype", self.dtype, ("auto", "bf16", "fp32"))
         corpus.resolve_split(self.source, self.split)
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse a model too large to build before any memory is taken: one line naming the setting furthest above
+        its default. Counted: the blocks (12 n_layer n_embd^2) and positions; the vocabulary is not known yet."""
+        parameters = 12 * self.n_layer * self.n_embd ** 2 + self.context * self.n_embd
+        if parameters <= MAX_PARAMETERS:
+            return
+        defaults = {f.name: f.default for f in fields(TrainSettings)}
+        sizes = sorted(("n_embd", "n_layer", "context"), key=lambda name: getattr(self, name) / defaults[name])
+        others = ", ".join(f"{_flag(name)} {getattr(self, name)}" for name in sizes[:-1])
+        raise InputError(f"{_flag(sizes[-1])} {getattr(self, sizes[-1])} (with {others}) makes a model of about "
+                         f"{parameters:.1e} parameters; memscan trains at most {MAX_PARAMETERS:.0e} (16 bytes each "
+                         f"for weights, gradients and AdamW state): lower {_flag(sizes[-1])}")
 
 
 def _flag(name: str) -> str:
@@ -290,7 +305,9 @@ _STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
 def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """run.json of a training run, its shape checked: one DataError line names the file and the key."""
     path = Path(run_dir) / RUN_FILE
-    info = files.read_record(path, "training run", _RUN_FIELDS)
+    info = folders.read_record(Path(run_dir), folders.TRAINING)
+    for key, kinds in _RUN_FIELDS.items():
+        files.require(info, key, kinds, path)
     for key, kinds in _DATA_FIELDS.items():
         files.require(info["data"], key, kinds, path)
     files.require(info["settings"], "seed", int, path)
@@ -354,6 +371,8 @@ def _save(model: Any, tokenizer: Any, optimizer: Any, folder: Path, state: dict[
     so a listed checkpoint folder is whole; a kill at any point leaves one whole folder to resume from.
     """
     staging = files.tmp_path(folder)
+    files.refuse_link(staging)
+    files.refuse_link(folder)
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -413,13 +432,15 @@ def _train_in(out: Path, settings: TrainSettings, overwrite: bool, allow_other_f
     """`train` in a folder this job holds."""
     if not allow_other_files:
         _refuse_foreign(out)
+    folders.refuse_links(out, [RUN_FILE, LOG_FILE, CHECKPOINTS])
+    info = read_run(out) if (out / RUN_FILE).exists() else None   # a run.json memscan did not write: refused now
+    folders.refuse_in_the_way(out, [LOG_FILE, CHECKPOINTS], folders.owned_names(out))
     tokenizer = load_tokenizer(settings)
     data = load_data(settings, tokenizer)
     device = models.resolve_device(settings.device)
     use_bf16 = models.resolve_dtype(settings.dtype, device) == torch.bfloat16
     dtype = "bf16" if use_bf16 else "fp32"
     fingerprint = _fingerprint(replace(settings, dtype=dtype), data.provenance)
-    info = read_run(out) if (out / RUN_FILE).exists() else None
     if info is not None and info["fingerprint"] != fingerprint and not overwrite:
         raise InputError(f"--out '{out}' holds another training run (other settings or data); "
                          "choose another folder or pass --overwrite")
@@ -430,23 +451,25 @@ def _train_in(out: Path, settings: TrainSettings, overwrite: bool, allow_other_f
         info = None
     if info is not None and info["complete"]:
         return {**info, "final": str(final_checkpoint(out, info["steps"]))}
+    total = total_steps(settings, len(data.train)) if info is None else info["steps"]
+    # The model first, run.json after: a model that cannot be built (out of memory) leaves no run, and the folder
+    # this job created (job_folder) is removed.
+    model, optimizer, state, rows = _start(out, settings, tokenizer, fingerprint, total, device)
     if info is None:
-        total = total_steps(settings, len(data.train))
-        info = {"fingerprint": fingerprint, "settings": asdict(settings), "dtype": dtype, "data": data.provenance,
-                "steps": total, "checkpoint_steps": checkpoint_steps(total, settings.checkpoints), "complete": False}
-        files.write_json_atomic(out / RUN_FILE, info)
+        info = folders.write_record(out, folders.TRAINING, {
+            "fingerprint": fingerprint, "settings": asdict(settings), "dtype": dtype, "data": data.provenance,
+            "steps": total, "checkpoint_steps": checkpoint_steps(total, settings.checkpoints), "complete": False,
+            "folders": [CHECKPOINTS]})
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    model, optimizer, state, rows = _start(out, settings, tokenizer, fingerprint, info["steps"], device)
     rows = _run_steps(out, settings, data, model, optimizer, tokenizer, state, rows, info, device, autocast, on_step)
     shutil.rmtree(out / CHECKPOINTS / RESUME, ignore_errors=True)
     final = final_checkpoint(out, info["steps"])
     info.update(complete=True, final=str(final), final_train_loss=rows[-1]["train_loss"],
                 final_heldout_loss=rows[-1]["heldout_loss"], files=[files.file_entry(out / LOG_FILE)])
-    files.write_json_atomic(out / RUN_FILE, info)
-    return info
+    return folders.write_record(out, folders.TRAINING, info)
 
 
 def _start(out: Path, settings: TrainSettings, tokenizer: Any, fingerprint: str, total: int, device: torch.device,

@@ -144,5 +144,5 @@ def test_nan_activations_are_reported_and_earlier_shards_kept(capsys, qf_model, 
 
 
 def test_verify_and_info_on_a_folder_that_is_not_a_dataset(capsys, tmp_path):
-    fails(capsys, "verify", str(tmp_path), match="is not a memscan dataset")
+    fails(capsys, "verify", str(tmp_path), match="is not a memscan folder of any kind")
     fails(capsys, "info", str(tmp_path / "missing"), match="is not a folder")

@@ -190,12 +190,13 @@ def test_an_overwrite_refused_for_space_keeps_the_extraction_it_would_replace(ca
     needed = preflight.estimate(20, [32], CHUNK, "float32", CHUNK, 65536, loss=True).total_bytes
     args = (*extract_args(qf_model, docs, out), "--num-chunks", "20", "--positions", "all", "--dtype", "fp32",
             "--overwrite")
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 1_000))
+    freed = sum(len(content) for content in old.values())
+    # 1,000 bytes short, counting the bytes of the extraction it replaces as free
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, needed - freed - 1_000))
     last = fails(capsys, *args, match="needs about")
     assert "it would replace; " in last and last.endswith("(nothing was removed)")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == old and store.verify(out) == []
     # the bytes of the extraction it replaces count as free: with them, just enough goes ahead
-    freed = sum(len(content) for content in old.values())
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, needed - freed + 1_000))
     assert run(capsys, *args)[0] == 0
     assert store.read_manifest(out)["complete"] and (out / "manifest.json").read_bytes() != old["manifest.json"]

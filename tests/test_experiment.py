@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memscan import demo, experiments, query, store
+from memscan import demo, experiments, folders, query, store
 from memscan.cli import main
 from memscan.experiments import comparison, spec
 from memscan.experiments.toml_text import dumps
@@ -261,7 +261,8 @@ def test_reruns_redo_only_what_changed(capsys, demo_run):
     code, out, _ = run(capsys, "run", str(demo_run / "experiment.toml"), "--out", str(demo_run))
     assert code == 0 and "ran nothing" in out and mtimes(demo_run) == again
 
-    (demo_run / "run" / "summary.json").unlink()   # a query cut short: its tables vouched for by no summary
+    summary = query.read_summary(demo_run / "run")   # a query cut short: a pending record vouches for no table
+    folders.begin(demo_run / "run", folders.QUERY_RUN, summary["fingerprint"], query.TABLE_FILES, summary)
     code, out, _ = run(capsys, "run", str(demo_run / "experiment.toml"), "--out", str(demo_run))
     assert code == 0 and "ran query; up to date: train, extract, index, saturation, report" in out
     assert query.read_summary(demo_run / "run")["settings"]["k"] == 3
@@ -277,9 +278,10 @@ def test_the_comparison_on_the_page_is_escaped():
 
 
 def test_another_experiment_in_the_folder_is_refused(capsys, tmp_path):
-    (tmp_path / "experiment.toml").write_text("[experiment]\nname = 'other'\n")
+    (tmp_path / "experiment.toml").write_text("[experiment]\nname = 'other'\n")   # no record of memscan's lists it
     code, _, err = run(capsys, "run", "cabannes2024-assoc", "--out", str(tmp_path))
-    assert code == 1 and "holds the experiment 'other', not 'cabannes2024-assoc'" in err
+    assert code == 1 and "holds experiment.toml, which memscan did not write" in err
+    assert (tmp_path / "experiment.toml").read_text() == "[experiment]\nname = 'other'\n"
 
 
 # ---------------------------------------------------------------- the shipped experiments, reduced

@@ -601,6 +601,6 @@ def test_a_run_that_dies_mid_analysis_leaves_the_previous_run_whole(data, ivf, t
     retrieval = query._retrieval
     monkeypatch.setattr(query, "_retrieval", dies_on_the_second_block)
     with pytest.raises(Killed):
-        run(ivf, data, run_dir, QuerySettings(k=K + 1, subsets=(1.0,), memory="1MiB"))
+        run(ivf, data, run_dir, QuerySettings(k=K + 1, subsets=(1.0,), memory="1MiB"), overwrite=True)
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before   # no temporary file left
     assert query.verify(run_dir) == [] and memscan.load(run_dir).summary["settings"]["k"] == K

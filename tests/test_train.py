@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memscan import store
+from memscan import files, store
 from memscan.errors import InputError
 from memscan.extract import ExtractSettings, extract
 from memscan.train import RUN_FILE, TrainSettings, checkpoint_steps, checkpoints, load_data, load_tokenizer, train
@@ -90,7 +90,7 @@ def test_bad_training_input(finished, tmp_path):
     train(replace(SMALL, steps=8), other)
     state = json.loads((other / RUN_FILE).read_text())
     state["complete"] = False
-    store.write_json_atomic(other / RUN_FILE, state)
+    store.write_json_atomic(other / RUN_FILE, files.signed(state))   # as memscan signs it: only the state differs
     step8 = other / "checkpoints" / "step-0000008" / "state.json"
     step8.write_text(json.dumps({**json.loads(step8.read_text()), "fingerprint": "someone-else"}))
     with pytest.raises(InputError, match="belongs to another run"):

@@ -222,9 +222,10 @@ def test_a_query_rerun_that_dies_while_writing_leaves_an_incomplete_run_not_a_mi
 
     monkeypatch.setattr(store.TableWriter, "commit", dies_after_two)
     with pytest.raises(Killed):
-        run(built / "index", data, run_dir, QuerySettings(k=5, subsets=(1.0,)))
+        run(built / "index", data, run_dir, QuerySettings(k=5, subsets=(1.0,)), overwrite=True)
     monkeypatch.undo()
-    assert [p.name for p in written] == ["neighbours.parquet", "queries.parquet"] and not (run_dir / "summary.json").exists()
+    assert [p.name for p in written] == ["neighbours.parquet", "queries.parquet"]
+    assert "pending" in json.loads((run_dir / "summary.json").read_text())   # vouches for nothing, owns the tables
     with pytest.raises(DataError, match="incomplete run .*rerun `memscan query`"):
         memscan.load(run_dir)
     fails(capsys, "report", run_dir, match="incomplete run")
@@ -243,7 +244,7 @@ def test_verify_checks_dataset_index_and_run_folders(capsys, data, built, tmp_pa
     shutil.copytree(data, tmp_path / "data")
     flip_bit(tmp_path / "data" / "part-00001.parquet", 1000)
     fails(capsys, "verify", tmp_path / "data", match="part-00001.parquet fails its sha256")
-    fails(capsys, "verify", tmp_path, match="is not a memscan dataset, index or run folder")
+    fails(capsys, "verify", tmp_path, match="is not a memscan folder of any kind")
 
 
 def test_an_index_whose_dataset_changed_or_vanished_is_refused(data, tmp_path):
@@ -327,7 +328,8 @@ def test_files_memscan_did_not_write_are_refused_and_never_removed(capsys, data,
     (tmp_path / "run" / "draft.md").write_text("mine too")
     fails(capsys, *query_args(built / "index", data, tmp_path / "run"), match="(draft.md)")
     assert cli(capsys, *query_args(built / "index", data, tmp_path / "run", "--allow-other-files"))[0] == 0
-    assert cli(capsys, "report", tmp_path / "run")[0] == 0
+    fails(capsys, "report", tmp_path / "run", match="(draft.md)")   # the report writes there too: the same rule
+    assert cli(capsys, "report", tmp_path / "run", "--allow-other-files")[0] == 0
     assert cli(capsys, *query_args(built / "index", data, tmp_path / "run", "--allow-other-files"))[0] == 0
     assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "run" / "draft.md").read_text() == "mine too"
 

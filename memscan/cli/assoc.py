@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -32,13 +32,15 @@ def assoc() -> None:
 @click.option("--schemes", default=",".join(("p", "p_hat", "seen", "threshold", "top_seen", "sgd_small",
                                              "sgd_large", "adam")), show_default=True)
 @click.option("--learn-embeddings", is_flag=True, help="SGD and Adam also learn the input embeddings.")
+@overwrite
 @allow_other_files
-def sweep(out: str, dims: str, samples: str, schemes: str, allow_other_files: bool, **settings: object) -> None:
+def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allow_other_files: bool,
+          **settings: object) -> None:
     """Exact population errors over dimensions, sample sizes, schemes and seeds (a Parquet table)."""
     from memscan.assoc import SweepSettings, run_sweep
 
     info = run_sweep(SweepSettings(dims=_ints(dims), samples=_ints(samples), schemes=tuple(schemes.split(",")),
-                                   **settings), out, allow_other_files)  # type: ignore[arg-type]
+                                   **settings), out, overwrite, allow_other_files)  # type: ignore[arg-type]
     click.echo(f"sweep     {info['rows']:,} rows in {info['seconds']:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
 
 

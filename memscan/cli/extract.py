@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 from memscan.cli.ray_flags import ray_flags, ray_options
 from memscan.cli.render import print_summary
 
@@ -50,7 +50,7 @@ from memscan.cli.render import print_summary
 @click.option("--members", default=None, type=click.Path(dir_okay=False),
               help="A text file of member document ids (or --key-column keys), one a line; every other document is test.")
 @click.option("--key-column", default=None, help="The source column whose values the --members file lists.")
-@click.option("--overwrite", is_flag=True, help="Replace an extraction with other settings in --out.")
+@overwrite
 @allow_other_files
 @ray_flags
 def extract(out: str, overwrite: bool, allow_other_files: bool, no_loss: bool, address: str | None, num_workers: int,

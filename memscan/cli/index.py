@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 from memscan.cli.ray_flags import engine_of, ray_flags
 
 
@@ -31,8 +31,7 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True,
               help="Copies of the trained index, each over one range of rows (with --engine ray: one per actor).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an index already in --out (once the new one is whole: a kill leaves one of them).")
+@overwrite
 @allow_other_files
 @ray_flags
 def index(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, engine: str, address: str | None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 from memscan.cli.ray_flags import engine_of, ray_flags
 
 
@@ -25,16 +25,19 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.option("--sites", default=None,
               help="Also analyse these sites of the dataset (comma-separated, or all), searched exactly "
                    "[default: the index's site only].")
+@overwrite
 @allow_other_files
 @ray_flags
-def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, engine: str, address: str | None,
+def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_other_files: bool, engine: str,
+          address: str | None,
           num_workers: int, gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Nearest-neighbour tables, assumption tests A1-A3, energies and the cross-entropy floor."""
     from memscan.query import QuerySettings, run
 
     query_settings = QuerySettings(**settings)  # type: ignore[arg-type]  # checked by the library
     runner = engine_of(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
-    summary = run(index_dir, queries_dir, out, query_settings, engine=runner, allow_other_files=allow_other_files)
+    summary = run(index_dir, queries_dir, out, query_settings, engine=runner, overwrite=overwrite,
+                  allow_other_files=allow_other_files)
     if summary["queries_are_patterns"]:
         click.echo(f"queries   split '{query_settings.split}' is the index's own: each query leaves its own row "
                    "out (leave-one-out), so nearest distances are to the nearest OTHER pattern")
@@ -52,11 +55,12 @@ def query(index_dir: str, queries_dir: str, out: str, allow_other_files: bool, e
 
 @click.command()
 @click.argument("run_dir", type=click.Path())
-def report(run_dir: str) -> None:
-    """Plots and an HTML page for a `memscan query` run folder."""
+@allow_other_files
+def report(run_dir: str, allow_other_files: bool) -> None:
+    """Plots and an HTML page for a `memscan query` run folder (listed in its report.json)."""
     from memscan.report import render
 
-    click.echo(f"report    {render(run_dir)}")
+    click.echo(f"report    {render(run_dir, allow_other_files=allow_other_files)}")
 
 
 def _floor(floor: dict) -> str:

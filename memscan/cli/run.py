@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 
 
 @click.command()
@@ -15,8 +15,10 @@ from memscan.cli.options import allow_other_files
               help="Override a key: query.k=20, extract.layers=all, 'train={n_layer=2, n_embd=32}' (a table "
                    "merges), model.id= (nothing: the key's default). Repeat it.")
 @click.option("--check", is_flag=True, help="Check the experiment and print it resolved; run nothing.")
+@overwrite
 @allow_other_files
-def run(experiment: str, out: str | None, sets: tuple[str, ...], check: bool, allow_other_files: bool) -> None:
+def run(experiment: str, out: str | None, sets: tuple[str, ...], check: bool, overwrite: bool,
+        allow_other_files: bool) -> None:
     """Run EXPERIMENT (a .toml file, or a shipped one by name: demo, bai2024-radius, ...) into --out."""
     from memscan import experiments
     from memscan.experiments import comparison
@@ -26,7 +28,7 @@ def run(experiment: str, out: str | None, sets: tuple[str, ...], check: bool, al
         click.echo(experiments.resolved_text(loaded), nl=False)
         return
     folder = out or loaded.name
-    for outcome in experiments.run(loaded, folder, allow_other_files=allow_other_files):
+    for outcome in experiments.run(loaded, folder, overwrite=overwrite, allow_other_files=allow_other_files):
         label = outcome.variant or loaded.name
         ran = ", ".join(outcome.ran) or "nothing (every stage is up to date)"
         kept = f"; up to date: {', '.join(outcome.kept)}" if outcome.kept and outcome.ran else ""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 
 
 @click.command()
@@ -24,15 +24,21 @@ from memscan.cli.options import allow_other_files
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N] (the reference model's).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
+@click.option("--allow-other-model", is_flag=True,
+              help="Use the dataset's model even when its weights differ from the manifest's weights_sha256 "
+                   "(the summary records it).")
+@overwrite
 @allow_other_files
-def score(data_dir: str, out: str, verbatim_dir: str | None, allow_other_files: bool, **settings: object) -> None:
+def score(data_dir: str, out: str, verbatim_dir: str | None, overwrite: bool, allow_other_files: bool,
+          **settings: object) -> None:
     """Rate every train and test chunk (larger = member) and measure each score's AUC and TPR at 1% / 0.1% FPR."""
     from memscan import files
     from memscan.score import METRICS, ScoreSettings
     from memscan.score import score as run
 
     summary = run(ScoreSettings(data=data_dir, verbatim=verbatim_dir, **settings), out,  # type: ignore[arg-type]
-                  allow_other_files=allow_other_files)
+                  overwrite=overwrite, allow_other_files=allow_other_files)
     metrics = files.read_record(Path(out) / METRICS, "memscan metrics")
     click.echo(f"scores    {out}: {summary['chunks']['train']:,} train, {summary['chunks']['test']:,} test chunks")
     for name, row in metrics["scores"].items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 
 
 @click.command()
@@ -30,8 +30,7 @@ from memscan.cli.options import allow_other_files
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default=None)
 @click.option("--device", default=None, help="auto | cpu | cuda[:N].")
 @click.option("--seed", type=int, default=None)
-@click.option("--overwrite", is_flag=True,
-              help="Replace a different run in --out (memscan's run.json, log and checkpoints; nothing else).")
+@overwrite
 @allow_other_files
 def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool, **flags: object) -> None:
     """Train a GPT-2 on a token budget; resumes from the last checkpoint when rerun."""
@@ -64,15 +63,17 @@ def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-incomplete", is_flag=True,
               help="Analyse an unfinished training run's checkpoints so far (summary.json records it).")
+@overwrite
 @allow_other_files
-def saturation(target: str, out: str, allow_incomplete: bool, allow_other_files: bool, **settings: object) -> None:
+def saturation(target: str, out: str, allow_incomplete: bool, overwrite: bool, allow_other_files: bool,
+               **settings: object) -> None:
     """Norm growth over a training run's checkpoints, and saturated attention of its model."""
     from memscan.report import render_saturation
     from memscan.saturation import SaturationSettings, analyse
 
     summary = analyse(target, out, SaturationSettings(**settings), allow_incomplete,  # type: ignore[arg-type]
-                      allow_other_files)
-    render_saturation(out)
+                      overwrite, allow_other_files)
+    render_saturation(out, allow_other_files)
     if summary["norm_growth"]:
         fits = summary["norm_growth"]["fits"]
         click.echo("growth    R^2 " + ", ".join(f"{law} {fit['r2']:.3f}" for law, fit in fits.items()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files
+from memscan.cli.options import allow_other_files, overwrite
 
 
 @click.command()
@@ -17,13 +17,19 @@ from memscan.cli.options import allow_other_files
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
+@click.option("--allow-other-model", is_flag=True,
+              help="Use the dataset's model even when its weights differ from the manifest's weights_sha256 "
+                   "(the summary records it).")
+@overwrite
 @allow_other_files
-def verbatim(data_dir: str, out: str, allow_other_files: bool, **settings: object) -> None:
+def verbatim(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, **settings: object) -> None:
     """Greedy extraction of sampled train and test chunks: leading match, match fraction, extractable."""
     from memscan.score import VerbatimSettings
     from memscan.score import verbatim as run
 
-    summary = run(VerbatimSettings(data=data_dir, **settings), out, allow_other_files=allow_other_files)  # type: ignore[arg-type]
+    summary = run(VerbatimSettings(data=data_dir, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
+                  allow_other_files=allow_other_files)
     for split, row in summary["splits"].items():
         match, rate = row["match_fraction"], row["extractable_rate"]
         click.echo(f"{split:<6} {row['chunks']:,} chunks: match fraction {match['value']:.3f} "

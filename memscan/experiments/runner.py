@@ -11,6 +11,7 @@ changes every stage after it that reads it.
 
 from __future__ import annotations
 
+import json
 import logging
 import tomllib
 from collections.abc import Callable
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memscan import files
-from memscan.errors import DataError, InputError, MemscanError
+from memscan import files, folders
+from memscan.errors import MemscanError
 from memscan.experiments import comparison
 from memscan.experiments.spec import Experiment, Plan, variant_overrides
 from memscan.experiments.tables import FOLDERS, STAGES, build, folder_of
@@ -28,7 +29,6 @@ from memscan.experiments.toml_text import dumps
 log = logging.getLogger(__name__)
 
 EXPERIMENT_FILE, STAGES_FILE, COMPARISON_FILE = "experiment.toml", "stages.json", "comparison.json"
-STAGES_FORMAT = "memscan.stages"
 
 
 @dataclass
@@ -101,7 +101,8 @@ def _indexed(folder: Path) -> dict[str, Any]:
 def _query(run: Run) -> dict[str, Any]:
     from memscan import query
 
-    return query.run(run.path("index"), run.path("extract"), run.path("query"), build(run.plan, "query"))
+    return query.run(run.path("index"), run.path("extract"), run.path("query"), build(run.plan, "query"),
+                     overwrite=True)
 
 
 def _queried(folder: Path) -> dict[str, Any]:
@@ -115,15 +116,11 @@ def _score(run: Run) -> dict[str, Any]:
 
     query_run = (str(run.path("query")),) if "query" in run.plan else ()
     settings = build(run.plan, "score", data=str(run.path("extract")), query_run=query_run, verbatim=None)
-    return score.score(settings, run.path("score"))
+    return score.score(settings, run.path("score"), overwrite=True)
 
 
 def _scored(folder: Path) -> dict[str, Any]:
-    from memscan import score
-
-    summary = files.read_record(folder / score.SUMMARY, "memscan score run", {"tables": list})
-    files.check_signature(summary, folder / score.SUMMARY)
-    return summary
+    return folders.read_record(folder, folders.SCORES)
 
 
 def _saturation(run: Run) -> dict[str, Any]:
@@ -132,7 +129,7 @@ def _saturation(run: Run) -> dict[str, Any]:
     trained = "train" in run.plan
     target = str(run.path("train")) if trained else run.plan["model"]["id"]
     settings = build(run.plan, "saturation", source=None if trained else run.plan["source"]["id"])
-    summary = saturation.analyse(target, str(run.path("saturation")), settings)
+    summary = saturation.analyse(target, str(run.path("saturation")), settings, overwrite=True)
     report.render_saturation(run.path("saturation"))
     return summary
 
@@ -146,7 +143,7 @@ def _saturated(folder: Path) -> dict[str, Any]:
 def _assoc(run: Run) -> dict[str, Any]:
     from memscan import assoc, report
 
-    assoc.run_sweep(build(run.plan, "assoc"), str(run.path("assoc")))
+    assoc.run_sweep(build(run.plan, "assoc"), str(run.path("assoc")), overwrite=True)
     fitted = assoc.run_fit(str(run.path("assoc")))
     report.render_assoc(run.path("assoc"))
     return fitted
@@ -156,22 +153,23 @@ def _fitted(folder: Path) -> dict[str, Any]:
     from memscan import assoc
 
     assoc.read_settings(folder)
-    return files.read_record(folder / assoc.FIT_FILE, "`memscan assoc fit`")
+    return assoc.read_fit(folder)
 
 
 def _report(run: Run) -> str:
     """The comparison beside the query run (where the page shows it), then the page."""
     from memscan import report
 
-    folder = run.path("report")
-    _write_comparison(folder / report.COMPARISON, run.plan, comparison_rows(run))
-    return str(report.render(folder))
+    rows = comparison_rows(run)
+    return str(report.render(run.path("report"), comparison.document(run.plan, rows) if rows else None))
 
 
 def _reported(folder: Path) -> str | None:
+    """The page of a report whose record lists it (a report without one, or damaged, is drawn again)."""
     from memscan import report
 
-    return str(folder / report.PAGE) if (folder / report.PAGE).is_file() else None
+    listed = {entry["name"] for entry in folders.entries(folders.REPORT, folders.read_record(folder, folders.REPORT))}
+    return str(folder / report.PAGE) if report.PAGE in listed else None
 
 
 @dataclass(frozen=True)
@@ -228,21 +226,37 @@ def fingerprint(stage: str, plan: Plan, upstream: dict[str, str]) -> str:
                               "after": {name: upstream[name] for name in runner.after if name in upstream}})
 
 
-def run(experiment: Experiment, out: str | Path, allow_other_files: bool = False) -> list[Outcome]:
-    """Run (or resume, or find finished) every run of `experiment` in `out`, held for the job."""
+def run(experiment: Experiment, out: str | Path, overwrite: bool = False,
+        allow_other_files: bool = False) -> list[Outcome]:
+    """Run (or resume, or find finished) every run of `experiment` in `out`, held for the job.
+
+    Every run folder (`out`, or with variants `out` and one folder per variant) is claimed by the
+    folder model's rules (memscan.folders.claim): the same experiment resumes stage by stage,
+    another needs `overwrite`, files memscan did not write need `allow_other_files`.
+    """
+    identity = folders.job_fingerprint(experiment=experiment.name)
+    text = resolved_text(experiment)
     with files.job_folder(Path(out)) as folder:
-        _claim(folder, experiment, allow_other_files)
-        _write_experiment(folder / EXPERIMENT_FILE, resolved_text(experiment))
-        return [run_plan(folder / variant if variant else folder, plan, allow_other_files, variant)
-                for variant, plan in experiment.runs()]
+        if not experiment.variants:
+            return [run_plan(folder, experiment.plan, identity, text, overwrite, allow_other_files)]
+        claimed = _claim(folder, identity, overwrite, allow_other_files)
+        files.write_text_atomic(folder / EXPERIMENT_FILE, text)
+        outcomes = [run_plan(folder / variant, plan, identity, None, overwrite, allow_other_files, variant)
+                    for variant, plan in experiment.runs()]
+        _write_stages(folder, identity, {}, claimed.previous, [outcome.folder.name for outcome in outcomes])
+        return outcomes
 
 
-def run_plan(folder: Path, plan: Plan, allow_other_files: bool = False, variant: str | None = None) -> Outcome:
-    """Each stage of `plan` in order, where its output is missing, unfinished or from other settings."""
+def run_plan(folder: Path, plan: Plan, identity: str, text: str | None = None, overwrite: bool = False,
+             allow_other_files: bool = False, variant: str | None = None) -> Outcome:
+    """Each stage of `plan` in order, where its output is missing, unfinished or from other settings;
+    stages.json, the folder's record, lists each finished stage's fingerprint."""
     folder.mkdir(exist_ok=True)
-    if not allow_other_files:
-        files.refuse_foreign(folder, _owned(folder))
-    recorded = _read_stages(folder)
+    claimed = _claim(folder, identity, overwrite, allow_other_files)
+    if text is not None:
+        _write_experiment(folder / EXPERIMENT_FILE, text)
+    previous = claimed.previous
+    recorded = _recorded_stages(previous)
     current = Run(folder, plan)
     fingerprints: dict[str, str] = {}
     ran, kept = [], []
@@ -252,16 +266,18 @@ def run_plan(folder: Path, plan: Plan, allow_other_files: bool = False, variant:
         if record is None:
             log.info("%s: running %s", folder, stage)
             recorded.pop(stage, None)
-            _write_stages(folder, recorded)
+            previous = _write_stages(folder, identity, recorded, previous)
             record = STAGE_RUNNERS[stage].run(current)
             recorded[stage] = fingerprints[stage]
-            _write_stages(folder, recorded)
+            previous = _write_stages(folder, identity, recorded, previous)
             ran.append(stage)
         else:
             kept.append(stage)
         current.records[stage] = record
     rows = comparison_rows(current)
-    _write_comparison(folder / COMPARISON_FILE, plan, rows)
+    if rows:
+        _write_comparison(folder / COMPARISON_FILE, comparison.document(plan, rows))
+    _write_stages(folder, identity, recorded, previous, with_comparison=bool(rows))
     return Outcome(variant, folder, ran, kept, current.records, rows)
 
 
@@ -290,57 +306,35 @@ def resolved_text(experiment: Experiment) -> str:
     return dumps(document, header)
 
 
-def _claim(folder: Path, experiment: Experiment, allow_other_files: bool) -> None:
-    """Refuse a folder that holds another experiment, or files memscan did not write."""
-    path = folder / EXPERIMENT_FILE
-    if path.exists():
-        try:
-            held = tomllib.loads(path.read_text()).get("experiment", {}).get("name")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, AttributeError):
-            raise DataError(f"{path} is not an experiment memscan wrote; choose another --out") from None
-        if held != experiment.name:
-            raise InputError(f"--out '{folder}' holds the experiment '{held}', not '{experiment.name}'; "
-                             "choose another folder")
-    if not allow_other_files:
-        files.refuse_foreign(folder, _owned(folder))
+def _claim(folder: Path, identity: str, overwrite: bool, allow_other_files: bool) -> folders.Claim:
+    """Claim a run folder for this experiment: another experiment's needs `overwrite`."""
+    return folders.claim(folder, folders.EXPERIMENT, (EXPERIMENT_FILE, COMPARISON_FILE), identity,
+                         overwrite=overwrite, allow_other_files=allow_other_files)
 
 
-def _owned(folder: Path) -> Callable[[str], bool]:
-    """Names memscan writes in a run folder: its records, the stages' folders, variants' run folders."""
-    own = files.owned_by((EXPERIMENT_FILE, STAGES_FILE, COMPARISON_FILE, *FOLDERS.values()))
-    return lambda name: own(name) or (folder / name / STAGES_FILE).is_file()
+def _recorded_stages(record: dict[str, Any] | None) -> dict[str, str]:
+    """The finished stages' fingerprints in a run folder's record (none without one: each is checked by running)."""
+    stages = (record or {}).get("stages")
+    return {name: value for name, value in stages.items() if isinstance(value, str)} if isinstance(stages, dict) else {}
 
 
-def _read_stages(folder: Path) -> dict[str, str]:
-    """stages.json's fingerprints; a missing or damaged one is no stage done (each is then checked by running)."""
-    path = folder / STAGES_FILE
-    if not path.exists():
-        return {}
-    try:
-        stages = files.read_record(path, "memscan stages", {"stages": dict})["stages"]
-    except DataError as exc:
-        log.warning("%s; every stage runs again", files.first_line(exc))
-        return {}
-    return {name: value for name, value in stages.items() if isinstance(value, str)}
+def _write_stages(folder: Path, identity: str, recorded: dict[str, str], previous: dict[str, Any] | None,
+                  subfolders: list[str] | None = None, with_comparison: bool | None = None) -> dict[str, Any]:
+    """stages.json, the run folder's signed record: the finished stages, experiment.toml and comparison.json
+    (kept as the previous record had it unless `with_comparison` says), the stage or variant folders."""
+    if with_comparison is None:
+        with_comparison = COMPARISON_FILE in folders.owned_names(folder)
+    names = [EXPERIMENT_FILE, *([COMPARISON_FILE] if with_comparison else [])]
+    owned = subfolders if subfolders is not None else [
+        name for name in sorted(set(FOLDERS.values())) if (folder / name).is_dir()]
+    return folders.write_record(folder, folders.EXPERIMENT, {
+        "fingerprint": identity, "stages": dict(recorded),
+        "files": [files.file_entry(folder / name) for name in names if (folder / name).is_file()],
+        "folders": owned}, previous)
 
 
-def _write_stages(folder: Path, recorded: dict[str, str]) -> None:
-    _write_json_if_changed(folder / STAGES_FILE, {"format": STAGES_FORMAT, "format_version": 1,
-                                                  "stages": dict(recorded)})
-
-
-def _write_comparison(path: Path, plan: Plan, rows: list[dict[str, Any]]) -> None:
-    """comparison.json where the plan has [paper] numbers; an old one goes where it has none."""
-    if rows:
-        _write_json_if_changed(path, comparison.document(plan, rows))
-    else:
-        files.remove_owned(path.parent, [path.name])
-
-
-def _write_json_if_changed(path: Path, document: dict[str, Any]) -> None:
-    """Write a record atomically unless it already holds exactly this (a rerun that changes nothing leaves it)."""
-    import json
-
+def _write_comparison(path: Path, document: dict[str, Any]) -> None:
+    """comparison.json, unless it already holds this document (a rerun that changes nothing leaves it)."""
     try:
         if json.loads(path.read_text()) == document:
             return
@@ -357,5 +351,4 @@ def _write_experiment(path: Path, text: str) -> None:
             return
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         pass
-    files.tmp_path(path).write_text(text)
-    files.commit_file(files.tmp_path(path), path)
+    files.write_text_atomic(path, text)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import checks, files, store
+from memscan import checks, files, folders, store
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, kmeans, tuning
 from memscan.knn.shards import OWN_FILE, Shards, entry_names, file_names, fill_shard, load_shard, nlist, row_ranges
@@ -36,7 +36,6 @@ from memscan.knn.tuning import MIN_TRAIN_PER_LIST, auto_factory
 
 log = logging.getLogger(__name__)
 
-FORMAT, FORMAT_VERSION = "memscan.index", 2   # 2: every file checksummed, the record signed
 INFO_FILE = "index.json"
 DEVICES = ("auto", "cpu", "gpu")
 SHARD_PARAMS = ("nprobe", "efSearch")     # FAISS's own, set on every shard
@@ -136,14 +135,7 @@ def resolve_layer(dataset: store.ActivationDataset, layer: int | None) -> int:
 def read_info(index_dir: str | Path) -> dict[str, Any]:
     """index.json, refused in one line unless it is a signed record of this format of sound shape."""
     path = Path(index_dir) / INFO_FILE
-    info = files.read_record(path, "memscan index", {"format": str, "format_version": int})
-    if info["format"] != FORMAT:
-        raise DataError(f"{path} is not a memscan index record (format '{info['format']}')")
-    if info["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{path} has format version {info['format_version']}; this memscan reads version "
-                        f"{FORMAT_VERSION} (earlier indexes carry no checksums): rebuild it with "
-                        "`memscan index ... --overwrite`")
-    files.check_signature(info, path)
+    info = folders.read_record(Path(index_dir), folders.INDEX)
     _check_shape(info, path)
     return info
 
@@ -228,9 +220,11 @@ def listed_files(index_dir: Path) -> list[str]:
 def _claim_folder(out_dir: Path, overwrite: bool, allow_other_files: bool) -> list[str]:
     """The files of the index `out_dir` already holds (to remove once the new one is whole), after
     refusing to replace it without `overwrite` and refusing files memscan did not write."""
+    replaced = listed_files(out_dir)
+    folders.refuse_links(out_dir, [INFO_FILE, *(p.name for p in out_dir.iterdir() if OWN_FILE.fullmatch(p.name))])
+    folders.refuse_in_the_way(out_dir, [INFO_FILE], {INFO_FILE} if replaced else set())
     if (out_dir / INFO_FILE).exists() and not overwrite:
         raise InputError(f"--out '{out_dir}' already holds an index; choose another folder or pass --overwrite")
-    replaced = listed_files(out_dir)
     if not allow_other_files:
         ours = {INFO_FILE, files.tmp_path(Path(INFO_FILE)).name, *replaced}
         files.refuse_foreign(out_dir, lambda name: name in ours or bool(OWN_FILE.fullmatch(name)))
@@ -342,7 +336,7 @@ def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tup
     add_seconds = time.perf_counter() - t
 
     info: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": folders.INDEX.format, "format_version": folders.INDEX.version,
         "factory": factory, "factory_reason": reason, "metric": settings.metric,
         "n": dataset.n, "ntotal": sharded.ntotal,
         "dataset": {"path": str(data_dir.resolve()), "manifest_sha256": manifest_sha256(data_dir),

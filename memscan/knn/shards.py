@@ -204,9 +204,9 @@ class Shard:
         ivf = faiss.downcast_index(self.index)
         if isinstance(ivf, faiss.IndexIVF):   # the file is the same whether or not `reconstruct` ran
             ivf.make_direct_map(False)
-        faiss.write_index(self.index, str(files.tmp_path(index_path)))
+        faiss.write_index(self.index, str(files.new_tmp(index_path)))
         files.commit_file(files.tmp_path(index_path), index_path)
-        with files.tmp_path(ids_path).open("wb") as f:
+        with files.new_tmp(ids_path).open("wb") as f:
             np.save(f, self.row_ids, allow_pickle=False)
         files.commit_file(files.tmp_path(ids_path), ids_path)
         return {"index": files.file_entry(index_path), "row_ids": files.file_entry(ids_path),
