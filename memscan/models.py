@@ -198,7 +198,7 @@ def model_info(model_id: str, model: Any, tokenizer: Any, revision: str | None) 
         "id": model_id,
         "path": str(local.resolve()) if local.exists() else None,
         "revision": getattr(model.config, "_commit_hash", None) or revision,
-        "weights_sha256": _weights_digest(local) if local.is_dir() else None,
+        "weights_sha256": weights_digest(local) if local.is_dir() else None,
         "class": type(model).__name__,
         "model_type": model.config.model_type,
         "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -275,7 +275,7 @@ def looks_like_path(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
 
 
-def _weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path) -> str:
     """One sha256 over the weight files of a local model, so a resume notices changed weights."""
     return files.sha256_of_files(sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES), with_names=True)
 

@@ -7,6 +7,7 @@ fsynced and renamed into place, so a listed shard is always whole.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -28,8 +29,9 @@ from memscan.files import commit_file, sha256_of, write_json_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "memscan.activations"
-FORMAT_VERSION = 2          # 2: a `site` column beside `layer`, and the manifest's `sites`
-READABLE_VERSIONS = (1, 2)  # version 1 holds the residual stream only: every row is site "hidden"
+FORMAT_VERSION = 3             # 2: a `site` column beside `layer`, and the manifest's `sites`; 3: version 2, signed
+READABLE_VERSIONS = (1, 2, 3)  # version 1 holds the residual stream only: every row is site "hidden"
+SIGNED_SINCE = 3               # manifests of versions 1-2 (an earlier memscan) carry no self_sha256
 DEFAULT_SITE = "hidden"     # the residual stream as output_hidden_states numbers it (--layers)
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
@@ -128,10 +130,12 @@ _SHARD_FIELDS: dict[str, type] = {"name": str, "row_start": int, "row_stop": int
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """manifest.json of a dataset folder, its shape checked once here: readers then trust it.
+    """manifest.json of a dataset folder, its signature, shape and counts checked once here: readers then trust it.
 
-    A manifest that does not parse, lacks a key, holds a value of the wrong type or range,
-    or names a shard outside its folder is one DataError line naming the file and the key.
+    A manifest that does not parse, fails its self_sha256 (version 3, or any version that
+    carries one), lacks a key, holds a value of the wrong type or range, names a shard outside
+    its folder, or whose counts, rows per chunk and shard row ranges do not add up
+    (`_cross_check`) is one DataError line naming the file and the key.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -143,10 +147,130 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise DataError(f"{path} has format version {manifest.get('format_version')}; "
                         f"this memscan reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if manifest["format_version"] >= SIGNED_SINCE or files.SELF_SHA256 in manifest:
+        files.check_signature(manifest, path)
     for key, kinds in _MANIFEST_FIELDS.items():
         files.require(manifest, key, kinds, path)
     _check_shape(manifest, path)
+    _cross_check(manifest, path)
     return manifest
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write a dataset's manifest.json, signed (self_sha256 over the rest), atomically; returns what was written.
+
+    The one way memscan writes a manifest: extraction (each shard and chunk-table piece it
+    lists, then the counts) and `write_vectors`. A stale self_sha256 in `manifest` (one read
+    back to resume) is replaced; the fingerprint and every other key are written as they are.
+    """
+    document = files.signed(manifest)
+    write_json_atomic(Path(directory) / MANIFEST, document)
+    return document
+
+
+def kept_positions(manifest: dict[str, Any], path: Path | None = None) -> int:
+    """How many positions of each chunk every site and layer stores (the manifest's `positions`).
+
+    Imported vectors (`write_vectors`, positions "n/a") hold one per pseudo-chunk.
+    """
+    from memscan.extract import parse_positions
+
+    if manifest["positions"] == "n/a":
+        return 1
+    try:
+        return len(parse_positions(manifest["positions"], manifest["chunk_tokens"]))
+    except InputError:
+        raise DataError(f"{path or MANIFEST}: 'positions' must be last, all or every:K with 1 <= K <= "
+                        f"'chunk_tokens' ({manifest['chunk_tokens']}); got {json.dumps(manifest['positions'])[:60]}"
+                        ) from None
+
+
+def _cross_check(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest against itself (no file read): rows per chunk = site layers x kept positions; for a
+    complete dataset, rows per split = its chunks x rows per chunk, the splits' rows = the shards' row
+    ranges and their chunks = the chunk tables'. Each mismatch is one DataError line naming the key."""
+    sets = sum(len(site["layers"]) for site in sites_of(manifest))
+    positions = kept_positions(manifest, path)
+    if manifest["rows_per_chunk"] != sets * positions:
+        raise DataError(f"{path}: 'rows_per_chunk' must be the {sets} site layers ('sites') x {positions} kept "
+                        f"positions ('positions') = {sets * positions}; got {manifest['rows_per_chunk']}")
+    if not manifest["complete"]:
+        return
+    chunks, rows = manifest["counts"]["chunks"], manifest["counts"]["rows"]
+    if set(chunks) != set(rows):
+        raise DataError(f"{path}: 'counts.rows' must count the splits of 'counts.chunks' "
+                        f"({', '.join(sorted(chunks))}); got {', '.join(sorted(rows))}")
+    for split in sorted(rows):
+        if rows[split] != chunks[split] * manifest["rows_per_chunk"]:
+            raise DataError(f"{path}: 'counts.rows' of split {split} must be its {chunks[split]:,} chunks "
+                            f"('counts.chunks') x {manifest['rows_per_chunk']} ('rows_per_chunk') = "
+                            f"{chunks[split] * manifest['rows_per_chunk']:,}; got {rows[split]:,}")
+    stored = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
+    if sum(rows.values()) != stored:
+        raise DataError(f"{path}: 'counts.rows' add up to {sum(rows.values()):,} rows but the shards' row ranges "
+                        f"('shards') hold {stored:,}")
+    tables = manifest.get("chunk_tables")
+    last = tables[-1] if isinstance(tables, list) and tables else None
+    if isinstance(last, dict) and type(last.get("chunk_stop")) is int and last["chunk_stop"] != sum(chunks.values()):
+        raise DataError(f"{path}: 'counts.chunks' add up to {sum(chunks.values()):,} chunks but the chunk tables "
+                        f"('chunk_tables') hold {last['chunk_stop']:,}")
+
+
+def expected_rows(manifest: dict[str, Any]) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """What a complete manifest says its shards hold: rows per split ('counts.rows') and per (site, layer)."""
+    per_set = sum(manifest["counts"]["chunks"].values()) * kept_positions(manifest)
+    return (dict(manifest["counts"]["rows"]),
+            {(site["name"], layer): per_set for site in sites_of(manifest) for layer in site["layers"]})
+
+
+def shard_tally(parquet: pq.ParquetFile) -> collections.Counter[tuple[str, str, int]]:
+    """Rows of a (checked) shard per (split, site, layer), from its metadata columns alone."""
+    names = [name for name in ("split", "site", "layer") if name in parquet.schema_arrow.names]
+    groups = parquet.read(columns=names).group_by(names).aggregate([([], "count_all")])
+    columns = [groups.column(name).to_pylist() for name in (*names, "count_all")]
+    if "site" not in names:   # version 1: every row is the residual stream
+        columns.insert(1, [DEFAULT_SITE] * groups.num_rows)
+    return collections.Counter({(split, site, layer): count for split, site, layer, count in zip(*columns)})
+
+
+def tally_problems(manifest: dict[str, Any], tally: collections.Counter[tuple[str, str, int]],
+                   whole: bool = True) -> list[str]:
+    """Where the rows the shards hold (`tally`, per (split, site, layer)) differ from the manifest's counts.
+
+    With `whole` (every shard tallied) a count must match exactly; otherwise (some shards) it
+    must not be exceeded. One line per mismatch, naming the manifest key.
+    """
+    splits, sets = expected_rows(manifest)
+    held_splits: collections.Counter[str] = collections.Counter()
+    held_sets: collections.Counter[tuple[str, int]] = collections.Counter()
+    for (split, site, layer), count in tally.items():
+        held_splits[split] += count
+        held_sets[(site, layer)] += count
+
+    def wrong(claimed: int, held: int) -> bool:
+        return held != claimed if whole else held > claimed
+
+    problems = [f"'counts.rows' counts {splits.get(split, 0):,} {split} rows but the shards hold "
+                f"{'' if whole else 'at least '}{held_splits[split]:,}"
+                for split in sorted(set(splits) | set(held_splits)) if wrong(splits.get(split, 0), held_splits[split])]
+    problems += [f"'sites', 'positions' and 'counts.chunks' make {sets.get(key, 0):,} rows of site {key[0]} layer "
+                 f"{key[1]} but the shards hold {'' if whole else 'at least '}{held_sets[key]:,}"
+                 for key in sorted(set(sets) | set(held_sets), key=str) if wrong(sets.get(key, 0), held_sets[key])]
+    return problems
+
+
+def schema_problem(name: str, found: pa.Schema, manifest: dict[str, Any]) -> str | None:
+    """One line when a shard's Parquet schema is not the one its manifest describes (widths, dtype, columns)."""
+    expected = shard_schema(manifest)
+    if found.equals(expected):
+        return None
+    if found.names != expected.names:
+        return (f"shard {name} has the columns {', '.join(found.names)}; 'format_version' "
+                f"{manifest['format_version']} has {', '.join(expected.names)}")
+    column = next(field.name for field, want in zip(found, expected) if not field.equals(want))
+    keys = "'sites' (n) and 'vec_dtype'" if column == "vec" else "'format_version'"
+    return (f"shard {name} stores {column} as {found.field(column).type}; the manifest's {keys} say "
+            f"{expected.field(column).type}")
 
 
 def _check_shape(manifest: dict[str, Any], path: Path) -> None:
@@ -311,7 +435,7 @@ class ShardWriter:
         if self._writer is None:
             metadata = [name for name in self.schema.names if name != "vec"]
             self._writer = pq.ParquetWriter(
-                self.tmp_path, self.schema, compression={name: "zstd" for name in metadata},
+                files.new_tmp(self.directory / SHARD_PATTERN.format(self.shard_index)), self.schema, compression={name: "zstd" for name in metadata},
                 use_dictionary=[name for name in DICTIONARY_COLUMNS if name in metadata], write_statistics=metadata,
             )
         group = pa.concat_tables(self._pending).combine_chunks()
@@ -341,7 +465,10 @@ class ActivationDataset:
     Every read (n, layers, counts, batches, row ids) is of the rows of `site`: by default
     the residual stream ("hidden") when the dataset holds it, else its first site. Every
     shard's size and sha256 are checked against the manifest before its first row is read,
-    so a corrupt or truncated shard is named, never half-read.
+    so a corrupt or truncated shard is named, never half-read; its schema is then checked
+    against the manifest's sites, and its rows per split and per site and layer are added up:
+    rows beyond the manifest's counts (or, once every shard is read, any difference) are one
+    DataError line before a row of that shard is read.
     """
 
     def __init__(self, directory: str | os.PathLike[str], site: str | None = None):
@@ -358,6 +485,7 @@ class ActivationDataset:
         self.site, self._site = site, stored[site]
         self._one_site = len(stored) == 1  # then no row needs filtering by site
         self._verified: set[str] = set()
+        self._tally: collections.Counter[tuple[str, str, int]] = collections.Counter()
 
     @property
     def sites(self) -> list[str]:
@@ -465,7 +593,15 @@ class ActivationDataset:
         path = self.directory / shard["name"]
         if shard["name"] not in self._verified:
             files.check_file(self.directory, shard, "shard")
+            parquet = pq.ParquetFile(path, memory_map=True)
+            problem = schema_problem(shard["name"], parquet.schema_arrow, self.manifest)
+            self._tally.update(shard_tally(parquet))
+            whole = len(self._verified) + 1 == len(self.shards)
+            problems = [problem] if problem else tally_problems(self.manifest, self._tally, whole)
+            if problems:
+                raise DataError(f"{self.directory / MANIFEST}: {problems[0]}; run `memscan verify {self.directory}`")
             self._verified.add(shard["name"])
+            return parquet
         return pq.ParquetFile(path, memory_map=True)
 
     @property
@@ -493,52 +629,100 @@ def _column_numpy(column: pa.Array) -> np.ndarray:
 
 
 def verify(directory: str | os.PathLike[str]) -> list[str]:
-    """Every problem found in a dataset folder: manifest, completeness, shards, schema, counts."""
+    """Every problem found in a dataset folder: manifest (signature, shape, its own counts), completeness,
+    shards (size, sha256, schema, row ids), the rows per split and per site and layer that the shards'
+    `split`, `site` and `layer` columns hold against the manifest's counts, and the chunk tables."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = [] if manifest["complete"] else ["the dataset is incomplete (extraction did not finish)"]
-    expected_schema = shard_schema(manifest)
+    tally: collections.Counter[tuple[str, str, int]] = collections.Counter()
     for shard in manifest["shards"]:
         problem = files.file_problem(directory, shard, "shard")
         if problem:
             problems.append(problem)
             continue
-        problems.extend(_shard_content_problems(directory / shard["name"], shard, expected_schema))
-    if manifest["complete"]:
-        total = sum(manifest["counts"]["rows"].values())
-        stored = manifest["shards"][-1]["row_stop"] if manifest["shards"] else 0
-        if total != stored:
-            problems.append(f"the manifest counts {total:,} rows but the shards hold {stored:,}")
+        problems.extend(_shard_content_problems(directory / shard["name"], shard, manifest, tally))
+    if manifest["complete"] and not problems:
+        problems.extend(tally_problems(manifest, tally))
     problems.extend(chunk_table_problems(directory, manifest))
     return problems
 
 
-def _shard_content_problems(path: Path, shard: dict[str, Any], expected_schema: pa.Schema) -> list[str]:
-    """A whole shard's schema and row ids against its manifest entry (row ids row_start..row_stop-1 in order)."""
+def _shard_content_problems(path: Path, shard: dict[str, Any], manifest: dict[str, Any],
+                            tally: collections.Counter[tuple[str, str, int]]) -> list[str]:
+    """A whole shard's schema and row ids against its manifest entry (row ids row_start..row_stop-1 in order);
+    its rows per (split, site, layer) are added to `tally`."""
     try:
         parquet = pq.ParquetFile(path)
         row_ids = parquet.read(columns=["row_id"]).column("row_id").to_numpy()
+        problem = schema_problem(shard["name"], parquet.schema_arrow, manifest)
+        if not problem:
+            tally.update(shard_tally(parquet))
     except (pa.ArrowInvalid, OSError) as exc:
         return [f"shard {shard['name']} is not a readable Parquet file ({files.first_line(exc)})"]
-    problems = []
-    if not parquet.schema_arrow.equals(expected_schema):
-        problems.append(f"shard {shard['name']} has schema {parquet.schema_arrow}, expected {expected_schema}")
+    problems = [problem] if problem else []
     if not np.array_equal(row_ids, np.arange(shard["row_start"], shard["row_stop"])):
         problems.append(f"shard {shard['name']} does not hold rows {shard['row_start']}-{shard['row_stop'] - 1} in order")
     return problems
 
 
 def read_text_column(path: Path, column: str, batch_rows: int = 4096) -> Iterator[str]:
-    """Stream one string column of a user's Parquet file (a text source)."""
+    """Stream one string column of a user's Parquet file (a text source): its non-empty texts (`_text_rows`)."""
+    yield from (text for text, in _text_rows(path, (column,), batch_rows))
+
+
+def _text_rows(path: Path, columns: tuple[str, ...], batch_rows: int) -> Iterator[tuple[Any, ...]]:
+    """The given columns of each row of a user's Parquet file whose text (the first column) is neither null nor empty.
+
+    A text column that is not of a string type (a struct, a list, a number) is refused at once, and a text that is
+    not UTF-8 (a lone surrogate) at its row (counted from 1): one line each, never a tokenizer's traceback.
+    """
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
-    if column not in parquet.schema_arrow.names:
-        raise InputError(f"{path} has no column '{column}'; columns are: "
-                         f"{', '.join(parquet.schema_arrow.names)} (choose one with --text-column)")
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
-        yield from (text for text in batch.column(0).to_pylist() if text)
+    schema = parquet.schema_arrow
+    for column in columns:
+        if column not in schema.names:
+            flag = "--text-column" if column == columns[0] else "--split-column/--key-column"
+            raise InputError(f"{path} has no column '{column}'; columns are: {', '.join(schema.names)} "
+                             f"(choose one with {flag})")
+    kind = schema.field(columns[0]).type
+    if not _is_text_type(kind):
+        raise InputError(f"{path}: column '{columns[0]}' is of type {kind}, not a string (choose the text column "
+                         "with --text-column)")
+    first_row = 1
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        texts = _batch_texts(batch.column(0), path, columns[0], first_row)
+        yield from (row for row in zip(texts, *(c.to_pylist() for c in batch.columns[1:])) if row[0])
+        first_row += batch.num_rows
+
+
+def _is_text_type(kind: pa.DataType) -> bool:
+    """Whether a Parquet column holds strings (plain, large, view or dictionary-encoded)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _batch_texts(texts: pa.Array, path: Path, column: str, first_row: int) -> list[str | None]:
+    """One batch's texts as str; a value that is not UTF-8 (Parquet's string type does not guarantee it) is refused
+    naming its row."""
+    try:
+        return texts.to_pylist()
+    except UnicodeDecodeError:
+        row = first_row + next(i for i in range(len(texts)) if not _decodes(texts[i]))
+        raise InputError(f"{path} row {row}: '{column}' is not valid UTF-8 text (a lone surrogate, or bytes of "
+                         "another encoding)") from None
+
+
+def _decodes(value: pa.Scalar) -> bool:
+    """Whether a Parquet string value decodes as UTF-8."""
+    try:
+        value.as_py()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequence[str] | np.ndarray,
@@ -576,15 +760,14 @@ def write_vectors(directory: str | os.PathLike[str], X: np.ndarray, splits: Sequ
     manifest["counts"] = {"chunks": {str(s): int(c) for s, c in zip(names, counts)},
                           "rows": {str(s): int(c) for s, c in zip(names, counts)}}
     manifest["complete"] = True
-    write_json_atomic(directory / MANIFEST, manifest)
-    return manifest
+    return write_manifest(directory, manifest)
 
 
 def write_table(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> dict[str, Any]:
     """Write a plain result table (neighbours, queries, patterns, histograms) atomically and fsynced;
     returns its entry (name, bytes, sha256) for the record that will vouch for it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = files.new_tmp(path)
     pq.write_table(pa.table({name: np.asarray(values) for name, values in columns.items()}), tmp,
                    compression="zstd")
     commit_file(tmp, path)
@@ -609,7 +792,7 @@ class TableWriter:
         """Append rows: columns of equal length (m,), the same names and dtypes at every call."""
         table = pa.table({name: np.asarray(values) for name, values in columns.items()})
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(files.new_tmp(self.path), table.schema, compression="zstd")
         self._writer.write_table(table)
 
     def commit(self) -> dict[str, Any]:
@@ -723,7 +906,7 @@ class ChunkTableWriter:
     def _finish_piece(self) -> None:
         final = self.directory / CHUNK_TABLE_PATTERN.format(self.index)
         table = pa.concat_tables(self._pending).combine_chunks()
-        pq.write_table(table, self.tmp_path, row_group_size=max(1, table.num_rows), compression="zstd",
+        pq.write_table(table, files.new_tmp(final), row_group_size=max(1, table.num_rows), compression="zstd",
                        use_dictionary=["split"])
         commit_file(self.tmp_path, final)
         start = self.index * self.piece_chunks
@@ -768,6 +951,19 @@ def chunk_table_problems(directory: Path, manifest: dict[str, Any]) -> list[str]
     chunks = sum(manifest.get("counts", {}).get("chunks", {}).values())
     if manifest["complete"] and not problems and entries and entries[-1]["chunk_stop"] != chunks:
         problems.append(f"the manifest counts {chunks:,} chunks but the chunk tables hold {entries[-1]['chunk_stop']:,}")
+    if manifest["complete"] and not problems:
+        held: collections.Counter[str] = collections.Counter()
+        for entry in entries:
+            try:
+                split = pq.read_table(directory / entry["name"], columns=["split"]).column("split").combine_chunks()
+            except (pa.ArrowInvalid, OSError, KeyError) as exc:
+                problems.append(f"chunk table {entry['name']} is not a readable Parquet file ({files.first_line(exc)})")
+                continue
+            held.update(_column_numpy(split).tolist())
+        claimed = manifest["counts"]["chunks"]
+        problems += [f"'counts.chunks' counts {claimed.get(split, 0):,} {split} chunks but the chunk tables hold "
+                     f"{held[split]:,}" for split in sorted(set(claimed) | set(held))
+                     if not problems and claimed.get(split, 0) != held[split]]
     return problems
 
 
@@ -803,15 +999,5 @@ def read_chunk_table(directory: str | os.PathLike[str], manifest: dict[str, Any]
 
 def read_labelled_texts(path: Path, text_column: str, label_column: str, batch_rows: int = 4096,
                         ) -> Iterator[tuple[str, str]]:
-    """(text, label as a string) of each row of a user's Parquet file with a non-empty text."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
-    for column, flag in ((text_column, "--text-column"), (label_column, "--split-column/--key-column")):
-        if column not in parquet.schema_arrow.names:
-            raise InputError(f"{path} has no column '{column}'; columns are: "
-                             f"{', '.join(parquet.schema_arrow.names)} (choose one with {flag})")
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_column, label_column]):
-        texts, labels = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-        yield from ((text, str(label)) for text, label in zip(texts, labels) if text)
+    """(text, label as a string) of each row of a user's Parquet file with a non-empty text (`_text_rows`)."""
+    yield from ((text, str(label)) for text, label in _text_rows(path, (text_column, label_column), batch_rows))

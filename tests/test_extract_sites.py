@@ -65,7 +65,7 @@ def reference_sites(model_dir, token_ids: np.ndarray) -> dict[tuple[str, int], n
 
 def test_every_site_is_stored_in_row_order_and_equals_an_independent_hook(site_data, qf_model):
     manifest, data = site_data
-    assert manifest["format_version"] == store.FORMAT_VERSION == 2
+    assert manifest["format_version"] == store.FORMAT_VERSION == 3
     assert manifest["sites"] == [
         {"name": "hidden", "layers": [0, 2], "n": 32},
         {"name": "resid_post", "layers": [0, 1], "n": 32},
@@ -208,7 +208,7 @@ def test_a_resumed_site_extraction_writes_the_same_bytes(site_data, qf_model, tm
         (cut / entry["name"]).write_bytes((whole / entry["name"]).read_bytes())
     resumed = {key: value for key, value in manifest.items() if key not in ("counts", "corpus")}
     resumed.update(complete=False, shards=kept, chunk_tables=[])
-    files.write_json_atomic(cut / store.MANIFEST, resumed)
+    store.write_manifest(cut, resumed)
     settings = ExtractSettings(**{key: value for key, value in manifest["settings"].items()
                                   if key in ExtractSettings.__dataclass_fields__})
     extract(settings, cut)

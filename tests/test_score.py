@@ -86,7 +86,7 @@ def test_a_resume_writes_the_same_chunk_table_and_shards(tmp_path, qf_model, mon
     for key in ("counts", "corpus"):
         manifest.pop(key)
     manifest.update(complete=False, shards=kept_shards, chunk_tables=kept_tables)
-    files.write_json_atomic(cut / store.MANIFEST, manifest)
+    store.write_manifest(cut, manifest)
     extract(settings(qf_model, source), cut)
     names = sorted(p.name for p in whole.glob("*.parquet"))
     assert names == sorted(p.name for p in cut.glob("*.parquet"))

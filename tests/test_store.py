@@ -172,7 +172,7 @@ def test_resume_when_only_the_complete_flag_is_missing(reference, qf_model, tmp_
     for key in ("counts", "corpus"):
         manifest.pop(key)
     manifest["complete"] = False  # killed after the last (partial) shard was listed, before the end
-    store.write_json_atomic(out / store.MANIFEST, manifest)
+    store.write_manifest(out, manifest)
     finished = extract(settings_for(qf_model), out)
     assert finished["complete"] and shard_bytes(out) == shard_bytes(reference)
     assert finished["counts"] == json.loads((reference / store.MANIFEST).read_text())["counts"]

@@ -65,9 +65,13 @@ def copy_of(directory: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def edit_manifest(directory: Path, change) -> None:
+def edit_manifest(directory: Path, change, sign: bool = True) -> None:
+    """Edit a dataset's manifest; `sign`: re-sign a signed one (files.signed), so only the checks after the
+    signature see the edit; sign=False leaves the stale self_sha256 (a hostile edit, refused by the signature)."""
     manifest = json.loads((directory / store.MANIFEST).read_text())
     change(manifest)
+    if sign and isinstance(manifest, dict) and files.SELF_SHA256 in manifest:
+        manifest = files.signed(manifest)
     (directory / store.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -199,8 +203,10 @@ def test_a_shard_that_is_not_a_regular_file_is_a_problem_not_a_hang(dataset, tmp
     shard.unlink()
     {"fifo": lambda: os.mkfifo(shard), "symlink to /dev/zero": lambda: shard.symlink_to("/dev/zero"),
      "folder": shard.mkdir}[kind]()
-    assert store.verify(copy) == ["shard part-00001.parquet is not a regular file"]
-    with pytest.raises(DataError, match="shard part-00001.parquet is not a regular file"):
+    problem = ("is a symbolic link, not the file memscan wrote" if kind.startswith("symlink")
+               else "is not a regular file")
+    assert store.verify(copy) == [f"shard part-00001.parquet {problem}"]
+    with pytest.raises(DataError, match=f"shard part-00001.parquet {problem}"):
         list(store.ActivationDataset(copy).iter_batches())
 
 
@@ -257,10 +263,13 @@ def test_write_vectors_and_extract_build_the_same_manifest(dataset, tmp_path):
 def test_run_and_checkpoint_records_are_checked_when_read(finished_run, tmp_path):
     out = copy_of(finished_run, tmp_path)
     run = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**run, "steps": "six"}))
+    (out / "run.json").write_text(json.dumps({**run, "steps": 6.5}))   # an edit: the signature no longer matches
+    with pytest.raises(DataError, match=r"run.json fails its self_sha256 checksum"):
+        train(TINY, out)
+    (out / "run.json").write_text(json.dumps(files.signed({**run, "steps": "six"})))   # signed, of a bad shape
     with pytest.raises(DataError, match=r"run.json: 'steps' must be int"):
         train(TINY, out)
-    (out / "run.json").write_text(json.dumps({**run, "complete": False}))
+    (out / "run.json").write_text(json.dumps(files.signed({**run, "complete": False})))
     state_path = out / "checkpoints" / "step-0000006" / "state.json"
     state = json.loads(state_path.read_text())
     state_path.write_text(json.dumps({**state, "step": 5}))
@@ -377,8 +386,9 @@ def test_saturation_summary_vouches_for_its_tables_and_a_rerun_never_mixes(finis
     with pytest.raises(DataError, match="table heads.parquet fails its sha256"):
         saturation.read_summary(out)
     with pytest.raises(InputError, match="no chunk of 4000 tokens"):
-        saturation.analyse(str(finished_run), str(out), saturation.SaturationSettings(chunk_tokens=4000))
-    with pytest.raises(DataError, match="has no summary.json"):  # no record vouches for a half-written result
+        saturation.analyse(str(finished_run), str(out), saturation.SaturationSettings(chunk_tokens=4000),
+                           overwrite=True)
+    with pytest.raises(DataError, match="incomplete run"):  # no record vouches for a half-written result
         saturation.read_summary(out)
 
 
