@@ -14,6 +14,7 @@ import heapq
 import itertools
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -205,7 +206,8 @@ class HFSource(Source):
                     raise InputError(f"dataset '{self.name}' has no column '{column}'; "
                                      f"columns are: {', '.join(record)} (choose one with {flag})")
             label = None if self.label_column is None else str(record[self.label_column])
-            yield Document(doc_id, record[self.text_column], label=label)
+            text = checked_text(record[self.text_column], f"dataset '{self.name}' row {doc_id + 1}", self.text_column)
+            yield Document(doc_id, text, label=label)
 
     def count_documents(self) -> int:
         return sum(1 for _ in itertools.islice(self._records(), self.limit))
@@ -319,7 +321,7 @@ def _read_texts(path: Path, text_column: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
-    """The given columns of each record of a .jsonl file, as strings (the first is the text)."""
+    """The given columns of each record of a .jsonl file, as strings (the first is the text, which must be one)."""
     try:
         with path.open(encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
@@ -335,9 +337,29 @@ def _read_jsonl(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, ...
                     flag = "--text-column" if missing[0] == columns[0] else "--split-column/--key-column"
                     raise InputError(f"{path}:{line_number} has no column '{missing[0]}' (has: {keys}); "
                                      f"choose one with {flag}")
-                yield tuple(str(record[c]) for c in columns)
+                text = checked_text(record[columns[0]], f"{path} line {line_number}", columns[0])
+                yield (text, *(str(record[c]) for c in columns[1:]))
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+_JSON_TYPES = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"), (dict, "an object"))
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str only unpaired: a JSON escape of a pair decodes to one character
+
+
+def checked_text(value: Any, where: str, column: str) -> str:
+    """`value` when it is a string of valid Unicode; anything else (null, a list, a number, a lone surrogate that no
+    tokenizer can encode) is refused in one line naming `where` (the file and line or row) and the column, rather
+    than tokenized as its Python spelling ("None", "[1, 2, 3]") or left to fail in the tokenizer."""
+    if not isinstance(value, str):
+        kind = "null" if value is None else next((n for t, n in _JSON_TYPES if isinstance(value, t)),
+                                                  f"a {type(value).__name__}")
+        raise InputError(f"{where}: '{column}' is {kind}, not a string")
+    surrogate = _SURROGATE.search(value)
+    if surrogate:
+        raise InputError(f"{where}: '{column}' holds an unpaired surrogate \\u{ord(surrogate[0]):04x} "
+                         "(not valid Unicode text)")
+    return value
 
 
 def _read_parquet_texts(path: Path, text_column: str) -> Iterator[str]:

@@ -1,7 +1,8 @@
 """The MemscanError family: every failure a user can cause or fix.
 
-The CLI turns these into one line on stderr and exit code 1; anything else is a bug
-and keeps its traceback.
+The CLI turns these into one line on stderr and exit code 1, as it does the errors of the
+libraries beneath memscan that a user's input can cause (out of memory, torch and tokenizer
+errors: memscan.cli.library_error_line); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The `memscan` command: a thin layer over the library, one module per command.
 
 Every command checks its flags, calls one library function and renders the result.
-MemscanError and OSError (missing files, a full disk, a read-only folder) become one line on stderr and exit code 1; set
-MEMSCAN_DEBUG=1 to see the traceback instead.
+MemscanError and OSError (missing files, a full disk, a read-only folder) become one line on stderr and exit code 1; so
+do running out of memory and the errors torch and the tokenizers raise (`library_error_line`); set MEMSCAN_DEBUG=1
+to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
+from types import TracebackType
 
 import click
 
@@ -57,8 +60,59 @@ def error_line(exc: BaseException) -> str:
     return first_line(exc)
 
 
+# What to lower when a command runs out of memory, by command; any other command gets DEFAULT_MEMORY_HINT.
+MEMORY_HINTS = {
+    "extract": "--batch-size or --chunk-tokens", "train": "--n-embd, --n-layer, --context or --batch-size",
+    "saturation": "--chunks or --chunk-tokens", "assoc": "--dims, --n-tokens or --classes",
+    "index": "--train-size, or build it in pieces with --shards", "query": "--k", "verbatim": "--batch-size",
+    "run": "the experiment's sizes (--set STAGE.KEY=VALUE)",
+}
+DEFAULT_MEMORY_HINT = "the sizes this command was given"
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+_ALLOCATOR_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\][^.]*\.\s*")  # torch's C++ assertion, before its message
+
+
+def _raised_in(traceback: TracebackType | None) -> str:
+    """The module of the innermost Python frame of a traceback: where an exception was raised ('' if unknown)."""
+    if traceback is None:
+        return ""
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return str(traceback.tb_frame.f_globals.get("__name__", ""))
+
+
+def library_error_line(exc: Exception, command: str | None) -> str | None:
+    """One line for running out of memory or for an error of torch or a tokenizer; None for any other exception,
+    which is a bug and keeps its traceback.
+
+    Out of memory: a MemoryError, or a RuntimeError whose message says an allocation failed (torch's CPU allocator,
+    CUDA), wherever raised. Otherwise where the exception was raised decides, not its type alone: a bare
+    `except RuntimeError` would hide memscan's own bugs. Torch: a RuntimeError raised in torch, or in transformers'
+    model code that calls torch's operators; a tokenizer: any Exception raised in `tokenizers` or a transformers
+    `tokenization_*` module (malformed text, a broken vocabulary). A memscan bug that makes torch fail (a shape
+    mismatch) becomes one line too, which says to rerun with MEMSCAN_DEBUG=1 for the traceback.
+    """
+    module, message = _raised_in(exc.__traceback__), first_line(exc)
+    package = module.split(".")[0]
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                        and any(words in message.lower() for words in _OUT_OF_MEMORY)):
+        detail = _ALLOCATOR_PREFIX.sub("", message) if str(exc).strip() else ""
+        return (f"out of memory{f' ({detail})' if detail else ''}; lower "
+                f"{MEMORY_HINTS.get(command or '', DEFAULT_MEMORY_HINT)} and rerun")
+    if package == "tokenizers" or ".tokenization_" in module:
+        return f"the tokenizer failed: {message} (check the text source and the tokenizer)"
+    if isinstance(exc, RuntimeError) and package in ("torch", "transformers"):
+        return f"torch failed: {message} (if no setting explains it, rerun with MEMSCAN_DEBUG=1 and report it)"
+    return None
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The command named on a command line (`train` in `memscan -v train ...`), None when there is none."""
+    return next((arg for arg in (sys.argv[1:] if argv is None else argv) if arg in cli.commands), None)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the command, mapping user errors to one line and exit 1."""
+    """Console entry point: run the command, mapping user errors (and `library_error_line`'s) to one line and exit 1."""
     debug = os.environ.get("MEMSCAN_DEBUG") == "1"
     try:
         code = cli.main(args=argv, prog_name="memscan", standalone_mode=False)
@@ -77,5 +131,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(f"memscan: error: {error_line(exc)}", err=True)
+        code = EXIT_ERROR
+    except Exception as exc:  # MemoryError included; anything library_error_line does not name is a bug
+        line = library_error_line(exc, _command_of(argv))
+        if debug or line is None:
+            raise
+        click.echo(f"memscan: error: {line}", err=True)
         code = EXIT_ERROR
     sys.exit(code if isinstance(code, int) else 0)
