@@ -31,9 +31,12 @@ def describe(values: np.ndarray) -> dict[str, float]:
 
 
 def coverage(nearest_dist: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """A2: the fraction of queries whose nearest pattern lies within each radius (len(radii),)."""
-    ordered = np.sort(np.asarray(nearest_dist, np.float64))
-    return np.searchsorted(ordered, np.asarray(radii, np.float64), side="right") / max(len(ordered), 1)
+    """A2: the fraction of queries whose nearest pattern lies within each radius (len(radii),); NaN without
+    queries (a rate over nothing is undefined, not 0)."""
+    ordered, radii = np.sort(np.asarray(nearest_dist, np.float64)), np.asarray(radii, np.float64)
+    if not len(ordered):
+        return np.full(len(radii), np.nan)
+    return np.searchsorted(ordered, radii, side="right") / len(ordered)
 
 
 def disjoint(nearest_other_dist: np.ndarray, radius: float) -> np.ndarray:

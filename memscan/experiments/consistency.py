@@ -28,6 +28,19 @@ _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 _ANY_LAYER = 1 << 20   # checks a --layers spec's syntax where the model's layer count is not known
 
 
+def _parsed(stage: str, settings: Any) -> None:
+    """The settings a stage parses only once it runs, through the stage's own code where that needs no model
+    or data: extract's --positions against --chunk-tokens, train's tokenizer where none is named."""
+    if stage == "extract":
+        from memscan.extract import parse_positions
+
+        parse_positions(settings.positions, settings.chunk_tokens)
+    elif stage == "train" and settings.tokenizer is None:   # a named one is loaded from its folder or the hub
+        from memscan.train import load_tokenizer
+
+        load_tokenizer(settings)
+
+
 class Checker:
     """The checks of one resolved plan; every failure is an ExperimentError naming the file and the key."""
 
@@ -68,9 +81,12 @@ class Checker:
             self._opened_source()
 
     def own_checks(self, stage: str) -> None:
-        """The stage's settings through their own `check()`; its one line names the key it is about."""
+        """The stage's settings through their own `check()` and the stage's parsers of them (`_parsed`):
+        what the stage would refuse is refused here; its one line names the key it is about."""
         try:
-            self.settings(stage).check()
+            settings = self.settings(stage)
+            settings.check()
+            _parsed(stage, settings)
         except InputError as exc:
             message = first_line(exc)
             raise ExperimentError(self.file, self.prefix + self._key_in(stage, message), message) from None

@@ -221,7 +221,17 @@ def _experiment_table(file: str, values: Any, stem: str, prefix: str) -> dict[st
                                   f"unknown key; [experiment] takes {', '.join(EXPERIMENT_KEYS)}")
         if not isinstance(value, str) or (key == "name" and not value.strip()):
             raise ExperimentError(file, f"{prefix}experiment.{key}", f"must be a non-empty string; got {_shown(value)}")
-    return {"name": values.get("name", stem), "reproduces": values.get("reproduces", "")}
+    return {"name": _folder_name(file, values.get("name", stem), prefix), "reproduces": values.get("reproduces", "")}
+
+
+def _folder_name(file: str, name: str, prefix: str) -> str:
+    """The experiment's name, which `memscan run` takes as its folder without --out: one folder inside the
+    working folder, so no separator (an absolute path has one), no '.' or '..', nothing hidden, no NUL."""
+    if not name.strip() or name.startswith(".") or any(char in name for char in "/\\\0"):
+        raise ExperimentError(file, f"{prefix}experiment.name",
+                              f"{json.dumps(name)} cannot be a folder inside the working folder, which memscan run "
+                              "writes into without --out: no '/', '\\' or NUL, not empty, no leading '.'")
+    return name
 
 
 def _typed(file: str, table: str, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
