@@ -223,23 +223,31 @@ def _versions() -> dict[str, str]:
 def prepare_output(out: Path, fingerprint: str, overwrite: bool, allow_other_files: bool = False,
                    ) -> tuple[dict[str, Any] | None, list[str]]:
     """(the manifest to resume from, or None for a fresh start in the (existing, locked) folder `out`;
-    memscan's files a fresh start removes first, manifest first, with `clear_output`).
+    memscan's files a fresh start removes first, with `clear_output`).
 
-    memscan's files here are manifest.json, the shards it lists and the exact names memscan
-    writes (part-NNNNN.parquet and the temporary names of both); anything else is refused
-    unless `allow_other_files`, and is never removed. Another extraction is replaced only
-    with `overwrite`; stale files of an unfinished start go too. Nothing is removed here:
-    a run refused before it writes (the preflight's space check) keeps what it would replace.
+    memscan's files here come from the manifest (memscan.folders' rule): manifest.json, the
+    shards and per-chunk tables it lists, and while it records an extraction in progress the
+    exact names that extraction writes next (part-NNNNN.parquet, chunks-NNNNN.parquet: a shard
+    is whole on disk a moment before the manifest lists it); temporary names of those are
+    scratch. A file of that name that no manifest vouches for is refused, always; anything else
+    is refused unless `allow_other_files`, and is never removed. Another extraction is replaced
+    only with `overwrite`. Nothing is removed here: a run refused before it writes (the
+    preflight's space check) keeps what it would replace.
     """
-    files.refuse_link(out / store.MANIFEST)
+    folders.refuse_links(out, [p.name for p in out.iterdir() if store.is_dataset_file(p.name)])
     manifest = store.read_manifest(out) if (out / store.MANIFEST).exists() else None
-    listed = {shard["name"] for shard in manifest["shards"]} if manifest else set()
+    listed = {entry["name"] for key in ("shards", "chunk_tables") for entry in (manifest or {}).get(key) or []}
+    in_progress = manifest is not None and not manifest["complete"]
 
     def ours(name: str) -> bool:
-        return store.is_dataset_file(name, listed) and not (out / name).is_dir()
+        if (out / name).is_dir() or not store.is_dataset_file(name):
+            return False
+        return (name.endswith(files.TMP_SUFFIX) or (name == store.MANIFEST and manifest is not None)
+                or name in listed or in_progress)
 
-    folders.refuse_links(out, [p.name for p in out.iterdir() if ours(p.name)])
-
+    named = [p.name for p in out.iterdir() if store.is_dataset_file(p.name) and not p.is_dir()]
+    folders.refuse_in_the_way(out, [name for name in named if not name.endswith(files.TMP_SUFFIX)],
+                              {name for name in named if ours(name)})
     if not allow_other_files:
         files.refuse_foreign(out, ours)
     if manifest is not None and manifest["fingerprint"] == fingerprint:
@@ -247,15 +255,30 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool, allow_other_fil
     if manifest is not None and not overwrite:
         raise InputError(f"--out '{out}' holds another extraction (different settings, model or data); "
                          "choose another folder or pass --overwrite")
-    # The manifest goes first: a removal cut short never leaves a manifest listing missing shards.
-    return None, sorted((p.name for p in out.iterdir() if ours(p.name)), key=lambda name: name != store.MANIFEST)
+    return None, sorted(p.name for p in out.iterdir() if ours(p.name))
 
 
 def clear_output(out: Path, replaced: list[str]) -> None:
-    """Remove the files `prepare_output` said a fresh start replaces (an old extraction: with a warning)."""
+    """Remove the files `prepare_output` said a fresh start replaces (an old extraction: with a warning).
+
+    An old manifest is first emptied (an extraction in progress that lists nothing): a removal
+    cut short leaves no manifest listing missing shards, and what is left stays memscan's.
+    """
     if store.MANIFEST in replaced:
         log.warning("--overwrite: removing the extraction in %s", out)
-    files.remove_owned(out, replaced)
+        old = store.read_manifest(out)
+        emptied = {key: value for key, value in old.items() if key not in ("counts", "corpus")}
+        store.write_manifest(out, {**emptied, "complete": False, "shards": [],
+                                   "chunk_tables": None if old["chunk_tables"] is None else []})
+    files.remove_owned(out, [name for name in replaced if name != store.MANIFEST])
+
+
+def remove_unlisted(out: Path, manifest: dict[str, Any]) -> None:
+    """Remove the shard-named files an extraction in progress owned but its finished manifest does not list
+    (left by an earlier, longer start): once the manifest is complete they would be no one's."""
+    listed = {entry["name"] for key in ("shards", "chunk_tables") for entry in manifest.get(key) or []}
+    files.remove_owned(out, [p.name for p in out.iterdir() if store.is_dataset_file(p.name) and not p.is_dir()
+                             and p.name != store.MANIFEST and p.name not in listed])
 
 
 class BackgroundWriter:
@@ -586,6 +609,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
     manifest["counts"] = {"chunks": dict(sorted(chunk_counts.items())),
                           "rows": {k: v * per_chunk for k, v in sorted(chunk_counts.items())}}
     manifest["corpus"] = stats.to_dict()
+    remove_unlisted(out, manifest)
     manifest["complete"] = True
     manifest = store.write_manifest(out, manifest)
     log.info("extracted %d rows into %s", sum(manifest["counts"]["rows"].values()), out)

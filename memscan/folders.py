@@ -81,11 +81,13 @@ ASSOC = Kind("assoc sweep", "memscan.assoc", 2, "settings.json", "memscan assoc 
 EXPERIMENT = Kind("experiment", "memscan.stages", 2, "stages.json", "memscan run", (1, 2), signed_since=2,
                   folders="folders")
 REPORT = Kind("report", "memscan.report", 1, "report.json", "memscan report", (1,), attached=True)
+# An index is swapped, not rewritten in place: its pending names go in a record of their own beside index.json.
+INDEX_BUILD = Kind("index build", "memscan.index_build", 1, "build.json", "memscan index", (1,), attached=True)
 FIT = Kind("assoc fit", "memscan.assoc_fit", 1, "fit.json", "memscan assoc fit", (1,), attached=True,
            legacy=("slopes",))
 
 KINDS = (DATASET, INDEX, QUERY_RUN, SCORES, VERBATIM, TRAINING, SATURATION, ASSOC, EXPERIMENT)
-ATTACHED = (REPORT, FIT)
+ATTACHED = (REPORT, FIT, INDEX_BUILD)
 # What a record written before the folder model (no `fingerprint`) did not list but its stages wrote beside it.
 _REPORT_IMAGES = ("nearest_distances.png", "subset_histograms.png", "coverage.png", "distance_vs_nll.png",
                   "radius_by_layer.png")

@@ -112,13 +112,24 @@ def test_overwrite_removes_the_old_dataset_but_keeps_a_users_folder(dataset, qf_
     assert not old & {s["sha256"] for s in manifest["shards"]} and store.verify(out) == []
 
 
-def test_extract_removes_stale_files_of_its_own_and_nothing_else(qf_model, tmp_path):
+def test_extract_removes_stale_files_of_its_own_and_nothing_else(qf_model, dataset, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("part-00000.parquet", "part-00077.parquet.tmp", "manifest.json.tmp"):
-        (out / name).write_text("left by a killed run")
-    assert extract(tiny_extract(qf_model), out)["complete"]
-    assert not list(out.glob("*.tmp")) and not (out / "part-00077.parquet").exists() and store.verify(out) == []
+    (out / "part-00000.parquet").write_text("no manifest vouches for this one")   # a shard's name is not enough
+    assert "holds part-00000.parquet, which memscan did not write" in one_line_error(
+        capsys, "extract", "--model", str(qf_model), "--source", "qf:documents=6,lines=16", "--chunk-tokens", "32",
+        "--out", str(out))
+    assert (out / "part-00000.parquet").read_text() == "no manifest vouches for this one"
+    # A killed run: its manifest records an extraction in progress, which owns the names it writes next.
+    killed = copy_of(dataset, tmp_path)
+    manifest = json.loads((killed / store.MANIFEST).read_text())
+    store.write_manifest(killed, {**{k: v for k, v in manifest.items() if k not in ("counts", "corpus")},
+                                  "complete": False, "shards": manifest["shards"][:1], "chunk_tables": []})
+    for name in ("part-00077.parquet", "part-00078.parquet.tmp", "manifest.json.tmp"):
+        (killed / name).write_text("left by a killed run")
+    assert extract(tiny_extract(qf_model), killed)["complete"]
+    assert not list(killed.glob("*.tmp")) and not (killed / "part-00077.parquet").exists()
+    assert store.verify(killed) == []
 
 
 @pytest.fixture(scope="module")

@@ -169,8 +169,10 @@ def test_index_shard_files_are_fsynced_before_the_record(data, tmp_path, monkeyp
     commit = files.commit_file
     monkeypatch.setattr(files, "commit_file", lambda tmp, final: (order.append(Path(final).name), commit(tmp, final)))
     build(data, tmp_path / "index", IndexSettings(shards=2))
-    assert order == ["shard-000.faiss", "shard-000.row_ids.npy", "shard-001.faiss", "shard-001.row_ids.npy",
+    assert order == ["build.json",   # the record of the names the build writes, before any of them
+                     "shard-000.faiss", "shard-000.row_ids.npy", "shard-001.faiss", "shard-001.row_ids.npy",
                      "index.json"]
+    assert not (tmp_path / "index" / "build.json").exists()   # gone once index.json lists what it held
 
 
 def test_a_flipped_bit_in_a_run_table_is_caught(capsys, run_dir):
@@ -298,9 +300,9 @@ def test_an_overwrite_killed_at_any_point_leaves_the_old_or_the_new_index(data, 
     build(data, index_dir, settings, overwrite=True)   # the rerun finishes
     listed = {name for entry in knn_index.read_info(index_dir)["shards"] for name in knn_shards.entry_names(entry)}
     left = {p.name for p in index_dir.iterdir()} - {".memscan.lock", "index.json", *listed}
-    # Files of the replaced index whose removal was killed: no record lists them any more, so
-    # memscan never removes them; its temporaries and half-written shards are replaced by the rerun.
-    assert left == ({"index.faiss", "row_ids.npy"} if kill_at == "removing the old files" else set())
+    # Files of the replaced index whose removal was killed: build.json, the record of the build's pending
+    # names, lists them still, so the rerun removes them; its temporaries and half-written shards are replaced.
+    assert left == set()
 
 
 def test_one_job_at_a_time_holds_an_output_folder(capsys, data, built, tmp_path):

@@ -202,33 +202,25 @@ def verify(index_dir: str | Path) -> list[str]:
     return [problem for problem in problems if problem]
 
 
-def listed_files(index_dir: Path) -> list[str]:
-    """The files the index in `index_dir` lists, when its index.json is sound; [] otherwise.
-
-    Only a signed record is believed: an edited one could name a user's file for removal.
-    """
-    try:
-        info = read_info(index_dir)
-    except DataError:
-        return []
-    return [name for entry in info["shards"] for name in entry_names(entry)]
-
-
 # ---------------------------------------------------------------- build
 
 
 def _claim_folder(out_dir: Path, overwrite: bool, allow_other_files: bool) -> list[str]:
-    """The files of the index `out_dir` already holds (to remove once the new one is whole), after
-    refusing to replace it without `overwrite` and refusing files memscan did not write."""
-    replaced = listed_files(out_dir)
-    folders.refuse_links(out_dir, [INFO_FILE, *(p.name for p in out_dir.iterdir() if OWN_FILE.fullmatch(p.name))])
-    folders.refuse_in_the_way(out_dir, [INFO_FILE], {INFO_FILE} if replaced else set())
+    """The files memscan's records in `out_dir` own (the index there, a build cut short: to remove once the
+    new index is whole), after refusing to replace an index without `overwrite`, a link or a file of
+    someone else's where the build writes (memscan.folders), and other files unless `allow_other_files`."""
+    ours = folders.owned_names(out_dir)
+    index_files = [p.name for p in out_dir.iterdir() if OWN_FILE.fullmatch(p.name)]
+    folders.refuse_links(out_dir, [INFO_FILE, folders.INDEX_BUILD.record, *index_files])
+    folders.refuse_in_the_way(out_dir, [INFO_FILE, *(name for name in index_files if not name.endswith(
+        files.TMP_SUFFIX))], ours)
     if (out_dir / INFO_FILE).exists() and not overwrite:
         raise InputError(f"--out '{out_dir}' already holds an index; choose another folder or pass --overwrite")
     if not allow_other_files:
-        ours = {INFO_FILE, files.tmp_path(Path(INFO_FILE)).name, *replaced}
-        files.refuse_foreign(out_dir, lambda name: name in ours or bool(OWN_FILE.fullmatch(name)))
-    return replaced
+        scratch = {files.tmp_path(Path(name)).name for name in (INFO_FILE, folders.INDEX_BUILD.record)}
+        files.refuse_foreign(out_dir, lambda name: name in ours or name in scratch or (
+            name.endswith(files.TMP_SUFFIX) and bool(OWN_FILE.fullmatch(name))))
+    return sorted(name for name in ours if OWN_FILE.fullmatch(name))
 
 
 def _build_id(taken: set[str], count: int) -> str | None:
@@ -287,7 +279,10 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     with files.job_folder(out_dir):
         replaced = _claim_folder(out_dir, overwrite, allow_other_files)
         info, sharded = _build(data_dir, settings, engine)
-        info["shards"] = sharded.save(out_dir, _build_id(set(replaced), len(sharded)))
+        build_id = _build_id(set(replaced), len(sharded))
+        written = [name for shard in range(len(sharded)) for name in file_names(shard, len(sharded), build_id)]
+        folders.begin(out_dir, folders.INDEX_BUILD, build_id or "", [*written, *replaced], None)
+        info["shards"] = sharded.save(out_dir, build_id)
         info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
         return _commit(out_dir, info, replaced)
 
@@ -363,11 +358,13 @@ def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tup
 
 def _commit(out_dir: Path, info: dict[str, Any], replaced: list[str]) -> dict[str, Any]:
     """Write the signed index.json atomically over the old one (the switch: the new shard files are
-    already fsynced under names the replaced index does not use), then remove the replaced index's files."""
+    already fsynced under names the replaced index does not use), then remove the replaced index's files, then
+    build.json, the record of the build's pending names that kept them memscan's until the switch."""
     info = files.signed(info)
     files.write_json_atomic(out_dir / INFO_FILE, info)
     kept = {name for entry in info["shards"] for name in entry_names(entry)}
-    files.remove_owned(out_dir, [name for name in replaced if name not in kept and OWN_FILE.fullmatch(name)])
+    files.remove_owned(out_dir, [name for name in replaced if name not in kept])
+    files.remove_owned(out_dir, [folders.INDEX_BUILD.record])
     shards = len(info["shards"])
     log.info("indexed %d vectors (%s, %d shard%s) into %s in %.1f s", info["ntotal"], info["factory"], shards,
              "s" * (shards > 1), out_dir, info["build"]["total_seconds"])
