@@ -467,7 +467,7 @@ def _extract_into(out: Path, settings: ExtractSettings, overwrite: bool, allow_o
         raise InputError("--layers none stores nothing: name --sites, or --layers to store")
     widths = models.target_widths(loaded.model, targets)
     positions = parse_positions(settings.positions, settings.chunk_tokens)
-    dtype_name = {v: k for k, v in models.DTYPES.items()}[dtype]
+    dtype_name = models.dtype_name(dtype)
     vec_dtype = settings.vec_dtype if settings.vec_dtype != "auto" else (
         "float32" if dtype == torch.float32 else "float16")
     resolved = replace(settings, dtype=dtype_name, device=str(device), vec_dtype=vec_dtype, layers=layers,

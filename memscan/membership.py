@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -302,7 +303,8 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float,
 
     Carlini et al. 2022 ("Membership Inference Attacks From First Principles") argue for
     this low-FPR operating point over the AUC. With fewer than 1/fpr non-members it is
-    the TPR at zero false positives. weights: as in `roc_auc`.
+    the TPR at zero false positives (`membership_metrics` reports null there). weights: as
+    in `roc_auc`.
     """
     if not 0.0 <= fpr <= 1.0:
         raise InputError(f"the false positive rate must be in [0, 1]; got {fpr}")
@@ -333,6 +335,11 @@ def _stratified_weights(labels: np.ndarray, resamples: int, seed: int) -> Iterat
         yield weights
 
 
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise InputError(f"the interval level must be in (0, 1); got {level}")
+
+
 def bootstrap_interval(metric: Metric, scores: np.ndarray, labels: np.ndarray, resamples: int = 1000,
                        level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval (low, high) of metric(scores, labels).
@@ -346,8 +353,7 @@ def bootstrap_interval(metric: Metric, scores: np.ndarray, labels: np.ndarray, r
     """
     if resamples < 1:
         raise InputError(f"the bootstrap needs at least 1 resample; got {resamples}")
-    if not 0.0 < level < 1.0:
-        raise InputError(f"the interval level must be in (0, 1); got {level}")
+    _check_level(level)
     scores, labels = _check_labelled(scores, labels)
     values = np.concatenate([np.asarray(metric(scores, labels, weights=w), dtype=np.float64)
                              for w in _stratified_weights(labels, resamples, seed)])
@@ -355,19 +361,65 @@ def bootstrap_interval(metric: Metric, scores: np.ndarray, labels: np.ndarray, r
     return float(low), float(high)
 
 
+def separation_bound(members: int, non_members: int, level: float = 0.95) -> float:
+    """(alpha/2)^(1/k), k = min(m, n): the exact lower bound on the AUC where the sample separates perfectly.
+
+    The bootstrap cannot see past a perfect separation (every resample of separated samples
+    is separated, so its interval is [1, 1]). Any k = min(m, n) disjoint member/non-member
+    pairs are independent, each concordant with probability at most theta = P(member score
+    > non-member score) (ties counted 1/2), and a perfect separation makes all k concordant:
+    P(AUC = 1) <= theta^k (Hoeffding 1963, section 5). theta^k = alpha/2 is the one-sided
+    Clopper-Pearson bound for k successes in k trials, at the lower end of a `level`
+    two-sided interval.
+    """
+    _check_level(level)
+    if min(members, non_members) < 1:
+        raise InputError(f"the AUC needs members and non-members; got {members:,} and {non_members:,}")
+    return float(((1.0 - level) / 2) ** (1.0 / min(members, non_members)))
+
+
+def auc_interval(scores: np.ndarray, labels: np.ndarray, resamples: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """The AUC's stratified bootstrap interval, widened at the boundaries to a perfect separation's exact bound.
+
+    The low end is at most `separation_bound` and the high end at least 1 minus it: where the
+    AUC is 1 (or 0) these are the exact Clopper-Pearson ends in place of the bootstrap's
+    [1, 1] (or [0, 0]), and no sample gets a tighter end than a perfectly separated one of
+    its size. Where the bootstrap's ends are wider (the interior) they are returned unchanged.
+    """
+    low, high = bootstrap_interval(roc_auc, scores, labels, resamples, level, seed)
+    members = int((np.asarray(labels) == 1).sum())
+    bound = separation_bound(members, len(labels) - members, level)
+    return min(low, bound), max(high, 1.0 - bound)
+
+
+def non_members_needed(fpr: float) -> int:
+    """ceil(1/fpr): the fewest non-members at which one false positive stays within `fpr` (1 for fpr 0)."""
+    return math.ceil(1.0 / fpr - 1e-9) if fpr > 0 else 1
+
+
 def _tpr_key(fpr: float) -> str:
     return f"tpr@{100 * fpr:g}%fpr"
 
 
-def _estimate(metric: Metric, scores: np.ndarray, labels: np.ndarray, resamples: int, level: float,
-              seed: int) -> dict[str, float]:
-    low, high = bootstrap_interval(metric, scores, labels, resamples, level, seed)
-    return {"value": float(metric(scores, labels)), "low": low, "high": high}
+def _estimate(value: float, interval: tuple[float, float]) -> dict[str, float]:
+    return {"value": float(value), "low": interval[0], "high": interval[1]}
+
+
+def _tpr_estimate(scores: np.ndarray, labels: np.ndarray, fpr: float, resamples: int, level: float,
+                  seed: int) -> dict[str, Any]:
+    """TPR at `fpr` with its interval; null with the reason where too few non-members make it the TPR at 0 FPR."""
+    needed, non_members = non_members_needed(fpr), int((labels != 1).sum())
+    if non_members < needed:
+        return {"value": None, "low": None, "high": None,
+                "reason": f"needs at least {needed:,} non-members for a {100 * fpr:g}% FPR; has {non_members:,}"}
+    metric = functools.partial(tpr_at_fpr, fpr=fpr)
+    return _estimate(metric(scores, labels), bootstrap_interval(metric, scores, labels, resamples, level, seed))
 
 
 def membership_metrics(scores: Mapping[str, np.ndarray], labels: np.ndarray, fprs: Sequence[float] = DEFAULT_FPRS,
                        resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """AUC and TPR at each FPR in `fprs`, each with its bootstrap interval, per named score.
+    """AUC and TPR at each FPR in `fprs`, each with its interval, per named score.
 
     scores: name -> (n,) scores (larger = member), NaN for a chunk the score cannot rate;
     labels: (n,) 1 = member, 0 = non-member. Each score is measured on its own finite
@@ -375,7 +427,10 @@ def membership_metrics(scores: Mapping[str, np.ndarray], labels: np.ndarray, fpr
     {"loss": {"members": 500, "non_members": 500,
               "auc": {"value": .71, "low": .68, "high": .74},
               "tpr@1%fpr": {...}, "tpr@0.1%fpr": {...}}}
-    (the content of metrics.json; all values finite).
+    (the content of metrics.json). The AUC's interval is `auc_interval`'s, a TPR's the
+    bootstrap's; a TPR at an FPR below 1 / non-members is null, its reason beside it
+    ({"value": None, "low": None, "high": None, "reason": "needs at least 1,000
+    non-members for a 0.1% FPR; has 500"}). Every number is finite.
     """
     labels = np.asarray(labels)
     table = {}
@@ -386,10 +441,10 @@ def membership_metrics(scores: Mapping[str, np.ndarray], labels: np.ndarray, fpr
         keep = np.isfinite(values)
         kept_scores, kept_labels = values[keep], labels[keep]
         row: dict[str, Any] = {"members": int((kept_labels == 1).sum()), "non_members": int((kept_labels != 1).sum())}
-        row["auc"] = _estimate(roc_auc, kept_scores, kept_labels, resamples, level, seed)
+        row["auc"] = _estimate(roc_auc(kept_scores, kept_labels),
+                               auc_interval(kept_scores, kept_labels, resamples, level, seed))
         for fpr in fprs:
-            metric = functools.partial(tpr_at_fpr, fpr=fpr)
-            row[_tpr_key(fpr)] = _estimate(metric, kept_scores, kept_labels, resamples, level, seed)
+            row[_tpr_key(fpr)] = _tpr_estimate(kept_scores, kept_labels, fpr, resamples, level, seed)
         log.info("%s: AUC %.3f [%.3f, %.3f] over %d members, %d non-members", name, row["auc"]["value"],
                  row["auc"]["low"], row["auc"]["high"], row["members"], row["non_members"])
         table[name] = row

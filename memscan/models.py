@@ -96,6 +96,11 @@ def cpu_has_fast_fp16() -> bool:
 EMULATED_CHECKS = {"bf16": cpu_has_fast_bf16, "fp16": cpu_has_fast_fp16}  # dtype -> "does this CPU run it natively?"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The flag's name of a torch dtype (bf16, fp16, fp32): what a record says a job ran in."""
+    return {value: key for key, value in DTYPES.items()}[dtype]
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on GPUs and CPUs that run it natively (measured 5.8x fp32 on AVX512-BF16), else fp16/fp32.
 

@@ -71,11 +71,13 @@ class VerbatimSettings:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
+    dtype: str = "fp32"               # auto | bf16 | fp16 | fp32 as in extract; the summary records the one used
     resamples: int = 1000
     trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
     allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
 
     def check(self) -> None:
+        checks.choice("--dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         for flag, value in (("--num-chunks", self.num_chunks), ("--prompt-tokens", self.prompt_tokens),
                             ("--suffix-tokens", self.suffix_tokens), ("--batch-size", self.batch_size),
                             ("--resamples", self.resamples)):
@@ -110,8 +112,8 @@ def _model_ref(manifest: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def _dataset_model(manifest: dict[str, Any], settings: ScoreSettings | VerbatimSettings, device: Any = None,
-                   ) -> tuple[Any, dict[str, Any]]:
-    """The dataset's model, loaded on `device` (None: its tokenizer alone), and what the summary records of it.
+                   dtype: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """The dataset's model, loaded on `device` in `dtype` (None: its tokenizer alone), and the summary's record of it.
 
     A local folder's weights are hashed as `extract` hashed them (models.weights_digest) before
     anything is loaded from it, and must match the manifest's `model.weights_sha256` unless
@@ -142,7 +144,7 @@ def _dataset_model(manifest: dict[str, Any], settings: ScoreSettings | VerbatimS
     record = {"path": ref, "weights_sha256": digest, "matches_dataset": matches}
     if device is None:
         return models.load_tokenizer(ref, revision, settings.trust_remote_code), record
-    return models.load(ref, dtype=models.resolve_dtype("auto", device), device=device, revision=revision,
+    return models.load(ref, dtype=models.resolve_dtype(dtype, device), device=device, revision=revision,
                        trust_remote_code=settings.trust_remote_code), record
 
 
@@ -481,7 +483,8 @@ def verbatim(settings: VerbatimSettings, out: str | Path, overwrite: bool = Fals
         manifest, table, _ = _rated_chunks(data)
         rows = sample_per_split(table["split"], settings.num_chunks, settings.seed)
         device = models.resolve_device(settings.device)
-        loaded, model_record = _dataset_model(manifest, settings, device)
+        loaded, model_record = _dataset_model(manifest, settings, device, settings.dtype)
+        used = {**settings.__dict__, "dtype": models.dtype_name(loaded.model.dtype)}
         stats = extraction.verbatim_table(loaded.model, table["token_ids"][rows].astype(np.int64),
                                           settings.prompt_tokens, settings.suffix_tokens, settings.batch_size, device)
         split = table["split"][rows]
@@ -494,6 +497,6 @@ def verbatim(settings: VerbatimSettings, out: str | Path, overwrite: bool = Fals
                                                            settings.seed)}
                      for s in SPLITS}
         summary = folders.write_record(folder, folders.VERBATIM, {
-            "fingerprint": identity, "data": str(data.resolve()), "settings": settings.__dict__,
+            "fingerprint": identity, "data": str(data.resolve()), "settings": used,
             "splits": per_split, "tables": entries, "model": model_record}, pending)
     return summary

@@ -36,8 +36,8 @@ def greedy_continuations(model: Any, prompts: np.ndarray | torch.Tensor, suffix_
     prompts: (B, P) int64 token ids, all of one length, so no padding or attention mask
     is needed. `model` is any Hugging Face causal LM, already on `device` and in eval
     mode. The prompt is read once; each further step feeds only the last token with the
-    key/value cache, so a step costs one token's forward pass. Ties in the argmax go to
-    the lowest token id.
+    key/value cache, so a step costs one token's forward pass. Each step takes
+    `lowest_argmax` of the last position's logits: exact ties go to the lowest token id.
     """
     if model.training:
         raise ModelError("the model is in training mode (dropout on), so its greedy continuations are random: "
@@ -50,9 +50,26 @@ def greedy_continuations(model: Any, prompts: np.ndarray | torch.Tensor, suffix_
         for _ in range(suffix_tokens):
             out = model(input_ids=step_ids, use_cache=True, **{keyword: cache})
             cache = getattr(out, keyword)
-            step_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)               # (B, 1)
+            step_ids = lowest_argmax(out.logits[:, -1])                                # (B, 1)
             generated.append(step_ids)
     return torch.cat(generated, dim=1).cpu().numpy()
+
+
+def lowest_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The lowest id among each row's maximal logits (rows, V) as (rows, 1) int64: a tie rule every backend keeps.
+
+    torch.argmax does not document which of several equal maxima it returns on every
+    device, so two dtypes that rank the tokens alike could still decode differently. The
+    logits are compared in float32, which holds every bf16 and fp16 value exactly: only
+    exact ties in the model's own dtype are ties here.
+    """
+    values = logits.float()
+    if not torch.isfinite(values).all():
+        raise ModelError("the model's next-token logits hold NaN or Inf: it cannot be decoded greedily "
+                         "(try --dtype fp32)")
+    ids = torch.arange(values.shape[-1], device=values.device)
+    is_max = values == values.max(dim=-1, keepdim=True).values
+    return torch.where(is_max, ids, values.shape[-1]).min(dim=-1, keepdim=True).values
 
 
 def cache_keyword(model: Any) -> str:

@@ -189,9 +189,12 @@ def test_membership_metrics_table():
     assert good["tpr@1%fpr"]["value"] == pytest.approx(brute_tpr_at_fpr(scores, labels, 0.01))
     assert table["noise"]["auc"]["value"] == pytest.approx(1 - good["auc"]["value"])
     for row in table.values():
-        for key in ("auc", "tpr@1%fpr", "tpr@0.1%fpr"):
+        for key in ("auc", "tpr@1%fpr"):
             assert row[key]["low"] <= row[key]["value"] <= row[key]["high"]
             assert all(np.isfinite(list(row[key].values())))
+        # 300 non-members cannot resolve a 0.1% FPR
+        assert row["tpr@0.1%fpr"] == {"value": None, "low": None, "high": None,
+                                      "reason": "needs at least 1,000 non-members for a 0.1% FPR; has 300"}
 
 
 @pytest.mark.parametrize("labels, scores, match", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -61,8 +62,23 @@ class LegacyPlusOne(PlusOne):
         return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
 
 
+class TwoWays(PlusOne):
+    """A stand-in causal LM whose two best next tokens tie exactly: last + 1 and last + 3 (mod V)."""
+
+    def forward(self, input_ids, cache=None, use_cache=True):
+        out = super().forward(input_ids, cache, use_cache)
+        return SimpleNamespace(logits=out.logits + torch.roll(out.logits, 2, dims=-1), cache=out.cache)
+
+
 def random_chunks(m: int, length: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (m, length))
+
+
+@pytest.fixture(scope="module")
+def memorized():
+    """A tiny GPT-2 over-trained on 4 random chunks (members), and 4 other chunks it never saw."""
+    members = random_chunks(4, 24, seed=5)
+    return overtrained(members), members, random_chunks(4, 24, seed=6)
 
 
 def naive_greedy(model, prompts: np.ndarray, steps: int) -> np.ndarray:
@@ -130,10 +146,8 @@ def test_chunks_too_short_or_context_too_small_are_one_line_errors():
         verbatim.verbatim_table(tiny_gpt2(n_positions=16).eval(), np.zeros((1, 24), np.int64), 8, 10)
 
 
-def test_overtrained_model_reproduces_its_documents_and_untrained_does_not():
-    members = random_chunks(4, 24, seed=5)
-    held_out = random_chunks(4, 24, seed=6)
-    model = overtrained(members)
+def test_overtrained_model_reproduces_its_documents_and_untrained_does_not(memorized):
+    model, members, held_out = memorized
     seen = verbatim.verbatim_table(model, members, prompt_tokens=8, suffix_tokens=16, batch_size=3)
     assert seen["match_fraction"].mean() >= 0.95
     assert seen["extractable"].all()
@@ -143,3 +157,54 @@ def test_overtrained_model_reproduces_its_documents_and_untrained_does_not():
     untrained = verbatim.verbatim_table(tiny_gpt2(seed=2).eval(), members, prompt_tokens=8, suffix_tokens=16)
     assert untrained["match_fraction"].mean() <= 0.1
     assert not untrained["extractable"].any()
+
+
+def test_lowest_argmax_takes_the_lowest_id_among_exact_ties():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, -0.5], [2.0, 1.0, 2.0, 0.0]])
+    np.testing.assert_array_equal(verbatim.lowest_argmax(logits), [[1], [0], [3], [0]])
+    many = torch.from_numpy(np.random.default_rng(0).integers(-3, 4, (200, 9)).astype(np.float32))  # ties everywhere
+    np.testing.assert_array_equal(verbatim.lowest_argmax(many)[:, 0], np.argmax(many.numpy().astype(np.float64), 1))
+
+
+def test_lowest_argmax_ties_are_the_models_own_dtypes_ties():
+    close = torch.tensor([[1.0, 1.001, 0.5]])          # 1.001 rounds to 1.0 in bf16, not in fp32
+    assert verbatim.lowest_argmax(close).item() == 1
+    assert verbatim.lowest_argmax(close.to(torch.bfloat16)).item() == 0
+    wide = torch.tensor([[0.0, 7.0, 7.0, 1.0]], dtype=torch.float16)
+    assert verbatim.lowest_argmax(wide).dtype == torch.int64 and verbatim.lowest_argmax(wide).item() == 1
+
+
+def test_greedy_decoding_breaks_exact_ties_by_the_lowest_id():
+    model = TwoWays(vocab=10)
+    prompts = np.array([[3], [7], [8]])
+    expected = []
+    for token in prompts[:, 0]:
+        row = []
+        for _ in range(5):
+            token = min((token + 1) % 10, (token + 3) % 10)
+            row.append(token)
+        expected.append(row)
+    np.testing.assert_array_equal(verbatim.greedy_continuations(model, prompts, 5, "cpu"), expected)
+
+
+def path_logits(model, prompts: np.ndarray, generated: np.ndarray) -> torch.Tensor:
+    """float64 logits (B, S, V) that chose each generated token, from one forward pass without a cache."""
+    ids = torch.as_tensor(np.concatenate([prompts, generated], axis=1))
+    with torch.no_grad():
+        return model(input_ids=ids[:, :-1], use_cache=False).logits[:, prompts.shape[1] - 1:].double()
+
+
+def test_fp32_and_bf16_decode_alike_without_near_ties(memorized):
+    model, members, _ = memorized
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.bfloat16
+    prompts, _ = verbatim.split_chunks(members, 8, 16)
+    generated = verbatim.greedy_continuations(model, prompts, 16, "cpu")
+    full = path_logits(model, prompts, generated)
+    top = full.topk(2, dim=-1).values
+    # no near-tie: the best logit leads by more than twice what bf16 moves any logit, so the ranking is bf16's too
+    assert (top[..., 0] - top[..., 1]).min() > 2 * (path_logits(half, prompts, generated) - full).abs().max()
+    np.testing.assert_array_equal(verbatim.greedy_continuations(half, prompts, 16, "cpu"), generated)
+    tables = [verbatim.verbatim_table(m, members, 8, 16, batch_size=3) for m in (model, half)]
+    for name in tables[0]:
+        np.testing.assert_array_equal(tables[0][name], tables[1][name])

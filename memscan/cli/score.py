@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,8 +43,13 @@ def score(data_dir: str, out: str, verbatim_dir: str | None, overwrite: bool, al
     metrics = files.read_record(Path(out) / METRICS, "memscan metrics")
     click.echo(f"scores    {out}: {summary['chunks']['train']:,} train, {summary['chunks']['test']:,} test chunks")
     for name, row in metrics["scores"].items():
-        auc, low = row["auc"], row["tpr@1%fpr"]
-        click.echo(f"{name:<16} AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]   "
-                   f"TPR@1%FPR {low['value']:.3f} [{low['low']:.3f}, {low['high']:.3f}]")
+        click.echo(f"{name:<16} AUC {_estimate(row['auc'])}   TPR@1%FPR {_estimate(row['tpr@1%fpr'])}")
     for name, why in metrics["skipped"].items():
         click.echo(f"{name:<16} not rated: {why}")
+
+
+def _estimate(entry: dict[str, Any]) -> str:
+    """A metrics.json estimate as 'value [low, high]', or 'n/a (reason)' where it is null."""
+    if entry["value"] is None:
+        return f"n/a ({entry['reason']})"
+    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"

@@ -17,6 +17,8 @@ from memscan.cli.options import allow_other_files, overwrite
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+              help="Decoding precision; auto picks as extract does (bf16 on GPUs and on CPUs that run it natively).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
 @click.option("--allow-other-model", is_flag=True,
               help="Use the dataset's model even when its weights differ from the manifest's weights_sha256 "
@@ -30,6 +32,7 @@ def verbatim(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, 
 
     summary = run(VerbatimSettings(data=data_dir, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
                   allow_other_files=allow_other_files)
+    click.echo(f"verbatim  {out}: greedy decoding in {summary['settings']['dtype']}")
     for split, row in summary["splits"].items():
         match, rate = row["match_fraction"], row["extractable_rate"]
         click.echo(f"{split:<6} {row['chunks']:,} chunks: match fraction {match['value']:.3f} "
