@@ -44,6 +44,34 @@ def disjoint(nearest_other_dist: np.ndarray, radius: float) -> np.ndarray:
     return np.asarray(nearest_other_dist) > 2 * radius
 
 
+# Proposition 4's premises, as memscan judges them (docs/theory.md, "When the floor applies"): the
+# proposition assumes every held-out activation in a ball (A2) and the balls disjoint (A3); memscan asks
+# for 90% of each, and for Z_t not to be carried by a few outlying patterns.
+FLOOR_COVERAGE = 0.9    # A2: least share of held-out activations inside a ball at the floor's radius rule
+FLOOR_DISJOINT = 0.9    # A3: least share of patterns whose ball meets no other at that rule
+FLOOR_TOP_SHARE = 0.5   # most of Z_t the largest 1% of the patterns' terms may carry
+
+
+def floor_verdict(coverage_share: float, disjoint_share: float, top_share: float, rule: str) -> dict[str, Any]:
+    """Whether Proposition 4's floor applies at a layer, and each premise that fails with its number and
+    threshold: {applicable, reasons}. An undefined share (no queries) fails its premise."""
+    reasons = []
+    if not coverage_share >= FLOOR_COVERAGE:
+        reasons.append(f"A2 fails: {_share(coverage_share)} of held-out activations lie in a ball at {rule} "
+                       f"(needs {FLOOR_COVERAGE:.0%})")
+    if not disjoint_share >= FLOOR_DISJOINT:
+        reasons.append(f"A3 fails: {_share(disjoint_share)} of the balls at {rule} meet no other "
+                       f"(needs {FLOOR_DISJOINT:.0%})")
+    if not top_share <= FLOOR_TOP_SHARE:
+        reasons.append(f"the largest 1% of the patterns carry {_share(top_share)} of Z_t "
+                       f"(at most {FLOOR_TOP_SHARE:.0%}: a few outliers set the floor)")
+    return {"applicable": not reasons, "reasons": reasons}
+
+
+def _share(value: float) -> str:
+    return "an undefined share" if not math.isfinite(value) else f"{value:.1%}"
+
+
 def histogram(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
     """Counts of finite values per bin (len(bins) - 1,)."""
     values = np.asarray(values, np.float64)

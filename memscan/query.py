@@ -758,12 +758,39 @@ def _floor_bounds(layer: Layer, joined: SelfJoin, verified: Verified, log_z: flo
             "largest": verified.largest, "largest_exact": verified.largest_exact, "rounds": verified.rounds}
 
 
+def _radius_rules(n: int, s: np.ndarray, a2: dict[str, float], a3: dict[str, float]) -> dict[str, Any]:
+    """log Z_t and the floor under both radius rules, each with its premises' shares: r_i = s_i / 2 (the balls
+    never meet; A2 measured at the typical radius, median s_i / 2) and the paper's common radius r*."""
+    log_z_star = math.log(len(s)) + float(theory.log_ball_integral(n, theory.unit_volume_radius(n)))
+    return {"half_nearest": {"coverage": a2["coverage_at_typical"], "disjoint": 1.0},
+            "r_star": {"log_z": log_z_star, "predicted_floor": theory.cross_entropy_floor(log_z_star),
+                       "coverage": a2["coverage_at_r_star"], "disjoint": a3["disjoint_at_r_star"]}}
+
+
+def _unit_scale(n: int, s: np.ndarray) -> dict[str, Any]:
+    """log Z_t and the floor with every activation scaled by c* = 2 r* / median(s_i) (theory.unit_scale):
+    unchanged when the activations are rescaled, which the raw ones are not."""
+    scale = theory.unit_scale(s, n)
+    if not math.isfinite(scale):
+        return {"scale": None, "log_z": None, "predicted_floor": None}
+    log_z = theory.log_partition(n, scale * s / 2)
+    return {"scale": scale, "log_z": log_z, "predicted_floor": theory.cross_entropy_floor(log_z)}
+
+
 def _floor_and_size(layer: Layer, joined: SelfJoin, verified: Verified | None, test_loss: float | None,
-                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    a2: dict[str, float], a3: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The partition function and the floor (r_i = s_i / 2), with their bounds in approximate layers
-    (`_floor_bounds`; None in exact ones); the size condition where the model is known."""
-    log_z = theory.log_partition(layer.patterns.n, joined.s / 2)
+    (`_floor_bounds`; None in exact ones), both radius rules, the share of Z_t its largest 1% of
+    terms carry, the floor at the unit scale, and the verdict on Proposition 4's premises; the size
+    condition where the model is known."""
+    n, s = layer.patterns.n, joined.s
+    log_z = theory.log_partition(n, s / 2)
+    rules = _radius_rules(n, s, a2, a3)
+    top = theory.top_share(theory.log_ball_integral(n, s / 2))
+    half = rules["half_nearest"]
     floor = {"log_z": log_z, "predicted_floor": theory.cross_entropy_floor(log_z), "measured_test_loss": test_loss,
+             "verdict": analysis.floor_verdict(half["coverage"], half["disjoint"], top, "r_i = s_i / 2"),
+             "top_1pct_share": top, "radius_rules": rules, "at_unit_scale": _unit_scale(n, s),
              "approximate": None if verified is None else _floor_bounds(layer, joined, verified, log_z)}
     manifest = layer.patterns.manifest
     parameters, chunk_tokens = manifest["model"]["num_parameters"], manifest["chunk_tokens"]
@@ -780,7 +807,12 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
     settings, index, s = layer.settings, layer.index, joined.s
     delta = separation.delta
     train_loss, test_loss = analysis.nan_mean(patterns.nll), totals.test_loss
-    floor, size = _floor_and_size(layer, joined, verified, test_loss)
+    a2 = {"coverage_at_r_star": float(analysis.coverage(nearest, [radii.r_star])[0]),
+          "coverage_at_typical": float(analysis.coverage(nearest, [radii.typical])[0]),
+          "coverage_at_radius": float(analysis.coverage(nearest, [radii.radius])[0])}
+    a3_disjoint = {"disjoint_at_radius": float(analysis.disjoint(s, radii.radius).mean()),
+                   "disjoint_at_r_star": float(analysis.disjoint(s, radii.r_star).mean())}
+    floor, size = _floor_and_size(layer, joined, verified, test_loss, a2, a3_disjoint)
     blocks = layer.blocks
     return {
         "site": layer.patterns.site, "layer": layer.layer, "n": layer.patterns.n, "d": layer.d, "d_prime": layer.nq, "k": settings.k,
@@ -789,12 +821,8 @@ def _summary(layer: Layer, patterns: PatternMeta, joined: SelfJoin, verified: Ve
         "query_nearest_dist": analysis.describe(nearest), "pattern_nearest_dist": analysis.describe(s),
         "r_star": radii.r_star, "typical_radius": radii.typical, "typical_over_r_star": radii.typical / radii.r_star,
         "radius": {"mode": settings.radius, "value": radii.radius},
-        "A2": {"coverage_at_r_star": float(analysis.coverage(nearest, [radii.r_star])[0]),
-               "coverage_at_typical": float(analysis.coverage(nearest, [radii.typical])[0]),
-               "coverage_at_radius": float(analysis.coverage(nearest, [radii.radius])[0])},
-        "A3": {"disjoint_at_radius": float(analysis.disjoint(s, radii.radius).mean()),
-               "disjoint_at_r_star": float(analysis.disjoint(s, radii.r_star).mean()),
-               "ramsauer_well_separated": float((delta >= separation.threshold).mean()),
+        "A2": a2,
+        "A3": {**a3_disjoint, "ramsauer_well_separated": float((delta >= separation.threshold).mean()),
                "ramsauer_threshold": separation.threshold, "max_norm": separation.max_norm,
                "ramsauer_delta": analysis.describe(delta), "inner_products": separation.search},
         "A1": {"retrieval_rate": totals.mean("retrieved"), "converged_rate": totals.mean("converged"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from memscan import files, folders, store
+from memscan import files, folders, store, wording
 from memscan.query import RunTables, load
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("A1.next_token_agreement", "A1 next-token agreement", "queries whose nearest pattern predicts the same next token"),
     ("A1.train_loss", "train loss (nats)", "model's next-token loss on the patterns"),
     ("A1.test_loss", "held-out loss (nats)", "model's next-token loss on the queries"),
-    ("floor.log_z", "log Z_t", "log partition function of the balls (Eq. 13)"),
-    ("floor.predicted_floor", "predicted floor log Z + 1/Z", "Proposition 4's cross-entropy floor (at least 1 nat)"),
+    ("floor", "predicted floor log Z + 1/Z", "Proposition 4's cross-entropy floor (at least 1 nat), where its premises hold"),
+    ("floor.top_1pct_share", "share of Z_t in the top 1% of patterns", "above 50%: a few outlying patterns set the floor"),
+    ("floor.at_unit_scale.log_z", "log Z_t at the unit scale", "Eq. 13 with the activations scaled so the typical radius is r* (Z_t is not scale-invariant)"),
+    ("floor.radius_rules.r_star.log_z", "log Z_t with the common radius r*", "Eq. 13 with every ball of radius r* (the paper's rule)"),
     ("size.N_over_D2", "N / D^2", "size condition: Z_t = 1 needs N = O(D^2) (paper: ~8.6e-10)"),
 ]
 
@@ -60,8 +62,11 @@ def _get(summary: dict[str, Any], path: str) -> Any:
 
 
 def _format(value: Any) -> str:
-    """A summary value as escaped HTML text: numbers formatted, anything else as its string."""
-    if value is None:
+    """A summary value as escaped HTML text: numbers formatted, the floor with its verdict, anything else as its
+    string."""
+    if isinstance(value, dict) and "predicted_floor" in value:
+        text = wording.floor_text(value)
+    elif value is None:
         text = "n/a"
     elif isinstance(value, float):
         text = f"{value:.4g}"
@@ -249,8 +254,13 @@ def _comparison_table(comparison: dict[str, Any] | None) -> str:
     """The paper's numbers beside the measured ones, with their ratio; empty without a comparison."""
     if comparison is None:
         return ""
+    def measured(row: dict[str, Any]) -> str:
+        if "not_applicable" in row:   # a number whose premises fail is a verdict, not a figure
+            return f"not applicable: {_format(row['not_applicable'])}"
+        return _format(row.get("measured"))
+
     rows = "".join(f"<tr><td>{_format(row.get('quantity'))}</td><td>{_format(row.get('paper'))}</td>"
-                   f"<td>{_format(row.get('measured'))}</td><td>{_format(row.get('ratio'))}</td></tr>"
+                   f"<td>{measured(row)}</td><td>{_format(row.get('ratio'))}</td></tr>"
                    for row in comparison["rows"] if isinstance(row, dict))
     return (f"<h2>Against the paper</h2><p>{_format(comparison.get('reproduces') or comparison.get('experiment'))}"
             "</p><table><tr><th>quantity</th><th>paper</th><th>measured</th><th>measured / paper</th></tr>"

@@ -149,6 +149,26 @@ def log_partition(n: int, radii: np.ndarray) -> float:
     return float(logsumexp(log_ball_integral(n, np.asarray(radii, np.float64))))
 
 
+def top_share(log_terms: np.ndarray, fraction: float = 0.01) -> float:
+    """The share of Z = sum_i exp(log_terms_i) carried by its largest ceil(fraction d) terms (at least one);
+    NaN where Z = 0 (every term -inf: every pattern has a duplicate)."""
+    terms = np.asarray(log_terms, np.float64)
+    total = logsumexp(terms)
+    if not np.isfinite(total):
+        return math.nan
+    top = max(1, math.ceil(fraction * len(terms)))
+    largest = np.partition(terms, len(terms) - top)[len(terms) - top:]
+    return float(np.exp(logsumexp(largest) - total))
+
+
+def unit_scale(s: np.ndarray, n: int) -> float:
+    """c* = 2 r* / median(s_i): the factor that puts the median pattern's ball of radius s_i / 2 at r*, the radius
+    of the unit-volume ball (docs/theory.md: Z_t is not scale-invariant; this is the scale memscan reports it at).
+    inf where the median s_i is 0."""
+    median = float(np.median(np.asarray(s, np.float64)))
+    return 2 * unit_volume_radius(n) / median if median > 0 else math.inf
+
+
 def cross_entropy_floor(log_z: float) -> float:
     """Proposition 4: L ~ log Z + 1/Z, at least 1 nat, reached at Z = 1 (inf where 1/Z overflows)."""
     return log_z + math.exp(-log_z) if -log_z < 709 else math.inf

@@ -7,6 +7,7 @@ import time
 import click
 
 from memscan.cli.render import print_summary
+from memscan.wording import floor_text
 
 
 @click.command()
@@ -31,8 +32,8 @@ def demo(out: str, quick: bool, seed: int) -> None:
                f"A3 disjoint at r* {last['A3']['disjoint_at_r_star']:.1%}, Ramsauer-separated "
                f"{last['A3']['ramsauer_well_separated']:.1%}; A1 retrieval {last['A1']['retrieval_rate']:.1%}, "
                f"next-token agreement {last['A1']['next_token_agreement']:.1%}")
-    click.echo(f"loss      held-out {last['A1']['test_loss']:.3f} nats vs predicted floor "
-               f"{last['floor']['predicted_floor']:.4g} (train {last['A1']['train_loss']:.3f})")
+    click.echo(f"loss      held-out {last['A1']['test_loss']:.3f} nats (train {last['A1']['train_loss']:.3f}); "
+               f"Proposition 4's floor {floor_text(last['floor'])}")
     growth = result.saturation["norm_growth"]
     if growth:
         best = max(growth["fits"], key=lambda law: growth["fits"][law]["r2"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from memscan.cli.options import allow_other_files, overwrite
+from memscan.wording import floor_text, number
 from memscan.cli.ray_flags import engine_of, ray_flags
 
 
@@ -44,12 +45,12 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
     for s in summary["layers"]:
         where = f"layer {s['layer']:>3}" if s["site"] == "hidden" else f"{s['site']} {s['layer']:>3}"
         click.echo(
-            f"{where}: typical radius {_number(s['typical_radius'])} vs r* {_number(s['r_star'])} "
-            f"({_number(s['typical_over_r_star'], '.2f')}x); "
-            f"A2 coverage {_number(s['A2']['coverage_at_typical'], '.1%')}; "
-            f"A3 disjoint at r* {_number(s['A3']['disjoint_at_r_star'], '.1%')}; "
-            f"A1 retrieval {_number(s['A1']['retrieval_rate'], '.1%')}; "
-            f"floor {_floor(s['floor'])} vs held-out loss {_number(s['A1']['test_loss'])}")
+            f"{where}: typical radius {number(s['typical_radius'])} vs r* {number(s['r_star'])} "
+            f"({number(s['typical_over_r_star'], '.2f')}x); "
+            f"A2 coverage {number(s['A2']['coverage_at_typical'], '.1%')}; "
+            f"A3 disjoint at r* {number(s['A3']['disjoint_at_r_star'], '.1%')}; "
+            f"A1 retrieval {number(s['A1']['retrieval_rate'], '.1%')}; "
+            f"floor {floor_text(s['floor'])} vs held-out loss {number(s['A1']['test_loss'])}")
     click.echo(f"run       {out} (next: `memscan report {out}`)")
 
 
@@ -61,16 +62,3 @@ def report(run_dir: str, allow_other_files: bool) -> None:
     from memscan.report import render
 
     click.echo(f"report    {render(run_dir, allow_other_files=allow_other_files)}")
-
-
-def _floor(floor: dict) -> str:
-    """The predicted floor; in approximate layers with its interval (log Z from the index is an upper bound)."""
-    if floor["approximate"] is None:
-        return _number(floor["predicted_floor"])
-    low, high = floor["approximate"]["predicted_floor_interval"]
-    return f"{_number(floor['predicted_floor'])} (in [{_number(low)}, {_number(high)}])"
-
-
-def _number(value: float | None, spec: str = ".3g") -> str:
-    """A summary number for the terminal; None (undefined for this data) as n/a."""
-    return "n/a" if value is None else format(value, spec)
