@@ -251,20 +251,28 @@ def _comparison(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _comparison_table(comparison: dict[str, Any] | None) -> str:
-    """The paper's numbers beside the measured ones, with their ratio; empty without a comparison."""
+    """The paper's numbers and memscan's derivations beside the measured ones, with their ratio, kind and source,
+    under the run's scale note ("reduced run: ..."); empty without a comparison."""
     if comparison is None:
         return ""
     def measured(row: dict[str, Any]) -> str:
         if "not_applicable" in row:   # a number whose premises fail is a verdict, not a figure
             return f"not applicable: {_format(row['not_applicable'])}"
-        return _format(row.get("measured"))
+        interval = row.get("interval")
+        shown = _format(row.get("measured"))
+        return f"{shown} [{_format(interval[0])}, {_format(interval[1])}]" if isinstance(interval, list) else shown
 
-    rows = "".join(f"<tr><td>{_format(row.get('quantity'))}</td><td>{_format(row.get('paper'))}</td>"
-                   f"<td>{measured(row)}</td><td>{_format(row.get('ratio'))}</td></tr>"
+    def ratio(row: dict[str, Any]) -> str:
+        return f"incomparable: {_format(row['incomparable'])}" if "incomparable" in row else _format(row.get("ratio"))
+
+    rows = "".join(f"<tr><td>{_format(row.get('quantity'))}</td><td>{_format(row.get('kind', 'paper'))}</td>"
+                   f"<td>{_format(row.get('paper', row.get('derived')))}</td><td>{measured(row)}</td><td>{ratio(row)}</td>"
+                   f"<td class='why'>{_format(row.get('source', 'not given'))}</td></tr>"
                    for row in comparison["rows"] if isinstance(row, dict))
+    note = f"<p><b>{_format(comparison['scale_note'])}</b></p>" if comparison.get("scale_note") else ""
     return (f"<h2>Against the paper</h2><p>{_format(comparison.get('reproduces') or comparison.get('experiment'))}"
-            "</p><table><tr><th>quantity</th><th>paper</th><th>measured</th><th>measured / paper</th></tr>"
-            f"{rows}</table>")
+            f"</p>{note}<table><tr><th>quantity</th><th>kind</th><th>reference</th><th>measured [interval]</th>"
+            f"<th>measured / reference</th><th>source</th></tr>{rows}</table>")
 
 
 def _column_name(entry: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 - Norm growth: rho(t) = ||theta_t|| over all non-scalar parameters, in total and per
   layer, across a training run's checkpoints; least-squares fits of rho against t,
-  sqrt(t) and t^(1/4) with R^2; the cosine between consecutive checkpoints.
+  sqrt(t) and t^(1/4) with R^2; the free exponent p of rho = a + b t^p with its 95%
+  profile-likelihood interval (Merrill et al.: p = 1/2); the cosine between consecutive
+  checkpoints.
 - Saturation: the network at c theta (every parameter scaled, c = 1000) against theta;
   per layer, the mean cosine between their hidden states over the tokens of a text.
 - Heads of the saturated model: per query, the positions whose attention weight exceeds
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 ATTENTION_THRESHOLD = 1e-5
 GROWTH_LAWS = {"t": lambda t: t, "sqrt_t": np.sqrt, "t_quarter": lambda t: t ** 0.25}
+EXPONENT_GRID = np.round(np.arange(1, 801) * 0.005, 3)  # p in (0, 4], step 0.005: sqrt(t) and t are grid points
+CHI2_1_95 = 3.841458820694124              # the 95% quantile of chi-square with 1 degree of freedom
 _LAYER = re.compile(r"\.h\.(\d+)\.|\.layers\.(\d+)\.")
 
 
@@ -72,6 +76,32 @@ def fit_growth(steps: np.ndarray, norms: np.ndarray) -> dict[str, dict[str, floa
         total = ((norms - norms.mean()) ** 2).sum()
         fits[law] = {"a": float(a), "b": float(b), "r2": float(1 - (residual ** 2).sum() / total) if total else 1.0}
     return fits
+
+
+def _profile_sse(steps: np.ndarray, norms: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    """Per exponent p, the residual sum of squares of the least-squares fit rho = a + b t^p (t scaled to [0, 1])."""
+    powers = (steps / steps.max())[None, :] ** exponents[:, None]       # (exponents, checkpoints)
+    centred = powers - powers.mean(1, keepdims=True)
+    y = norms - norms.mean()
+    cross, spread = centred @ y, (centred ** 2).sum(1)
+    explained = np.divide(cross ** 2, spread, out=np.zeros_like(cross), where=spread > 0)
+    return np.maximum((y ** 2).sum() - explained, 0.0)
+
+
+def fit_exponent(steps: np.ndarray, norms: np.ndarray) -> dict[str, float] | None:
+    """The exponent p of rho = a + b t^p minimising squared error over EXPONENT_GRID, and its 95% profile
+    interval (the p whose residuals are within the likelihood-ratio bound): Merrill et al.'s sqrt(t) is p = 1/2.
+
+    None with fewer than 4 checkpoints at distinct positive steps (a, b and p leave no residual to judge by).
+    """
+    steps, norms = np.asarray(steps, np.float64), np.asarray(norms, np.float64)
+    if len(np.unique(steps[steps > 0])) < 4:
+        return None
+    sse = _profile_sse(steps, norms, EXPONENT_GRID)
+    best = int(np.argmin(sse))
+    inside = EXPONENT_GRID[sse <= sse[best] * math.exp(CHI2_1_95 / len(steps))]
+    return {"value": float(EXPONENT_GRID[best]), "low": float(inside.min()), "high": float(inside.max()),
+            "grid_step": float(EXPONENT_GRID[1] - EXPONENT_GRID[0]), "grid_max": float(EXPONENT_GRID[-1])}
 
 
 def norm_growth(checkpoints: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, np.ndarray]:
@@ -257,6 +287,7 @@ def _growth_summary(growth: dict[str, np.ndarray]) -> dict[str, Any]:
     """Fits, steps, total norms and cosines of `norm_growth`'s tables, for summary.json (NaN cosine: None)."""
     total = growth["group"] == "total"
     return {"fits": fit_growth(growth["step"][total], growth["norm"][total]),
+            "exponent": fit_exponent(growth["step"][total], growth["norm"][total]),
             "steps": growth["step"][total].tolist(), "norms": growth["norm"][total].tolist(),
             "cosine_to_previous": [None if math.isnan(c) else c for c in growth["cosine_to_previous"].tolist()]}
 

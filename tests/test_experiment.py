@@ -78,7 +78,7 @@ def test_full_size_experiments_name_the_hub_and_the_paper_numbers():
     assert budgets.variants["0_1pct"]["paper"]["train"]["final_train_loss"] == 0.0
     qf = experiments.load("bai2024-qf")
     assert {name: plan["train"]["n_layer"] for name, plan in qf.variants.items()} == {"qf-6": 6, "qf-10": 10}
-    assert qf.plan["paper"]["train"]["final_train_loss"] == 1.003
+    assert qf.plan["paper"]["derived"]["train"]["final_train_loss"] == 1.003 and "train" not in qf.plan["paper"]
 
 
 def test_extracting_a_trained_model_takes_its_split_and_chunk_length():
@@ -193,7 +193,8 @@ def test_check_prints_the_resolved_experiment_and_runs_nothing(capsys, tmp_path)
     assert code == 0 and not (tmp_path / "x").exists()
     document = tomllib.loads(out)
     assert document["query"]["k"] == 7 and document["train"]["n_head"] == 4 and document["index"]["factory"] == "auto"
-    assert document["variant"] == {"qf-6": {}, "qf-10": {"train": {"n_layer": 10}}}
+    assert document["variant"] == {"qf-6": {"paper": {"scale": {"layers": 6}}},   # the paper's depth: each variant's
+                                   "qf-10": {"train": {"n_layer": 10}, "paper": {"scale": {"layers": 10}}}}
     assert "--set query.k=7" in out.splitlines()[0]
 
 
@@ -231,6 +232,7 @@ def test_the_demo_is_the_shipped_experiment_and_reports_against_the_paper(demo_r
     measured = {row["quantity"]: row for row in rows}
     loss, floor = measured["train.final_heldout_loss"], measured["query.floor.predicted_floor"]
     assert loss["measured"] == trained["final_heldout_loss"] and math.isclose(loss["ratio"], loss["measured"] / 1.003)
+    assert loss["kind"] == "memscan's derivation" and loss["derived"] == 1.003 and "paper" not in loss
     verdict = summary["layers"][-1]["floor"]["verdict"]
     if verdict["applicable"]:
         assert floor["measured"] == summary["layers"][-1]["floor"]["predicted_floor"] and floor["paper"] == 1.0
@@ -280,6 +282,10 @@ def test_the_comparison_on_the_page_is_escaped():
         {"quantity": "query.'<script>'", "paper": 20.0, "measured": 18.5, "ratio": 0.925}, "not a row"]})
     assert "&lt;script&gt;" in table and "<script>" not in table and "&lt;i&gt;" in table
     assert "<td>20</td><td>18.5</td><td>0.925</td>" in table
+    reduced = report._comparison_table({"reproduces": "x", "scale_note": "reduced run: width n 32, the paper's 1,024",
+                                        "rows": [{"quantity": "query.r_star", "kind": "paper", "paper": 7.74,
+                                                  "measured": 1.37, "ratio": None, "incomparable": "<width>"}]})
+    assert "reduced run: width n 32" in reduced and "incomparable: &lt;width&gt;" in reduced
 
 
 def test_another_experiment_in_the_folder_is_refused(capsys, tmp_path):
@@ -304,12 +310,16 @@ def test_radius_reduced_and_its_resolved_file_reproduces_it(capsys, tmp_path):
     last = summary["layers"][-1]
     assert last["layer"] == 2 and last["d"] == manifest["counts"]["chunks"]["train"]
     assert [s["fraction"] for s in last["subsets"]] == [0.25, 0.5, 0.75]
-    rows = {row["quantity"]: row for row in json.loads((first / "comparison.json").read_text())["rows"]}
+    document = json.loads((first / "comparison.json").read_text())
+    rows = {row["quantity"]: row for row in document["rows"]}
     median = last["pattern_nearest_dist"]["median"]
     assert rows["query.pattern_nearest_dist.median"]["measured"] == median
-    assert math.isclose(rows["query.pattern_nearest_dist.median"]["ratio"], median / 20.0)
+    assert rows["query.pattern_nearest_dist.median"]["ratio"] is None   # a raw distance at width 32, the paper's at 1024
     assert rows["query.r_star"]["measured"] == pytest.approx(math.sqrt(32 / (2 * math.pi * math.e)))
-    assert "query.typical_over_r_star" in out   # the table is printed
+    ratio = rows["query.typical_over_r_star"]   # dimensionless: compared across widths
+    assert math.isclose(ratio["ratio"], last["typical_over_r_star"] / 1.29)
+    assert document["reduced"] is True and document["scale"]["run"]["width"] == 32
+    assert "query.typical_over_r_star" in out and "reduced run: width n 32, the paper's 1,024" in out
 
     again = tmp_path / "again"   # the resolved file reproduces the run in a new folder
     code, _, err = run(capsys, "run", str(first / "experiment.toml"), "--out", str(again))
@@ -332,7 +342,9 @@ def test_qf_reduced_runs_both_depths(capsys, tmp_path):
         assert store.read_manifest(folder / "activations")["layers"] == [depth]
         assert query.read_summary(folder / "run")["layers"][-1]["layer"] == depth
         assert (folder / "run" / "report.html").is_file() and (folder / "comparison.json").is_file()
-    assert tomllib.loads((tmp_path / "experiment.toml").read_text())["variant"]["qf-10"] == {"train": {"n_layer": 10}}
+    assert tomllib.loads((tmp_path / "experiment.toml").read_text())["variant"]["qf-10"] == {
+        "train": {"n_layer": 10}, "paper": {"scale": {"layers": 10}}}
+    assert json.loads((tmp_path / "qf-10" / "comparison.json").read_text())["reduced"] is True   # 32 wide, not 512
     assert out.count("ran train, extract, index, query, report") == 2
 
 
@@ -361,8 +373,12 @@ def test_norms_reduced_fits_growth_over_the_checkpoints(capsys, tmp_path):
     trained = json.loads((tmp_path / "train" / "run.json").read_text())
     assert summary["norm_growth"]["steps"] == trained["checkpoint_steps"]
     assert (tmp_path / "saturation" / "norm_growth.png").is_file()
+    assert len(trained["checkpoint_steps"]) >= 14 and trained["steps"] >= 50   # enough for sqrt(t) and t to differ
+    exponent = summary["norm_growth"]["exponent"]
     row, = json.loads((tmp_path / "comparison.json").read_text())["rows"]
-    assert row["measured"] == summary["norm_growth"]["fits"]["sqrt_t"]["r2"] and row["paper"] == 1.0
+    assert row["measured"] == exponent["value"] and row["paper"] == 0.5 and row["kind"] == "paper"
+    assert row["interval"] == [exponent["low"], exponent["high"]]
+    assert row["reference_in_interval"] == (exponent["low"] <= 0.5 <= exponent["high"])
 
 
 def test_assoc_reduced_fits_the_slopes(capsys, tmp_path):
@@ -373,4 +389,5 @@ def test_assoc_reduced_fits_the_slopes(capsys, tmp_path):
     assert rows["assoc.slopes.p.slope"]["measured"] == fitted["slopes"]["p"]["slope"]
     assert rows["assoc.slopes.p.slope"]["ratio"] == pytest.approx(fitted["slopes"]["p"]["slope"] / -0.25)
     assert (tmp_path / "assoc" / "error_vs_d.png").is_file()
-    assert comparison.text(list(rows.values()))[0].split() == ["quantity", "paper", "measured", "measured/paper"]
+    assert comparison.text(list(rows.values()))[0].split() == ["quantity", "kind", "reference", "measured",
+                                                               "measured/reference"]

@@ -79,3 +79,14 @@ def test_saturation_command_on_a_training_run(tmp_path, capsys):
         saturation.analyse(str(empty), str(tmp_path / "x"))
     with pytest.raises(InputError, match="does not exist"):
         saturation.analyse(str(tmp_path / "nowhere"), str(tmp_path / "x"))
+
+
+def test_the_free_exponent_recovers_sqrt_and_linear_growth_within_its_interval():
+    t = np.unique(np.round(np.logspace(0, np.log10(3000), 24)))
+    noise = np.random.default_rng(0).normal(0, 0.05, len(t))
+    for curve, exponent in ((3 + 2 * np.sqrt(t), 0.5), (3 + 0.01 * t, 1.0)):
+        exact = saturation.fit_exponent(t, curve)
+        assert exact["value"] == pytest.approx(exponent) and exact["low"] <= exponent <= exact["high"]
+        noisy = saturation.fit_exponent(t, curve + noise)
+        assert noisy["low"] <= exponent <= noisy["high"] and noisy["high"] - noisy["low"] < 0.2
+    assert saturation.fit_exponent(t[:3], 3 + np.sqrt(t[:3])) is None   # a, b and p leave no residual

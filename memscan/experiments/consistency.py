@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from memscan.errors import InputError
+from memscan.experiments.comparison import PAPER, RESERVED, SCALE_NUMBERS, numbers, quantities
 from memscan.experiments.tables import STAGES, ExperimentError, build, owner_of
-from memscan.experiments.toml_text import flatten
 from memscan.files import first_line
 
 # What each stage reads: a stage without the one before it has nothing to work on.
@@ -216,16 +216,53 @@ class Checker:
     # ---------------------------------------------------------------- the paper's numbers
 
     def paper(self, paper: Any) -> dict[str, Any]:
-        """[paper]: a number for each measured quantity it names (`query.typical_radius = 10.0`)."""
+        """[paper]: a number for each measured quantity it names (`query.typical_radius = 10.0`), and its own
+        tables: [paper.derived] numbers alike, [paper.source] and [paper.depends_on] naming those numbers,
+        [paper.scale] the paper's model and sizes (memscan.experiments.comparison)."""
         if not isinstance(paper, dict):
             self.refuse("paper", "must be a table of numbers, e.g. query.typical_radius = 10.0")
-        measured = [stage for stage in MEASURED if stage in self.plan]
-        for keys, value in flatten(paper).items():
-            where = "paper." + ".".join(keys)
-            if keys[0] not in measured:
-                self.refuse(where, f"names no measured stage of this experiment ({', '.join(measured) or 'none'})")
-            if len(keys) < 2:
-                self.refuse(where, f"name a quantity of the {keys[0]} stage's record, e.g. paper.{keys[0]}.NAME")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                self.refuse(where, f"must be a finite number; got {json.dumps(value, default=str)[:60]}")
+        for table in RESERVED:
+            if not isinstance(paper.get(table, {}), dict):
+                self.refuse(f"paper.{table}", "must be a table")
+        for keys, (kind, value) in numbers(paper).items():
+            self._quantity(("paper", *keys) if kind == PAPER else ("paper", "derived", *keys), value)
+        named = {".".join(keys) for keys in numbers(paper)}
+        self._naming(quantities(paper.get("source", {})), named, "source", lambda text: isinstance(text, str),
+                     "must be a string saying where the number comes from")
+        self._naming(quantities(paper.get("depends_on", {})), named, "depends_on", SCALE_NUMBERS.__contains__,
+                     f"must be one of {', '.join(SCALE_NUMBERS)}")
+        self._scale(paper.get("scale", {}))
         return paper
+
+    def _quantity(self, keys: tuple[str, ...], value: Any) -> None:
+        """A number of [paper] or [paper.derived]: it names a measured stage and a key in its record."""
+        stem = keys[:3] if keys[1] == "derived" else keys[:2]   # paper(.derived).STAGE
+        where, stage = ".".join(keys), stem[-1]
+        measured = [name for name in MEASURED if name in self.plan]
+        if stage not in measured:
+            self.refuse(where, f"names no measured stage of this experiment ({', '.join(measured) or 'none'})")
+        if len(keys) == len(stem):
+            self.refuse(where, f"name a quantity of the {stage} stage's record, e.g. paper.{stage}.NAME")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.refuse(where, f"must be a finite number; got {json.dumps(value, default=str)[:60]}")
+
+    def _naming(self, table: dict[str, Any], named: set[str], name: str, good: Any, expected: str) -> None:
+        """[paper.source] or [paper.depends_on]: each key one of the numbers, each value what `good` accepts."""
+        for quantity, value in table.items():
+            where = f"paper.{name}.{quantity}"
+            if quantity not in named:
+                self.refuse(where, "names no number of [paper] or [paper.derived]")
+            if not good(value):
+                self.refuse(where, f"{expected}; got {json.dumps(value, default=str)[:60]}")
+
+    def _scale(self, scale: dict[str, Any]) -> None:
+        """[paper.scale]: `model` a description, and positive numbers for the sizes it states."""
+        for key, value in scale.items():
+            where = f"paper.scale.{key}"
+            if key == "model":
+                if not isinstance(value, str):
+                    self.refuse(where, "must be a string naming the paper's model")
+            elif key not in SCALE_NUMBERS:
+                self.refuse(where, f"unknown key; [paper.scale] takes model, {', '.join(SCALE_NUMBERS)}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                self.refuse(where, f"must be a positive number; got {json.dumps(value, default=str)[:60]}")

@@ -212,7 +212,8 @@ def measured(run: Run, stage: str) -> Any:
     return record
 
 
-def comparison_rows(run: Run) -> list[dict[str, Any]]:
+def comparison_rows(run: Run) -> comparison.Table:
+    """The [paper] rows of a run, with its scale (from its stages' records) against the paper's."""
     return comparison.rows(run.plan.get("paper", {}), lambda stage: measured(run, stage))
 
 
