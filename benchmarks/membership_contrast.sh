@@ -5,22 +5,28 @@
 # extracted on exactly its training run's members and held-out chunks, tested for verbatim
 # extraction, indexed and queried (the geometry), and scored; the script ends with one
 # table: losses, every score's AUC and TPR at 1% FPR with bootstrap 95% intervals, the
-# verbatim rates per split and the bridge's Spearman correlations.
+# verbatim rates per split and the bridge's Spearman correlations. With --views, each model is
+# also extracted at every layer of the residual stream and of resid_post and mlp_out, at the
+# positions given, and scored with `--geometry views` (issue 21): a second table gives every
+# view's AUC per aggregation beside the loss AUC, and the best view after the Holm correction.
 #
-#   bash benchmarks/membership_contrast.sh --out DIR [--small] [--device auto|cpu|cuda] [--memscan PATH]
+#   bash benchmarks/membership_contrast.sh --out DIR [--small] [--views POSITIONS] [--device auto|cpu|cuda] [--memscan PATH]
 #
 #   --out DIR       work folder (made; one sub-folder per model and stage)
 #   --small         a smoke test in about a minute of CPU: fewer epochs and tokens (no over-fitting expected)
+#   --views P       also score every (site, layer) view at positions P (all | every:K); the kNN is quadratic
+#                   in rows: all positions of the general model take tens of minutes on 2 cores, every:4 a few
 #   --device D      passed to every stage [auto]
 #   --memscan PATH  the memscan executable [.venv/bin/memscan of this repository]
 #
-# Full size takes about 10 minutes on 2 CPU cores (the over-fit training is most of it).
+# Full size without --views takes about 10 minutes on 2 CPU cores (the over-fit training is most of it).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=""
 SMALL=0
 DEVICE=auto
+VIEWS=""
 MEMSCAN="$ROOT/.venv/bin/memscan"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,7 +34,8 @@ while [ $# -gt 0 ]; do
         --small) SMALL=1 ;;
         --device) DEVICE=${2:?--device needs a value}; shift ;;
         --memscan) MEMSCAN=${2:?--memscan needs a path}; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --views) VIEWS=${2:?--views needs positions (all or every:K)}; shift ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "membership_contrast: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -78,6 +85,13 @@ run_model() {
         --out "$dir/query" | tail -n 2
     "$MEMSCAN" score "$dir/data" --out "$dir/score" --verbatim "$dir/verbatim" --query-run "$dir/query" \
         --device "$DEVICE" > /dev/null
+    [ -z "$VIEWS" ] && return
+    echo "== $name: views at positions $VIEWS: extract, score --geometry views"
+    local views="$dir/views-${VIEWS//:/-}"
+    "$MEMSCAN" extract --model "$model" --source qf --max-documents "$docs" --chunk-tokens "$context" \
+        --test-fraction "$fraction" --seed "$seed" --positions "$VIEWS" --layers all \
+        --sites resid_post:all,mlp_out:all --dtype fp32 --device "$DEVICE" --out "$views/data" | tail -n 2
+    "$MEMSCAN" score "$views/data" --out "$views/score" --geometry views --device "$DEVICE" > /dev/null
 }
 
 run_model overfit "${OVERFIT[@]}"
@@ -126,4 +140,41 @@ for a, b in (("nearest", "loss"), ("nearest", "verbatim_match_fraction"), ("retr
 widths = [max(len(row[i]) for row in rows) for i in range(3)]
 for row in rows:
     print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+EOF
+[ -z "$VIEWS" ] && exit 0
+
+echo
+"$PYTHON" - "$OUT" "views-${VIEWS//:/-}" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+out, folder = Path(sys.argv[1]), sys.argv[2]
+models = ("overfit", "general")
+metrics = {m: json.loads((out / m / folder / "score" / "metrics.json").read_text()) for m in models}
+
+
+def interval(entry):
+    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def view(m, name):
+    row = metrics[m]["geometry"]["views"][name]
+    return f"{interval(row['auc'])} p_holm {row['p_holm']:.2g}"
+
+
+print(f"views ({folder}): minus the distance to the nearest other member, AUC [95%] and Holm-adjusted p")
+rows = [("", *(f"{m} {agg}" for m in models for agg in ("mean", "max")))]
+rows.append(("loss", *(interval(metrics[m]["scores"]["loss"]["auc"]) for m in models for _ in ("mean", "max"))))
+prefixes = dict.fromkeys(name.rsplit("_", 1)[0] for name in metrics["overfit"]["geometry"]["views"])
+for prefix in prefixes:
+    rows.append((prefix, *(view(m, f"{prefix}_{agg}") for m in models for agg in ("mean", "max"))))
+widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+for row in rows:
+    print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+for m in models:
+    best = metrics[m]["geometry"]["best_view"]
+    verdict = "separates members" if best["separates"] else "does not separate members"
+    print(f"{m}: best view {best['name']} AUC {interval(best['auc'])}, p {best['p']:.2g}, "
+          f"Holm p {best['p_holm']:.2g}: {verdict} at {best['alpha']}")
 EOF

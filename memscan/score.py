@@ -34,6 +34,7 @@ SPLITS = ("train", "test")            # members, non-members; other splits (qf's
 MEMBERSHIP_SCORES = ("loss", "min_k", "min_k_plus_plus", "zlib", "reference")
 GEOMETRY_SCORES = ("nearest", "energy", "inside_ball", "retrieved")
 VERBATIM_COLUMNS = ("leading_match", "match_fraction", "extractable")
+GEOMETRY_MODES = ("none", "views")
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ class ScoreSettings:
     batch_size: int = 8
     trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
     allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
+    geometry: str = "none"            # views: geometric scores at every (site, layer) and kept position, no query run
 
     def check(self) -> None:
+        checks.choice("--geometry", self.geometry, GEOMETRY_MODES)
         checks.number("--min-k", self.min_k, 0, 1, low_open=True, high_open=False)
         checks.at_least("--resamples", self.resamples, 1)
         checks.at_least("--seed", self.seed, 0)
@@ -343,6 +346,17 @@ def _verbatim_columns(folder: Path, table: dict[str, np.ndarray], rows: np.ndarr
             for name in VERBATIM_COLUMNS}
 
 
+def view_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
+    """Each view's AUC with its interval, one-sided Mann-Whitney p and Holm-adjusted p, and the best view."""
+    from memscan import geometry
+
+    metrics = membership.membership_metrics(scores, labels, resamples=resamples, seed=seed)
+    p = {name: geometry.greater_p(values, labels) for name, values in scores.items()}
+    adjusted = dict(zip(p, geometry.holm(list(p.values())).tolist()))
+    rows = {name: {"auc": metrics[name]["auc"], "p": p[name], "p_holm": adjusted[name]} for name in scores}
+    return {"views": rows, "best_view": geometry.best_view(rows)}
+
+
 # ---------------------------------------------------------------- metrics and the bridge
 
 
@@ -417,14 +431,18 @@ def score(settings: ScoreSettings, out: str | Path, overwrite: bool = False,
             geometry, run_info = geometry_scores(tuple(map(Path, settings.query_run)), data, manifest, rows, split,
                                                  settings.layer)
             scores.update(geometry)
+        views = _views(settings, data, manifest, rows)
         metrics, skipped = score_metrics(scores, labels, settings.resamples, settings.seed)
         crossed = dict(scores)
         if settings.verbatim:
             crossed.update(_verbatim_columns(Path(settings.verbatim), table, rows))
         document = {"scores": metrics, "skipped": skipped, "split_rule": manifest.get("split_rule", {"kind": "hash"}),
                     "bridge": bridge(crossed, metrics)}
+        if views:
+            document["geometry"] = view_metrics(views, labels, settings.resamples, settings.seed)
         columns = {"doc_id": table["doc_id"][rows], "chunk_id": table["chunk_id"][rows], "split": split,
-                   "label": labels, **{name: np.asarray(values, np.float64) for name, values in crossed.items()}}
+                   "label": labels, **{name: np.asarray(values, np.float64) for name, values in crossed.items()},
+                   **views}
         entries = [store.write_table(folder / SCORES, columns)]
         files.write_json_atomic(folder / METRICS, _finite(document))
         entries.append(files.file_entry(folder / METRICS))
@@ -435,6 +453,17 @@ def score(settings: ScoreSettings, out: str | Path, overwrite: bool = False,
         }, pending)
         report.render_scores(folder, allow_other_files=True)   # the folder is claimed above
     return summary
+
+
+def _views(settings: ScoreSettings, data: Path, manifest: dict[str, Any], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """With --geometry views, every view's chunk scores (m,) (memscan.geometry); else none."""
+    from memscan import geometry
+    from memscan.knn import exact
+
+    if settings.geometry != "views":
+        return {}
+    backend = exact.choose_backend("cpu" if settings.device == "cpu" else "auto")
+    return geometry.view_scores(data, manifest, rows, backend)
 
 
 def _finite(value: Any) -> Any:

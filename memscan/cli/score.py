@@ -18,6 +18,10 @@ from memscan.cli.options import allow_other_files, overwrite
                    "retrieved for the chunks of its split. Repeat it: a test-split run rates the non-members, a "
                    "leave-one-out train-split run (queries = the index's own patterns) the members.")
 @click.option("--layer", type=int, default=None, help="Layer of the --query-run runs to use [default: their last].")
+@click.option("--geometry", type=click.Choice(["none", "views"]), default="none", show_default=True,
+              help="views: minus the distance to the nearest other member (leave-one-chunk-out, exact) at every "
+                   "(site, layer) DATA_DIR stores and every kept position, mean and max per chunk, each view's AUC "
+                   "and the best view under a Holm-Bonferroni correction. Needs no --query-run; quadratic in rows.")
 @click.option("--reference-model", default=None, help="A reference model (hub id or folder): adds reference - target loss.")
 @click.option("--verbatim", "verbatim_dir", default=None, type=click.Path(file_okay=False),
               help="A `memscan verbatim` folder of DATA_DIR: its match columns join the bridge.")
@@ -46,6 +50,19 @@ def score(data_dir: str, out: str, verbatim_dir: str | None, overwrite: bool, al
         click.echo(f"{name:<16} AUC {_estimate(row['auc'])}   TPR@1%FPR {_estimate(row['tpr@1%fpr'])}")
     for name, why in metrics["skipped"].items():
         click.echo(f"{name:<16} not rated: {why}")
+    if "geometry" in metrics:
+        _echo_views(metrics["geometry"])
+
+
+def _echo_views(geometry: dict[str, Any]) -> None:
+    """Each view's AUC and Holm-adjusted p, then the best view and whether it separates after the correction."""
+    width = max(map(len, geometry["views"]))
+    for name, row in geometry["views"].items():
+        click.echo(f"{name:<{width}} AUC {_estimate(row['auc'])}   p {row['p']:.2g}   Holm p {row['p_holm']:.2g}")
+    best = geometry["best_view"]
+    verdict = "separates members" if best["separates"] else "does not separate members"
+    click.echo(f"best view {best['name']}: AUC {_estimate(best['auc'])}, Holm p {best['p_holm']:.2g} "
+               f"({verdict} at {best['alpha']:g}; {best['method']})")
 
 
 def _estimate(entry: dict[str, Any]) -> str:
