@@ -334,7 +334,7 @@ def settings_dict(settings: SweepSettings) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
 
 
-SWEEP_TABLE, Q_TABLE, SETTINGS_FILE, FIT_FILE = "sweep.parquet", "q.parquet", "settings.json", "fit.json"
+SWEEP_TABLE, Q_TABLE, SETTINGS_FILE = "sweep.parquet", "q.parquet", folders.ASSOC.record
 IMAGES = ("error_vs_d.png", "error_vs_T.png", "sgd_q.png")  # drawn by memscan.report.render_assoc
 
 

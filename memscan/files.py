@@ -227,12 +227,6 @@ def foreign_files(directory: Path, ours: Callable[[str], bool]) -> list[str]:
     return sorted(p.name for p in Path(directory).iterdir() if p.name != LOCK_FILE and not ours(p.name))
 
 
-def owned_by(names: Iterable[str]) -> Callable[[str], bool]:
-    """The `ours` test for a folder whose files have fixed names: one of them, or its exact temporary name."""
-    own = frozenset(names)
-    return lambda name: name in own or (name.endswith(TMP_SUFFIX) and name[: -len(TMP_SUFFIX)] in own)
-
-
 def refuse_foreign(directory: Path, ours: Callable[[str], bool], flag: str = "--out") -> None:
     """One line naming the files in `directory` that memscan did not write, if any."""
     foreign = foreign_files(directory, ours)
