@@ -43,6 +43,11 @@ def settings(quick: bool = False, seed: int = 0) -> tuple[str, ...]:
 def run(out: str | Path, quick: bool = False, seed: int = 0) -> DemoResult:
     """Train, extract, index, query, analyse saturation and report; returns every stage's result."""
     outcome, = experiments.run(experiments.load(EXPERIMENT, settings(quick, seed)), out)
+    return result_of(outcome)
+
+
+def result_of(outcome: experiments.Outcome) -> DemoResult:
+    """The demo's results from its experiment's outcome: each stage's record and the folders it wrote."""
     records = outcome.records
     return DemoResult(records["train"], outcome.folder / FOLDERS["extract"], records["extract"],
                       outcome.folder / FOLDERS["query"], records["query"], records["saturation"],

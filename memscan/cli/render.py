@@ -6,11 +6,11 @@ from typing import Any
 
 import click
 
+from memscan import store
 
-def print_summary(directory: str, manifest: dict[str, Any]) -> None:
-    """What a dataset holds: model, source, shape, rows per split, shards."""
-    from memscan import store
 
+def dataset_lines(directory: str, manifest: dict[str, Any]) -> list[str]:
+    """What a dataset holds, one line per fact: model, source, shape, rows per split, shards."""
     counts = manifest.get("counts", {})
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines = [
@@ -27,4 +27,9 @@ def print_summary(directory: str, manifest: dict[str, Any]) -> None:
         rows = sum(counts["rows"].values())
         lines.append(f"chunks    {per_split}")
         lines.append(f"rows      {rows:,} in {len(manifest['shards'])} shards, {total_bytes / 1e6:,.1f} MB")
-    click.echo("\n".join(lines))
+    return lines
+
+
+def print_summary(directory: str, manifest: dict[str, Any]) -> None:
+    """Prints `dataset_lines`."""
+    click.echo("\n".join(dataset_lines(directory, manifest)))
