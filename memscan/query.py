@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from memscan import analysis, files, folders, store, theory
+from memscan.engines import knn as knn_engine
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, tuning
 from memscan.knn.index import DEVICES, RECALL_RTOL, KnnIndex, at_least, dataset_blocks, manifest_sha256, recall_at
@@ -184,7 +185,7 @@ class Layer:
         return self.index.info["dataset"]["split"]
 
     @property
-    def engine(self) -> exact.Engine:
+    def engine(self) -> knn_engine.Engine:
         return self.index.engine
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -891,7 +892,7 @@ def queries_are_patterns(index: KnnIndex, queries_dir: str | Path, split: str) -
 
 
 def run(index_dir: str | Path, queries_dir: str | Path, out_dir: str | Path,
-        settings: QuerySettings = QuerySettings(), engine: exact.Engine = exact.LocalEngine(),
+        settings: QuerySettings = QuerySettings(), engine: knn_engine.Engine | None = None,
         overwrite: bool = False, allow_other_files: bool = False) -> dict[str, Any]:
     """Analyse every layer shared by the index's dataset and the queries; returns summary.json.
 

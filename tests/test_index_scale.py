@@ -17,8 +17,9 @@ from conftest import clustered
 import memscan
 from memscan import store
 from memscan.cli import main
+from memscan.engines import knn as knn_engine
 from memscan.errors import InputError
-from memscan.knn import exact, tuning
+from memscan.knn import tuning
 from memscan.knn.index import IndexSettings, KnnIndex, auto_factory, build
 
 
@@ -202,7 +203,7 @@ def test_the_engine_is_passed_in(medium, tmp_path):
     directory, _ = medium
     opened = []
 
-    class Recording(exact.LocalEngine):
+    class Recording(knn_engine.LocalEngine):
         name = "recording"
 
         def open_shards(self, makers, metric, device):
@@ -213,4 +214,4 @@ def test_the_engine_is_passed_in(medium, tmp_path):
                                                             eval_recall=50), engine=Recording())
     assert info["engine"] == "recording" and opened == [2]
     index = KnnIndex.load(tmp_path / "idx", engine=Recording())
-    assert opened == [2, 2] and isinstance(index.engine, exact.LocalEngine)
+    assert opened == [2, 2] and isinstance(index.engine, knn_engine.LocalEngine)

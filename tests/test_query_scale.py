@@ -20,8 +20,9 @@ from conftest import clustered
 import memscan
 from memscan import analysis, query, store, theory
 from memscan.cli import main
+from memscan.engines import knn as knn_engine
 from memscan.errors import InputError
-from memscan.knn import exact, mips, tuning
+from memscan.knn import mips, tuning
 from memscan.knn import index as knn_index
 from memscan.knn.index import IndexSettings, KnnIndex, build, dataset_blocks
 from memscan.query import QuerySettings, run
@@ -125,7 +126,7 @@ def test_mips_finds_the_largest_inner_products_and_measures_its_recall(data, arr
                                  factory="IVF16,Flat")
     X = arrays["Q"][:50].astype(np.float32)
     samples = {"patterns": index.sample(seed=1), "queries": mips.Sample(np.arange(50), X, 4, exclude_self=False)}
-    record = index.tune(exact.LocalEngine(), blocks, samples)
+    record = index.tune(knn_engine.LocalEngine(), blocks, samples)
     swept, recall = record["tuning"], record["samples"]["patterns"]["recall_1_at_1"]
     assert record["samples"]["patterns"]["queries"] == 200 and record["samples"]["queries"]["k"] == 4
     assert swept["reached"] and min(r["recall_1_at_1"] for r in record["samples"].values()) >= 0.95
@@ -417,7 +418,7 @@ def test_an_approximate_floor_and_delta_say_they_are_upper_bounds(runs, arrays):
     assert (delta >= truth - 1e-6 * np.abs(truth) - 1e-6).all()        # the bound holds row by row
 
 
-class CountingEngine(exact.LocalEngine):
+class CountingEngine(knn_engine.LocalEngine):
     """The local engine, counting the shards it opens and the exact searches it runs."""
 
     calls: list[str] = []

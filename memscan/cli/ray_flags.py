@@ -33,7 +33,7 @@ def engine_of(engine: str, address: str | None, num_workers: int, gpus_per_worke
     exact.LocalEngine for --engine local, ray_runner.RayEngine for --engine ray."""
     options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
     if options is None:
-        from memscan.knn.exact import LocalEngine
+        from memscan.engines.knn import LocalEngine
 
         return LocalEngine()
     return options.engine()

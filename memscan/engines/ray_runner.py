@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from memscan.engines import knn as knn_engine
 from memscan.errors import InputError, MemscanError
 from memscan.knn import exact
 from memscan.knn.shards import Shard, Shards
@@ -114,7 +115,7 @@ def _pair(query: exact.Block, database: exact.Block, k: int, metric: str, exclud
 
 
 @dataclass(frozen=True)
-class RayEngine(exact.Engine):
+class RayEngine(knn_engine.Engine):
     """Exact kNN as one Ray task per (query block, database block), merged on the driver like the local
     run; index shards each in a Ray actor (`RayShards`)."""
 

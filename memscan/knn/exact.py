@@ -13,21 +13,17 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any
 
 import numpy as np
 
 from memscan.errors import DataError, InputError
 
-if TYPE_CHECKING:
-    from memscan.knn.shards import Shard, Shards
-
 log = logging.getLogger(__name__)
 
 Block = tuple[np.ndarray, np.ndarray]  # (ids int64 (m,), X float32 (m, n))
-T = TypeVar("T")
 METRICS = ("l2", "ip")
 GPU_MAX_K = 2048  # faiss-gpu's limit on k (and nprobe) per search
 RECOMPUTE_ROWS = 512  # query rows per exact recomputation: (512, k, n) float32 stays near the cache
@@ -255,53 +251,7 @@ def knn(query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Bl
 def self_join(blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l2",
               backend: Backend | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every pattern its k nearest OTHER patterns (excluded by id, not by distance 0)."""
-    return LocalEngine(backend).self_join(blocks, k, metric=metric)
-
-
-class Engine:
-    """Where work runs: index shards are held and exact searches run in this process (`LocalEngine`)
-    or on Ray (`memscan.engines.ray_runner.RayEngine`). The caller builds one and passes it in."""
-
-    name: ClassVar[str] = "abstract"   # recorded in index.json
-
-    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
-                    ) -> tuple[Shards, Engine]:
-        """The shards `makers` make (each called with `device=`, where this engine keeps them) and
-        the engine that runs exact searches beside them on `device`."""
-        raise NotImplementedError
-
-    def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
-            metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query ids (nq,), D (nq, k), I (nq, k)) exactly as the module's `knn`."""
-        raise NotImplementedError
-
-    def self_join(self, blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l2",
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For every pattern its k nearest OTHER patterns: (row ids, D, I)."""
-        return self.knn(blocks(), blocks, k, metric=metric, exclude_self=True)
-
-    def map_blocks(self, function: Callable[..., T], blocks: Callable[[], Iterable[Block]], *args: Any) -> Iterator[T]:
-        """`function(block, *args)` for every block, in block order (for statistics that stream over patterns)."""
-        return (function(block, *args) for block in blocks())
-
-
-@dataclass(frozen=True)
-class LocalEngine(Engine):
-    """Block pairs searched one after another in this process, with `backend` (None: faiss on the CPU)."""
-
-    backend: Backend | None = None
-    name: ClassVar[str] = "local"
-
-    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
-                    ) -> tuple[Shards, Engine]:
-        """The shards made here, one after another; exact searches with `choose_backend(device)`."""
-        from memscan.knn.shards import LocalShards  # shards builds on this module
-
-        return LocalShards([make(device=device) for make in makers], metric), LocalEngine(choose_backend(device))
-
-    def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
-            metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return knn(query_blocks, database_blocks, k, metric=metric, exclude_self=exclude_self, backend=self.backend)
+    return knn(blocks(), blocks, k, metric=metric, exclude_self=True, backend=backend)
 
 
 def check_finite(X: np.ndarray, where: str) -> None:

@@ -11,7 +11,7 @@ row ranges, searched as one. An index built
 to replace another puts a build id in its file names (`index.1a2b3c4d.faiss`), so the two
 never share a file: index.json, replaced last and atomically, says which files are the index.
 
-Where the shards live and the exact searches run is the caller's `engine` (`exact.Engine`:
+Where the shards live and the exact searches run is the caller's `engine` (`knn_engine.Engine`:
 this process by default, Ray actors with `memscan.engines.ray_runner.RayEngine`).
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from memscan import checks, files, folders, store
+from memscan.engines import knn as knn_engine
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, kmeans, tuning
 from memscan.knn.shards import OWN_FILE, Shards, entry_names, file_names, fill_shard, load_shard, nlist, row_ranges
@@ -262,7 +263,7 @@ def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: st
 
 
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
-          overwrite: bool = False, engine: exact.Engine = exact.LocalEngine(),
+          overwrite: bool = False, engine: knn_engine.Engine | None = None,
           allow_other_files: bool = False) -> dict[str, Any]:
     """Build, tune, evaluate and save an index over one split and layer of a dataset; returns index.json.
 
@@ -278,7 +279,7 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
     with files.job_folder(out_dir):
         replaced = _claim_folder(out_dir, overwrite, allow_other_files)
-        info, sharded = _build(data_dir, settings, engine)
+        info, sharded = _build(data_dir, settings, engine or knn_engine.LocalEngine())
         build_id = _build_id(set(replaced), len(sharded))
         written = [name for shard in range(len(sharded)) for name in file_names(shard, len(sharded), build_id)]
         folders.begin(out_dir, folders.INDEX_BUILD, build_id or "", [*written, *replaced], None)
@@ -299,7 +300,7 @@ def _split_count(dataset: store.ActivationDataset, settings: IndexSettings) -> t
     return layer, count
 
 
-def _build(data_dir: Path, settings: IndexSettings, engine: exact.Engine) -> tuple[dict[str, Any], Shards]:
+def _build(data_dir: Path, settings: IndexSettings, engine: knn_engine.Engine) -> tuple[dict[str, Any], Shards]:
     """The trained, filled, tuned and evaluated index in memory (or in Ray actors) and its record, unsaved."""
     import faiss
 
@@ -409,18 +410,17 @@ class KnnIndex:
     """A loaded index: search by vectors, self-join, and recall against exact search."""
 
     def __init__(self, shards: Shards, info: dict[str, Any], dataset: store.ActivationDataset,
-                 engine: exact.Engine):
+                 engine: knn_engine.Engine):
         self.shards, self.info, self.dataset, self.engine = shards, info, dataset, engine
         self.row_ids = shards.row_ids  # every indexed row, in row order
         self.metric = info["metric"]
 
     @classmethod
-    def load(cls, index_dir: str | Path, device: str = "cpu", engine: exact.Engine = exact.LocalEngine(),
-             ) -> KnnIndex:
+    def load(cls, index_dir: str | Path, device: str = "cpu", engine: knn_engine.Engine | None = None) -> KnnIndex:
         """Open an index folder: index.json checked (signature and shape), every file against its
         size and sha256, the dataset against the manifest it was built from.
 
-        Shards load where `engine` keeps them (`exact.LocalEngine`, the default: here, on the GPU
+        Shards load where `engine` keeps them (`knn_engine.LocalEngine`, the default: here, on the GPU
         with device auto|gpu where faiss sees one; `ray_runner.RayEngine`: each in a Ray actor,
         searched in parallel), and its exact searches run on `device`.
         """
@@ -432,7 +432,7 @@ class KnnIndex:
         params = {name: value for name, value in info["search"].items() if name in SHARD_PARAMS}
         makers = [functools.partial(load_shard, index_dir.resolve(), entry, params, info["n"], info["metric"])
                   for entry in info["shards"]]
-        sharded, searcher = engine.open_shards(makers, info["metric"], device)
+        sharded, searcher = (engine or knn_engine.LocalEngine()).open_shards(makers, info["metric"], device)
         dataset = store.ActivationDataset(info["dataset"]["path"], info["dataset"].get("site"))
         return cls(sharded, info, dataset, searcher)
 

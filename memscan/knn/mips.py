@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from memscan import store
+from memscan.engines import knn as knn_engine
 from memscan.errors import DataError
 from memscan.knn import exact, kmeans
 from memscan.knn import tuning
@@ -254,7 +255,7 @@ class MipsIndex:
         ids = self.shard.row_ids[pick]
         return Sample(ids, self.vectors(ids), 1, exclude_self=True)
 
-    def tune(self, engine: exact.Engine, blocks: Blocks, samples: dict[str, Sample],
+    def tune(self, engine: knn_engine.Engine, blocks: Blocks, samples: dict[str, Sample],
              target: float = TARGET_RECALL) -> dict[str, Any]:
         """Recall on every sample against exact MIPS (`engine.knn`, metric ip; tie-tolerant, by
         inner-product value); an IVF takes the smallest nprobe at which each sample's 1-recall@1
