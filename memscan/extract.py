@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from memscan import checks, corpus, files, folders, preflight, store
+from memscan.layout import parse_layers, parse_positions
 from memscan.errors import InputError, NonFiniteActivationsError
 
 log = logging.getLogger(__name__)
@@ -91,24 +92,6 @@ class ExtractSettings:
 ADDED_SETTINGS = ("sites", "device_map", "max_memory")
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """`last`, `all` or indices such as `0,6,-1` (-1 is the last) -> sorted layers in [0, num_layers]."""
-    if spec == "last":
-        return [num_layers]
-    if spec == "all":
-        return list(range(num_layers + 1))
-    try:
-        raw = [int(part) for part in spec.split(",")]
-    except ValueError:
-        raise InputError(f"--layers must be last, all, none (with --sites) or comma-separated integers; "
-                         f"got '{spec}'") from None
-    layers = sorted({layer + num_layers + 1 if layer < 0 else layer for layer in raw})
-    if layers[0] < 0 or layers[-1] > num_layers:
-        raise InputError(f"--layers {spec} is out of range: this model has layers 0-{num_layers} "
-                         f"(0 = embeddings, {num_layers} = final hidden state)")
-    return layers
-
-
 def settings_record(resolved: ExtractSettings) -> dict[str, Any]:
     """The resolved settings as the fingerprint and manifest hold them; a setting newer than a dataset is left
     out while unused (None), so datasets written before it still resume and compare equal."""
@@ -149,22 +132,6 @@ def site_records(targets: list[Any], widths: list[int]) -> list[dict[str, Any]]:
         record = records.setdefault(target.site, {"name": target.site, "layers": [], "n": width})
         record["layers"].append(target.layer)
     return list(records.values())
-
-
-def parse_positions(spec: str, chunk_tokens: int) -> list[int]:
-    """`last` (the vector that predicts the next token), `all`, or `every:K` (K-1, 2K-1, ...)."""
-    if spec == "last":
-        return [chunk_tokens - 1]
-    if spec == "all":
-        return list(range(chunk_tokens))
-    if spec.startswith("every:"):
-        try:
-            step = int(spec[6:])
-        except ValueError:
-            step = 0
-        if 1 <= step <= chunk_tokens:
-            return list(range(step - 1, chunk_tokens, step))
-    raise InputError(f"--positions must be last, all or every:K with 1 <= K <= {chunk_tokens}; got '{spec}'")
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:

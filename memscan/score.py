@@ -24,6 +24,7 @@ import numpy as np
 
 from memscan import checks, files, folders, membership, store
 from memscan.errors import DataError, InputError
+from memscan.layout import parse_positions
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,6 @@ def geometry_scores(runs: tuple[Path, ...], data: Path, manifest: dict[str, Any]
 
 
 def _kept_positions(manifest: dict[str, Any]) -> list[int]:
-    from memscan.extract import parse_positions
 
     return parse_positions(manifest["positions"], manifest["chunk_tokens"])
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from memscan import files
 from memscan.errors import DataError, InputError
 from memscan.files import commit_file, sha256_of, write_json_atomic
+from memscan.layout import RESIDUAL, parse_positions
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ FORMAT = "memscan.activations"
 FORMAT_VERSION = 3             # 2: a `site` column beside `layer`, and the manifest's `sites`; 3: version 2, signed
 READABLE_VERSIONS = (1, 2, 3)  # version 1 holds the residual stream only: every row is site "hidden"
 SIGNED_SINCE = 3               # manifests of versions 1-2 (an earlier memscan) carry no self_sha256
-DEFAULT_SITE = "hidden"     # the residual stream as output_hidden_states numbers it (--layers)
+DEFAULT_SITE = RESIDUAL
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
 _SHARD_NAME = re.compile(r"part-(\d{5,})\.parquet")
@@ -173,7 +174,6 @@ def kept_positions(manifest: dict[str, Any], path: Path | None = None) -> int:
 
     Imported vectors (`write_vectors`, positions "n/a") hold one per pseudo-chunk.
     """
-    from memscan.extract import parse_positions
 
     if manifest["positions"] == "n/a":
         return 1

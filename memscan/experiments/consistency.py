@@ -17,6 +17,7 @@ from memscan.errors import InputError
 from memscan.experiments.comparison import PAPER, RESERVED, SCALE_NUMBERS, numbers, quantities
 from memscan.experiments.tables import STAGES, ExperimentError, build, owner_of
 from memscan.files import first_line
+from memscan.layout import parse_layers, parse_positions
 
 # What each stage reads: a stage without the one before it has nothing to work on.
 NEEDS = {"index": ("extract", "the index is built over its activations"),
@@ -32,7 +33,6 @@ def _parsed(stage: str, settings: Any) -> None:
     """The settings a stage parses only once it runs, through the stage's own code where that needs no model
     or data: extract's --positions against --chunk-tokens, train's tokenizer where none is named."""
     if stage == "extract":
-        from memscan.extract import parse_positions
 
         parse_positions(settings.positions, settings.chunk_tokens)
     elif stage == "train" and settings.tokenizer is None:   # a named one is loaded from its folder or the hub
@@ -137,7 +137,6 @@ class Checker:
 
     def _extracted(self, spec: str, count: int | None) -> set[int] | None:
         """The layers a --layers spec stores, None where that needs the model's layer count."""
-        from memscan.extract import parse_layers
 
         if spec == "none":
             return set()
