@@ -1,19 +1,23 @@
-"""memscan: how a language model memorizes, measured with nearest neighbours over its activations."""
+"""memscan: how a language model memorizes, measured with nearest neighbours over its activations.
+
+`memscan.load(folder)` opens any memscan folder for analysis (memscan.catalog.load). It is imported when first
+used, so `import memscan` and `memscan --help` import no torch.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
-__version__ = "0.1.0"
+from memscan.version import __version__
 
-if TYPE_CHECKING:
-    from memscan.catalog import Folder
-    from memscan.query import RunTables
+LAZY = {"load": "memscan.catalog"}   # the package's API, by the module that defines it
+
+__all__ = ["__version__", "load"]
 
 
-def load(directory: Any) -> RunTables | Folder:
-    """Any memscan folder's record and tables as pandas DataFrames, with its `kind` (memscan.catalog.load):
-    a query run's RunTables (neighbours, queries, patterns, histograms, coverage), every other kind's Folder."""
-    from memscan.catalog import load as load_folder   # here, not above: `memscan --help` stays instant
-
-    return load_folder(directory)
+def __getattr__(name: str) -> Any:
+    """`memscan.load` and the rest of LAZY, imported on first use."""
+    if name not in LAZY:
+        raise AttributeError(f"module 'memscan' has no attribute '{name}'")
+    return getattr(importlib.import_module(LAZY[name]), name)

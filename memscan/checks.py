@@ -7,6 +7,7 @@ internals then trust them. Non-finite floats (inf, nan) are refused everywhere.
 from __future__ import annotations
 
 import math
+import re
 
 from memscan.errors import InputError
 
@@ -38,3 +39,14 @@ def number(flag: str, value: float, low: float, high: float = math.inf, *, low_o
 def choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     """A string flag among `allowed`."""
     need(value in allowed, f"{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]}; got '{value}'")
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_ALIASES = {"gpu": "cuda"}   # the spelling index and query took before every command took cuda[:N]
+
+
+def device(flag: str, value: str) -> str:
+    """A device spec as every command takes it, `auto`, `cpu` or `cuda[:N]` (`gpu` reads as `cuda`), normalized."""
+    value = DEVICE_ALIASES.get(value, value)
+    need(DEVICE.fullmatch(value) is not None, f"{flag} must be auto, cpu or cuda[:N]; got '{value}'")
+    return value

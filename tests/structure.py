@@ -16,8 +16,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "memscan"
 # Lowest first; a module's layer is that of the longest prefix naming it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("memscan.errors", "memscan.files", "memscan.checks", "memscan.layout", "memscan.wording",
-              "memscan.folders", "memscan.results")),
+    ("base", ("memscan.version", "memscan.errors", "memscan.files", "memscan.checks", "memscan.layout", "memscan.wording",
+              "memscan.folders", "memscan.results", "memscan.fields")),
     ("data", ("memscan.store", "memscan.theory", "memscan.analysis", "memscan.membership", "memscan.verbatim.match",
               "memscan.qf", "memscan.sites", "memscan.models", "memscan.preflight", "memscan.corpus",
               "memscan.knn.tuning", "memscan.knn.cells", "memscan.knn.kmeans", "memscan.knn.exact",
@@ -29,6 +29,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pipeline", ("memscan.stages", "memscan.catalog", "memscan.experiments", "memscan.demo")),
     ("interface", ("memscan.cli", "memscan.__init__", "memscan.__main__")),
 )
+# Modules that import others by name with importlib (the CLI's commands, `memscan.load`), so that `memscan --help`
+# and `import memscan` import no torch; every module name among their strings counts as an import.
+LAZY_LOADERS = ("memscan.cli.__init__", "memscan.__init__")
 OPTIONAL = ("ray", "accelerate")   # imported where used, so memscan runs without them
 MAX_FUNCTION_LINES = 60
 
@@ -94,6 +97,9 @@ def scan() -> dict[str, Module]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 module.imports.update(t for t in _imported(node, module.name, known) if t != module.name)
+            elif (module.name in LAZY_LOADERS and isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and node.value in known):
+                module.imports.add(node.value)   # a module imported by name (importlib), as the CLI's commands
     return modules
 
 

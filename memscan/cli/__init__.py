@@ -9,6 +9,7 @@ to see the traceback instead.
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import re
@@ -17,35 +18,92 @@ from types import TracebackType
 
 import click
 
-from memscan import __version__
+from memscan.version import __version__
 from memscan.errors import MemscanError
 from memscan.files import first_line
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+VERBOSITY = {"verbose": logging.DEBUG, "quiet": logging.WARNING}
+
+
+def _set_verbosity(context: click.Context, parameter: click.Parameter, value: bool) -> None:
+    """-v logs every shard and block, -q only warnings and errors; before or after the command name alike."""
+    if value and parameter.name:
+        logging.getLogger().setLevel(VERBOSITY[parameter.name])
+
+
+def verbosity_options() -> list[click.Option]:
+    """-v/--verbose and -q/--quiet, which the group and every command accept."""
+    return [click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_set_verbosity,
+                         help="Log every shard and block, not just the milestones."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_verbosity,
+                         help="Log only warnings and errors.")]
+
+
+# Every command: the module that defines it (imported when the command runs, so `memscan --help` stays instant and
+# imports no torch) and the line `memscan --help` shows. tests/structure.py reads these names as imports.
+COMMANDS = {
+    "extract": ("memscan.cli.extract", "Extract activations at chosen layers, sites and positions into Parquet."),
+    "index": ("memscan.cli.index", "Build a FAISS index over one split, site and layer of a dataset."),
+    "query": ("memscan.cli.query", "Nearest-neighbour tables, assumption tests A1-A3, energies, the floor."),
+    "report": ("memscan.cli.query", "Plots and an HTML page for a `memscan query` run folder."),
+    "score": ("memscan.cli.score", "Rate every train and test chunk by membership scores; AUC and TPR."),
+    "verbatim": ("memscan.cli.verbatim", "Greedy extraction: does the model complete a chunk's suffix verbatim?"),
+    "train": ("memscan.cli.train", "Train a GPT-2 on a token budget; resumes from the last checkpoint."),
+    "saturation": ("memscan.cli.train", "Norm growth over a training run's checkpoints, and saturated attention."),
+    "assoc": ("memscan.cli.assoc", "Cabannes et al.'s associative memories: error against d and T."),
+    "run": ("memscan.cli.run", "Run an experiment file (or a shipped one by name), stage by stage."),
+    "demo": ("memscan.cli.demo", "Train a small GPT-2 on Question-Formation, then every stage after it."),
+    "verify": ("memscan.cli.inspect", "Check any memscan folder against its record: files, sizes, checksums."),
+    "info": ("memscan.cli.inspect", "Describe any memscan folder: its kind and its record."),
+}
+
+
+class Commands(click.Group):
+    """The command group, each command imported from its module when it is asked for (COMMANDS)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        command = getattr(importlib.import_module(COMMANDS[name][0]), name)
+        if not any(param.name == "verbose" for param in command.params):
+            _with_verbosity(command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="memscan")
-@click.option("-v", "--verbose", is_flag=True, help="Log every shard and block, not just the milestones.")
-def cli(verbose: bool) -> None:
+def cli() -> None:
     """Measure how a language model memorizes: activations, nearest neighbours, the theory's tests."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="memscan: %(message)s",
-                        stream=sys.stderr)
+
+
+def _configure_logging() -> None:
+    """memscan's lines on stderr at INFO (-v and -q change the level as they are parsed); others' quiet."""
+    logging.basicConfig(format="memscan: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.INFO)
     # Loading and saving a model is quick; hide transformers' per-file progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "faiss", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _register() -> None:
-    from memscan.cli import assoc, demo, extract, index, inspect, query, run, score, train, verbatim
+def _with_verbosity(command: click.Command) -> None:
+    """The command, and each of its subcommands, accepting -v and -q."""
+    command.params.extend(verbosity_options())
+    for sub in getattr(command, "commands", {}).values():
+        _with_verbosity(sub)
 
-    for command in (extract.extract, index.index, query.query, query.report, train.train, train.saturation,
-                    assoc.assoc, inspect.verify, inspect.info, demo.demo, score.score, verbatim.verbatim, run.run):
-        cli.add_command(command)
 
-
-_register()
+cli.params.extend(verbosity_options())
 
 
 def error_line(exc: BaseException) -> str:
@@ -108,12 +166,13 @@ def library_error_line(exc: Exception, command: str | None) -> str | None:
 
 def _command_of(argv: list[str] | None) -> str | None:
     """The command named on a command line (`train` in `memscan -v train ...`), None when there is none."""
-    return next((arg for arg in (sys.argv[1:] if argv is None else argv) if arg in cli.commands), None)
+    return next((arg for arg in (sys.argv[1:] if argv is None else argv) if arg in COMMANDS), None)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the command, mapping user errors (and `library_error_line`'s) to one line and exit 1."""
     debug = os.environ.get("MEMSCAN_DEBUG") == "1"
+    _configure_logging()
     try:
         code = cli.main(args=argv, prog_name="memscan", standalone_mode=False)
     except click.ClickException as exc:

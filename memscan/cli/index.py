@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files, overwrite
+from memscan.cli.options import Command, allow_other_files, device, index_memory, overwrite, seed
 from memscan.cli.ray_flags import engine_of, ray_flags
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("data_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--split", default="train", show_default=True, help="Split whose vectors are the patterns.")
@@ -18,9 +18,8 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.option("--factory", default="auto", show_default=True,
               help="auto | Flat | IVF<nlist>,Flat | IVF<nlist>,PQ<m> | HNSW<M> | any FAISS factory string.")
 @click.option("--metric", default="l2", show_default=True, type=click.Choice(["l2", "ip"]))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]))
-@click.option("--memory", default="2GB", show_default=True,
-              help="Memory the index may hold (512MB, 2GiB, 1.5G): auto compresses it (SQ8, PQ) beyond that.")
+@device
+@index_memory
 @click.option("--train-size", type=int, default=None, help="IVF training sample [default: 64 per list].")
 @click.option("--target-recall", type=float, default=0.95, show_default=True,
               help="1-recall@1 the chosen --nprobe / --ef-search reaches on a sample of the patterns.")
@@ -28,7 +27,7 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.option("--ef-search", type=int, default=None, help="HNSW search depth [default: tuned to --target-recall].")
 @click.option("--eval-recall", type=int, default=0, show_default=True,
               help="Queries for recall against exact search, written into index.json.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed
 @click.option("--shards", type=int, default=1, show_default=True,
               help="Copies of the trained index, each over one range of rows (with --engine ray: one per actor).")
 @overwrite

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files, overwrite
+from memscan.cli.options import Command, allow_other_files, device, overwrite, seed, working_memory
 from memscan.wording import floor_text, number
 from memscan.cli.ray_flags import engine_of, ray_flags
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("index_dir", type=click.Path())
 @click.option("--queries", "queries_dir", required=True, type=click.Path(), help="Dataset holding the queries.")
 @click.option("--split", default="test", show_default=True, help="Split of --queries to query with.")
@@ -19,10 +19,9 @@ from memscan.cli.ray_flags import engine_of, ray_flags
 @click.option("--beta", type=float, default=1.0, show_default=True, help="Inverse temperature of the energies.")
 @click.option("--radius", default="r*", show_default=True, help="Ball radius for A2 and A3: r*, typical or a number.")
 @click.option("--epsilon", type=float, default=None, help="Retrieval tolerance [default: 1% of median s_i].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "gpu"]))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--memory", default="2GB", show_default=True,
-              help="Working-memory budget every block is sized from, the index aside (512MB, 2GiB, 1.5G, ...).")
+@device
+@seed
+@working_memory
 @click.option("--sites", default=None,
               help="Also analyse these sites of the dataset (comma-separated, or all), searched exactly "
                    "[default: the index's site only].")
@@ -54,7 +53,7 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
     click.echo(f"run       {out} (next: `memscan report {out}`)")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("run_dir", type=click.Path())
 @allow_other_files
 def report(run_dir: str, allow_other_files: bool) -> None:
