@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from memscan import files, store
 from memscan.cli import main
 from memscan.extract import ExtractSettings, extract
+from memscan.store import chunks
 from tests.conftest import qf_lines
 from tests.test_extract_capture import read_all, reference_chunks
 
@@ -72,7 +73,7 @@ def test_no_loss_keeps_tokens_and_leaves_the_statistics_empty(tmp_path, qf_model
 
 
 def test_a_resume_writes_the_same_chunk_table_and_shards(tmp_path, qf_model, monkeypatch):
-    monkeypatch.setattr(store, "CHUNK_TABLE_CHUNKS", 6)
+    monkeypatch.setattr(chunks, "CHUNK_TABLE_CHUNKS", 6)
     source = write_source(tmp_path)
     whole = tmp_path / "whole"
     extract(settings(qf_model, source), whole)

@@ -17,6 +17,7 @@ import pytest
 from memscan import files, store
 from memscan.errors import DataError
 from memscan.extract import ExtractSettings, extract
+from memscan.store import writers
 
 
 def settings_for(model: Path, **overrides) -> ExtractSettings:
@@ -129,7 +130,7 @@ def test_reader_filters_by_split_and_layer_in_row_order(reference):
 
 
 def test_reader_keeps_only_a_row_range_across_shard_and_row_group_boundaries(reference, tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 40 * 4 * 4)  # groups of a few rows
+    monkeypatch.setattr(writers, "ROW_GROUP_BYTES", 40 * 4 * 4)  # groups of a few rows
     X = np.arange(4000, dtype=np.float32).reshape(1000, 4)
     store.write_vectors(tmp_path / "groups", X, ["train", "test"] * 500, shard_rows=250)
     grouped = store.ActivationDataset(tmp_path / "groups")
