@@ -27,8 +27,7 @@ from memscan.store.tables import read_table
 # number of batches. A piece is listed in manifest["chunk_tables"] once written, fsynced and
 # renamed, exactly as a shard; pieces count chunks, not rows, so a resume restarts at a
 # batch boundary of either and both come out byte-identical. A manifest without the key, or
-# with null (an older memscan, the Ray engine, imported vectors), has no per-chunk table; the
-# format version stays 1, as every version-1 reader ignores the key.
+# with null (an older memscan, imported vectors), has no per-chunk table.
 
 CHUNK_TABLE_CHUNKS = 4096  # chunks per piece, rounded up to whole batches: tens of MB at 256 tokens
 _CHUNK_TABLE_FIELDS: dict[str, type] = {"name": str, "chunk_start": int, "chunk_stop": int, "bytes": int,
