@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
 
 
@@ -151,8 +152,6 @@ def retrieve_batch(X: np.ndarray, neighbours: np.ndarray, beta: float, tol: floa
     rows still moving are compacted once fewer than half of those computed remain.
     Returns (fixed points (b, n) float64, steps (b,) int32, converged (b,) bool).
     """
-    import torch
-
     with _one_thread_on_cpu(torch, device):
         P = torch.as_tensor(np.array(neighbours, np.float64), device=device)        # (b, k, n)
         xi = torch.as_tensor(np.array(X, np.float64), device=device)                # (b, n)

@@ -16,7 +16,7 @@ import memscan
 from memscan import store
 from memscan.cli import main
 from memscan.extract import ExtractSettings, extract
-from memscan.knn.index import IndexSettings, build
+from memscan.knn.index import build
 from memscan.query import QuerySettings, run
 from memscan.report import render
 

@@ -19,6 +19,8 @@ from conftest import clustered
 
 import memscan
 from memscan import analysis, query, store, theory
+from memscan.query import context, distances, largest, separation, subsets
+from memscan.query import retrieval as query_retrieval
 from memscan.cli import main
 from memscan.engines import knn as knn_engine
 from memscan.errors import InputError
@@ -228,10 +230,10 @@ def test_a_small_batch_of_a_grouped_search_is_searched_plainly(ivf):
 def test_subsets_through_an_index_without_nprobe_are_searched_once(data, arrays, tmp_path):
     build(data, tmp_path / "sq8", IndexSettings(factory="SQ8"))
     index = KnnIndex.load(tmp_path / "sq8", device="cpu")
-    layer = query._layer(index, store.ActivationDataset(data), 0, QuerySettings(k=2), leave_one_out=False)
+    layer = context.open_layer(index, store.ActivationDataset(data), 0, QuerySettings(k=2), leave_one_out=False)
     assert layer.approximate and index.recall_knob() is None
-    patterns = query._pattern_meta(layer)
-    subset = query._subset(layer, patterns, query._self_join(layer, patterns), 0.25)
+    patterns = distances.pattern_meta(layer)
+    subset = subsets.subset(layer, patterns, distances.self_join(layer, patterns), 0.25)
     assert set(subset.recall) == {"queries", "depth", "recall_1_at_1"} and subset.recall["recall_1_at_1"] >= 0.9
     assert (subset.values >= brute_subset_nearest(arrays["P"], subset.row_ids) * (1 - 1e-6)).all()
 
@@ -242,8 +244,8 @@ def test_sharded_indexes_get_their_own_inner_product_index(data, tmp_path):
     assert mips.MipsIndex.over_lists(index.shards, index.vectors, 1.0, index.info["factory"]) is None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF16,Flat", "a test's IVF"))
-        layer = query._layer(index, store.ActivationDataset(data), 0, QuerySettings(k=K), leave_one_out=False)
-        found = query._mips(layer, query._pattern_meta(layer))
+        layer = context.open_layer(index, store.ActivationDataset(data), 0, QuerySettings(k=K), leave_one_out=False)
+        found = separation.mips_index(layer, distances.pattern_meta(layer))
     assert found.index.augmented and found.index.reason == "a test's IVF"
 
 
@@ -355,10 +357,10 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
     build(tmp_path / "data", tmp_path / "ivf", IndexSettings(factory="IVF32,Flat", nprobe=4, train_size=2000))
     index = KnnIndex.load(tmp_path / "ivf", device="cpu")
     data = store.ActivationDataset(tmp_path / "data")
-    layer = query._layer(index, data, 0, QuerySettings(k=2), leave_one_out=False)
-    patterns = query._pattern_meta(layer)
-    approx = query._self_join(layer, patterns)
-    joined, verified = query._verify_largest(layer, patterns, approx)
+    layer = context.open_layer(index, data, 0, QuerySettings(k=2), leave_one_out=False)
+    patterns = distances.pattern_meta(layer)
+    approx = distances.self_join(layer, patterns)
+    joined, verified = largest.verify_largest(layer, patterns, approx)
     top = patterns.row_id[np.argsort(-approx.s)[:20]]
     through_lists = index.exact_within(index.vectors(top), 2, top, np.full(20, np.sqrt(approx.D[:, -1].max())))
     assert (through_lists is not None) == (kind == "clustered")
@@ -383,13 +385,13 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
         assert missed.sum() > 0 and after < before
         assert verified.rounds == 1   # the first round's margin held every s_i that corrections let in
         with pytest.MonkeyPatch.context() as patch:   # without it, corrections bring them in round by round
-            patch.setattr(query, "VERIFY_MARGIN", 1.0)
-            again, round_by_round = query._verify_largest(layer, patterns, approx)
+            patch.setattr(largest, "VERIFY_MARGIN", 1.0)
+            again, round_by_round = largest.verify_largest(layer, patterns, approx)
         assert round_by_round.rounds > 1 and round_by_round.largest_exact
         top = np.argsort(-again.s)[:20]
         np.testing.assert_allclose(again.s[top], s_true[top], rtol=1e-5)
-    exact_layer = query._layer(index, data, 0, QuerySettings(k=2, exact=True), leave_one_out=False)
-    assert query._verify_largest(exact_layer, patterns, approx) == (approx, None)
+    exact_layer = context.open_layer(index, data, 0, QuerySettings(k=2, exact=True), leave_one_out=False)
+    assert largest.verify_largest(exact_layer, patterns, approx) == (approx, None)
 
 
 def within(value: float, low: float, high: float) -> bool:
@@ -451,12 +453,12 @@ def brute_subset_nearest(P: np.ndarray, members: np.ndarray) -> np.ndarray:
 def test_subsets_equal_an_exact_subset_self_join(data, ivf, arrays, exact_search):
     settings = QuerySettings(k=2, exact=exact_search, subsets=(0.25, 0.5, 0.75, 1.0))
     index = KnnIndex.load(ivf, device="cpu")
-    layer = query._layer(index, store.ActivationDataset(data), 0, settings, leave_one_out=False)
-    patterns = query._pattern_meta(layer)
-    joined = query._self_join(layer, patterns)
+    layer = context.open_layer(index, store.ActivationDataset(data), 0, settings, leave_one_out=False)
+    patterns = distances.pattern_meta(layer)
+    joined = distances.self_join(layer, patterns)
     P, lists_exact = arrays["P"], exact_search
     for fraction in (0.25, 0.5, 0.75):
-        subset = query._subset(layer, patterns, joined, fraction)
+        subset = subsets.subset(layer, patterns, joined, fraction)
         assert len(subset.row_ids) == int(fraction * TRAIN) and 0 < subset.from_lists < len(subset.row_ids)
         truth = brute_subset_nearest(P, subset.row_ids)
         if lists_exact:   # every member, from the lists or searched, is its exact nearest within the subset
@@ -486,11 +488,11 @@ def test_a_subset_search_raises_nprobe_until_its_sample_reaches_the_target(data,
     takes the smallest larger nprobe whose sample reaches 0.95, and says so."""
     build(data, tmp_path / "ivf", IndexSettings(factory="IVF32,Flat", nprobe=1))
     index = KnnIndex.load(tmp_path / "ivf", device="cpu")
-    layer = query._layer(index, store.ActivationDataset(data), 0, QuerySettings(k=2), leave_one_out=False)
-    patterns = query._pattern_meta(layer)
-    joined = query._self_join(layer, patterns)
+    layer = context.open_layer(index, store.ActivationDataset(data), 0, QuerySettings(k=2), leave_one_out=False)
+    patterns = distances.pattern_meta(layer)
+    joined = distances.self_join(layer, patterns)
     for fraction in (0.25, 0.5, 0.75):
-        subset = query._subset(layer, patterns, joined, fraction)
+        subset = subsets.subset(layer, patterns, joined, fraction)
         curve = subset.recall["curve"]
         assert curve["nprobe"][0] == 1 and curve["recall"][0] < 0.95 <= subset.recall["recall_1_at_1"]
         assert subset.recall["nprobe"] == next(value for value, recall in zip(curve["nprobe"], curve["recall"])
@@ -599,8 +601,8 @@ def test_a_run_that_dies_mid_analysis_leaves_the_previous_run_whole(data, ivf, t
             raise Killed()
         return retrieval(*args, **kwargs)
 
-    retrieval = query._retrieval
-    monkeypatch.setattr(query, "_retrieval", dies_on_the_second_block)
+    retrieval = query_retrieval.retrieval
+    monkeypatch.setattr(query_retrieval, "retrieval", dies_on_the_second_block)
     with pytest.raises(Killed):
         run(ivf, data, run_dir, QuerySettings(k=K + 1, subsets=(1.0,), memory="1MiB"), overwrite=True)
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before   # no temporary file left

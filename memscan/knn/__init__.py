@@ -5,7 +5,8 @@ exactly recomputed distances; `index` builds, saves, loads and evaluates FAISS i
 """
 
 from memscan.knn.exact import array_blocks, choose_backend, knn, search_blocks, self_join
-from memscan.knn.index import IndexSettings, KnnIndex, build, dataset_blocks
+from memscan.knn.index import IndexResult, IndexSettings, KnnIndex, build, dataset_blocks
+from memscan.knn.shards import Engine, InProcess
 
-__all__ = ["IndexSettings", "KnnIndex", "array_blocks", "build", "choose_backend", "dataset_blocks", "knn",
-           "search_blocks", "self_join"]
+__all__ = ["Engine", "InProcess", "IndexResult", "IndexSettings", "KnnIndex", "array_blocks", "build", "choose_backend",
+           "dataset_blocks", "knn", "search_blocks", "self_join"]

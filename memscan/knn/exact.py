@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
+import torch
 
 from memscan.errors import DataError, InputError
 
@@ -47,8 +49,6 @@ class Backend:
 
 def faiss_metric_of(metric: str) -> int:
     """FAISS's constant for a metric of METRICS."""
-    import faiss
-
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
@@ -61,8 +61,6 @@ def faiss_reason(exc: RuntimeError) -> str:
 @functools.cache
 def gpu_resources() -> Any:
     """One faiss.StandardGpuResources per process: each holds its own scratch memory on the GPU."""
-    import faiss
-
     return faiss.StandardGpuResources()
 
 
@@ -70,19 +68,17 @@ class FaissBackend(Backend):
     """faiss.knn on the CPU; faiss.knn_gpu when `gpu` is set (k above 2048 falls back to the CPU)."""
 
     def __init__(self, gpu: bool = False):
-        import faiss
-
-        self.faiss, self.gpu = faiss, gpu
+        self.gpu = gpu
         self.resources = gpu_resources() if gpu else None
         self.name = "faiss-gpu" if gpu else "faiss-cpu"
 
     def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         faiss_metric = faiss_metric_of(metric)
         if self.gpu and k <= GPU_MAX_K:
-            return self.faiss.knn_gpu(self.resources, xq, xb, k, metric=faiss_metric)
+            return faiss.knn_gpu(self.resources, xq, xb, k, metric=faiss_metric)
         if self.gpu:
             log.info("k=%d is above faiss-gpu's limit of %d: this block pair runs on the CPU", k, GPU_MAX_K)
-        return self.faiss.knn(xq, xb, k, metric=faiss_metric)
+        return faiss.knn(xq, xb, k, metric=faiss_metric)
 
 
 class TorchBackend(Backend):
@@ -93,18 +89,15 @@ class TorchBackend(Backend):
     """
 
     def __init__(self, device: str = "cpu", dtype: str = "float32"):
-        import torch
-
-        self.torch, self.device, self.dtype = torch, torch.device(device), getattr(torch, dtype)
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.name = f"torch-{self.device.type}-{dtype}"
 
     def candidates(self, k: int) -> int:
         """16-bit products misorder near-ties: fetch 2k + 8 and let the exact re-ranking decide."""
-        return k if self.dtype == self.torch.float32 else 2 * k + 8
+        return k if self.dtype == torch.float32 else 2 * k + 8
 
     def search(self, xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Ranking scores, not distances: l2 ranks by ||y||^2 - 2 x.y (||x||^2 is the same for a row)."""
-        torch = self.torch
         q = torch.from_numpy(xq).to(self.device, self.dtype)
         b = torch.from_numpy(xb).to(self.device, self.dtype)
         if metric == "l2":
@@ -118,14 +111,10 @@ class TorchBackend(Backend):
 
 def choose_backend(device: str = "auto", torch_dtype: str = "float32") -> Backend:
     """auto: faiss-gpu if it sees a GPU, else torch on CUDA, else faiss on the CPU."""
-    import faiss
-
     faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device in ("auto", "gpu") and faiss_gpus > 0:
         return FaissBackend(gpu=True)
     if device in ("auto", "gpu"):
-        import torch
-
         if torch.cuda.is_available():
             return TorchBackend("cuda", torch_dtype)
         if device == "gpu":
@@ -167,8 +156,6 @@ class _Heap:
     nq: int
 
     def __post_init__(self) -> None:
-        import faiss
-
         self.heap = faiss.ResultHeap(self.nq, self.k, keep_max=(self.metric == "ip"))
 
     def add(self, scores: np.ndarray, ids: np.ndarray) -> None:

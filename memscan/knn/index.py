@@ -11,7 +11,7 @@ row ranges, searched as one. An index built
 to replace another puts a build id in its file names (`index.1a2b3c4d.faiss`), so the two
 never share a file: index.json, replaced last and atomically, says which files are the index.
 
-Where the shards live and the exact searches run is the caller's `engine` (`knn_engine.Engine`:
+Where the shards live and the exact searches run is the caller's `engine` (`shards.Engine`:
 this process by default, Ray actors with `memscan.engines.ray_runner.RayEngine`).
 """
 
@@ -26,14 +26,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
-from memscan import checks, files, folders, store
-from memscan.engines import knn as knn_engine
+import memscan.store as store
+from memscan import checks, files, folders, layout
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, kmeans, tuning
-from memscan.knn.shards import OWN_FILE, Shards, entry_names, file_names, fill_shard, load_shard, nlist, row_ranges
+from memscan.knn.shards import (OWN_FILE, Engine, InProcess, Shards, entry_names, file_names, fill_shard, load_shard,
+                                 nlist, row_ranges)
 from memscan.knn.tuning import MIN_TRAIN_PER_LIST, auto_factory
+from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class IndexSettings:
 
     split: str = "train"
     layer: int | None = None         # None: the site's last layer
-    site: str | None = None          # None: the residual stream ("hidden") where stored, else the first site
+    site: str | None = None          # None: the residual stream (layout.RESIDUAL) where stored, else the first site
     factory: str = "auto"
     metric: str = "l2"
     device: str = "auto"
@@ -93,8 +97,6 @@ class IndexSettings:
 
 
 def _make_index(factory: str, n: int, metric: str) -> Any:
-    import faiss
-
     try:
         return faiss.index_factory(n, factory, exact.faiss_metric_of(metric))
     except RuntimeError as exc:
@@ -105,8 +107,6 @@ def _make_index(factory: str, n: int, metric: str) -> Any:
 def _train_sample(dataset: store.ActivationDataset, split: str, layer: int, count: int, size: int,
                   seed: int) -> np.ndarray:
     """A seeded uniform sample of `size` of the `count` vectors, gathered in one streaming pass."""
-    from tqdm.auto import tqdm
-
     chosen = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
     sample, seen, filled = np.empty((size, dataset.n), np.float32), 0, 0
     with tqdm(total=count, desc="training sample", unit="vec", unit_scale=True, disable=None, leave=False) as bar:
@@ -262,10 +262,51 @@ def _train(index: Any, factory: str, dataset: store.ActivationDataset, split: st
     return train_size, time.perf_counter() - started
 
 
+@dataclass(frozen=True, eq=False)
+class IndexResult(StageResult):
+    """A built index: its folder and signed index.json, read as a mapping or by property."""
+
+    kind = folders.INDEX
+
+    @property
+    def factory(self) -> str:
+        """The FAISS factory string of the index."""
+        return self.record["factory"]
+
+    @property
+    def ntotal(self) -> int:
+        """The vectors indexed, over every shard."""
+        return self.record["ntotal"]
+
+    @property
+    def site_key(self) -> layout.SiteKey:
+        """The site and layer the index holds."""
+        return layout.SiteKey(layout.site_of(self.record["dataset"]), self.record["dataset"]["layer"])
+
+    @property
+    def split(self) -> str:
+        """The dataset split the index holds."""
+        return self.record["dataset"]["split"]
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The search parameters chosen (given or tuned)."""
+        return dict(self.record["search"])
+
+    @property
+    def measured_recall(self) -> dict[str, Any] | None:
+        """The recall against exact search measured at build (--eval-recall), or None."""
+        return self.record["recall"]
+
+    def load(self, device: str = "cpu", engine: Engine | None = None) -> KnnIndex:
+        """The index opened for searching (`KnnIndex.load`)."""
+        return KnnIndex.load(self.folder, device=device, engine=engine)
+
+
 def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = IndexSettings(),
-          overwrite: bool = False, engine: knn_engine.Engine | None = None,
-          allow_other_files: bool = False) -> dict[str, Any]:
-    """Build, tune, evaluate and save an index over one split and layer of a dataset; returns index.json.
+          overwrite: bool = False, engine: Engine | None = None,
+          allow_other_files: bool = False) -> IndexResult:
+    """Build, tune, evaluate and save an index over one split and layer of a dataset; returns the index (index.json).
 
     The job holds `out_dir` (one job at a time); an index already there is replaced only with
     `overwrite`, and only once the new one is whole (a kill at any moment leaves the old or the
@@ -279,13 +320,13 @@ def build(data_dir: str | Path, out_dir: str | Path, settings: IndexSettings = I
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()  # workers may run elsewhere
     with files.job_folder(out_dir):
         replaced = _claim_folder(out_dir, overwrite, allow_other_files)
-        info, sharded = _build(data_dir, settings, engine or knn_engine.LocalEngine())
+        info, sharded = _build(data_dir, settings, engine or InProcess())
         build_id = _build_id(set(replaced), len(sharded))
         written = [name for shard in range(len(sharded)) for name in file_names(shard, len(sharded), build_id)]
         folders.begin(out_dir, folders.INDEX_BUILD, build_id or "", [*written, *replaced], None)
         info["shards"] = sharded.save(out_dir, build_id)
         info["build"]["total_seconds"] = round(time.perf_counter() - started, 3)
-        return _commit(out_dir, info, replaced)
+        return IndexResult(out_dir, _commit(out_dir, info, replaced))
 
 
 def _split_count(dataset: store.ActivationDataset, settings: IndexSettings) -> tuple[int, int]:
@@ -300,10 +341,8 @@ def _split_count(dataset: store.ActivationDataset, settings: IndexSettings) -> t
     return layer, count
 
 
-def _build(data_dir: Path, settings: IndexSettings, engine: knn_engine.Engine) -> tuple[dict[str, Any], Shards]:
+def _build(data_dir: Path, settings: IndexSettings, engine: Engine) -> tuple[dict[str, Any], Shards]:
     """The trained, filled, tuned and evaluated index in memory (or in Ray actors) and its record, unsaved."""
-    import faiss
-
     problems = store.verify(data_dir)
     if problems:
         raise DataError(f"dataset '{data_dir}' fails verification: {problems[0]}")
@@ -401,8 +440,6 @@ def _tuning_plan(index: Any, factory: str, lists: int | None, ntotal: int,
 def lossy_codes(index: Any) -> bool:
     """Whether a (CPU) index holds its vectors other than as float32 (PQ, SQ, a transform): its
     candidates' order is then approximate even within the lists or graph it searches."""
-    import faiss
-
     return not isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
 
 
@@ -410,17 +447,16 @@ class KnnIndex:
     """A loaded index: search by vectors, self-join, and recall against exact search."""
 
     def __init__(self, shards: Shards, info: dict[str, Any], dataset: store.ActivationDataset,
-                 engine: knn_engine.Engine):
+                 engine: Engine):
         self.shards, self.info, self.dataset, self.engine = shards, info, dataset, engine
         self.row_ids = shards.row_ids  # every indexed row, in row order
-        self.metric = info["metric"]
 
     @classmethod
-    def load(cls, index_dir: str | Path, device: str = "cpu", engine: knn_engine.Engine | None = None) -> KnnIndex:
+    def load(cls, index_dir: str | Path, device: str = "cpu", engine: Engine | None = None) -> KnnIndex:
         """Open an index folder: index.json checked (signature and shape), every file against its
         size and sha256, the dataset against the manifest it was built from.
 
-        Shards load where `engine` keeps them (`knn_engine.LocalEngine`, the default: here, on the GPU
+        Shards load where `engine` keeps them (`shards.InProcess`, the default: here, on the GPU
         with device auto|gpu where faiss sees one; `ray_runner.RayEngine`: each in a Ray actor,
         searched in parallel), and its exact searches run on `device`.
         """
@@ -432,13 +468,79 @@ class KnnIndex:
         params = {name: value for name, value in info["search"].items() if name in SHARD_PARAMS}
         makers = [functools.partial(load_shard, index_dir.resolve(), entry, params, info["n"], info["metric"])
                   for entry in info["shards"]]
-        sharded, searcher = (engine or knn_engine.LocalEngine()).open_shards(makers, info["metric"], device)
-        dataset = store.ActivationDataset(info["dataset"]["path"], info["dataset"].get("site"))
+        sharded, searcher = (engine or InProcess()).open_shards(makers, info["metric"], device)
+        dataset = store.ActivationDataset(info["dataset"]["path"], layout.site_of(info["dataset"]))
         return cls(sharded, info, dataset, searcher)
 
     @property
+    def factory(self) -> str:
+        """The FAISS factory string of the index."""
+        return self.info["factory"]
+
+    @property
+    def metric(self) -> str:
+        """l2 or ip."""
+        return self.info["metric"]
+
+    @property
+    def n(self) -> int:
+        """The vectors' dimension."""
+        return self.info["n"]
+
+    @property
+    def ntotal(self) -> int:
+        """The vectors indexed, over every shard."""
+        return self.info["ntotal"]
+
+    @property
+    def site(self) -> str:
+        """The site the index holds (indexes built before sites: the residual stream)."""
+        return layout.site_of(self.info["dataset"])
+
+    @property
+    def layer(self) -> int:
+        """The layer of its site the index holds."""
+        return self.info["dataset"]["layer"]
+
+    @property
+    def site_key(self) -> layout.SiteKey:
+        """The stored set of vectors the index holds: its site and layer."""
+        return layout.SiteKey(self.site, self.layer)
+
+    @property
+    def split(self) -> str:
+        """The dataset split the index holds (the patterns)."""
+        return self.info["dataset"]["split"]
+
+    @property
+    def model(self) -> str:
+        """The id of the model whose activations the index holds."""
+        return self.info["dataset"]["model"]
+
+    @property
+    def manifest_sha256(self) -> str:
+        """The sha256 of the manifest of the dataset the index was built from."""
+        return self.info["dataset"]["manifest_sha256"]
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The search parameters searches run with now (nprobe, efSearch, k_factor), a copy."""
+        return dict(self.info["search"])
+
+    @property
+    def measured_recall(self) -> dict[str, Any] | None:
+        """The recall against exact search measured at build (--eval-recall), or None where none was."""
+        return self.info["recall"]
+
+    @property
+    def self_sha256(self) -> str:
+        """The signature of index.json: what a query run's fingerprint names the index by."""
+        return self.info[files.SELF_SHA256]
+
+    @property
     def exact(self) -> bool:
-        return self.info["factory"] == "Flat"
+        """Whether every search is exact (a Flat index)."""
+        return self.factory == "Flat"
 
     def open_queries(self, data_dir: str | Path) -> store.ActivationDataset:
         """A dataset of queries opened at the index's site (one line if it does not hold that site)."""
@@ -446,19 +548,18 @@ class KnnIndex:
 
     def check_queries(self, dataset: store.ActivationDataset, layer: int | None = None) -> int:
         """The layer to query at; refuses queries from another model, site, layer or dimension than the index's."""
-        built = self.info["dataset"]
-        layer = built["layer"] if layer is None else layer
+        layer = self.layer if layer is None else layer
         if dataset.site != self.dataset.site:
             raise InputError(f"queries in '{dataset.directory}' are of site '{dataset.site}'; "
                              f"the index holds site '{self.dataset.site}'")
-        if dataset.n != self.info["n"]:
+        if dataset.n != self.n:
             raise InputError(f"queries in '{dataset.directory}' have dimension {dataset.n}; "
-                             f"the index holds dimension {self.info['n']}")
-        if dataset.manifest["model"]["id"] != built["model"]:
+                             f"the index holds dimension {self.n}")
+        if dataset.manifest["model"]["id"] != self.model:
             raise InputError(f"queries in '{dataset.directory}' come from model '{dataset.manifest['model']['id']}'; "
-                             f"the index was built from '{built['model']}'")
-        if layer != built["layer"] or layer not in dataset.layers:
-            raise InputError(f"the index holds layer {built['layer']}; the queries ask for layer {layer} "
+                             f"the index was built from '{self.model}'")
+        if layer != self.layer or layer not in dataset.layers:
+            raise InputError(f"the index holds layer {self.layer}; the queries ask for layer {layer} "
                              f"(dataset '{dataset.directory}' has layers {dataset.layers})")
         return layer
 
@@ -476,7 +577,7 @@ class KnnIndex:
     def exact_self_join(self, k: int, block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The exact self-join of the indexed patterns, blockwise over the dataset (no index used)."""
         self.check_k(k, exclude_self=True)
-        blocks = dataset_blocks(self.dataset, self.info["dataset"]["split"], self.info["dataset"]["layer"], block_rows)
+        blocks = dataset_blocks(self.dataset, self.split, self.layer, block_rows)
         return self.engine.self_join(blocks, k, metric=self.metric)
 
     def exact_search_dataset(self, data_dir: str | Path, k: int, split: str = "test",
@@ -487,7 +588,7 @@ class KnnIndex:
         layer = self.check_queries(queries)
         if queries.count(split, layer) == 0:
             raise InputError(f"split '{split}' of '{data_dir}' has no rows to query")
-        database = dataset_blocks(self.dataset, self.info["dataset"]["split"], layer, block_rows)
+        database = dataset_blocks(self.dataset, self.split, layer, block_rows)
         return self.engine.knn(dataset_blocks(queries, split, layer, block_rows)(), database, k, metric=self.metric)
 
     def set_search_params(self, nprobe: int | None = None, efSearch: int | None = None,
@@ -534,8 +635,8 @@ class KnnIndex:
     def search(self, X: np.ndarray, k: int, query_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(D (nq, k) exact float32 scores, I (nq, k) row ids); with query_ids, each query's own row is excluded."""
         self.check_k(k, query_ids is not None)
-        if X.shape[1] != self.info["n"]:
-            raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.info['n']}")
+        if X.shape[1] != self.n:
+            raise InputError(f"queries have dimension {X.shape[1]}; the index holds dimension {self.n}")
         exact.check_finite(X, "the queries")
         exact.check_scale(X, "the queries")
         _, ids = self.shards.search(X, self.candidates(k, query_ids is not None))
@@ -547,14 +648,11 @@ class KnnIndex:
         IVF indexes on the CPU group the queries by inverted list (faiss.contrib.big_batch_search),
         so each list's codes are scanned once per query batch instead of once per query.
         """
-        from tqdm.auto import tqdm
-
         self.check_k(k, exclude_self=True)
-        split, layer = self.info["dataset"]["split"], self.info["dataset"]["layer"]
         parts = []
         with tqdm(total=self.shards.ntotal, desc="self-join", unit="vec", unit_scale=True, disable=None,
                   leave=False) as progress:
-            for X, meta in self.dataset.iter_batches(split=split, layer=layer, batch_rows=batch_rows):
+            for X, meta in self.dataset.iter_batches(split=self.split, layer=self.layer, batch_rows=batch_rows):
                 _, ids = self.shards.search(X, self.candidates(k, True), grouped=True)
                 parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
                 progress.update(len(X))
@@ -606,7 +704,7 @@ class KnnIndex:
         pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
         query_ids = self.row_ids[pick]
         X = self.dataset.take(query_ids)
-        database = dataset_blocks(self.dataset, self.info["dataset"]["split"], self.info["dataset"]["layer"])
+        database = dataset_blocks(self.dataset, self.split, self.layer)
         _, truth, _ = self.engine.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
         return query_ids, X, truth
 
@@ -617,7 +715,7 @@ class KnnIndex:
         approx, _ = self.search(X, k, query_ids)
         at_1, at_k = recall_at(approx, truth, self.metric)
         return {"queries": len(query_ids), "k": k, "recall_1_at_1": at_1, "recall_k_at_k": at_k,
-                "search": dict(self.info["search"])}
+                "search": self.search_params}
 
     def tune(self, plan: list[tuple[str, int]], target: float, seed: int = 0,
              queries: int = TUNE_QUERIES) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import faiss
 import numpy as np
 
 from memscan.knn.tuning import KMEANS_ITERATIONS
@@ -32,8 +33,6 @@ def apportion(sizes: np.ndarray, total: int) -> np.ndarray:
 
 def _kmeans(X: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k centroids (k, n) float32 of the rows of X by FAISS's k-means (the rows themselves when k = len(X))."""
-    import faiss
-
     if k == len(X):
         return np.array(X, np.float32)
     km = faiss.Kmeans(X.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, min_points_per_centroid=1)
@@ -44,8 +43,6 @@ def _kmeans(X: np.ndarray, k: int, seed: int) -> np.ndarray:
 def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
     """`nlist` centroids (nlist, n) float32 of `sample` (at least nlist rows): sqrt(nlist) clusters, each
     split into a share of the lists in proportion to its rows (module docstring)."""
-    import faiss
-
     first = _kmeans(sample, max(2, round(math.sqrt(nlist))), seed)
     _, assign = faiss.knn(np.ascontiguousarray(sample, np.float32), first, 1)
     assign = assign[:, 0]
@@ -57,8 +54,6 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 0) -> np.nda
 def train(index: Any, sample: np.ndarray, seed: int = 0) -> None:
     """Train `index` on `sample`. A CPU IVF index (metric L2) of TWO_LEVEL_MIN lists or more gets its
     coarse centroids by `two_level_centroids` first; the rest of its training (SQ or PQ codes) is FAISS's."""
-    import faiss
-
     ivf = faiss.downcast_index(index)
     if isinstance(ivf, faiss.IndexIVF) and ivf.metric_type == faiss.METRIC_L2 and ivf.nlist >= TWO_LEVEL_MIN:
         centroids = two_level_centroids(sample, ivf.nlist, seed)

@@ -27,21 +27,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import faiss
 import numpy as np
+from faiss.contrib.inspect_tools import get_invlist
 
-from memscan import store
-from memscan.engines import knn as knn_engine
+import memscan.store as store
 from memscan.errors import DataError
-from memscan.knn import exact, kmeans
-from memscan.knn import tuning
-from memscan.knn.index import nlist, recall_at
-from memscan.knn.shards import Shard, Shards, grouped_search
+from memscan.knn import exact, kmeans, tuning
+from memscan.knn.index import IndexSettings, nlist, recall_at
+from memscan.knn.shards import Engine, Shard, Shards, grouped_search
 
 log = logging.getLogger(__name__)
 
 CANDIDATE_SLACK = 8     # candidates beyond k, re-ranked exactly
 RECALL_QUERIES = 200
-TARGET_RECALL = 0.95
 
 Blocks = Callable[[], Iterable[exact.Block]]
 
@@ -96,9 +95,6 @@ class ListsView(Shard):
     """
 
     def __init__(self, shard: Shard, max_sq_norm: float):
-        import faiss
-        from faiss.contrib.inspect_tools import get_invlist
-
         ivf = faiss.downcast_index(shard.index)
         view = faiss.IndexIVFFlat(faiss.IndexFlatIP(ivf.d), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
         view.replace_invlists(ivf.invlists, False)   # the L2 index keeps owning its lists
@@ -118,8 +114,6 @@ class ListsView(Shard):
         self.params[name] = value
 
     def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
         view = faiss.downcast_index(self.index)
         lists_D, lists = self.probe.search(augment_queries(X), view.nprobe)
         found = grouped_search(view, X, k, lists.astype(np.int32)) if grouped else None
@@ -149,8 +143,6 @@ class MipsIndex:
                    factory: str) -> MipsIndex | None:
         """The patterns of a nearest-neighbour index described by `factory`, searched through its own lists
         (`ListsView`); None unless it is one IVF-Flat shard (of metric L2) held in this process."""
-        import faiss
-
         shard = shards.local_shard()
         ivf = None if shard is None else faiss.downcast_index(shard.index)
         if type(ivf) is not faiss.IndexIVFFlat or ivf.metric_type != faiss.METRIC_L2:
@@ -170,8 +162,6 @@ class MipsIndex:
         string of an L2 index. Its search parameters are FAISS's defaults until `tune`.
         `vectors` (None: `dataset.take`) gives the patterns' vectors by row id for exact re-ranking.
         """
-        import faiss
-
         n = dataset.n + 1
         factory, reason = choose_factory(count, dataset.n, budget) if factory is None else (factory, "given")
         index = faiss.index_factory(n, factory, faiss.METRIC_L2)
@@ -255,11 +245,11 @@ class MipsIndex:
         ids = self.shard.row_ids[pick]
         return Sample(ids, self.vectors(ids), 1, exclude_self=True)
 
-    def tune(self, engine: knn_engine.Engine, blocks: Blocks, samples: dict[str, Sample],
-             target: float = TARGET_RECALL) -> dict[str, Any]:
+    def tune(self, engine: Engine, blocks: Blocks, samples: dict[str, Sample],
+             target: float = IndexSettings.target_recall) -> dict[str, Any]:
         """Recall on every sample against exact MIPS (`engine.knn`, metric ip; tie-tolerant, by
         inner-product value); an IVF takes the smallest nprobe at which each sample's 1-recall@1
-        reaches `target` (`tuning.sweep`).
+        reaches `target` (`tuning.sweep`): the nearest-neighbour index's target recall, which a query passes.
 
         Returns {"target_recall", "samples": {name: {"queries", "k", "recall_1_at_1",
         "recall_k_at_k"}} at the chosen nprobe, "tuning": the sweep's record (None without lists)}.

@@ -15,13 +15,18 @@ import io
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
+import faiss
 import numpy as np
+from faiss.contrib.big_batch_search import big_batch_search
+from tqdm.auto import tqdm
 
-from memscan import files, store
+import memscan.store as store
+from memscan import files
 from memscan.errors import DataError
 from memscan.knn import cells, exact, tuning
 
@@ -64,8 +69,6 @@ def entry_names(entry: dict[str, Any]) -> list[str]:
 
 def nlist(index: Any) -> int | None:
     """The number of inverted lists of an IVF index, None for any other kind."""
-    import faiss
-
     try:
         return int(faiss.extract_index_ivf(index).nlist)
     except RuntimeError:
@@ -79,8 +82,6 @@ def grouped_search(ivf: Any, X: np.ndarray, k: int, lists: np.ndarray | None = N
     quantizer's nprobe nearest). None for a batch too small for its bucket sort, which needs
     more (query, list) pairs than lists + 1: the caller searches it plainly.
     """
-    from faiss.contrib.big_batch_search import big_batch_search
-
     if len(X) * (ivf.nprobe if lists is None else lists.shape[1]) <= ivf.nlist + 1:
         return None
     # verbose=0 logs nothing (1 logs its memory use at INFO on the root logger); its
@@ -104,8 +105,6 @@ class Shard:
 
     def set_parameter(self, name: str, value: int) -> None:
         """nprobe (IVF) or efSearch (HNSW); above 2048 only the CPU copy takes it, and searches use that."""
-        import faiss
-
         faiss.ParameterSpace().set_index_parameter(self.index, name, value)
         if self.gpu_index is not None and value <= exact.GPU_MAX_K:
             faiss.GpuParameterSpace().set_index_parameter(self.gpu_index, name, value)
@@ -145,8 +144,6 @@ class Shard:
         return np.where(local >= 0, self.row_ids[np.maximum(local, 0)], -1)
 
     def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
         on_gpu = self.gpu_index is not None and max(k, self.params.get("nprobe", 0)) <= exact.GPU_MAX_K
         ivf = faiss.downcast_index(self.index)
         found = grouped_search(ivf, X, k) if grouped and not on_gpu and isinstance(
@@ -160,8 +157,6 @@ class Shard:
 
     def has_exact_codes(self) -> bool:
         """Whether the index stores every vector as added (Flat codes), so `reconstruct` gives it back exactly."""
-        import faiss
-
         return isinstance(faiss.downcast_index(self.index), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
 
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
@@ -171,8 +166,6 @@ class Shard:
         neighbours is spread over the whole dataset. An IVF index gets a direct map (id ->
         list, offset), 8 bytes a vector, which `save` leaves out of the file.
         """
-        import faiss
-
         index = faiss.downcast_index(self.index)
         if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
             index.make_direct_map()
@@ -183,8 +176,6 @@ class Shard:
         """(D, I row ids, lists scanned) of the exact k nearest of queries whose k-th nearest lies within
         radius[i] (`cells.search_within`); None where the index is not a CPU IVF-Flat of metric L2, or where
         the lists would prune too little to beat an exact search."""
-        import faiss
-
         ivf = faiss.downcast_index(self.index)
         if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_L2:
             return None
@@ -197,8 +188,6 @@ class Shard:
     def save(self, directory: str | os.PathLike[str], index_file: str, ids_file: str) -> dict[str, Any]:
         """Write the CPU index and the row-id map, each fsynced and renamed into place; returns the
         shard's entry for index.json: both files' names, sizes and sha256, and the vector count."""
-        import faiss
-
         directory = Path(directory)
         index_path, ids_path = directory / index_file, directory / ids_file
         ivf = faiss.downcast_index(self.index)
@@ -227,9 +216,6 @@ def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str
     faiss sees one; `device` as in `exact.choose_backend`. `count` (the rows it will hold)
     sizes the progress bar.
     """
-    import faiss
-    from tqdm.auto import tqdm
-
     index = faiss.deserialize_index(trained)
     gpu_index = faiss.index_cpu_to_gpu(exact.gpu_resources(), 0, index) if _gpu(device) else None
     # One add on a GPU flat index: it reallocates the whole index on every add.
@@ -252,8 +238,6 @@ def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str
 
 def _read_index(path: Path) -> Any:
     """A FAISS index file, or one line saying FAISS cannot read it."""
-    import faiss
-
     try:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
@@ -279,8 +263,6 @@ def load_shard(directory: str | os.PathLike[str], entry: dict[str, Any], params:
     """One saved shard (an entry of index.json's `shards`), its files checked against their entries
     and its contents against the index's dimension `n` and `metric`; on the GPU with device
     auto|gpu where faiss sees one."""
-    import faiss
-
     directory = Path(directory)
     index_path = files.check_file(directory, entry["index"], "index file")
     ids_path = files.check_file(directory, entry["row_ids"], "row-id file")
@@ -386,3 +368,63 @@ class LocalShards(Shards):
 
     def local_shard(self) -> Shard | None:
         return self.members[0] if len(self.members) == 1 else None
+
+
+T = TypeVar("T")
+
+
+class Engine(Protocol):
+    """Where nearest-neighbour work runs: who holds the shards and runs the exact searches. The caller builds
+    one at the edge and passes it in (memscan.engines.knn: this process or Ray); knn never imports engines."""
+
+    name: ClassVar[str]   # recorded in index.json
+
+    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
+                    ) -> tuple[Shards, Engine]:
+        """The shards `makers` make (each called with `device=`) and the engine searching beside them."""
+        ...
+
+    def knn(self, query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int,
+            *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query ids (nq,), D (nq, k), I (nq, k)) exactly as `exact.knn`."""
+        ...
+
+    def self_join(self, blocks: Callable[[], Iterable[exact.Block]], k: int, *, metric: str = "l2",
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every pattern its k nearest OTHER patterns: (row ids, D, I)."""
+        ...
+
+    def map_blocks(self, function: Callable[..., T], blocks: Callable[[], Iterable[exact.Block]],
+                   *args: Any) -> Iterator[T]:
+        """`function(block, *args)` for every block, in block order."""
+        ...
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """The `Engine` knn opens an index with when its caller passes none: shards held in this process, exact
+    searches with `backend` (None: faiss on the CPU), as memscan.engines.knn.LocalEngine does."""
+
+    backend: exact.Backend | None = None
+    name: ClassVar[str] = "local"
+
+    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
+                    ) -> tuple[Shards, Engine]:
+        """The shards made here, one after another; exact searches with `choose_backend(device)`."""
+        return LocalShards([make(device=device) for make in makers], metric), InProcess(exact.choose_backend(device))
+
+    def knn(self, query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int,
+            *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`exact.knn` with this engine's backend."""
+        return exact.knn(query_blocks, database_blocks, k, metric=metric, exclude_self=exclude_self,
+                         backend=self.backend)
+
+    def self_join(self, blocks: Callable[[], Iterable[exact.Block]], k: int, *, metric: str = "l2",
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every pattern its k nearest OTHER patterns: (row ids, D, I)."""
+        return self.knn(blocks(), blocks, k, metric=metric, exclude_self=True)
+
+    def map_blocks(self, function: Callable[..., T], blocks: Callable[[], Iterable[exact.Block]],
+                   *args: Any) -> Iterator[T]:
+        """`function(block, *args)` for every block, in block order."""
+        return (function(block, *args) for block in blocks())

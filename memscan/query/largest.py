@@ -1,0 +1,80 @@
+"""The largest nearest-other distances s_i of an approximate self-join, searched again exactly.
+
+log Z_t is a log-sum dominated by the largest radii s_i / 2, and a missed neighbour only makes an s_i larger:
+the largest 1%, at most VERIFY_MAX, are searched again exactly (each row a pass over the d patterns: the cap
+keeps this linear in d; the terms beyond the largest thousand of a log-sum over radii^n hardly move it, and
+the interval it certifies says how much).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from memscan.knn import exact
+from memscan.knn.index import RECALL_RTOL
+from memscan.query.context import Layer
+from memscan.query.distances import PatternMeta, SelfJoin
+
+log = logging.getLogger(__name__)
+
+VERIFY_FRACTION = 0.01
+VERIFY_MAX = 1_000
+VERIFY_ROUNDS = 4        # ... and again while corrections bring unverified s_i among the largest;
+VERIFY_MARGIN = 1.25     # the first round takes a quarter more, which those would come from (each round is a pass)
+
+
+class Verified(NamedTuple):
+    """Which s_i of an approximate self-join were searched again exactly (`verify_largest`)."""
+
+    exact: np.ndarray     # (d,) bool: s_i (and the pattern's whole list) is exact
+    largest: int          # how many of the largest s_i were to be exact (VERIFY_FRACTION of d, at most VERIFY_MAX)
+    largest_exact: bool   # ... and are: no unverified s_i is among them
+    corrected: int        # verified s_i the index had too large (a nearer pattern was missed)
+    rounds: int
+
+
+def exact_neighbours(layer: Layer, ids: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest other patterns (D squared, I) of the patterns `ids`, whose k-th nearest other lies
+    within `radius`: through the lists of an IVF-Flat index that can hold one, else a blockwise exact search."""
+    X = layer.vectors(ids)
+    found = layer.index.exact_within(X, layer.settings.k, ids, radius) if layer.use_index else None
+    if found is not None:
+        return found
+    queries = exact.array_blocks(ids, X, layer.blocks.knn_rows)
+    _, D, I = layer.engine.knn(queries(), layer.pattern_blocks, layer.settings.k, exclude_self=True)
+    return D, I
+
+
+def verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> tuple[SelfJoin, Verified | None]:
+    """An approximate layer's self-join with the lists of its largest s_i replaced by exact ones.
+
+    A missed neighbour only makes s_i larger, so the misses gather among the largest s_i,
+    which also dominate log Z_t: the VERIFY_FRACTION largest (at most VERIFY_MAX; in the
+    first round VERIFY_MARGIN times as many) are searched exactly against every pattern
+    (own row excluded), then the largest again, up to VERIFY_ROUNDS times, while corrected
+    values let unverified ones in. (joined, None) in exact layers.
+    """
+    if not layer.approximate:
+        return joined, None
+    D, I, s = joined.D.copy(), joined.I.copy(), joined.s.copy()
+    exact_rows = np.zeros(layer.d, bool)
+    largest, corrected, rounds = min(math.ceil(VERIFY_FRACTION * layer.d), VERIFY_MAX), 0, 0
+    while True:
+        wanted = largest if rounds else min(layer.d, math.ceil(VERIFY_MARGIN * largest))
+        top = np.argpartition(-s, wanted - 1)[:wanted]
+        todo = np.sort(top[~exact_rows[top]])
+        if not todo.size or rounds == VERIFY_ROUNDS:
+            break
+        ids = patterns.row_id[todo]
+        D_exact, I_exact = exact_neighbours(layer, ids, np.sqrt(D[todo, -1]))
+        corrected += int((D_exact[:, 0] < D[todo, 0] * (1 - RECALL_RTOL)).sum())   # float rounding is no miss
+        D[todo], I[todo], s[todo] = D_exact, I_exact, np.sqrt(D_exact[:, 0])
+        exact_rows[todo] = True
+        rounds += 1
+    log.info("layer %d: the %d largest nearest-other distances searched exactly in %d rounds: %d corrected",
+             layer.layer, int(exact_rows.sum()), rounds, corrected)
+    return SelfJoin(D, I, s), Verified(exact_rows, largest, not todo.size, corrected, rounds)
