@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from memscan import files, folders, store
+import memscan.store as store
+from memscan import files, folders
 from memscan.errors import InputError
+from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class SweepSettings:
     learn_embeddings: bool = False                 # trained schemes also learn the input embeddings
 
     def check(self) -> None:
+        """Refuse settings a sweep cannot run, in one line naming the flag."""
         if not self.dims or not self.samples:
             raise InputError(f"--dims and --samples need at least one value each; got dims {list(self.dims)}, "
                              f"samples {list(self.samples)}")
@@ -94,6 +97,7 @@ class SweepSettings:
 
     @property
     def trained_samples(self) -> tuple[int, ...]:
+        """The sample sizes the trained schemes run at: --sgd-samples that the sweep also has."""
         return tuple(t for t in self.sgd_samples if t in self.samples)
 
 
@@ -156,6 +160,7 @@ def train_memory(tokens: np.ndarray, E: np.ndarray, U: np.ndarray, target: np.nd
 def _steps(tokens: np.ndarray, E: np.ndarray, U: np.ndarray, U_t: np.ndarray, target: np.ndarray, W: np.ndarray,
            first: np.ndarray, second: np.ndarray, step: float, optimizer: str,
            learn_embeddings: bool) -> tuple[np.ndarray, np.ndarray]:
+    """SGD or Adam on S runs at once (tokens (S, T), one step per column); returns the memories W and embeddings E."""
     rows = np.arange(len(W))
     for t in range(tokens.shape[1]):
         x = tokens[:, t]
@@ -263,6 +268,7 @@ def _trained(settings: SweepSettings, p: np.ndarray, rows: dict[str, list[Any]])
 
 
 def _append(rows: dict[str, list[Any]], scheme: str, d: int, T: int, seed: int, error: float, seen: int) -> None:
+    """One row of the sweep table."""
     for name, value in zip(("scheme", "d", "T", "seed", "error", "seen"), (scheme, d, T, seed, error, seen)):
         rows[name].append(value)
 
@@ -331,15 +337,37 @@ def fit(table: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, Any
 
 
 def settings_dict(settings: SweepSettings) -> dict[str, Any]:
+    """The settings as settings.json records them: tuples as lists."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
 
 
 SWEEP_TABLE, Q_TABLE, SETTINGS_FILE = "sweep.parquet", "q.parquet", folders.ASSOC.record
-IMAGES = ("error_vs_d.png", "error_vs_T.png", "sgd_q.png")  # drawn by memscan.report.render_assoc
+
+
+@dataclass(frozen=True, eq=False)
+class SweepResult(StageResult):
+    """A finished assoc sweep folder: its signed settings.json, read as a mapping or by property."""
+
+    kind = folders.ASSOC
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The SweepSettings as recorded (tuples as lists)."""
+        return dict(self.record["settings"])
+
+    @property
+    def rows(self) -> int:
+        """The rows of the sweep table."""
+        return self.record["rows"]
+
+    @property
+    def seconds(self) -> float:
+        """The sweep's wall-clock time."""
+        return self.record["seconds"]
 
 
 def run_sweep(settings: SweepSettings, out: str, overwrite: bool = False,
-              allow_other_files: bool = False) -> dict[str, Any]:
+              allow_other_files: bool = False) -> SweepResult:
     """Run a sweep and write its tables and settings.json (its record) into `out`, claimed by the folder
     model's rules (memscan.folders.claim): the same sweep finds its finished tables, another needs `overwrite`."""
     started = time.perf_counter()
@@ -348,13 +376,14 @@ def run_sweep(settings: SweepSettings, out: str, overwrite: bool = False,
         claimed = folders.claim(folder, folders.ASSOC, (SWEEP_TABLE, Q_TABLE), identity, overwrite=overwrite,
                                 allow_other_files=allow_other_files)
         if claimed.done:
-            return claimed.previous
+            return SweepResult(folder, claimed.previous)
         pending = folders.begin(folder, folders.ASSOC, identity, (SWEEP_TABLE, Q_TABLE), claimed.previous)
         table, q = sweep(settings)
         tables = [store.write_table(folder / SWEEP_TABLE, table), store.write_table(folder / Q_TABLE, q)]
         info = {"fingerprint": identity, "settings": settings_dict(settings), "rows": int(len(table["error"])),
                 "seconds": round(time.perf_counter() - started, 2), "files": tables}
-        return folders.write_record(folder, folders.ASSOC, info, pending)  # last: it vouches for the tables
+        record = folders.write_record(folder, folders.ASSOC, info, pending)  # last: it vouches for the tables
+    return SweepResult(folder, record)
 
 
 def run_fit(folder: str) -> dict[str, Any]:

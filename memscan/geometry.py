@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
-from memscan import store
+import memscan.store as store
 from memscan.knn import exact
 
 AGGREGATIONS = ("mean", "max")
@@ -102,8 +103,6 @@ def view_scores(data: Path, manifest: dict[str, Any], rated: np.ndarray,
 
 def greater_p(values: np.ndarray, labels: np.ndarray) -> float:
     """One-sided p of the Mann-Whitney U test that members (label 1) score higher (AUC > 0.5)."""
-    from scipy.stats import mannwhitneyu
-
     finite = np.isfinite(values)
     members, non_members = values[finite & (labels == 1)], values[finite & (labels == 0)]
     return float(mannwhitneyu(members, non_members, alternative="greater").pvalue)

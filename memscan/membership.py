@@ -100,6 +100,7 @@ def token_statistics(logits: torch.Tensor | np.ndarray, targets: torch.Tensor | 
 
 
 def _check_statistics_input(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Refuse logits that are not (B, T, V) with targets (B, T)."""
     if logits.ndim != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
         raise InputError(f"logits must be (B, T, V) and targets (B, T); got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
@@ -121,6 +122,7 @@ def _per_token(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_k(k: float) -> None:
+    """Refuse a Min-K% fraction outside (0, 1]."""
     if not 0.0 < k <= 1.0:
         raise InputError(f"k (the Min-K% fraction of tokens) must be in (0, 1]; got {k}")
 
@@ -269,6 +271,7 @@ def _roc_counts(scores: np.ndarray, labels: np.ndarray,
 
 def _rates(scores: np.ndarray, labels: np.ndarray,
            weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) of the ROC curve, with the (0, 0) point first."""
     fps, tps, thresholds = _roc_counts(scores, labels, weights)
     return fps / fps[..., -1:], tps / tps[..., -1:], thresholds
 
@@ -336,6 +339,7 @@ def _stratified_weights(labels: np.ndarray, resamples: int, seed: int) -> Iterat
 
 
 def _check_level(level: float) -> None:
+    """Refuse an interval level outside (0, 1)."""
     if not 0.0 < level < 1.0:
         raise InputError(f"the interval level must be in (0, 1); got {level}")
 
@@ -399,10 +403,12 @@ def non_members_needed(fpr: float) -> int:
 
 
 def _tpr_key(fpr: float) -> str:
+    """The metrics key of the TPR at `fpr`: tpr@1%fpr."""
     return f"tpr@{100 * fpr:g}%fpr"
 
 
 def _estimate(value: float, interval: tuple[float, float]) -> dict[str, float]:
+    """An estimate as metrics.json records it: {value, low, high}."""
     return {"value": float(value), "low": interval[0], "high": interval[1]}
 
 

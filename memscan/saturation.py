@@ -1,4 +1,4 @@
-"""Norm growth and saturated attention (Merrill et al. 2021), as THEORY.md states them.
+"""Norm growth and saturated attention (Merrill et al. 2021), as docs/theory.md states them.
 
 - Norm growth: rho(t) = ||theta_t|| over all non-scalar parameters, in total and per
   layer, across a training run's checkpoints; least-squares fits of rho against t,
@@ -25,9 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from memscan import checks, files, folders
+import memscan.store as store
+from memscan import checks, corpus, files, folders, models, train
 from memscan.errors import InputError
+from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +170,6 @@ def head_statistics(attentions: np.ndarray, threshold: float = ATTENTION_THRESHO
 
 SUMMARY = folders.SATURATION.record
 TABLES = ("norms.parquet", "saturation.parquet", "heads.parquet")
-IMAGES = ("norm_growth.png", "saturation.png", "heads.png")  # drawn by memscan.report.render_saturation
 
 
 @dataclass(frozen=True)
@@ -188,8 +190,41 @@ class SaturationSettings:
         checks.at_least("--seed", self.seed, 0)
 
 
+@dataclass(frozen=True, eq=False)
+class SaturationResult(StageResult):
+    """A finished `memscan saturation` folder: its signed summary.json, read as a mapping or by property."""
+
+    kind = folders.SATURATION
+
+    @property
+    def layer_cosines(self) -> list[float]:
+        """Per layer (0 = embeddings), the mean cosine between the hidden states at theta and at c theta."""
+        return list(self.record["layer_cosines"])
+
+    @property
+    def norm_growth(self) -> dict[str, Any] | None:
+        """The fits, exponent, steps, norms and cosines over the training run's checkpoints (None: not a run)."""
+        return self.record["norm_growth"]
+
+    @property
+    def argmax_heads(self) -> int:
+        """The heads of the saturated model that attend to about one position."""
+        return self.record["argmax_heads"]
+
+    @property
+    def heads(self) -> int:
+        """Every head of the model."""
+        return self.record["heads"]
+
+    @property
+    def scale(self) -> float:
+        """c, the factor every parameter was scaled by."""
+        return self.record["scale"]
+
+
 def analyse(target: str, out: str, settings: SaturationSettings = SaturationSettings(),
-            allow_incomplete: bool = False, overwrite: bool = False, allow_other_files: bool = False) -> dict[str, Any]:
+            allow_incomplete: bool = False, overwrite: bool = False,
+            allow_other_files: bool = False) -> SaturationResult:
     """Norm growth over a training run's checkpoints (if `target` is one) and saturation of its model.
 
     `target` is a `memscan train` run folder (its last checkpoint and its own source and
@@ -198,8 +233,6 @@ def analyse(target: str, out: str, settings: SaturationSettings = SaturationSett
     far are analysed, and summary.json says so. The job holds `out` from start to end and claims
     it by the folder model's rules (memscan.folders.claim).
     """
-    from memscan import models
-
     settings.check()
     target_path = Path(target)
     if not target_path.exists() and models.looks_like_path(target):
@@ -212,17 +245,16 @@ def analyse(target: str, out: str, settings: SaturationSettings = SaturationSett
         claimed = folders.claim(out_path, folders.SATURATION, TABLES, identity, overwrite=overwrite,
                                 allow_other_files=allow_other_files)
         if claimed.done:
-            return claimed.previous
+            return SaturationResult(out_path, claimed.previous)
         # The summary vouches for the tables: it goes first, so a run cut short leaves no mixed result.
         pending = folders.begin(out_path, folders.SATURATION, identity, TABLES, claimed.previous)
         summary = _analyse_into(target, out_path, settings, allow_incomplete)
-        return folders.write_record(out_path, folders.SATURATION, {"fingerprint": identity, **summary}, pending)
+        record = folders.write_record(out_path, folders.SATURATION, {"fingerprint": identity, **summary}, pending)
+    return SaturationResult(out_path, record)
 
 
 def _analyse_into(target: str, out: Path, settings: SaturationSettings, allow_incomplete: bool) -> dict[str, Any]:
     """`analyse` in a folder this job holds; returns the summary's body (its record is written by the caller)."""
-    from memscan import corpus, models, store, train
-
     summary: dict[str, Any] = {"target": target, "scale": settings.scale, "norm_growth": None}
     source, chunk_tokens, seed = settings.source or "qf", settings.chunk_tokens or 64, settings.seed
     model_dir, text_column = target, "text"
@@ -259,8 +291,6 @@ def _analyse_into(target: str, out: Path, settings: SaturationSettings, allow_in
 
 def _run_progress(target: str, run: dict[str, Any], allow_incomplete: bool) -> dict[str, Any]:
     """complete, steps_done and steps of a training run; an unfinished one is refused unless `allow_incomplete`."""
-    from memscan import train
-
     latest = train.latest_checkpoint(Path(target))
     done = run["steps"] if run["complete"] else (train.read_state(latest)["step"] if latest else 0)
     if not run["complete"]:
@@ -274,10 +304,6 @@ def _run_progress(target: str, run: dict[str, Any], allow_incomplete: bool) -> d
 
 def _checked_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights, after checking every file against its state.json."""
-    from safetensors.torch import load_file
-
-    from memscan import train
-
     train.check_checkpoint(folder)
     with train.loading(folder):
         return load_file(folder / "model.safetensors")

@@ -1,4 +1,4 @@
-"""`memscan score` and `memscan verbatim`: the field's views of memorization on a dataset's chunks.
+"""`memscan score`: the field's views of memorization on a dataset's chunks.
 
 `score` rates every train and test chunk of an extraction with the membership scores of
 `memscan.membership` (from the per-chunk table that `extract` writes, plus a reference
@@ -6,9 +6,11 @@ model's forward pass when asked), and with the activation geometry of `memscan q
 runs over the same dataset (a test-split run rates the non-members, a leave-one-out
 train-split run the members); it measures each score's ROC-AUC and TPR at low FPR against
 the dataset's split (train = member), and crosses the views on the same chunks (the
-bridge: rank correlations, AUCs side by side). `verbatim` prompts a seeded sample of
-chunks of each split with their first P tokens and records how much of the next S the
-model reproduces (`memscan.verbatim`). Every score is oriented larger = member.
+bridge: rank correlations, AUCs side by side), with the columns of a `memscan verbatim` run
+(`memscan.verbatim`) where one is given. Every score is oriented larger = member. Reading a
+dataset's rated chunks and its checked model (`rated_chunks`, `dataset_model`) is shared with
+the verbatim job (`memscan.verbatim.job`). The report layer draws the plots
+(`memscan.report.render_scores`), not this module.
 """
 
 from __future__ import annotations
@@ -18,22 +20,25 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
 
-from memscan import checks, files, folders, membership, store
+import memscan.query as query
+import memscan.store as store
+from memscan import checks, files, folders, geometry, membership, models
 from memscan.errors import DataError, InputError
+from memscan.knn import exact
 from memscan.layout import parse_positions
+from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
 
-SCORES, METRICS, SUMMARY, ROC_IMAGE = "scores.parquet", "metrics.json", folders.SCORES.record, "roc.png"
-BRIDGE_IMAGE = "bridge.png"
-VERBATIM = "verbatim.parquet"
+SCORES, METRICS = "scores.parquet", "metrics.json"
 SPLITS = ("train", "test")            # members, non-members; other splits (qf's "gen") are not rated
-MEMBERSHIP_SCORES = ("loss", "min_k", "min_k_plus_plus", "zlib", "reference")
-GEOMETRY_SCORES = ("nearest", "energy", "inside_ball", "retrieved")
 VERBATIM_COLUMNS = ("leading_match", "match_fraction", "extractable")
 GEOMETRY_MODES = ("none", "views")
 
@@ -57,6 +62,7 @@ class ScoreSettings:
     geometry: str = "none"            # views: geometric scores at every (site, layer) and kept position, no query run
 
     def check(self) -> None:
+        """Refuse out-of-range settings with one line that names the flag, the range and the value."""
         checks.choice("--geometry", self.geometry, GEOMETRY_MODES)
         checks.number("--min-k", self.min_k, 0, 1, low_open=True, high_open=False)
         checks.at_least("--resamples", self.resamples, 1)
@@ -64,35 +70,53 @@ class ScoreSettings:
         checks.at_least("--batch-size", self.batch_size, 1)
 
 
-@dataclass(frozen=True)
-class VerbatimSettings:
-    """Everything that decides a verbatim run (see `memscan verbatim --help`)."""
+class DatasetSettings(Protocol):
+    """What reading a dataset and its model takes from a job's settings (ScoreSettings, VerbatimSettings)."""
 
-    data: str
-    num_chunks: int = 100
-    prompt_tokens: int = 32
-    suffix_tokens: int = 32
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "fp32"               # auto | bf16 | fp16 | fp32 as in extract; the summary records the one used
-    resamples: int = 1000
-    trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
-    allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
+    __dataclass_fields__: ClassVar[dict[str, Any]]   # a dataclass: the job's fingerprint records every setting
 
-    def check(self) -> None:
-        checks.choice("--dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
-        for flag, value in (("--num-chunks", self.num_chunks), ("--prompt-tokens", self.prompt_tokens),
-                            ("--suffix-tokens", self.suffix_tokens), ("--batch-size", self.batch_size),
-                            ("--resamples", self.resamples)):
-            checks.at_least(flag, value, 1)
-        checks.at_least("--seed", self.seed, 0)
+    @property
+    def data(self) -> str: ...
+
+    @property
+    def trust_remote_code(self) -> bool: ...
+
+    @property
+    def allow_other_model(self) -> bool: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreResult(StageResult):
+    """A finished `memscan score` folder: its signed summary.json, read as a mapping or by property."""
+
+    kind = folders.SCORES
+
+    @property
+    def chunks(self) -> dict[str, int]:
+        """The chunks rated, per split."""
+        return dict(self.record["chunks"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The dataset's model as checked: path, weights_sha256, matches_dataset."""
+        return dict(self.record["model"])
+
+    @property
+    def query_run(self) -> dict[str, Any] | None:
+        """The query runs' folders, layer and radius, or None without --query-run."""
+        return self.record["query_run"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json, checked against its summary entry: per score AUC and TPRs, skipped scores, the bridge."""
+        entries = {entry["name"]: entry for entry in self.record["tables"]}
+        return files.read_record(files.check_file(self.folder, entries[METRICS], "metrics"), "memscan metrics")
 
 
 # ---------------------------------------------------------------- reading the dataset
 
 
-def _rated_chunks(data: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+def rated_chunks(data: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     """The manifest, the per-chunk table, and the indices (m,) of its train and test chunks."""
     manifest = store.read_manifest(data)
     table = store.read_chunk_table(data, manifest)
@@ -115,8 +139,8 @@ def _model_ref(manifest: dict[str, Any]) -> tuple[str, str | None]:
     return ref, revision
 
 
-def _dataset_model(manifest: dict[str, Any], settings: ScoreSettings | VerbatimSettings, device: Any = None,
-                   dtype: str = "auto") -> tuple[Any, dict[str, Any]]:
+def dataset_model(manifest: dict[str, Any], settings: DatasetSettings, device: Any = None,
+                  dtype: str = "auto") -> tuple[Any, dict[str, Any]]:
     """The dataset's model, loaded on `device` in `dtype` (None: its tokenizer alone), and the summary's record of it.
 
     A local folder's weights are hashed as `extract` hashed them (models.weights_digest) before
@@ -124,8 +148,6 @@ def _dataset_model(manifest: dict[str, Any], settings: ScoreSettings | VerbatimS
     `settings.allow_other_model`; a hub model (no folder, weights_sha256 null) cannot be checked and
     is pinned by its revision alone. `trust_remote_code` is the command line's, never the manifest's.
     """
-    from memscan import models
-
     def short(value: Any) -> str:
         return value[:12] if isinstance(value, str) else "none (a hub model)"
 
@@ -178,11 +200,6 @@ def reference_nll(model_id: str, texts: list[str], device: str) -> np.ndarray:
     Each text is cut to the reference model's context; NaN pads the shorter rows. One text
     per forward pass, as the token counts differ.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from memscan import models
-
     resolved = models.resolve_device(device)
     loaded = models.load(model_id, dtype=models.resolve_dtype("auto", resolved), device=resolved)
     context = loaded.context_length or 1 << 30
@@ -202,6 +219,7 @@ def reference_nll(model_id: str, texts: list[str], device: str) -> np.ndarray:
 
 
 def _query_layer(summary: dict[str, Any], layer: int | None, run: Path) -> dict[str, Any]:
+    """The summary entry of a query run's `layer` (None: its last) at the run's own site."""
     site = summary.get("site", store.DEFAULT_SITE)   # runs from before sites hold the residual stream alone
     layers = {entry["layer"]: entry for entry in summary["layers"] if entry.get("site", store.DEFAULT_SITE) == site}
     chosen = max(layers) if layer is None else layer
@@ -225,6 +243,7 @@ class QueryRun:
 
     @property
     def split(self) -> str:
+        """The split the run queried."""
         return self.summary["settings"]["split"]
 
     def table(self, name: str) -> Any:
@@ -238,13 +257,12 @@ class QueryRun:
 
     @property
     def site(self) -> str:
+        """The site of the run's layer (runs from before sites: the residual stream)."""
         return self.layer.get("site", store.DEFAULT_SITE)
 
 
 def _open_run(run: Path, data: Path, layer: int | None) -> QueryRun:
     """A run that queried `data` with the test split, or with the train split leaving each query's own row out."""
-    from memscan import query
-
     summary = query.read_summary(run)
     if Path(summary["queries"]).resolve() != data.resolve():
         raise InputError(f"--query-run '{run}' queried the dataset '{summary['queries']}', not '{data}'")
@@ -323,7 +341,7 @@ def geometry_scores(runs: tuple[Path, ...], data: Path, manifest: dict[str, Any]
 
 
 def _kept_positions(manifest: dict[str, Any]) -> list[int]:
-
+    """The token positions the dataset keeps in each chunk."""
     return parse_positions(manifest["positions"], manifest["chunk_tokens"])
 
 
@@ -348,8 +366,6 @@ def _verbatim_columns(folder: Path, table: dict[str, np.ndarray], rows: np.ndarr
 
 def view_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
     """Each view's AUC with its interval, one-sided Mann-Whitney p and Holm-adjusted p, and the best view."""
-    from memscan import geometry
-
     metrics = membership.membership_metrics(scores, labels, resamples=resamples, seed=seed)
     p = {name: geometry.greater_p(values, labels) for name, values in scores.items()}
     adjusted = dict(zip(p, geometry.holm(list(p.values())).tolist()))
@@ -376,8 +392,6 @@ def score_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: 
 
 def bridge(columns: dict[str, np.ndarray], metrics: dict[str, Any]) -> dict[str, Any]:
     """Spearman rank correlations between every pair of columns (over the chunks both rate) and AUCs side by side."""
-    from scipy.stats import spearmanr
-
     names = list(columns)
     correlations: dict[str, dict[str, float | None]] = {a: {} for a in names}
     for i, a in enumerate(names):
@@ -395,7 +409,7 @@ def bridge(columns: dict[str, np.ndarray], metrics: dict[str, Any]) -> dict[str,
 # ---------------------------------------------------------------- the jobs
 
 
-def _job_identity(settings: ScoreSettings | VerbatimSettings) -> str:
+def job_identity(settings: DatasetSettings) -> str:
     """A score or verbatim job's fingerprint: its settings and the records of every folder it reads."""
     inputs = [settings.data, *(getattr(settings, "query_run", None) or ()), getattr(settings, "verbatim", None)]
     return folders.job_fingerprint(settings=asdict(settings),
@@ -403,23 +417,24 @@ def _job_identity(settings: ScoreSettings | VerbatimSettings) -> str:
 
 
 def score(settings: ScoreSettings, out: str | Path, overwrite: bool = False,
-          allow_other_files: bool = False) -> dict[str, Any]:
-    """Run `memscan score` into `out` (held for the job, claimed by the folder model's rules); returns its summary."""
-    from memscan import report
+          allow_other_files: bool = False) -> ScoreResult:
+    """Run `memscan score` into `out` (held for the job, claimed by the folder model's rules); returns its result.
 
+    Draws no plot: the caller renders roc.png and bridge.png (`memscan.report.render_scores`).
+    """
     settings.check()
     data = Path(settings.data)
-    identity = _job_identity(settings)
+    identity = job_identity(settings)
     with files.job_folder(Path(out)) as folder:
         claimed = folders.claim(folder, folders.SCORES, (SCORES, METRICS), identity, overwrite=overwrite,
                                 allow_other_files=allow_other_files)
         if claimed.done:
-            return claimed.previous
+            return ScoreResult(folder, claimed.previous)
         pending = folders.begin(folder, folders.SCORES, identity, (SCORES, METRICS), claimed.previous)
-        manifest, table, rows = _rated_chunks(data)
+        manifest, table, rows = rated_chunks(data)
         split = table["split"][rows]
         labels = (split == "train").astype(np.int64)
-        tokenizer, model_record = _dataset_model(manifest, settings)
+        tokenizer, model_record = dataset_model(manifest, settings)
         texts = _decode(tokenizer, table["token_ids"][rows])
         scores = membership_scores(table, rows, texts, settings.min_k)
         if settings.reference_model:
@@ -451,15 +466,11 @@ def score(settings: ScoreSettings, out: str | Path, overwrite: bool = False,
             "query_run": run_info, "chunks": {s: int((split == s).sum()) for s in SPLITS}, "tables": entries,
             "model": model_record,
         }, pending)
-        report.render_scores(folder, allow_other_files=True)   # the folder is claimed above
-    return summary
+    return ScoreResult(folder, summary)
 
 
 def _views(settings: ScoreSettings, data: Path, manifest: dict[str, Any], rows: np.ndarray) -> dict[str, np.ndarray]:
     """With --geometry views, every view's chunk scores (m,) (memscan.geometry); else none."""
-    from memscan import geometry
-    from memscan.knn import exact
-
     if settings.geometry != "views":
         return {}
     backend = exact.choose_backend("cpu" if settings.device == "cpu" else "auto")
@@ -475,57 +486,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
-
-
-def sample_per_split(split: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded sample of up to `count` chunks of each of SPLITS."""
-    rng = np.random.default_rng(seed)
-    chosen = [rng.choice(np.flatnonzero(split == s), min(count, int((split == s).sum())), replace=False)
-              for s in SPLITS]
-    return np.sort(np.concatenate(chosen))
-
-
-def mean_interval(values: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> dict[str, float]:
-    """The mean of `values` (n,) with a percentile bootstrap interval."""
-    values = np.asarray(values, np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"value": float(values.mean()), "low": float(low), "high": float(high)}
-
-
-def verbatim(settings: VerbatimSettings, out: str | Path, overwrite: bool = False,
-             allow_other_files: bool = False) -> dict[str, Any]:
-    """Run `memscan verbatim` into `out` (held for the job, claimed by the folder model's rules); returns its summary."""
-    from memscan import models
-    from memscan import verbatim as extraction
-
-    settings.check()
-    data = Path(settings.data)
-    identity = _job_identity(settings)
-    with files.job_folder(Path(out)) as folder:
-        claimed = folders.claim(folder, folders.VERBATIM, (VERBATIM,), identity, overwrite=overwrite,
-                                allow_other_files=allow_other_files)
-        if claimed.done:
-            return claimed.previous
-        pending = folders.begin(folder, folders.VERBATIM, identity, (VERBATIM,), claimed.previous)
-        manifest, table, _ = _rated_chunks(data)
-        rows = sample_per_split(table["split"], settings.num_chunks, settings.seed)
-        device = models.resolve_device(settings.device)
-        loaded, model_record = _dataset_model(manifest, settings, device, settings.dtype)
-        used = {**settings.__dict__, "dtype": models.dtype_name(loaded.model.dtype)}
-        stats = extraction.verbatim_table(loaded.model, table["token_ids"][rows].astype(np.int64),
-                                          settings.prompt_tokens, settings.suffix_tokens, settings.batch_size, device)
-        split = table["split"][rows]
-        columns = {"doc_id": table["doc_id"][rows], "chunk_id": table["chunk_id"][rows], "split": split, **stats}
-        entries = [store.write_table(folder / VERBATIM, columns)]
-        per_split = {s: {"chunks": int((split == s).sum()),
-                         "match_fraction": mean_interval(stats["match_fraction"][split == s], settings.resamples,
-                                                         settings.seed),
-                         "extractable_rate": mean_interval(stats["extractable"][split == s], settings.resamples,
-                                                           settings.seed)}
-                     for s in SPLITS}
-        summary = folders.write_record(folder, folders.VERBATIM, {
-            "fingerprint": identity, "data": str(data.resolve()), "settings": used,
-            "splits": per_split, "tables": entries, "model": model_record}, pending)
-    return summary

@@ -25,9 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from memscan import checks, corpus, files, folders, models, qf, store
+import memscan.store as store
+from memscan import checks, corpus, files, folders, models, qf
 from memscan.errors import DataError, InputError
+from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class TrainSettings:
 
 
 def _flag(name: str) -> str:
+    """A setting's command-line flag: n_layer -> --n-layer."""
     return "--" + name.replace("_", "-")
 
 
@@ -132,12 +137,11 @@ class TrainData:
 
 
 def load_tokenizer(settings: TrainSettings) -> Any:
+    """The run's tokenizer: --tokenizer (a hub id or folder), or the qf source's own."""
     if settings.tokenizer is None:
         if not (settings.source == "qf" or settings.source.startswith("qf:")):
             raise InputError("--tokenizer is needed for sources other than qf (a hub id or a local folder)")
         return qf.tokenizer()
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(settings.tokenizer)
     except (OSError, ValueError) as exc:
@@ -178,8 +182,6 @@ def load_data(settings: TrainSettings, tokenizer: Any) -> TrainData:
 
 def build_model(settings: TrainSettings, tokenizer: Any) -> Any:
     """A GPT-2 from a config; a config the class rejects is a one-line error."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     try:
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=settings.context, n_embd=settings.n_embd,
@@ -229,6 +231,7 @@ def lm_loss(model: Any, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 @torch.inference_mode()
 def heldout_loss(model: Any, data: TrainData, settings: TrainSettings, device: torch.device, autocast: Any) -> float:
+    """Mean next-token loss over the first `eval_chunks` held-out chunks (the model is left in training mode)."""
     model.eval()
     tokens, targets = data.heldout[: settings.eval_chunks], data.heldout_next[: settings.eval_chunks]
     total, count = 0.0, 0
@@ -242,6 +245,7 @@ def heldout_loss(model: Any, data: TrainData, settings: TrainSettings, device: t
 
 
 def _fingerprint(settings: TrainSettings, provenance: dict[str, Any]) -> str:
+    """A run's identity: its settings but how often it evaluates and saves, and its data's provenance."""
     identity = asdict(replace(settings, eval_every=0, save_every=0))
     return files.fingerprint({"settings": identity, "data": provenance})
 
@@ -266,6 +270,7 @@ def _owned_checkpoint(name: str) -> bool:
 
 
 def _step_folder(step: int) -> str:
+    """The folder name of the checkpoint at `step`: step-NNNNNNN."""
     return f"step-{step:07d}"
 
 
@@ -360,6 +365,7 @@ def loading(folder: Path) -> Iterator[None]:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a written file to disk."""
     with path.open("rb") as f:
         os.fsync(f.fileno())
 
@@ -414,9 +420,41 @@ def final_checkpoint(run_dir: Path, steps: int) -> Path:
 # ---------------------------------------------------------------- training
 
 
+@dataclass(frozen=True, eq=False)
+class TrainResult(StageResult):
+    """A finished `memscan train` run folder: its signed run.json (with `final`), read as a mapping or by property."""
+
+    kind = folders.TRAINING
+
+    @property
+    def steps(self) -> int:
+        """The optimizer steps the run took."""
+        return self.record["steps"]
+
+    @property
+    def final(self) -> Path:
+        """The last checkpoint's folder (derived from the run folder, never read from the record)."""
+        return final_checkpoint(self.folder, self.steps)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The training data's provenance: source, documents, context, seed, test fraction, chunk and token counts."""
+        return dict(self.record["data"])
+
+    @property
+    def final_train_loss(self) -> float:
+        """The mean training loss over the steps since the last evaluation."""
+        return self.record["final_train_loss"]
+
+    @property
+    def final_heldout_loss(self) -> float:
+        """The held-out loss at the last step."""
+        return self.record["final_heldout_loss"]
+
+
 def train(settings: TrainSettings, out: str | Path, overwrite: bool = False, allow_other_files: bool = False,
-          on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train (or resume, or find finished) a run in `out`; returns run.json. `on_step(step, loss)` observes.
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train (or resume, or find finished) a run in `out`; returns its result. `on_step(step, loss)` observes.
 
     The job holds `out` (an exclusive lock) from start to end. Files in `out` that memscan
     did not write are refused unless `allow_other_files`, and never removed; `overwrite`
@@ -424,7 +462,7 @@ def train(settings: TrainSettings, out: str | Path, overwrite: bool = False, all
     """
     settings.check()
     with files.job_folder(Path(out)) as folder:
-        return _train_in(folder, settings, overwrite, allow_other_files, on_step)
+        return TrainResult(folder, _train_in(folder, settings, overwrite, allow_other_files, on_step))
 
 
 def _train_in(out: Path, settings: TrainSettings, overwrite: bool, allow_other_files: bool,
@@ -483,8 +521,6 @@ def _start(out: Path, settings: TrainSettings, tokenizer: Any, fingerprint: str,
     if state["fingerprint"] != fingerprint:
         raise InputError(f"checkpoint '{resume}' belongs to another run; remove that folder to resume from "
                          "an earlier checkpoint")
-    from transformers import AutoModelForCausalLM
-
     with loading(resume):
         model = AutoModelForCausalLM.from_pretrained(resume).to(device)
         optimizer = _optimizer(model, settings)
@@ -516,8 +552,6 @@ def _run_steps(out: Path, settings: TrainSettings, data: TrainData, model: Any, 
                state: dict[str, Any], rows: list[dict[str, Any]], info: dict[str, Any], device: torch.device,
                autocast: Callable[[], Any], on_step: Callable[[int, float], None] | None) -> list[dict[str, Any]]:
     """Steps state["step"]..total: evaluate and log every eval_every, checkpoint on schedule; returns the log rows."""
-    from tqdm.auto import tqdm
-
     total = info["steps"]
     model.train()
     started, running, running_count = time.perf_counter(), state["running"], state["running_count"]

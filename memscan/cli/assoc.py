@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
+from memscan.assoc import SweepSettings, run_fit, run_sweep
 from memscan.cli.options import allow_other_files, overwrite
+from memscan.errors import InputError
+from memscan.report import render_assoc
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    from memscan.errors import InputError
-
+    """A comma-separated list of numbers (1e3 allowed) as ints."""
     try:
         return tuple(int(float(part)) for part in text.split(","))
     except ValueError:
@@ -37,20 +39,15 @@ def assoc() -> None:
 def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allow_other_files: bool,
           **settings: object) -> None:
     """Exact population errors over dimensions, sample sizes, schemes and seeds (a Parquet table)."""
-    from memscan.assoc import SweepSettings, run_sweep
-
     info = run_sweep(SweepSettings(dims=_ints(dims), samples=_ints(samples), schemes=tuple(schemes.split(",")),
                                    **settings), out, overwrite, allow_other_files)  # type: ignore[arg-type]
-    click.echo(f"sweep     {info['rows']:,} rows in {info['seconds']:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
+    click.echo(f"sweep     {info.rows:,} rows in {info.seconds:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
 
 
 @assoc.command()
 @click.argument("folder", type=click.Path())
 def fit(folder: str) -> None:
     """Log-log slopes with 95% bootstrap intervals beside the theory, and the plots."""
-    from memscan.assoc import run_fit
-    from memscan.report import render_assoc
-
     result = run_fit(folder)
     for scheme, s in result["slopes"].items():
         fitted = s["missing"] if "missing" in s else f"{s['slope']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]" + (

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 from memscan.cli.options import allow_other_files, overwrite
+from memscan.report import render_scores
+from memscan.score import ScoreSettings
+from memscan.score import score as run
 
 
 @click.command()
@@ -38,14 +40,11 @@ from memscan.cli.options import allow_other_files, overwrite
 def score(data_dir: str, out: str, verbatim_dir: str | None, overwrite: bool, allow_other_files: bool,
           **settings: object) -> None:
     """Rate every train and test chunk (larger = member) and measure each score's AUC and TPR at 1% / 0.1% FPR."""
-    from memscan import files
-    from memscan.score import METRICS, ScoreSettings
-    from memscan.score import score as run
-
-    summary = run(ScoreSettings(data=data_dir, verbatim=verbatim_dir, **settings), out,  # type: ignore[arg-type]
-                  overwrite=overwrite, allow_other_files=allow_other_files)
-    metrics = files.read_record(Path(out) / METRICS, "memscan metrics")
-    click.echo(f"scores    {out}: {summary['chunks']['train']:,} train, {summary['chunks']['test']:,} test chunks")
+    result = run(ScoreSettings(data=data_dir, verbatim=verbatim_dir, **settings), out,  # type: ignore[arg-type]
+                 overwrite=overwrite, allow_other_files=allow_other_files)
+    render_scores(out, allow_other_files)
+    metrics = result.metrics
+    click.echo(f"scores    {out}: {result.chunks['train']:,} train, {result.chunks['test']:,} test chunks")
     for name, row in metrics["scores"].items():
         click.echo(f"{name:<16} AUC {_estimate(row['auc'])}   TPR@1%FPR {_estimate(row['tpr@1%fpr'])}")
     for name, why in metrics["skipped"].items():

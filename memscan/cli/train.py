@@ -5,6 +5,11 @@ from __future__ import annotations
 import click
 
 from memscan.cli.options import allow_other_files, overwrite
+from memscan.errors import InputError
+from memscan.report import render_saturation
+from memscan.saturation import SaturationSettings, analyse
+from memscan.train import PRESETS, TrainSettings
+from memscan.train import train as run
 
 
 @click.command()
@@ -34,23 +39,20 @@ from memscan.cli.options import allow_other_files, overwrite
 @allow_other_files
 def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool, **flags: object) -> None:
     """Train a GPT-2 on a token budget; resumes from the last checkpoint when rerun."""
-    from memscan.errors import InputError
-    from memscan.train import PRESETS, TrainSettings
-    from memscan.train import train as run
-
     values = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in flags.items() if v is not None}}
     for required in ("source", "tokens"):
         if required not in values:
             raise InputError(f"--{required} is required (or a --preset that sets it)")
     info = run(TrainSettings(**values), out, overwrite=overwrite,  # type: ignore[arg-type]
                allow_other_files=allow_other_files)
-    click.echo(f"trained   {info['steps']:,} steps on {info['data']['train_tokens']:,} tokens "
-               f"({info['data']['documents']:,} documents): train loss {info['final_train_loss']:.3f}, "
-               f"held-out {info['final_heldout_loss']:.3f}")
-    click.echo(f"model     {info['final']}")
-    click.echo(f"extract   memscan extract --model {info['final']} --source {info['data']['source']} "
-               f"--max-documents {info['data']['documents']} --chunk-tokens {info['data']['context']} "
-               f"--test-fraction {info['data']['test_fraction']} --seed {info['data']['seed']} ...")
+    data = info.data
+    click.echo(f"trained   {info.steps:,} steps on {data['train_tokens']:,} tokens "
+               f"({data['documents']:,} documents): train loss {info.final_train_loss:.3f}, "
+               f"held-out {info.final_heldout_loss:.3f}")
+    click.echo(f"model     {info.final}")
+    click.echo(f"extract   memscan extract --model {info.final} --source {data['source']} "
+               f"--max-documents {data['documents']} --chunk-tokens {data['context']} "
+               f"--test-fraction {data['test_fraction']} --seed {data['seed']} ...")
 
 
 @click.command()
@@ -68,9 +70,6 @@ def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool
 def saturation(target: str, out: str, allow_incomplete: bool, overwrite: bool, allow_other_files: bool,
                **settings: object) -> None:
     """Norm growth over a training run's checkpoints, and saturated attention of its model."""
-    from memscan.report import render_saturation
-    from memscan.saturation import SaturationSettings, analyse
-
     summary = analyse(target, out, SaturationSettings(**settings), allow_incomplete,  # type: ignore[arg-type]
                       overwrite, allow_other_files)
     render_saturation(out, allow_other_files)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from memscan.cli.options import allow_other_files, overwrite
+from memscan.verbatim import VerbatimSettings, run
 
 
 @click.command()
@@ -27,13 +28,10 @@ from memscan.cli.options import allow_other_files, overwrite
 @allow_other_files
 def verbatim(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, **settings: object) -> None:
     """Greedy extraction of sampled train and test chunks: leading match, match fraction, extractable."""
-    from memscan.score import VerbatimSettings
-    from memscan.score import verbatim as run
-
-    summary = run(VerbatimSettings(data=data_dir, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
-                  allow_other_files=allow_other_files)
-    click.echo(f"verbatim  {out}: greedy decoding in {summary['settings']['dtype']}")
-    for split, row in summary["splits"].items():
+    result = run(VerbatimSettings(data=data_dir, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
+                 allow_other_files=allow_other_files)
+    click.echo(f"verbatim  {out}: greedy decoding in {result.dtype}")
+    for split, row in result.splits.items():
         match, rate = row["match_fraction"], row["extractable_rate"]
         click.echo(f"{split:<6} {row['chunks']:,} chunks: match fraction {match['value']:.3f} "
                    f"[{match['low']:.3f}, {match['high']:.3f}], extractable {rate['value']:.3f} "

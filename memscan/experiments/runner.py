@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memscan import files, folders
+from memscan import assoc, files, folders, saturation, score, train
 from memscan.errors import MemscanError
 from memscan.experiments import comparison
 from memscan.experiments.spec import Experiment, Plan, variant_overrides
 from memscan.experiments.tables import FOLDERS, STAGES, build, folder_of
 from memscan.experiments.toml_text import dumps
+from memscan.report import PAGE, render, render_assoc, render_saturation, render_scores
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,10 @@ class Outcome:
 
 
 def _train(run: Run) -> dict[str, Any]:
-    from memscan import train
-
     return train.train(build(run.plan, "train"), run.path("train"), overwrite=True)
 
 
 def _trained(folder: Path) -> dict[str, Any] | None:
-    from memscan import train
-
     info = train.read_run(folder)
     return {**info, "final": str(train.final_checkpoint(folder, info["steps"]))} if info["complete"] else None
 
@@ -112,11 +109,11 @@ def _queried(folder: Path) -> dict[str, Any]:
 
 
 def _score(run: Run) -> dict[str, Any]:
-    from memscan import score
-
     query_run = (str(run.path("query")),) if "query" in run.plan else ()
     settings = build(run.plan, "score", data=str(run.path("extract")), query_run=query_run, verbatim=None)
-    return score.score(settings, run.path("score"), overwrite=True)
+    result = score.score(settings, run.path("score"), overwrite=True)
+    render_scores(run.path("score"))
+    return result
 
 
 def _scored(folder: Path) -> dict[str, Any]:
@@ -124,52 +121,40 @@ def _scored(folder: Path) -> dict[str, Any]:
 
 
 def _saturation(run: Run) -> dict[str, Any]:
-    from memscan import report, saturation
-
     trained = "train" in run.plan
     target = str(run.path("train")) if trained else run.plan["model"]["id"]
     settings = build(run.plan, "saturation", source=None if trained else run.plan["source"]["id"])
     summary = saturation.analyse(target, str(run.path("saturation")), settings, overwrite=True)
-    report.render_saturation(run.path("saturation"))
+    render_saturation(run.path("saturation"))
     return summary
 
 
 def _saturated(folder: Path) -> dict[str, Any]:
-    from memscan import saturation
-
     return saturation.read_summary(folder)
 
 
 def _assoc(run: Run) -> dict[str, Any]:
-    from memscan import assoc, report
-
     assoc.run_sweep(build(run.plan, "assoc"), str(run.path("assoc")), overwrite=True)
     fitted = assoc.run_fit(str(run.path("assoc")))
-    report.render_assoc(run.path("assoc"))
+    render_assoc(run.path("assoc"))
     return fitted
 
 
 def _fitted(folder: Path) -> dict[str, Any]:
-    from memscan import assoc
-
     assoc.read_settings(folder)
     return assoc.read_fit(folder)
 
 
 def _report(run: Run) -> str:
     """The comparison beside the query run (where the page shows it), then the page."""
-    from memscan import report
-
     rows = comparison_rows(run)
-    return str(report.render(run.path("report"), comparison.document(run.plan, rows) if rows else None))
+    return str(render(run.path("report"), comparison.document(run.plan, rows) if rows else None))
 
 
 def _reported(folder: Path) -> str | None:
     """The page of a report whose record lists it (a report without one, or damaged, is drawn again)."""
-    from memscan import report
-
     listed = {entry["name"] for entry in folders.entries(folders.REPORT, folders.read_record(folder, folders.REPORT))}
-    return str(folder / report.PAGE) if report.PAGE in listed else None
+    return str(folder / PAGE) if PAGE in listed else None
 
 
 @dataclass(frozen=True)
@@ -206,8 +191,6 @@ def measured(run: Run, stage: str) -> Any:
         own = record.get("site", "hidden")
         return [entry for entry in record["layers"] if entry.get("site", "hidden") == own][-1]
     if stage == "score" and record is not None:
-        from memscan import score
-
         return files.read_record(run.path("score") / score.METRICS, "memscan metrics")
     return record
 

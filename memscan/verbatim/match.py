@@ -1,4 +1,4 @@
-"""Verbatim extraction: does the model reproduce a chunk's continuation from its prefix?
+"""Verbatim extraction's algorithm: does the model reproduce a chunk's continuation from its prefix?
 
 The field's second view of memorization beside the activation geometry. Each chunk is
 cut at fixed token positions: the prompt is tokens[:P], the true suffix tokens[P:P+S].
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from memscan.errors import InputError, ModelError
 
@@ -136,8 +137,6 @@ def verbatim_table(model: Any, chunks: np.ndarray, prompt_tokens: int = DEFAULT_
     run `batch_size` chunks at a time through `greedy_continuations` on `device`, where
     the model must already be.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1; got {batch_size}")
     prompts, truth = split_chunks(chunks, prompt_tokens, suffix_tokens)

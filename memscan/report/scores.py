@@ -1,0 +1,128 @@
+"""The scores page: roc.png and bridge.png of a `memscan score` folder, listed in its report.json.
+
+Each is drawn on a matplotlib Figure of its own (no pyplot state).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+import memscan.store as store
+from memscan import files, folders, membership
+from memscan.report.plots import commit_figure, report_files
+from memscan.score import SCORES, SPLITS, ScoreResult
+
+ROC_IMAGE, BRIDGE_IMAGE = IMAGES = ("roc.png", "bridge.png")
+
+
+def render_scores(folder: str | Path, allow_other_files: bool = False) -> list[str]:
+    """roc.png and bridge.png of a `memscan score` folder, listed in its report.json; returns their names.
+
+    Called after the score job (`memscan score`, an experiment's score stage); holds the folder's
+    lock while it draws. `allow_other_files`: files memscan did not write may be in the folder.
+    """
+    folder = Path(folder)
+    with files.folder_lock(folder, "FOLDER"):
+        table, metrics = _score_run(folder)
+        with report_files(folder, IMAGES, allow_other_files) as written:
+            written += [_roc(folder, table, metrics), _bridge(folder, table, metrics)]
+    return written
+
+
+def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """A `memscan score` folder's scores table (pyarrow) and metrics, checked against its signed summary."""
+    result = ScoreResult(folder, folders.read_record(folder, folders.SCORES))
+    entries = {entry["name"]: entry for entry in result.record["tables"]}
+    return store.read_table(files.check_file(folder, entries[SCORES], "table")), result.metrics
+
+
+def _roc(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
+    """ROC curves of every rated score, FPR on a log axis as the field plots them, into roc.png."""
+    labels = np.asarray(table.column("label"))
+    fig = Figure(figsize=(6.4, 5.2))
+    ax = fig.subplots()
+    floor = 1.0 / max(1, int((labels == 0).sum()))   # the smallest non-zero FPR these chunks can show
+    for name, row in metrics["scores"].items():
+        values = np.asarray(table.column(name), np.float64)
+        keep = np.isfinite(values)
+        fpr, tpr, _ = membership.roc_curve(values[keep], labels[keep])
+        ax.step(np.maximum(fpr, floor / 2), tpr, where="post", label=f"{name} (AUC {row['auc']['value']:.3f})")
+    grid = np.logspace(np.log10(floor / 2), 0, 50)
+    ax.plot(grid, grid, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set(xlabel="false positive rate (non-members called members)", ylabel="true positive rate",
+           title="Membership: ROC per score", ylim=(0, 1.01))
+    ax.legend(fontsize=8, loc="lower right")
+    return commit_figure(fig, folder / ROC_IMAGE, bbox_inches="tight")   # long tick labels stay whole
+
+
+def bridge_points(table: Any) -> dict[str, Any] | None:
+    """What the bridge scatter draws, one entry (m,) per chunk of a scores table; None when it has no x.
+
+    x is the geometry (distance to the nearest other pattern for members, to the nearest
+    pattern for held-out chunks: minus the `nearest` score) where the score run had a query
+    run, else the verbatim match fraction; y is the loss in nats (minus the `loss` score);
+    `extractable` is True where the verbatim run found the whole suffix (False where it did
+    not or did not sample the chunk).
+    """
+    names = set(table.column_names)
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(table.column(name), np.float64)
+
+    if "nearest" in names:
+        x, x_label = -column("nearest"), "distance to the nearest (other) training pattern"
+    elif "verbatim_match_fraction" in names:
+        x, x_label = column("verbatim_match_fraction"), "verbatim match fraction (greedy suffix)"
+    else:
+        return None
+    extractable = column("verbatim_extractable") == 1 if "verbatim_extractable" in names else np.zeros(len(x), bool)
+    return {"x": x, "x_label": x_label, "y": -column("loss"), "split": np.asarray(table.column("split")).astype(str),
+            "extractable": extractable}
+
+
+def _bridge_scatter(ax: Any, points: dict[str, Any]) -> None:
+    """One view against another on the same chunks: colour = split, filled marker = verbatim-extractable."""
+    for split, colour in zip(SPLITS, ("tab:red", "tab:blue")):
+        for filled in (True, False):
+            keep = (points["split"] == split) & (points["extractable"] == filled) & np.isfinite(points["x"])
+            if keep.any():
+                ax.scatter(points["x"][keep], points["y"][keep], s=14, alpha=0.7, edgecolors=colour,
+                           facecolors=colour if filled else "none",
+                           label=f"{split} ({'member' if split == 'train' else 'non-member'})"
+                                 f"{', extractable' if filled else ''}: {int(keep.sum()):,}")
+    ax.set(xlabel=points["x_label"], ylabel="loss (mean nll over the chunk, nats)",
+           title="The views on the same chunks (filled: verbatim-extractable)")
+    ax.legend(fontsize=7)
+
+
+def _bridge_heatmap(fig: Any, ax: Any, spearman: dict[str, dict[str, float | None]]) -> None:
+    """The Spearman matrix of metrics.json's bridge; blank where a pair has no rank correlation."""
+    names = list(spearman)
+    matrix = np.array([[np.nan if spearman[a].get(b) is None else spearman[a][b] for b in names] for a in names])
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    if len(names) <= 14:    # beyond that the numbers no longer fit their cells
+        for (i, j), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title("Spearman rank correlation (scores: larger = member)", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+
+
+def _bridge(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
+    """The bridge plot into bridge.png. Left, where the run has a geometric or verbatim column: loss against
+    nearest-pattern distance (or the verbatim match fraction), coloured by split, filled where the chunk is
+    verbatim-extractable. Right: the heatmap of metrics.json's Spearman matrix."""
+    points = bridge_points(table)
+    fig = Figure(figsize=(13, 6.4) if points else (7, 6.4))
+    axes = fig.subplots(1, 2 if points else 1, squeeze=False)[0]
+    if points:
+        _bridge_scatter(axes[0], points)
+    _bridge_heatmap(fig, axes[-1], metrics["bridge"]["spearman"])
+    return commit_figure(fig, folder / BRIDGE_IMAGE, bbox_inches="tight")
