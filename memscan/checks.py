@@ -41,12 +41,15 @@ def choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     need(value in allowed, f"{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]}; got '{value}'")
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-DEVICE_ALIASES = {"gpu": "cuda"}   # the spelling index and query took before every command took cuda[:N]
+DEVICE = re.compile(r"auto|cpu|gpu|cuda(:\d+)?")   # gpu: what index and query took before cuda[:N], as cuda
 
 
 def device(flag: str, value: str) -> str:
-    """A device spec as every command takes it, `auto`, `cpu` or `cuda[:N]` (`gpu` reads as `cuda`), normalized."""
-    value = DEVICE_ALIASES.get(value, value)
+    """A device as every command takes it: `auto`, `cpu` or `cuda[:N]` (`gpu` the same as `cuda`)."""
     need(DEVICE.fullmatch(value) is not None, f"{flag} must be auto, cpu or cuda[:N]; got '{value}'")
     return value
+
+
+def torch_device_name(value: str) -> str:
+    """A checked device as torch names it: `gpu` is `cuda`."""
+    return "cuda" if value == "gpu" else value

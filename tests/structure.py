@@ -67,13 +67,18 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, known: set[str]) -
         if node.level:
             package = module.split(".")[:-node.level]
             base = ".".join(package + ([base] if base else []))
-        targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        targets = [_submodule(f"{base}.{alias.name}", known) or base for alias in node.names]
     for target in targets:
         if target.split(".")[0] != "memscan":
             continue
         while target not in known and f"{target}.__init__" not in known and "." in target:
             target = target.rsplit(".", 1)[0]
         yield target if target in known else f"{target}.__init__"
+
+
+def _submodule(name: str, known: set[str]) -> str | None:
+    """`name` if it is a module or a package (its __init__), else None (a name defined in a module)."""
+    return name if name in known else f"{name}.__init__" if f"{name}.__init__" in known else None
 
 
 def _top_names(node: ast.Import | ast.ImportFrom) -> list[str]:

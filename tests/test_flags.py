@@ -63,7 +63,7 @@ def test_device_takes_cuda_n_and_gpu_in_every_command(capsys):
     for name, command in commands().items():
         if any(isinstance(p, click.Option) and "--device" in p.opts for p in command.params):
             context = command.make_context(name, ["--device", "gpu", *_required(command)])
-            assert context.params["device"] == "cuda", name
+            assert context.params["device"] == "gpu", name
             context = command.make_context(name, ["--device", "cuda:1", *_required(command)])
             assert context.params["device"] == "cuda:1", name
             with pytest.raises(click.BadParameter, match=r"auto, cpu or cuda\[:N\]"):

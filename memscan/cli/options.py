@@ -18,7 +18,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _device(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
-    """--device checked and normalized where it is parsed (`gpu` reads as `cuda`)."""
+    """--device checked where it is parsed."""
     return None if value is None else checks.device("--device", value)
 
 

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 import torch
 
+from memscan import checks
 from memscan.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
@@ -110,18 +111,18 @@ class TorchBackend(Backend):
 
 
 def choose_backend(device: str = "auto", torch_dtype: str = "float32") -> Backend:
-    """auto: faiss-gpu if it sees a GPU, else torch on CUDA, else faiss on the CPU."""
-    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if device in ("auto", "gpu") and faiss_gpus > 0:
+    """auto: faiss-gpu if it sees a GPU, else torch on CUDA, else faiss on the CPU; cuda[:N] (or gpu) the same,
+    but without a GPU an error, not a fallback."""
+    checks.device("--device", device)
+    if device == "cpu":
+        return FaissBackend(gpu=False)
+    if faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False:
         return FaissBackend(gpu=True)
-    if device in ("auto", "gpu"):
-        if torch.cuda.is_available():
-            return TorchBackend("cuda", torch_dtype)
-        if device == "gpu":
-            raise InputError("--device gpu was asked for, but neither faiss nor torch sees a GPU "
-                             "(use --device cpu or auto)")
-    if device not in ("auto", "cpu", "gpu"):
-        raise InputError(f"--device must be auto, cpu or gpu; got '{device}'")
+    if torch.cuda.is_available():
+        return TorchBackend("cuda" if device == "auto" else checks.torch_device_name(device), torch_dtype)
+    if device != "auto":
+        raise InputError(f"--device {device} was asked for, but neither faiss nor torch sees a GPU "
+                         "(use --device cpu or auto)")
     return FaissBackend(gpu=False)
 
 

@@ -42,7 +42,6 @@ from memscan.results import StageResult
 log = logging.getLogger(__name__)
 
 INFO_FILE = "index.json"
-DEVICES = ("auto", "cpu", "gpu")
 SHARD_PARAMS = ("nprobe", "efSearch")     # FAISS's own, set on every shard
 # k_factor: candidates re-ranked exactly per neighbour wanted; compressed codes (PQ) misorder
 # near neighbours, and fetching a few times k lets the exact re-ranking put them right.
@@ -80,8 +79,7 @@ class IndexSettings:
         """Every value against its range, once, naming the flag; None means the default, never 0."""
         if self.metric not in exact.METRICS:
             raise InputError(f"--metric must be l2 or ip; got '{self.metric}'")
-        if self.device not in DEVICES:
-            raise InputError(f"--device must be auto, cpu or gpu; got '{self.device}'")
+        checks.device("--device", self.device)
         for flag, value, minimum in (("--train-size", self.train_size, 1), ("--seed", self.seed, 0),
                                      ("--nprobe", self.nprobe, 1), ("--ef-search", self.ef_search, 1),
                                      ("--eval-recall", self.eval_recall, 0), ("--recall-k", self.recall_k, 1),

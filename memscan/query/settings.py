@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from memscan import checks
 from memscan.errors import InputError
 from memscan.knn import tuning
-from memscan.knn.index import DEVICES, at_least
+from memscan.knn.index import at_least
 from memscan.knn.mips import CANDIDATE_SLACK
 
 MIN_MEMORY = 1 << 20     # bytes: below this a block would hold a handful of rows
@@ -64,8 +65,7 @@ class QuerySettings:
             _positive_finite("--radius", value, self.radius)
         if not self.subsets or not all(0 < fraction <= 1 for fraction in self.subsets):
             raise InputError(f"subsets must be fractions in (0, 1]; got {list(self.subsets)}")
-        if self.device not in DEVICES:
-            raise InputError(f"--device must be auto, cpu or gpu; got '{self.device}'")
+        checks.device("--device", self.device)
         memory_bytes(self.memory)
 
 
