@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 
-from memscan import files, qf
+from memscan import files, qf, store
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,6 @@ class HFSource(Source):
     label_column: str | None = None  # read into Document.label (--split-column or --key-column)
 
     def _stream(self) -> Any:
-        import datasets
-
         with _reading(self.name):
             stream = datasets.load_dataset(
                 self.name, self.config_name, split=self.split, streaming=True, revision=self.revision
@@ -299,8 +298,6 @@ def _read_records(path: Path, text_column: str, label_column: str | None) -> Ite
         raise InputError(f"--split-column/--key-column need a .jsonl, .parquet or hf: source with columns; "
                          f"'{path}' is a .txt file")
     if path.suffix == ".parquet":
-        from memscan import store
-
         yield from store.read_labelled_texts(path, text_column, label_column)
         return
     yield from _read_jsonl(path, (text_column, label_column))
@@ -363,8 +360,6 @@ def checked_text(value: Any, where: str, column: str) -> str:
 
 
 def _read_parquet_texts(path: Path, text_column: str) -> Iterator[str]:
-    from memscan import store
-
     yield from store.read_text_column(path, text_column)
 
 

@@ -19,8 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import NewGELUActivation
 
-from memscan import files
+from memscan import files, membership, sites
 from memscan.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -153,8 +156,6 @@ def load(model_id: str, *, dtype: torch.dtype, device: torch.device, revision: s
     With `device_map` ("auto") accelerate spreads the blocks over the GPUs, CPU memory and
     disk that `max_memory` (`parse_max_memory`) allows, and the model is not moved to `device`.
     """
-    from transformers import AutoModelForCausalLM
-
     local = Path(model_id).expanduser()
     source = str(local) if local.exists() else model_id
     tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
@@ -181,9 +182,6 @@ def describe(model_id: str, revision: str | None = None, trust_remote_code: bool
     pass over it computes shapes only (`target_widths`) and real inputs are taken as fake. The
     tokenizer is loaded, and a local folder's weights are only hashed.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     local = Path(model_id).expanduser()
     tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
     try:
@@ -250,8 +248,6 @@ def input_device(model: Any) -> torch.device:
 
 def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a hub id or local model folder (without loading the model)."""
-    from transformers import AutoTokenizer
-
     local = Path(model_id).expanduser()
     if looks_like_path(model_id) and not local.exists():
         raise InputError(f"--model '{model_id}' does not exist")
@@ -268,8 +264,6 @@ def use_native_gelu(model: Any) -> None:
     The same function (differences ~1e-7 in fp32), one kernel instead of six elementwise
     passes: the GPT-2-small backbone ran 1.37x faster in bf16 on the CPU.
     """
-    from transformers.activations import NewGELUActivation
-
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, NewGELUActivation):
@@ -292,7 +286,7 @@ class Target:
 
     site: str
     layer: int
-    hooked: Any = None
+    hooked: sites.Site | None = None
 
 
 def hidden_targets(layers: list[int]) -> list[Target]:
@@ -316,8 +310,12 @@ def capture(model: Any, input_ids: torch.Tensor, next_ids: torch.Tensor, targets
     return vec, nll
 
 
+# What one batch's capture returns: (vec, nll) without the loss (nll None), (vec, nll, stats) with it.
+BatchCapture = tuple[list[torch.Tensor], torch.Tensor | None] | tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
+
+
 def capture_batch(model: Any, tokens: np.ndarray, next_tokens: np.ndarray, targets: list[Target],
-                  positions: torch.Tensor, with_loss: bool, device: torch.device) -> tuple[Any, ...]:
+                  positions: torch.Tensor, with_loss: bool, device: torch.device) -> BatchCapture:
     """One batch of (B, T) token ids (next ids -1 where none) as both engines run it: `capture_statistics`
     (vec, nll, per-token stats) with the loss, else `capture` without it (vec, None)."""
     input_ids = torch.tensor(tokens, dtype=torch.long, device=device)   # a copy: Ray's arrays are read-only
@@ -349,8 +347,6 @@ def _backbone(model: Any, input_ids: torch.Tensor, targets: list[Target],
     Hooked sites are read by forward hooks during the same pass (`sites.capture`); hidden
     states other than the final one are asked of the model only when a target needs them.
     """
-    from memscan import sites
-
     last = int(model.config.num_hidden_layers)
     inner = any(t.hooked is None and t.layer != last for t in targets)
     with sites.capture(model, [t.hooked for t in targets if t.hooked is not None], positions) as captured:
@@ -384,8 +380,6 @@ def target_widths(model: Any, targets: list[Target]) -> list[int]:
 def next_token_statistics(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """nll, mu and var (3, B, T) float32 of the next tokens from final hidden states (B, T, n); NaN where
     the target is -1. The block loop of `next_token_nll`, with `membership.row_statistics` per block."""
-    from memscan import membership
-
     head, hidden, targets = _on_head(model, hidden, targets)
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     stats = torch.full((3, flat_targets.numel()), float("nan"), dtype=torch.float32, device=hidden.device)

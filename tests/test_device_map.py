@@ -17,6 +17,7 @@ import torch
 
 from memscan import models, preflight, qf, sites, store
 from memscan.errors import InputError
+from memscan.engines.ray_runner import RayEngine
 from memscan.extract import ExtractSettings, extract, settings_record
 from tests.conftest import qf_lines, save_gpt2
 from tests.test_bad_input import extract_args, fails, run
@@ -135,7 +136,7 @@ def test_max_memory_without_device_map_and_device_map_with_ray_are_one_line(caps
     fails(capsys, *extract_args(qf_model, docs, tmp_path / "out"), "--max-memory", "cpu=1GB",
           match="--max-memory needs --device-map auto")
     with pytest.raises(InputError, match="--device-map auto runs with --engine local"):
-        settings(qf_model, docs, device_map="auto", engine="ray").check()
+        extract(settings(qf_model, docs, device_map="auto"), tmp_path / "ray", engine=RayEngine())
     with pytest.raises(InputError, match="--device-map must be auto"):
         settings(qf_model, docs, device_map="balanced").check()
 

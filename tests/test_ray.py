@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -20,10 +21,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 import memscan
-from memscan import corpus, models, sites, store
+from memscan import corpus, files, models, sites, store
 from memscan.cli import main
 from memscan.errors import InputError
-from memscan.engines import ray_runner
+from memscan.engines import ray_capture, ray_planning, ray_runner
 from memscan.extract import ExtractSettings, extract
 from memscan.knn import exact
 from memscan.knn.index import IndexSettings, KnnIndex, build
@@ -96,17 +97,36 @@ def assert_same_chunk_tables(got, expected):
 
 def test_ray_extraction_equals_the_local_runner(options, qf_model, local_reference, tmp_path):
     out = tmp_path / "ray"
-    extract(replace(SETTINGS, model=str(qf_model), engine="ray"), out, ray_options=options)
+    extract(replace(SETTINGS, model=str(qf_model)), out, engine=ray_runner.RayEngine(options))
     assert_same_dataset(out, local_reference)
     assert_same_chunk_tables(out, local_reference)
     assert not np.isnan(store.read_chunk_table(out)["nll"]).all()    # the statistics, not an empty table
     assert store.verify(out) == []
 
 
+def test_a_dataset_begun_on_the_local_engine_by_an_older_memscan_resumes_on_ray(options, qf_model, local_reference,
+                                                                                tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(local_reference, out)
+    manifest = json.loads((out / store.MANIFEST).read_text())
+    manifest["settings"]["engine"] = "local"   # as an older memscan recorded it, inside the identity
+    manifest["fingerprint"] = files.fingerprint({key: manifest[key] for key in ("settings", "model", "source",
+                                                                                "split_rule")})
+    for key in ("counts", "corpus"):
+        manifest.pop(key)
+    manifest.update(complete=False, shards=manifest["shards"][:2], chunk_tables=manifest["chunk_tables"][:1])
+    store.write_manifest(out, manifest)
+    result = extract(replace(SETTINGS, model=str(qf_model)), out, engine=ray_runner.RayEngine(options))
+    assert result.engine == "ray" and result["fingerprint"] == manifest["fingerprint"]
+    assert_same_dataset(out, local_reference)
+    assert_same_chunk_tables(out, local_reference)
+    assert store.verify(out) == []
+
+
 def test_ray_extraction_without_the_loss_writes_the_same_token_table(options, qf_model, tmp_path):
     settings = replace(SETTINGS, model=str(qf_model), num_chunks=24, loss=False)
     extract(settings, tmp_path / "local")
-    extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    extract(settings, tmp_path / "ray", engine=ray_runner.RayEngine(options))
     assert_same_dataset(tmp_path / "ray", tmp_path / "local")
     assert_same_chunk_tables(tmp_path / "ray", tmp_path / "local")
     assert np.isnan(store.read_chunk_table(tmp_path / "ray")["nll"]).all()
@@ -125,7 +145,7 @@ def test_ray_planning_of_a_stream_in_pieces_gives_the_same_chunks(kind, options,
     source = f"hf:{folder}" if kind == "hf" else str(folder)
     settings = replace(SETTINGS, model=str(qf_model), source=source, num_chunks=None, max_documents=14)
     extract(settings, tmp_path / "local")
-    extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    extract(settings, tmp_path / "ray", engine=ray_runner.RayEngine(options))
     assert_same_dataset(tmp_path / "ray", tmp_path / "local")
     assert json.loads((tmp_path / "ray" / store.MANIFEST).read_text())["corpus"]["documents"] == 14
 
@@ -138,7 +158,7 @@ def test_planning_every_chunk_streams_pieces_a_window_at_a_time(options, qf_mode
     settings = replace(SETTINGS, model=str(qf_model), num_chunks=None)
     source = corpus.open_source(settings.source, seed=settings.seed)
     drawn = []
-    real_ahead = ray_runner._ahead
+    real_ahead = ray_planning._ahead
 
     def counted_ahead(items, width):
         def counting():
@@ -147,8 +167,8 @@ def test_planning_every_chunk_streams_pieces_a_window_at_a_time(options, qf_mode
                 yield item
         return real_ahead(counting(), width)
 
-    monkeypatch.setattr(ray_runner, "_ahead", counted_ahead)
-    chunks, stats = ray_runner.plan(source, settings, options)
+    monkeypatch.setattr(ray_planning, "_ahead", counted_ahead)
+    chunks, stats = ray_planning.plan(source, settings.chunk_request(), options)
     first = next(iter(chunks))
     assert len(drawn) == options.num_workers     # 2 of the 8 pieces' tasks started when the first chunk arrives
     assert stats.documents == 0                  # counts come with each piece's end
@@ -166,7 +186,7 @@ def test_streamed_extraction_keeps_a_window_of_batches_and_loads_no_model_here(o
                        sites="attn_out:all,resid_mid:1")   # hooked sites go to the actors as they are
     extract(settings, tmp_path / "local")
     after_submit = []
-    real_submit = ray_runner.CapturePool.submit
+    real_submit = ray_capture.RayCapturePool.submit
 
     def counted_submit(pool, key, tokens, following):
         real_submit(pool, key, tokens, following)
@@ -175,9 +195,9 @@ def test_streamed_extraction_keeps_a_window_of_batches_and_loads_no_model_here(o
     def no_weights_here(*args, **kwargs):
         raise AssertionError("the driver loaded the model's weights")
 
-    monkeypatch.setattr(ray_runner.CapturePool, "submit", counted_submit)
+    monkeypatch.setattr(ray_capture.RayCapturePool, "submit", counted_submit)
     monkeypatch.setattr(models, "load", no_weights_here)   # Ray workers are other processes: theirs is untouched
-    extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    extract(settings, tmp_path / "ray", engine=ray_runner.RayEngine(options))
     assert_same_dataset(tmp_path / "ray", tmp_path / "local")
     assert_same_chunk_tables(tmp_path / "ray", tmp_path / "local")
     window = 2 * options.num_workers
@@ -196,7 +216,7 @@ def test_the_workers_resolve_device_and_dtype_and_the_manifest_records_theirs(op
     monkeypatch.setattr(models, "resolve_device", not_here)
     monkeypatch.setattr(models, "resolve_dtype", not_here)
     settings = replace(SETTINGS, model=str(qf_model), num_chunks=8, dtype="auto", vec_dtype="auto", device="auto")
-    manifest = extract(replace(settings, engine="ray"), tmp_path / "ray", ray_options=options)
+    manifest = extract(settings, tmp_path / "ray", engine=ray_runner.RayEngine(options))
     assert manifest["settings"]["device"] == "cpu"         # no GPU given to the workers: none used
     assert manifest["settings"]["dtype"] == manifest["dtype"] == worker_dtype
     assert manifest["vec_dtype"] == ("float32" if worker_dtype == "fp32" else "float16")
@@ -255,7 +275,7 @@ def test_a_worker_killed_mid_extraction_loses_and_doubles_nothing(options, qf_mo
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     bigger = replace(SETTINGS, model=str(qf_model), source="qf:documents=60,lines=16", num_chunks=400)
-    extract(replace(bigger, engine="ray"), out, ray_options=options)
+    extract(bigger, out, engine=ray_runner.RayEngine(options))
     thread.join(timeout=5)
     assert killed, "no Ray worker was found to kill"
     reference = tmp_path / "reference"

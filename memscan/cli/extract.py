@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from memscan.cli.options import allow_other_files, overwrite
-from memscan.cli.ray_flags import ray_flags, ray_options
+from memscan.cli.ray_flags import engine_of, ray_flags
 from memscan.cli.render import print_summary
+from memscan.extract import ExtractSettings
+from memscan.extract import extract as run
 
 
 @click.command()
@@ -53,13 +55,10 @@ from memscan.cli.render import print_summary
 @overwrite
 @allow_other_files
 @ray_flags
-def extract(out: str, overwrite: bool, allow_other_files: bool, no_loss: bool, address: str | None, num_workers: int,
-            gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
+def extract(out: str, overwrite: bool, allow_other_files: bool, no_loss: bool, engine: str, address: str | None,
+            num_workers: int, gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Extract activations at chosen layers and positions, with token ids and per-token loss."""
-    from memscan.extract import ExtractSettings
-    from memscan.extract import extract as run
-
-    options = ray_options(settings["engine"], address, num_workers, gpus_per_worker, cpus_per_worker)  # type: ignore[arg-type]
-    manifest = run(ExtractSettings(loss=not no_loss, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
-                   allow_other_files=allow_other_files, ray_options=options)
-    print_summary(out, manifest)
+    runner = engine_of(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
+    result = run(ExtractSettings(loss=not no_loss, **settings), out, overwrite=overwrite,  # type: ignore[arg-type]
+                 allow_other_files=allow_other_files, engine=runner)
+    print_summary(out, dict(result))

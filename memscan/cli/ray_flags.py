@@ -7,6 +7,9 @@ from typing import Any
 
 import click
 
+from memscan.engines.knn import Engine, LocalEngine
+from memscan.engines.ray_options import RayOptions
+from memscan.engines.ray_runner import RayEngine
 from memscan.errors import InputError
 
 FLAGS = (
@@ -28,24 +31,12 @@ def ray_flags(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def engine_of(engine: str, address: str | None, num_workers: int, gpus_per_worker: float,
-              cpus_per_worker: int) -> Any:
-    """The engine the flags ask for, built here at the edge and passed into the library:
-    exact.LocalEngine for --engine local, ray_runner.RayEngine for --engine ray."""
-    options = ray_options(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
-    if options is None:
-        from memscan.engines.knn import LocalEngine
-
-        return LocalEngine()
-    return options.engine()
-
-
-def ray_options(engine: str, address: str | None, num_workers: int, gpus_per_worker: float,
-                cpus_per_worker: int) -> Any:
-    """RayOptions (which check the numbers) for --engine ray, None for the local engine; refuses --address without it."""
+              cpus_per_worker: int) -> Engine:
+    """The engine the flags ask for, built here at the edge once and passed into the library:
+    LocalEngine for --engine local, RayEngine (whose options check the numbers) for --engine ray;
+    refuses --address without --engine ray."""
     if engine == "local":
         if address is not None:
             raise InputError(f"--address {address} needs --engine ray")
-        return None
-    from memscan.engines.ray_runner import RayOptions
-
-    return RayOptions(address, num_workers, gpus_per_worker, cpus_per_worker)
+        return LocalEngine()
+    return RayEngine(RayOptions(address, num_workers, gpus_per_worker, cpus_per_worker))
