@@ -82,7 +82,7 @@ def main() -> None:
                                    positions="all", batch_size=4, test_fraction=0.0)
         tokens = args.chunks * 256
         local = timed(extract, settings, Path(tmp) / "local")
-        remote = timed(extract, replace(settings, engine="ray"), Path(tmp) / "ray", ray_options=options)
+        remote = timed(extract, settings, Path(tmp) / "ray", engine=engine)
         results["extract"] = {"tokens": tokens, "local_tokens_per_s": round(tokens / local, 1),
                               "ray_tokens_per_s": round(tokens / remote, 1), "ray_over_local": round(remote / local, 2)}
     print(json.dumps(results, indent=2))

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import NewGELUActivation
 
-from memscan import files, membership, sites
+from memscan import checks, files, membership, sites
 from memscan.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,14 @@ LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, p
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` takes CUDA when torch sees it; `cuda` without a GPU is an error, not a fallback."""
+    """`auto` takes CUDA when torch sees it; `cuda[:N]` (or `gpu`) without a GPU is an error, not a fallback."""
+    checks.device("--device", name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name != "cpu" and not torch.cuda.is_available():
         raise InputError(f"--device {name} was asked for, but torch sees no CUDA device "
                          "(use --device cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device must be auto, cpu or cuda[:N]; got '{name}'") from None
+    return torch.device(checks.torch_device_name(name))
 
 
 def parse_max_memory(text: str | None) -> dict[int | str, int] | None:

@@ -15,10 +15,9 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 DETERMINERS = ("the", "some", "my", "your", "our", "her")
 SINGULAR_NOUNS = (
@@ -215,9 +214,6 @@ def documents(config: QFConfig, seed: int) -> Iterator[tuple[int, str, str | Non
 
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the 68 words plus <eos>, <pad> and <unk>; newline -> <eos>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + VOCABULARY)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Replace(LINE_SEPARATOR, " <eos> ")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
+from memscan import catalog, folders
+from memscan.cli.options import Command
 from memscan.cli.render import print_summary
+from memscan.errors import DataError
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("directory", type=click.Path())
 def verify(directory: str) -> None:
     """Check any memscan folder against its record: files, sizes, checksums, the kind's own checks. Exit 1 on
     any problem, naming the file."""
-    from memscan import catalog
-    from memscan.errors import DataError
-
     kind, problems, checked = catalog.verify(directory)
     if problems:
         for problem in problems:
@@ -23,12 +23,10 @@ def verify(directory: str) -> None:
     click.echo(f"ok: {directory}: {kind}: {checked}, checksums match")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("directory", type=click.Path())
 def info(directory: str) -> None:
     """Describe any memscan folder: its kind and record (a dataset's manifest in full)."""
-    from memscan import catalog, folders
-
     kind, record, line = catalog.describe(directory)
     if kind is folders.DATASET:
         print_summary(directory, record)

@@ -36,14 +36,6 @@ device = click.option(
          "is seen.")
 seed = click.option("--seed", type=int, default=0, show_default=True,
                     help="Seed of every random choice this command makes (samples, splits, initialization).")
-working_memory = click.option(
-    "--memory", default="2GB", show_default=True,
-    help="Working-memory budget every block is sized from, the index aside (512MB, 2GiB, 1.5G, ...).")
-index_memory = click.option(
-    "--index-memory", "memory", default="2GB", show_default=True,
-    help="Memory the index may hold (512MB, 2GiB, 1.5G): auto compresses it (SQ8, PQ) beyond that.")
-
-
 SHARED = {"device": device, "seed": seed}   # settings fields whose flag is one of the shared options above
 
 # Flags renamed so that one name means one thing: (command, old spelling) -> new spelling. The old one still works

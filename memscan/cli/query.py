@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import Command, allow_other_files, device, overwrite, seed, working_memory
-from memscan.wording import floor_text, number
+from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.cli.ray_flags import engine_of, ray_flags
+from memscan.query import QuerySettings, run
+from memscan.report import render
+from memscan.wording import floor_text, number
 
 
 @click.command(cls=Command)
 @click.argument("index_dir", type=click.Path())
 @click.option("--queries", "queries_dir", required=True, type=click.Path(), help="Dataset holding the queries.")
-@click.option("--split", default="test", show_default=True, help="Split of --queries to query with.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--k", type=int, default=10, show_default=True, help="Neighbours per query and per pattern.")
-@click.option("--exact", is_flag=True, help="Exact blockwise search even where the index is approximate.")
-@click.option("--beta", type=float, default=1.0, show_default=True, help="Inverse temperature of the energies.")
-@click.option("--radius", default="r*", show_default=True, help="Ball radius for A2 and A3: r*, typical or a number.")
-@click.option("--epsilon", type=float, default=None, help="Retrieval tolerance [default: 1% of median s_i].")
-@device
-@seed
-@working_memory
-@click.option("--sites", default=None,
-              help="Also analyse these sites of the dataset (comma-separated, or all), searched exactly "
-                   "[default: the index's site only].")
+@settings_options(QuerySettings)
 @overwrite
 @allow_other_files
 @ray_flags
@@ -32,8 +23,6 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
           address: str | None,
           num_workers: int, gpus_per_worker: float, cpus_per_worker: int, **settings: object) -> None:
     """Nearest-neighbour tables, assumption tests A1-A3, energies and the cross-entropy floor."""
-    from memscan.query import QuerySettings, run
-
     query_settings = QuerySettings(**settings)  # type: ignore[arg-type]  # checked by the library
     runner = engine_of(engine, address, num_workers, gpus_per_worker, cpus_per_worker)
     summary = run(index_dir, queries_dir, out, query_settings, engine=runner, overwrite=overwrite,
@@ -58,6 +47,4 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
 @allow_other_files
 def report(run_dir: str, allow_other_files: bool) -> None:
     """Plots and an HTML page for a `memscan query` run folder (listed in its report.json)."""
-    from memscan.report import render
-
     click.echo(f"report    {render(run_dir, allow_other_files=allow_other_files)}")

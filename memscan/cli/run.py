@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files, overwrite
+from memscan import experiments
+from memscan.cli.options import Command, allow_other_files, overwrite
+from memscan.experiments import comparison
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("experiment")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder (one folder per stage inside) [default: the experiment's name].")
@@ -20,9 +22,6 @@ from memscan.cli.options import allow_other_files, overwrite
 def run(experiment: str, out: str | None, sets: tuple[str, ...], check: bool, overwrite: bool,
         allow_other_files: bool) -> None:
     """Run EXPERIMENT (a .toml file, or a shipped one by name: demo, bai2024-radius, ...) into --out."""
-    from memscan import experiments
-    from memscan.experiments import comparison
-
     loaded = experiments.load(experiment, sets)
     if check:
         click.echo(experiments.resolved_text(loaded), nl=False)

@@ -17,9 +17,8 @@ from memscan import corpus, preflight
 from memscan.engines import capture, planning
 from memscan.engines.capture import CapturePool, CaptureSpec, Deliver, ModelRequest, OpenedModel
 from memscan.engines.planning import ChunkPlan, ChunkRequest
-from memscan.knn import exact
 from memscan.knn.exact import Block
-from memscan.knn.shards import LocalShards, Shard, Shards
+from memscan.knn.shards import InProcess, Shard, Shards
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -72,21 +71,9 @@ class Engine:
 
 
 @dataclass(frozen=True)
-class LocalEngine(Engine):
-    """Block pairs searched one after another in this process, with `backend` (None: faiss on the CPU);
-    chunks planned and the model run here too."""
-
-    backend: exact.Backend | None = None
-    name: ClassVar[str] = "local"
-
-    def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
-                    ) -> tuple[Shards, Engine]:
-        """The shards made here, one after another; exact searches with `choose_backend(device)`."""
-        return LocalShards([make(device=device) for make in makers], metric), LocalEngine(exact.choose_backend(device))
-
-    def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
-            metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return exact.knn(query_blocks, database_blocks, k, metric=metric, exclude_self=exclude_self, backend=self.backend)
+class LocalEngine(InProcess, Engine):
+    """Shards held and block pairs searched one after another in this process, as knn's own default
+    (`knn.shards.InProcess`, with `backend`; None: faiss on the CPU); chunks planned and the model run here too."""
 
     def open_model(self, request: ModelRequest) -> OpenedModel:
         """The model loaded in this process (`capture.open_here`)."""

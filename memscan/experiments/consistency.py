@@ -13,11 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from memscan import corpus
 from memscan.errors import InputError
 from memscan.experiments.comparison import PAPER, RESERVED, SCALE_NUMBERS, numbers, quantities
 from memscan.experiments.tables import STAGES, ExperimentError, build, owner_of
+from memscan.extract import resolve_layers
 from memscan.files import first_line
 from memscan.layout import parse_layers, parse_positions
+from memscan.train import load_tokenizer
 
 # What each stage reads: a stage without the one before it has nothing to work on.
 NEEDS = {"index": ("extract", "the index is built over its activations"),
@@ -33,11 +36,8 @@ def _parsed(stage: str, settings: Any) -> None:
     """The settings a stage parses only once it runs, through the stage's own code where that needs no model
     or data: extract's --positions against --chunk-tokens, train's tokenizer where none is named."""
     if stage == "extract":
-
         parse_positions(settings.positions, settings.chunk_tokens)
     elif stage == "train" and settings.tokenizer is None:   # a named one is loaded from its folder or the hub
-        from memscan.train import load_tokenizer
-
         load_tokenizer(settings)
 
 
@@ -150,8 +150,6 @@ class Checker:
 
     def _layers(self) -> None:
         """index.layer and score.layer name a layer the extraction stores."""
-        from memscan.extract import resolve_layers
-
         settings = self.settings("extract")
         if getattr(settings, "sites", None):
             return   # sites add layers of their own: checked when the dataset exists
@@ -169,8 +167,6 @@ class Checker:
 
     def _opened_source(self) -> Any:
         """The text source, opened where that needs no network (a file or the generator; an hf: id is not)."""
-        from memscan import corpus
-
         source = self.value("source.id")
         if source.startswith("hf:"):
             return None
@@ -181,8 +177,6 @@ class Checker:
 
     def _written_splits(self) -> set[str]:
         """The splits the extraction writes: train, test unless nothing is held out, qf's gen where it has one."""
-        from memscan import corpus
-
         written = {"train"}
         if self.value("extract.test_fraction") > 0 or self.value("source.split_column") or self.value("source.members"):
             written.add("test")

@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import memscan.query as query
+import memscan.store as store
 from memscan import assoc, files, folders, saturation, score, train
 from memscan.errors import MemscanError
 from memscan.experiments import comparison
 from memscan.experiments.spec import Experiment, Plan, variant_overrides
 from memscan.experiments.tables import FOLDERS, STAGES, build, folder_of
 from memscan.experiments.toml_text import dumps
+from memscan.extract import extract
+from memscan.knn import index
 from memscan.report import PAGE, render, render_assoc, render_saturation, render_scores
 
 log = logging.getLogger(__name__)
@@ -69,42 +73,30 @@ def _trained(folder: Path) -> dict[str, Any] | None:
 
 
 def _extract(run: Run) -> dict[str, Any]:
-    from memscan.extract import extract
-
     trained = run.records.get("train")
     model = {"model": trained["final"], "max_documents": trained["data"]["documents"]} if trained else {}
     return extract(build(run.plan, "extract", **model), run.path("extract"), overwrite=True)
 
 
 def _extracted(folder: Path) -> dict[str, Any] | None:
-    from memscan import store
-
     manifest = store.read_manifest(folder)
     return manifest if manifest["complete"] else None
 
 
 def _index(run: Run) -> dict[str, Any]:
-    from memscan.knn import index
-
     return index.build(run.path("extract"), run.path("index"), build(run.plan, "index"), overwrite=True)
 
 
 def _indexed(folder: Path) -> dict[str, Any]:
-    from memscan.knn import index
-
     return index.read_info(folder)
 
 
 def _query(run: Run) -> dict[str, Any]:
-    from memscan import query
-
     return query.run(run.path("index"), run.path("extract"), run.path("query"), build(run.plan, "query"),
                      overwrite=True)
 
 
 def _queried(folder: Path) -> dict[str, Any]:
-    from memscan import query
-
     return query.read_summary(folder)
 
 

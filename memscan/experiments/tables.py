@@ -16,6 +16,7 @@ from functools import cache
 from typing import Any
 
 from memscan.errors import InputError
+from memscan.stages import STAGES as STAGE_REGISTRY
 
 STAGES = ("train", "extract", "index", "query", "score", "saturation", "assoc", "report")
 SHARED = ("model", "source")
@@ -30,7 +31,7 @@ FOLDERS = {"train": "train", "extract": "activations", "index": "index", "query"
 RUNNER_FIELDS = {
     "train": ("source", "text_column", "split"),
     "extract": ("model", "source", "revision", "trust_remote_code", "text_column", "split", "split_column",
-                "members", "key_column", "engine"),
+                "members", "key_column"),
     "score": ("data", "query_run", "verbatim"),
     "saturation": ("source",),
 }
@@ -53,18 +54,9 @@ class ExperimentError(InputError):
 
 @cache
 def settings_classes() -> dict[str, type]:
-    """Each table's settings dataclass (imported on first use: train and saturation import torch)."""
-    from memscan.assoc import SweepSettings
-    from memscan.extract import ExtractSettings
-    from memscan.knn.index import IndexSettings
-    from memscan.query import QuerySettings
-    from memscan.saturation import SaturationSettings
-    from memscan.score import ScoreSettings
-    from memscan.train import TrainSettings
-
-    return {"train": TrainSettings, "extract": ExtractSettings, "index": IndexSettings, "query": QuerySettings,
-            "score": ScoreSettings, "saturation": SaturationSettings, "assoc": SweepSettings,
-            "model": ExtractSettings, "source": ExtractSettings}
+    """Each table's settings dataclass, from the stage registry; [model] and [source] set the extraction's."""
+    classes = {name: STAGE_REGISTRY[name].settings for name in STAGES if STAGE_REGISTRY[name].settings is not None}
+    return {**classes, **{table: STAGE_REGISTRY["extract"].settings for table in SHARED}}
 
 
 @cache

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import memscan.store as store
 from memscan import checks, files, folders, layout
+from memscan.fields import setting
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, kmeans, tuning
 from memscan.knn.shards import (OWN_FILE, Engine, InProcess, Shards, entry_names, file_names, fill_shard, load_shard,
@@ -59,21 +60,27 @@ def at_least(flag: str, value: int | None, minimum: int) -> None:
 class IndexSettings:
     """What `memscan index` builds (see `memscan index --help`)."""
 
-    split: str = "train"
-    layer: int | None = None         # None: the site's last layer
-    site: str | None = None          # None: the residual stream (layout.RESIDUAL) where stored, else the first site
-    factory: str = "auto"
-    metric: str = "l2"
-    device: str = "auto"
-    train_size: int | None = None    # None: 64 per IVF list (at least 39) within half of `memory`
-    seed: int = 0
-    nprobe: int | None = None        # None: the smallest reaching target_recall
-    ef_search: int | None = None     # None: the smallest reaching target_recall
-    target_recall: float = 0.95      # 1-recall@1 the tuned nprobe / efSearch reaches on a sample
-    memory: str = "2GB"              # what the index may hold in memory: `auto` compresses beyond it
-    eval_recall: int = 0             # queries for recall against exact (0: none)
+    split: str = setting("train", "Split whose vectors are the patterns.")
+    layer: int | None = setting(None, "Layer (block, for a --sites site) to index [default: the last].")
+    site: str | None = setting(None, "Site to index (hidden, attn_out, mlp_hidden, module:PATH, ...) "
+                                     "[default: hidden where stored, else the first site].")
+    factory: str = setting("auto", "auto | Flat | IVF<nlist>,Flat | IVF<nlist>,PQ<m> | HNSW<M> | any FAISS "
+                                   "factory string.")
+    metric: str = setting("l2", "Distance of the index.", choices=exact.METRICS)
+    device: str = setting("auto")   # the shared --device
+    train_size: int | None = setting(None, "IVF training sample [default: 64 per list, within half of "
+                                           "--index-memory].")
+    seed: int = setting(0)   # the shared --seed
+    nprobe: int | None = setting(None, "IVF lists searched [default: tuned to --target-recall].")
+    ef_search: int | None = setting(None, "HNSW search depth [default: tuned to --target-recall].")
+    target_recall: float = setting(0.95, "1-recall@1 the chosen --nprobe / --ef-search reaches on a sample of the "
+                                         "patterns.")
+    memory: str = setting("2GB", "Memory the index may hold (512MB, 2GiB, 1.5G): auto compresses it (SQ8, PQ) "
+                                 "beyond that.", flag="--index-memory")
+    eval_recall: int = setting(0, "Queries for recall against exact search, written into index.json (0: none).")
     recall_k: int = 10
-    shards: int = 1                  # copies of the trained index, each over one range of rows
+    shards: int = setting(1, "Copies of the trained index, each over one range of rows (with --engine ray: one "
+                             "per actor).")
 
     def check(self) -> None:
         """Every value against its range, once, naming the flag; None means the default, never 0."""

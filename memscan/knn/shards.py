@@ -4,7 +4,7 @@ A search asks every shard for its k best and merges the lists (faiss.ResultHeap)
 Flat and IVF indexes, whose shards share the trained quantizer, that is the answer of one
 index holding every row; graph indexes (HNSW) build one graph per shard, so their recall
 is their own (index.json reports it). Shards live in this process (`LocalShards`) or in
-Ray actors (`memscan.engines.ray_runner.RayShards`); both work through `Shards`.
+Ray actors (`memscan.engines.ray_knn.RayShards`); both work through `Shards`.
 """
 
 from __future__ import annotations

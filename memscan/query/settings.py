@@ -8,6 +8,7 @@ from typing import Any
 
 from memscan import checks
 from memscan.errors import InputError
+from memscan.fields import setting
 from memscan.knn import tuning
 from memscan.knn.index import at_least
 from memscan.knn.mips import CANDIDATE_SLACK
@@ -35,19 +36,21 @@ def memory_bytes(text: str) -> int:
 class QuerySettings:
     """What `memscan query` computes (see `memscan query --help`)."""
 
-    split: str = "test"
-    k: int = 10
-    exact: bool = False
-    beta: float = 1.0
-    radius: str = "r*"               # r* | typical | a positive number
-    epsilon: float | None = None     # retrieval tolerance; None: 1% of the median nearest-other distance
+    split: str = setting("test", "Split of --queries to query with.")
+    k: int = setting(10, "Neighbours per query and per pattern.")
+    exact: bool = setting(False, "Exact blockwise search even where the index is approximate.")
+    beta: float = setting(1.0, "Inverse temperature of the energies.")
+    radius: str = setting("r*", "Ball radius for A2 and A3: r*, typical or a number.")
+    epsilon: float | None = setting(None, "Retrieval tolerance [default: 1% of the median nearest-other distance].")
     max_steps: int = 100
     bins: int = 50
     subsets: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0))
-    seed: int = 0
-    device: str = "auto"
-    memory: str = "2GB"              # the working-memory budget every block is sized from (the index aside)
-    sites: str | None = None         # None: the index's site; `all` or names: those sites too, searched exactly
+    seed: int = setting(0)   # the shared --seed
+    device: str = setting("auto")   # the shared --device
+    memory: str = setting("2GB", "Working-memory budget every block is sized from, the index aside (512MB, 2GiB, "
+                                 "1.5G, ...).")
+    sites: str | None = setting(None, "Also analyse these sites of the dataset (comma-separated, or all), searched "
+                                      "exactly [default: the index's site only].")
 
     def check(self) -> None:
         """Every value against its range, once, naming the flag: NaN and Inf are refused."""
