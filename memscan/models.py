@@ -25,6 +25,7 @@ from transformers.activations import NewGELUActivation
 
 from memscan import checks, files, membership, sites
 from memscan.errors import InputError, ModelError
+from memscan.layout import RESIDUAL
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class Target:
 
 def hidden_targets(layers: list[int]) -> list[Target]:
     """The residual stream at `layers` (what --layers stores)."""
-    return [Target("hidden", layer) for layer in layers]
+    return [Target(RESIDUAL, layer) for layer in layers]
 
 
 @torch.inference_mode()

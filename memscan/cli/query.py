@@ -6,6 +6,7 @@ import click
 
 from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.cli.ray_flags import engine_of, ray_flags
+from memscan.layout import SiteKey
 from memscan.query import QuerySettings, run
 from memscan.report import render
 from memscan.wording import floor_text, number
@@ -31,7 +32,7 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
         click.echo(f"queries   split '{query_settings.split}' is the index's own: each query leaves its own row "
                    "out (leave-one-out), so nearest distances are to the nearest OTHER pattern")
     for s in summary["layers"]:
-        where = f"layer {s['layer']:>3}" if s["site"] == "hidden" else f"{s['site']} {s['layer']:>3}"
+        where = SiteKey(s["site"], s["layer"]).label()
         click.echo(
             f"{where}: typical radius {number(s['typical_radius'])} vs r* {number(s['r_star'])} "
             f"({number(s['typical_over_r_star'], '.2f')}x); "

@@ -29,6 +29,7 @@ from memscan.experiments.tables import FOLDERS, STAGES, build, folder_of
 from memscan.experiments.toml_text import dumps
 from memscan.extract import extract
 from memscan.knn import index
+from memscan.layout import site_of
 from memscan.report import PAGE, render, render_assoc, render_saturation, render_scores
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,8 @@ def measured(run: Run, stage: str) -> Any:
     """The record [paper] keys of a stage name: a query run's last layer, score's metrics.json, else its record."""
     record = run.records.get(stage)
     if stage == "query" and record is not None:   # the last layer of the site the index holds
-        own = record.get("site", "hidden")
-        return [entry for entry in record["layers"] if entry.get("site", "hidden") == own][-1]
+        own = site_of(record)
+        return [entry for entry in record["layers"] if site_of(entry) == own][-1]
     if stage == "score" and record is not None:
         return files.read_record(run.path("score") / score.METRICS, "memscan metrics")
     return record

@@ -6,15 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-
-import memscan.store as store  # noqa: E402
-from memscan.assoc import Q_TABLE, SWEEP_TABLE, THEORY_SLOPES, read_settings  # noqa: E402
-from memscan.report.plots import report_files, save  # noqa: E402
+import memscan.store as store
+from memscan.assoc import Q_TABLE, SWEEP_TABLE, THEORY_SLOPES, read_settings
+from memscan.report.plots import axes, report_files, save
 
 ERROR_D_IMAGE, ERROR_T_IMAGE, SGD_Q_IMAGE = IMAGES = ("error_vs_d.png", "error_vs_T.png", "sgd_q.png")
 
@@ -43,7 +39,7 @@ def _assoc_plots(folder: Path) -> list[str]:
 def _error_vs_d_figure(table: Any, settings: dict[str, Any]) -> Any:
     """Each scheme's mean error against d at the largest T, dotted: the theory's rate in d."""
     alpha, largest_T = settings["alpha"], max(settings["samples"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = axes(7, 4.5)
     for scheme in ("p", "p_hat", "threshold", "top_seen", "seen"):
         rows = table[(table.scheme == scheme) & ((table["T"] == 0) | (table["T"] == largest_T))]
         if rows.empty:
@@ -61,7 +57,7 @@ def _error_vs_d_figure(table: Any, settings: dict[str, Any]) -> Any:
 def _error_vs_T_figure(table: Any, settings: dict[str, Any]) -> Any:
     """The learned schemes' mean error against T at the largest and smallest d, with the rate T^(-1 + 1/alpha)."""
     alpha, largest_d = settings["alpha"], max(settings["dims"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = axes(7, 4.5)
     for d_value, style in ((largest_d, "-"), (min(settings["dims"]), "--")):
         for scheme in ("seen", "p_hat", "top_seen"):
             rows = table[(table.scheme == scheme) & (table.d == d_value)]
@@ -77,7 +73,7 @@ def _error_vs_T_figure(table: Any, settings: dict[str, Any]) -> Any:
 
 def _sgd_q_figure(q: Any) -> Any:
     """SGD's measured q(x) against the q_gamma approximation, by how often each token was seen."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = axes(7, 4.5)
     for scheme, marker in (("sgd_small", "o"), ("sgd_large", "x")):
         rows = q[(q.scheme == scheme) & (q["T"] == q["T"].max()) & (q.d == q.d.max())]
         ax.scatter(rows["count"], rows.q_measured, s=10, marker=marker, label=f"{scheme}: measured")

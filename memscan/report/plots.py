@@ -13,15 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-
-from memscan import files, folders  # noqa: E402
+from memscan import files, folders
 
 
-def commit_figure(fig: Any, path: Path, **savefig: Any) -> str:
+def axes(width: float, height: float) -> tuple[Figure, Axes]:
+    """A figure of its own and its one set of axes: no pyplot state and no backend chosen, so drawing a report
+    leaves a notebook's plots alone."""
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def commit_figure(fig: Figure, path: Path, **savefig: Any) -> str:
     """Save a Figure as PNG atomically (a fresh temporary file, then rename); returns the file's name."""
     fig.tight_layout()
     fig.savefig(files.new_tmp(path), dpi=110, format="png", **savefig)
@@ -29,11 +34,9 @@ def commit_figure(fig: Any, path: Path, **savefig: Any) -> str:
     return path.name
 
 
-def save(fig: Any, path: Path) -> str:
-    """Save a pyplot figure atomically and close it; returns its name."""
-    name = commit_figure(fig, path)
-    plt.close(fig)
-    return name
+def save(fig: Figure, path: Path) -> str:
+    """Save a figure atomically; returns its name."""
+    return commit_figure(fig, path)
 
 
 @contextlib.contextmanager

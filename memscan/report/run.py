@@ -11,16 +11,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-
-from memscan import files, folders, wording  # noqa: E402
-from memscan.query import RunTables, load  # noqa: E402
-from memscan.report.plots import report_files, save  # noqa: E402
-from memscan.report.saturation import render_saturation  # noqa: E402
+from memscan import files, folders, wording
+from memscan.layout import site_of
+from memscan.query import RunTables, load
+from memscan.report.plots import axes, report_files, save
+from memscan.report.saturation import render_saturation
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +82,10 @@ def _format(value: Any) -> str:
 
 def _plots(run: RunTables, folder: Path) -> list[str]:
     """The run's figures at the last layer of the site its index holds (the depth figure: every site); their names."""
-    own = run.summary.get("site", "hidden")   # runs from before sites hold the residual stream alone
+    own = site_of(run.summary)
     by_site: dict[str, list[dict[str, Any]]] = {}
     for entry in run.summary["layers"]:
-        by_site.setdefault(entry.get("site", "hidden"), []).append(entry)
+        by_site.setdefault(site_of(entry), []).append(entry)
     last = by_site[own][-1]
     run = run.at_site(own)
     distances_png, subsets_png, coverage_png, loss_png, depth_png = IMAGES
@@ -104,7 +101,7 @@ def _plots(run: RunTables, folder: Path) -> list[str]:
 def _distances_figure(h: Any, last: dict[str, Any]) -> Any:
     """Histograms of the query-to-pattern and pattern-to-pattern nearest distances, with r* and 2r* marked."""
     layer, r_star = last["layer"], last["r_star"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     for table, style in (("query_nearest", "-"), ("pattern_nearest_100", "--")):
         rows = h[h.table == table]
         ax.step(rows.bin_left, rows["count"], where="post", linestyle=style, label=table.replace("_", " "))
@@ -118,7 +115,7 @@ def _distances_figure(h: Any, last: dict[str, Any]) -> Any:
 
 def _subsets_figure(h: Any, r_star: float) -> Any:
     """Histograms of the patterns' nearest-other distance s_i over growing subsets of the patterns."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     for table in sorted(t for t in h.table.unique() if t.startswith("pattern_nearest_")):
         rows = h[h.table == table]
         ax.step(rows.bin_left, rows["count"], where="post", label=f"{table.rsplit('_', 1)[1]}% of the patterns")
@@ -130,7 +127,7 @@ def _subsets_figure(h: Any, r_star: float) -> Any:
 
 def _coverage_figure(c: Any, last: dict[str, Any]) -> Any:
     """A2: the fraction of queries inside some pattern's ball against the radius, r* and the typical radius marked."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     ax.plot(c.radius, c.coverage)
     ax.axvline(last["r_star"], color="k", linestyle=":", linewidth=1, label="r*")
     ax.axvline(last["typical_radius"], color="r", linestyle="--", linewidth=1, label="typical radius")
@@ -141,7 +138,7 @@ def _coverage_figure(c: Any, last: dict[str, Any]) -> Any:
 
 def _loss_figure(q: Any) -> Any:
     """Each query's next-token loss against its distance to the nearest pattern."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     ax.scatter(q.nearest_dist, q.nll, s=6, alpha=0.5)
     ax.set(xlabel="distance to nearest pattern", ylabel="next-token loss (nats)", title="Distance against loss")
     return fig
@@ -149,7 +146,7 @@ def _loss_figure(q: Any) -> Any:
 
 def _depth_figure(by_site: dict[str, list[dict[str, Any]]]) -> Any:
     """The typical radius and r* through depth, one pair of lines per site."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     for site, entries in by_site.items():
         line, = ax.plot([s["layer"] for s in entries], [s["typical_radius"] for s in entries], marker="o",
                         label=f"typical radius, {site}")
@@ -221,7 +218,7 @@ def _comparison_table(comparison: dict[str, Any] | None) -> str:
 
 def _column_name(entry: dict[str, Any]) -> str:
     """`layer 4` for the residual stream, `attn_out 3` for a site's block (runs before sites: the residual stream)."""
-    site = entry.get("site", "hidden")
+    site = site_of(entry)
     return f"{'layer' if site == 'hidden' else site} {entry['layer']}"
 
 

@@ -6,15 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-
-import memscan.store as store  # noqa: E402
-from memscan.report.plots import report_files, save  # noqa: E402
-from memscan.saturation import GROWTH_LAWS, read_summary  # noqa: E402
+import memscan.store as store
+from memscan.report.plots import axes, report_files, save
+from memscan.saturation import GROWTH_LAWS, read_summary
 
 NORM_GROWTH_IMAGE, SATURATION_IMAGE, HEADS_IMAGE = IMAGES = ("norm_growth.png", "saturation.png", "heads.png")
 
@@ -42,7 +38,7 @@ def _saturation_plots(folder: Path) -> list[str]:
 def _norm_growth_figure(growth: dict[str, Any]) -> Any:
     """||theta_t|| against the step, with each growth law's least-squares fit."""
     steps, norms = np.array(growth["steps"], float), np.array(growth["norms"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     ax.plot(steps, norms, "o", label="||theta_t||")
     grid = np.linspace(steps.min(), steps.max(), 200)
     for law, fit in growth["fits"].items():
@@ -55,7 +51,7 @@ def _norm_growth_figure(growth: dict[str, Any]) -> Any:
 def _cosines_figure(folder: Path, scale: float) -> Any:
     """The per-layer cosine between the hidden states at theta and at c theta."""
     cos = store.read_table(folder / "saturation.parquet").to_pandas()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     ax.plot(cos.layer, cos.cosine, marker="o")
     ax.set(xlabel="layer", ylabel=f"cos(h(theta), h({scale:g} theta))", ylim=(-1.02, 1.02),
            title="Saturation by layer")
@@ -65,7 +61,7 @@ def _cosines_figure(folder: Path, scale: float) -> Any:
 def _heads_figure(folder: Path) -> Any:
     """The histogram of the heads' mean share of the causal prefix attended."""
     heads = store.read_table(folder / "heads.parquet").to_pandas()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = axes(7, 4)
     ax.hist(heads.mean_fraction, bins=20, range=(0, 1))
     ax.set(xlabel="mean share of the causal prefix attended (> 1e-5)", ylabel="heads",
            title="Saturated heads: argmax (left) to uniform (right)")
