@@ -22,6 +22,7 @@ import numpy as np
 import memscan.store as store
 from memscan import files, folders
 from memscan.errors import InputError
+from memscan.fields import setting
 from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,14 @@ THEORY_SLOPES = {  # (axis, slope as a function of alpha): docs/theory.md's rate
 class SweepSettings:
     """A sweep over dimensions d, sample sizes T, schemes and seeds at one (N, M, alpha)."""
 
-    n_tokens: int = 1000
-    classes: int = 5
-    alpha: float = 2.0
-    dims: tuple[int, ...] = (10, 20, 50, 100, 200, 500, 1000)
-    samples: tuple[int, ...] = (10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
-    seeds: int = 20
-    schemes: tuple[str, ...] = SCHEMES
+    n_tokens: int = setting(1000, "N, the number of input tokens.")
+    classes: int = setting(5, "M, the number of classes (x mod M).")
+    alpha: float = setting(2.0, "Zipf exponent of the inputs.")
+    dims: tuple[int, ...] = setting((10, 20, 50, 100, 200, 500, 1000), "Dimensions d, comma-separated (1e3 allowed).")
+    samples: tuple[int, ...] = setting((10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000),
+                                       "Sample sizes T, comma-separated (1e3 allowed).")
+    seeds: int = setting(20, "Seeds per (d, T) cell.")
+    schemes: tuple[str, ...] = setting(SCHEMES, "Memory schemes, comma-separated.")
     sgd_dims: tuple[int, ...] = (50, 200)          # SGD and Adam train W: a few dimensions and seeds keep it short
     sgd_samples: tuple[int, ...] = (100, 1000, 10000)
     sgd_seeds: int = 5
@@ -55,7 +57,7 @@ class SweepSettings:
     adam_lr: float = 0.1
     threshold_ratio: float = 1 / 8                 # P ~ d / 8 (docs/theory.md)
     top_seen_ratio: float = 1 / 12                 # P ~ d / 12
-    learn_embeddings: bool = False                 # trained schemes also learn the input embeddings
+    learn_embeddings: bool = setting(False, "SGD and Adam also learn the input embeddings.")
 
     def check(self) -> None:
         """Refuse settings a sweep cannot run, in one line naming the flag."""

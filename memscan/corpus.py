@@ -234,8 +234,8 @@ def resolve_split(spec: str, split: str | None) -> str | None:
     if spec.startswith("hf:"):
         return split or HF_DEFAULT_SPLIT
     if split is not None:
-        raise InputError(f"--split applies to hf: sources only; --source '{spec}' has no splits "
-                         f"(got --split {split})")
+        raise InputError(f"--hf-split applies to hf: sources only; --source '{spec}' has no splits "
+                         f"(got --hf-split {split})")
     return None
 
 

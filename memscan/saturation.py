@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 import memscan.store as store
 from memscan import checks, corpus, files, folders, models, train
 from memscan.errors import InputError
+from memscan.fields import setting
 from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,11 @@ TABLES = ("norms.parquet", "saturation.parquet", "heads.parquet")
 class SaturationSettings:
     """What `memscan saturation` measures (see its --help); None: the training run's own, else qf and 64."""
 
-    source: str | None = None
-    chunk_tokens: int | None = None
-    chunks: int = 8
-    scale: float = 1000.0            # c in f(x; c theta)
-    seed: int = 0
+    source: str | None = setting(None, "Text for the hidden states [default: the run's source, else qf].")
+    chunk_tokens: int | None = setting(None, "Tokens per chunk [default: the run's context, else 64].")
+    chunks: int = setting(8, "Chunks of text whose hidden states are compared at theta and c theta.")
+    scale: float = setting(1000.0, "c in f(x; c theta).")
+    seed: int = setting(0)   # the shared --seed (a training run's own seed where TARGET is one)
 
     def check(self) -> None:
         """Refuse out-of-range settings with one line that names the flag, the range and the value."""

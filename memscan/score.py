@@ -31,6 +31,7 @@ import memscan.query as query
 import memscan.store as store
 from memscan import checks, files, folders, geometry, membership, models
 from memscan.errors import DataError, InputError
+from memscan.fields import setting
 from memscan.knn import exact
 from memscan.layout import parse_positions
 from memscan.results import StageResult
@@ -48,18 +49,25 @@ class ScoreSettings:
     """Everything that decides a score run (see `memscan score --help`)."""
 
     data: str
-    query_run: tuple[str, ...] = ()   # `memscan query` runs: one of the test split, one leave-one-out of the train
-    reference_model: str | None = None
-    verbatim: str | None = None
-    min_k: float = membership.DEFAULT_K
-    layer: int | None = None          # the query run's layer (None: its last)
-    resamples: int = 1000
-    seed: int = 0
-    device: str = "auto"
+    query_run: tuple[str, ...] = setting(
+        (), "A `memscan query` run over DATA_DIR: adds nearest-pattern distance, energy, inside-ball, retrieved for the "
+            "chunks of its split. Repeat it: a test-split run rates the non-members, a leave-one-out train-split run "
+            "(queries = the index's own patterns) the members.")
+    reference_model: str | None = setting(None, "A reference model (hub id or folder): adds reference - target loss.")
+    verbatim: str | None = setting(None, "A `memscan verbatim` folder of DATA_DIR: its match columns join the bridge.")
+    min_k: float = setting(membership.DEFAULT_K, "Fraction of tokens of Min-K% and Min-K%++.")
+    layer: int | None = setting(None, "Layer of the --query-run runs to use [default: their last].")
+    resamples: int = setting(1000, "Bootstrap resamples of each interval.")
+    seed: int = setting(0)          # the shared --seed
+    device: str = setting("auto")   # the shared --device (where the reference model runs)
     batch_size: int = 8
-    trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
-    allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
-    geometry: str = "none"            # views: geometric scores at every (site, layer) and kept position, no query run
+    trust_remote_code: bool = setting(False, "Allow a hub model's own code to run.")
+    allow_other_model: bool = setting(False, "Use the dataset's model even when its weights differ from the "
+                                             "manifest's weights_sha256 (the summary records it).")
+    geometry: str = setting("none", "views: minus the distance to the nearest other member (leave-one-chunk-out, "
+                                    "exact) at every (site, layer) DATA_DIR stores and every kept position, mean and "
+                                    "max per chunk, each view's AUC and the best view under a Holm-Bonferroni "
+                                    "correction. Needs no --query-run; quadratic in rows.", choices=GEOMETRY_MODES)
 
     def check(self) -> None:
         """Refuse out-of-range settings with one line that names the flag, the range and the value."""

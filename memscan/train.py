@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+import tqdm.auto
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import memscan.store as store
 from memscan import checks, corpus, files, folders, models, qf
 from memscan.errors import DataError, InputError
+from memscan.fields import setting
 from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -47,31 +48,34 @@ MAX_PARAMETERS = 10**11   # 1.6 TB of weights, gradients and AdamW state: more t
 class TrainSettings:
     """A training run (see `memscan train --help`); presets fill these for the paper's settings."""
 
-    source: str
-    tokens: int                      # training budget D, rounded up to whole documents
-    tokenizer: str | None = None     # hub id or folder; None: the qf source's own tokenizer
-    n_layer: int = 6
-    n_embd: int = 512
-    n_head: int = 4
-    context: int = 64                # chunk length T_max, also the model's n_positions
-    tie_embeddings: bool = True
-    dropout: float = 0.0             # 0 as in nanoGPT's pretraining; exact resumes need no RNG state
-    test_fraction: float = 0.1
-    batch_size: int = 8
-    steps: int | None = None         # None: `epochs` passes over the training chunks
-    epochs: float = 1.0
-    lr: float = 6e-4
+    source: str = setting(help="Text source, as for `memscan extract` [the preset's, else required].")
+    tokens: int = setting(help="Training token budget D, rounded up to whole documents [the preset's, else "
+                               "required].")
+    tokenizer: str | None = setting(None, "Tokenizer for non-qf sources (hub id or folder) [default: the qf "
+                                          "source's own].")
+    n_layer: int = setting(6, "Transformer blocks.")
+    n_embd: int = setting(512, "Width of the residual stream.")
+    n_head: int = setting(4, "Attention heads per block.")
+    context: int = setting(64, "Chunk length T_max (= n_positions).")
+    tie_embeddings: bool = True      # --untied: separate input and output embeddings
+    dropout: float = setting(0.0, "Dropout probability in [0, 1) (0 as in nanoGPT's pretraining).")
+    test_fraction: float = setting(0.1, "Fraction of documents (by seeded hash) in the test split.")
+    batch_size: int = setting(8, "Chunks per optimizer step.")
+    steps: int | None = setting(None, "Optimizer steps [default: --epochs passes over the training chunks].")
+    epochs: float = setting(1.0, "Passes over the training chunks, where --steps is not given.")
+    lr: float = setting(6e-4, "Peak learning rate (AdamW), after the warmup, decaying by cosine.")
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = setting(100, "Steps of linear learning-rate warmup.")
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50
+    eval_every: int = setting(50, "Steps between held-out evaluations.")
     eval_chunks: int = 256           # held-out chunks per evaluation (the first ones, always the same)
     checkpoints: int = 8             # log-spaced checkpoints, plus the last
     save_every: int = 200            # steps between rolling resume points
-    dtype: str = "auto"              # auto: bf16 autocast where the hardware runs it natively
-    device: str = "auto"
-    seed: int = 0
+    dtype: str = setting("auto", "Training precision; auto: bf16 autocast where the hardware runs it natively.",
+                         choices=("auto", "bf16", "fp32"))
+    device: str = setting("auto")    # the shared --device
+    seed: int = setting(0)           # the shared --seed
     text_column: str = "text"
     split: str | None = None         # the split of an hf: source (None: "train"); other sources have none
 
@@ -555,7 +559,7 @@ def _run_steps(out: Path, settings: TrainSettings, data: TrainData, model: Any, 
     total = info["steps"]
     model.train()
     started, running, running_count = time.perf_counter(), state["running"], state["running_count"]
-    progress = tqdm(total=total, initial=state["step"], unit="step", desc="train", disable=None)
+    progress = tqdm.auto.tqdm(total=total, initial=state["step"], unit="step", desc="train", disable=None)
     try:
         for step in range(state["step"], total):
             lr = learning_rate(settings, step, total)

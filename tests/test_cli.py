@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import memscan.cli.train as train_command
 from memscan import models, store
 from memscan.cli import main
 
@@ -56,3 +57,34 @@ def test_help_is_instant_and_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "memscan", "--help"], capture_output=True, text=True).stdout
     for command in ("extract", "verify", "info", "demo"):
         assert command in out
+
+
+class _Captured(Exception):
+    """Raised by a stand-in for the training run, carrying the settings the command built."""
+
+
+def _train_settings(capsys, monkeypatch, tmp_path, *flags: str):
+    """The TrainSettings `memscan train` builds from `flags`, without training."""
+    def capture(settings, *args, **kwargs):
+        raise _Captured(settings)
+
+    monkeypatch.setattr(train_command, "run", capture)
+    with pytest.raises(_Captured) as captured:
+        main(["train", "--out", str(tmp_path / "run"), *flags])
+    return captured.value.args[0]
+
+
+def test_train_presets_apply_where_no_flag_is_given(capsys, monkeypatch, tmp_path):
+    preset = _train_settings(capsys, monkeypatch, tmp_path, "--preset", "gpt2-small", "--source", "qf", "--tokens",
+                             "1000", "--n-layer", "2", "--untied")
+    assert (preset.n_layer, preset.n_embd, preset.warmup_steps, preset.lr) == (2, 768, 2000, 6e-4)
+    assert (preset.seed, preset.device, preset.tie_embeddings) == (0, "auto", False)
+    given = _train_settings(capsys, monkeypatch, tmp_path, "--preset", "qf-6", "--seed", "3", "--device", "cpu",
+                            "--batch-size", "8", "--lr", "1e-3")
+    assert (given.source, given.tokens, given.lr, given.seed, given.device) == ("qf", 1_600_000, 1e-3, 3, "cpu")
+    assert given.tie_embeddings
+    plain = _train_settings(capsys, monkeypatch, tmp_path, "--source", "qf", "--tokens", "500")
+    assert (plain.n_layer, plain.lr, plain.warmup_steps, plain.batch_size) == (6, 6e-4, 100, 8)
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "run"), "--source", "qf"])
+    assert "--tokens is required" in capsys.readouterr().err

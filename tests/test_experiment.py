@@ -150,7 +150,7 @@ BAD_FILES = [
     ("[extract]\n[source]\nid='qf'\n", "model.id: required"),
     ("[train]\n[source]\nid='qf'\n", "train.tokens: required"),
     ("[train]\ntokens = 10\n[source]\nid='qf:bogus=1'\n", "source.id: unknown qf option 'bogus'"),
-    ("[train]\ntokens = 10\n[source]\nid='qf'\nsplit='validation'\n", "source.split: --split applies to hf: sources only"),
+    ("[train]\ntokens = 10\n[source]\nid='qf'\nsplit='validation'\n", "source.split: --hf-split applies to hf: sources only"),
     ("[assoc]\nalpha = 0.5\n", "assoc.alpha: alpha must be above 1"),
     ("[assoc]\ndims = [10, 'x']\n", "assoc.dims: must be a list of integers"),
     ("[assoc]\n[paper]\nquery.typical_radius = 10.0\n", "paper.query.typical_radius: names no measured stage"),

@@ -292,7 +292,7 @@ def test_a_hub_model_is_recorded_unchecked(world, tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(models, "load_tokenizer", lambda *args: ("tokenizer", args))
     settings = score.ScoreSettings(data=str(world["data"]))
     with caplog.at_level("INFO", logger="memscan.score"):
-        tokenizer, record = score._dataset_model(manifest, settings)
+        tokenizer, record = score.dataset_model(manifest, settings)
     assert tokenizer == ("tokenizer", ("org/hub-model", manifest["settings"].get("revision"), False))
     assert record == {"path": "org/hub-model", "weights_sha256": None, "matches_dataset": None}
     assert "cannot be checked" in caplog.text

@@ -455,7 +455,7 @@ def test_bad_training_values_are_one_line(capsys, tmp_path, flag, value, message
     (["--seed", "-1"], "--seed must be at least 0; got -1"),
     (["--test-fraction", "nan"], "--test-fraction must be in [0, 1); got nan"),
     (["--test-fraction", "inf"], "--test-fraction must be in [0, 1); got inf"),
-    (["--split", "test"], "--split applies to hf: sources only; --source 'qf:documents=6,lines=16' has no splits"),
+    (["--hf-split", "test"], "--hf-split applies to hf: sources only; --source 'qf:documents=6,lines=16' has no splits"),
 ])
 def test_bad_extraction_values_are_one_line(capsys, qf_model, tmp_path, extra, message):
     line = one_line_error(capsys, "extract", "--model", str(qf_model), "--source", "qf:documents=6,lines=16",
@@ -465,13 +465,13 @@ def test_bad_extraction_values_are_one_line(capsys, qf_model, tmp_path, extra, m
 
 def test_split_is_for_hf_sources_only(tmp_path):
     (tmp_path / "docs.txt").write_text("one document\n")
-    with pytest.raises(InputError, match="--split applies to hf: sources only"):
+    with pytest.raises(InputError, match="--hf-split applies to hf: sources only"):
         corpus.open_source(str(tmp_path / "docs.txt"), seed=0, split="train")
     assert corpus.resolve_split("hf:owner/name", None) == "train"
     assert corpus.resolve_split("hf:owner/name", "validation") == "validation"
     assert corpus.resolve_split("qf", None) is None
     ExtractSettings(model="m", source="hf:owner/name", split="validation").check()
-    with pytest.raises(InputError, match="--split applies to hf: sources only"):
+    with pytest.raises(InputError, match="--hf-split applies to hf: sources only"):
         TrainSettings(source="qf", tokens=10, split="test").check()
 
 

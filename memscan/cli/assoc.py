@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
 from memscan.assoc import SweepSettings, run_fit, run_sweep
-from memscan.cli.options import allow_other_files, overwrite
+from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.errors import InputError
 from memscan.report import render_assoc
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -23,17 +28,19 @@ def assoc() -> None:
     """Cabannes et al.'s associative memories: error against d and T for memory schemes."""
 
 
-@assoc.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--alpha", type=float, default=2.0, show_default=True, help="Zipf exponent of the inputs.")
-@click.option("--n-tokens", type=int, default=1000, show_default=True, help="N, the number of input tokens.")
-@click.option("--classes", type=int, default=5, show_default=True, help="M, the number of classes (x mod M).")
-@click.option("--dims", default="10,20,50,100,200,500,1000", show_default=True)
-@click.option("--samples", default="10,30,100,300,1000,3000,10000,30000,100000", show_default=True)
-@click.option("--seeds", type=int, default=20, show_default=True)
-@click.option("--schemes", default=",".join(("p", "p_hat", "seen", "threshold", "top_seen", "sgd_small",
-                                             "sgd_large", "adam")), show_default=True)
-@click.option("--learn-embeddings", is_flag=True, help="SGD and Adam also learn the input embeddings.")
+def _list_option(name: str) -> Callable[[F], F]:
+    """A comma-separated list flag of a SweepSettings tuple field, with its help and its default as written."""
+    field = SweepSettings.__dataclass_fields__[name]
+    return click.option(f"--{name}", default=",".join(map(str, field.default)), show_default=True,
+                        help=field.metadata["help"])
+
+
+@assoc.command(cls=Command)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the sweep into.")
+@settings_options(SweepSettings, skip=("dims", "samples", "schemes"))
+@_list_option("dims")
+@_list_option("samples")
+@_list_option("schemes")
 @overwrite
 @allow_other_files
 def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allow_other_files: bool,
@@ -44,7 +51,7 @@ def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allo
     click.echo(f"sweep     {info.rows:,} rows in {info.seconds:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
 
 
-@assoc.command()
+@assoc.command(cls=Command)
 @click.argument("folder", type=click.Path())
 def fit(folder: str) -> None:
     """Log-log slopes with 95% bootstrap intervals beside the theory, and the plots."""

@@ -7,16 +7,17 @@ import time
 import click
 
 from memscan import demo as pipeline
+from memscan.cli import options
 from memscan.cli.render import dataset_lines
 from memscan.demo import DemoResult
 from memscan.wording import floor_text
 
 
-@click.command()
+@click.command(cls=options.Command)
 @click.option("--out", default="memscan-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the training run, the activations and everything after.")
 @click.option("--quick", is_flag=True, help="A tiny run (seconds), as the test suite uses.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@options.seed
 def demo(out: str, quick: bool, seed: int) -> None:
     """Train a small GPT-2 on the Question-Formation language, then extract, index, query and report
     (experiments/demo.toml; `memscan run demo` with other settings)."""

@@ -13,13 +13,17 @@ from typing import Any, TypeVar
 import click
 
 from memscan import checks, fields
+from memscan.errors import InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _device(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
-    """--device checked where it is parsed."""
-    return None if value is None else checks.device("--device", value)
+    """--device checked where it is parsed: a bad one is click's usage error."""
+    try:
+        return None if value is None else checks.device("--device", value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 allow_other_files = click.option(
@@ -95,9 +99,8 @@ PER_COMMAND = {
     "--batch-size": "items per forward pass, sized for each command's work (chunks, prompts, sequences)",
     "--dtype": "the precision of each command's forward pass; verbatim pins fp32 so ties break alike everywhere",
     "--split": "a memscan dataset's split: index takes its patterns from train, query its queries from test",
-    "--source": "the text a command reads; train and saturation fall back on a run's own",
+    "--source": "the text a command reads; train falls back on its preset's, saturation on the run's own",
     "--layer": "the layer a command reads: the one to index, the one of the query runs to score",
     "--sites": "extract's sites to capture; query's sites of the dataset to analyse besides the index's",
-    "--chunk-tokens": "tokens per chunk; saturation and train take the run's own by default",
-    "--test-fraction": "the held-out share of documents; train's preset sets its own",
+    "--chunk-tokens": "tokens per chunk; saturation takes the training run's own by default",
 }

@@ -6,41 +6,23 @@ from typing import Any
 
 import click
 
-from memscan.cli.options import allow_other_files, overwrite
+from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.report import render_scores
 from memscan.score import ScoreSettings
 from memscan.score import score as run
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("data_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the scores into.")
 @click.option("--query-run", multiple=True, type=click.Path(file_okay=False),
-              help="A `memscan query` run over DATA_DIR: adds nearest-pattern distance, energy, inside-ball, "
-                   "retrieved for the chunks of its split. Repeat it: a test-split run rates the non-members, a "
-                   "leave-one-out train-split run (queries = the index's own patterns) the members.")
-@click.option("--layer", type=int, default=None, help="Layer of the --query-run runs to use [default: their last].")
-@click.option("--geometry", type=click.Choice(["none", "views"]), default="none", show_default=True,
-              help="views: minus the distance to the nearest other member (leave-one-chunk-out, exact) at every "
-                   "(site, layer) DATA_DIR stores and every kept position, mean and max per chunk, each view's AUC "
-                   "and the best view under a Holm-Bonferroni correction. Needs no --query-run; quadratic in rows.")
-@click.option("--reference-model", default=None, help="A reference model (hub id or folder): adds reference - target loss.")
-@click.option("--verbatim", "verbatim_dir", default=None, type=click.Path(file_okay=False),
-              help="A `memscan verbatim` folder of DATA_DIR: its match columns join the bridge.")
-@click.option("--min-k", type=float, default=0.2, show_default=True, help="Fraction of tokens of Min-K% and Min-K%++.")
-@click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N] (the reference model's).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
-@click.option("--allow-other-model", is_flag=True,
-              help="Use the dataset's model even when its weights differ from the manifest's weights_sha256 "
-                   "(the summary records it).")
+              help=ScoreSettings.__dataclass_fields__["query_run"].metadata["help"])
+@settings_options(ScoreSettings, skip=("query_run",))
 @overwrite
 @allow_other_files
-def score(data_dir: str, out: str, verbatim_dir: str | None, overwrite: bool, allow_other_files: bool,
-          **settings: object) -> None:
+def score(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, **settings: object) -> None:
     """Rate every train and test chunk (larger = member) and measure each score's AUC and TPR at 1% / 0.1% FPR."""
-    result = run(ScoreSettings(data=data_dir, verbatim=verbatim_dir, **settings), out,  # type: ignore[arg-type]
+    result = run(ScoreSettings(data=data_dir, **settings), out,  # type: ignore[arg-type]
                  overwrite=overwrite, allow_other_files=allow_other_files)
     render_scores(out, allow_other_files)
     metrics = result.metrics

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
-from memscan.cli.options import allow_other_files, overwrite
+from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.errors import InputError
 from memscan.report import render_saturation
 from memscan.saturation import SaturationSettings, analyse
@@ -12,36 +13,29 @@ from memscan.train import PRESETS, TrainSettings
 from memscan.train import train as run
 
 
-@click.command()
+def _help(name: str) -> str:
+    """The help text of a TrainSettings field whose flag is declared by hand (required unless a preset sets it)."""
+    return str(TrainSettings.__dataclass_fields__[name].metadata["help"])
+
+
+@click.command(cls=Command)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (log, checkpoints).")
-@click.option("--preset", type=click.Choice(["qf-6", "qf-10", "gpt2-small"]), default=None,
-              help="The paper's settings; any flag below overrides them.")
-@click.option("--source", default=None, help="Text source, as for `memscan extract` [preset's, else required].")
-@click.option("--tokens", type=int, default=None, help="Training token budget D (rounded up to whole documents).")
-@click.option("--tokenizer", default=None, help="Tokenizer for non-qf sources (hub id or folder).")
-@click.option("--n-layer", type=int, default=None)
-@click.option("--n-embd", type=int, default=None)
-@click.option("--n-head", type=int, default=None)
-@click.option("--context", type=int, default=None, help="Chunk length T_max (= n_positions).")
-@click.option("--untied", "tie_embeddings", flag_value=False, default=None, help="Untie input and output embeddings.")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--steps", type=int, default=None, help="Optimizer steps [default: one epoch].")
-@click.option("--epochs", type=float, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--warmup-steps", type=int, default=None)
-@click.option("--eval-every", type=int, default=None)
-@click.option("--test-fraction", type=float, default=None)
-@click.option("--dropout", type=float, default=None, help="Dropout probability in [0, 1) [default: 0].")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default=None)
-@click.option("--device", default=None, help="auto | cpu | cuda[:N].")
-@click.option("--seed", type=int, default=None)
+@click.option("--preset", type=click.Choice(tuple(PRESETS)), default=None,
+              help="The paper's settings; any flag given below overrides them (the defaults shown do not).")
+@click.option("--source", default=None, help=_help("source"))
+@click.option("--tokens", type=int, default=None, help=_help("tokens"))
+@settings_options(TrainSettings, skip=("source", "tokens"))
+@click.option("--untied", is_flag=True, help="Untie input and output embeddings.")
 @overwrite
 @allow_other_files
-def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool, **flags: object) -> None:
+def train(out: str, preset: str | None, untied: bool, overwrite: bool, allow_other_files: bool,
+          **flags: object) -> None:
     """Train a GPT-2 on a token budget; resumes from the last checkpoint when rerun."""
-    values = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in flags.items() if v is not None}}
+    values = {**(PRESETS[preset] if preset else {}), **_given(click.get_current_context(), flags)}
+    if untied:
+        values["tie_embeddings"] = False
     for required in ("source", "tokens"):
-        if required not in values:
+        if values.get(required) is None:
             raise InputError(f"--{required} is required (or a --preset that sets it)")
     info = run(TrainSettings(**values), out, overwrite=overwrite,  # type: ignore[arg-type]
                allow_other_files=allow_other_files)
@@ -55,14 +49,16 @@ def train(out: str, preset: str | None, overwrite: bool, allow_other_files: bool
                f"--test-fraction {data['test_fraction']} --seed {data['seed']} ...")
 
 
-@click.command()
+def _given(context: click.Context, flags: dict[str, object]) -> dict[str, object]:
+    """The flags given on the command line (not left at their defaults, which a preset's values override)."""
+    return {name: value for name, value in flags.items()
+            if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+
+
+@click.command(cls=Command)
 @click.argument("target", type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--source", default=None, help="Text for the hidden states [default: the run's source, else qf].")
-@click.option("--chunk-tokens", type=int, default=None)
-@click.option("--chunks", type=int, default=8, show_default=True)
-@click.option("--scale", type=float, default=1000.0, show_default=True, help="c in f(x; c theta).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the analysis into.")
+@settings_options(SaturationSettings)
 @click.option("--allow-incomplete", is_flag=True,
               help="Analyse an unfinished training run's checkpoints so far (summary.json records it).")
 @overwrite

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import click
 
-from memscan.cli.options import allow_other_files, overwrite
+from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.verbatim import VerbatimSettings, run
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("data_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the results into.")
-@click.option("--num-chunks", type=int, default=100, show_default=True, help="Seeded sample of chunks per split.")
-@click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Prompt: the chunk's first P tokens.")
-@click.option("--suffix-tokens", type=int, default=32, show_default=True, help="Tokens decoded greedily and compared.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts decoded at once.")
-@click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-              help="Decoding precision; auto picks as extract does (bf16 on GPUs and on CPUs that run it natively).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own code to run.")
-@click.option("--allow-other-model", is_flag=True,
-              help="Use the dataset's model even when its weights differ from the manifest's weights_sha256 "
-                   "(the summary records it).")
+@settings_options(VerbatimSettings)
 @overwrite
 @allow_other_files
 def verbatim(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, **settings: object) -> None:

@@ -9,37 +9,52 @@ from typing import Any
 from memscan import checks, corpus, files, models, store
 from memscan.engines.capture import ModelRequest
 from memscan.engines.planning import ChunkRequest
+from memscan.fields import setting
 
 
 @dataclass(frozen=True)
 class ExtractSettings:
     """Everything that decides an extraction's output (see `memscan extract --help`)."""
 
-    model: str
-    source: str
-    num_chunks: int | None = None        # None: every chunk of the corpus
-    max_documents: int | None = None     # None: the whole source; else its first N documents (a training run's prefix)
-    chunk_tokens: int = 256              # the paper's T_max
-    test_fraction: float = 0.1
-    layers: str | None = None            # last | all | indices (negative from the end); None: last, or none with sites
-    sites: str | None = None             # sites inside blocks and module outputs (memscan.sites), e.g. attn_out:0-5
-    positions: str = "last"              # last | all | every:K
-    dtype: str = "auto"                  # auto | bf16 | fp16 | fp32
-    vec_dtype: str = "auto"              # auto (float16 for 16-bit models) | float16 | float32
-    device: str = "auto"
-    batch_size: int = 8
-    shard_rows: int = 65536
-    seed: int = 0
-    loss: bool = True
-    text_column: str = "text"
-    split: str | None = None             # the split of an hf: dataset to read (None: "train"); other sources have none
-    revision: str | None = None
-    trust_remote_code: bool = False
-    split_column: str | None = None      # a source column naming membership (member/non-member, train/test, 1/0, ...)
-    members: str | None = None           # a file of member document ids (or keys of key_column), one a line
-    key_column: str | None = None        # the source column whose values the --members file lists
-    device_map: str | None = None        # auto: accelerate spreads the model over the GPUs, CPU memory and disk
-    max_memory: str | None = None        # with device_map: a budget per device, e.g. cpu=2GB,0=20GB
+    model: str = setting(help="Hugging Face model id or local folder (Auto classes).")
+    source: str = setting(help="qf[:documents=N,lines=L,gen=F], hf:OWNER/NAME[:CONFIG], or a .txt/.jsonl/.parquet "
+                               "file or folder.")
+    num_chunks: int | None = setting(None, "Seeded uniform sample of this many chunks [default: all].")
+    max_documents: int | None = setting(None, "Read only the first N documents (the prefix a `memscan train` run "
+                                              "used).")
+    chunk_tokens: int = setting(256, "Tokens per chunk (the paper's T_max).")
+    test_fraction: float = setting(0.1, "Fraction of documents (by seeded hash) in the test split.")
+    layers: str | None = setting(None, "The residual stream (site hidden): last | all | indices like 0,6,-1 | none "
+                                       "[default: last, or none with --sites].")
+    sites: str | None = setting(None, "Sites inside blocks, read in the same forward pass: resid_pre, resid_mid, "
+                                      "resid_post, attn_out, mlp_out, mlp_hidden with blocks (attn_out:0-5, "
+                                      "mlp_hidden:-1, resid_post:all), or module:PATH.")
+    positions: str = setting("last", "last | all | every:K.")
+    dtype: str = setting("auto", "Forward-pass precision; auto: bf16 where the GPU or CPU runs it natively, else "
+                                 "fp16 on GPUs, fp32 on CPUs.", choices=("auto", "bf16", "fp16", "fp32"))
+    vec_dtype: str = setting("auto", "Stored vector type; auto is float16 for 16-bit models.",
+                             choices=("auto", *store.VEC_DTYPES))
+    device: str = setting("auto")   # the shared --device
+    batch_size: int = setting(8, "Chunks per forward pass.")
+    shard_rows: int = setting(65536, "Rows per Parquet shard.")
+    seed: int = setting(0)   # the shared --seed
+    loss: bool = True        # --no-loss: skip the next-token loss (and the LM head)
+    text_column: str = setting("text", "Text column of .jsonl/.parquet/hf sources.")
+    split: str | None = setting(None, "Split of an hf: dataset to read [default: train]; other sources have none.",
+                                flag="--hf-split")
+    revision: str | None = setting(None, "Revision of the hub model and dataset.")
+    trust_remote_code: bool = setting(False, "Allow a hub model's own code to run.")
+    split_column: str | None = setting(None, "Membership from a column of a .jsonl/.parquet/hf: source: "
+                                             "member/non-member, train/test, 1/0, true/false (train = in the model's "
+                                             "training data) [default: seeded hash split].")
+    members: str | None = setting(None, "A text file of member document ids (or --key-column keys), one a line; every "
+                                        "other document is test.")
+    key_column: str | None = setting(None, "The source column whose values the --members file lists.")
+    device_map: str | None = setting(None, "Spread a model larger than one device over the GPUs, CPU memory and disk "
+                                           "(accelerate); --device then only picks the default --dtype.",
+                                     choices=("auto",))
+    max_memory: str | None = setting(None, "With --device-map: memory per device for the model, e.g. "
+                                           "cpu=2GB,0=20GB (GPU indices, cpu, disk).")
 
     def check(self) -> None:
         """Refuse out-of-range settings with one line that names the flag, the range and the value."""

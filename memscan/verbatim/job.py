@@ -16,6 +16,7 @@ import numpy as np
 
 import memscan.store as store
 from memscan import checks, files, folders, models
+from memscan.fields import setting
 from memscan.results import StageResult
 from memscan.score import SPLITS, dataset_model, job_identity, rated_chunks
 from memscan.verbatim.match import verbatim_table
@@ -28,21 +29,23 @@ class VerbatimSettings:
     """Everything that decides a verbatim run (see `memscan verbatim --help`)."""
 
     data: str
-    num_chunks: int = 100
-    prompt_tokens: int = 32
-    suffix_tokens: int = 32
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "fp32"               # auto | bf16 | fp16 | fp32 as in extract; the summary records the one used
-    resamples: int = 1000
-    trust_remote_code: bool = False   # the dataset's model's own code: only ever from the command line
-    allow_other_model: bool = False   # use a model whose weights differ from the manifest's weights_sha256
+    num_chunks: int = setting(100, "Seeded sample of chunks per split.", flag="--per-split")
+    prompt_tokens: int = setting(32, "Prompt: the chunk's first P tokens.")
+    suffix_tokens: int = setting(32, "Tokens decoded greedily and compared.")
+    batch_size: int = setting(32, "Prompts decoded at once.")
+    seed: int = setting(0)          # the shared --seed
+    device: str = setting("auto")   # the shared --device
+    dtype: str = setting("fp32", "Decoding precision; auto picks as extract does (bf16 on GPUs and on CPUs that run "
+                                 "it natively).", choices=("auto", "bf16", "fp16", "fp32"))
+    resamples: int = setting(1000, "Bootstrap resamples of each interval.")
+    trust_remote_code: bool = setting(False, "Allow a hub model's own code to run.")
+    allow_other_model: bool = setting(False, "Use the dataset's model even when its weights differ from the "
+                                             "manifest's weights_sha256 (the summary records it).")
 
     def check(self) -> None:
         """Refuse out-of-range settings with one line that names the flag, the range and the value."""
         checks.choice("--dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
-        for flag, value in (("--num-chunks", self.num_chunks), ("--prompt-tokens", self.prompt_tokens),
+        for flag, value in (("--per-split", self.num_chunks), ("--prompt-tokens", self.prompt_tokens),
                             ("--suffix-tokens", self.suffix_tokens), ("--batch-size", self.batch_size),
                             ("--resamples", self.resamples)):
             checks.at_least(flag, value, 1)
