@@ -7,7 +7,8 @@ from typing import Any, TypeVar
 
 import click
 
-from memscan.assoc import SweepSettings, run_fit, run_sweep
+from memscan import assoc as sweeps
+from memscan.assoc import SweepSettings
 from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
 from memscan.errors import InputError
 from memscan.report import render_assoc
@@ -46,7 +47,7 @@ def _list_option(name: str) -> Callable[[F], F]:
 def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allow_other_files: bool,
           **settings: object) -> None:
     """Exact population errors over dimensions, sample sizes, schemes and seeds (a Parquet table)."""
-    info = run_sweep(SweepSettings(dims=_ints(dims), samples=_ints(samples), schemes=tuple(schemes.split(",")),
+    info = sweeps.run_sweep(SweepSettings(dims=_ints(dims), samples=_ints(samples), schemes=tuple(schemes.split(",")),
                                    **settings), out, overwrite, allow_other_files)  # type: ignore[arg-type]
     click.echo(f"sweep     {info.rows:,} rows in {info.seconds:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
 
@@ -55,7 +56,7 @@ def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allo
 @click.argument("folder", type=click.Path())
 def fit(folder: str) -> None:
     """Log-log slopes with 95% bootstrap intervals beside the theory, and the plots."""
-    result = run_fit(folder)
+    result = sweeps.run_fit(folder)
     for scheme, s in result["slopes"].items():
         fitted = s["missing"] if "missing" in s else f"{s['slope']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]" + (
             f" ({s['dropped_zero_error']} zero-error points left out)" if s["dropped_zero_error"] else "")

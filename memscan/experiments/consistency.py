@@ -6,6 +6,7 @@ where the model is a hub id, what only the model knows (its layer count) is chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -13,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from memscan import corpus
+from memscan import corpus, fields
 from memscan.errors import InputError
 from memscan.experiments.comparison import PAPER, RESERVED, SCALE_NUMBERS, numbers, quantities
-from memscan.experiments.tables import STAGES, ExperimentError, build, owner_of
+from memscan.experiments.tables import STAGES, ExperimentError, build, owner_of, settings_classes
 from memscan.extract import resolve_layers
 from memscan.files import first_line
 from memscan.layout import parse_layers, parse_positions
@@ -93,7 +94,10 @@ class Checker:
 
     def _key_in(self, stage: str, message: str) -> str:
         """The key a check's message is about: its first flag (`--k` is query.k) or leading setting name."""
-        named = [match[1].replace("-", "_") for match in _FLAG.finditer(message)] + [message.split(" ", 1)[0]]
+        flags = {fields.flag_of(field): field.name for cls in settings_classes().values()
+                 for field in dataclasses.fields(cls)}   # a field has one flag in every stage that has it
+        named = [flags.get(match[0], match[1].replace("-", "_")) for match in _FLAG.finditer(message)]
+        named.append(message.split(" ", 1)[0])
         return next((owner for owner in (owner_of(stage, field) for field in named) if owner), stage)
 
     # ---------------------------------------------------------------- the stages together

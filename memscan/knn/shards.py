@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -410,8 +410,8 @@ class InProcess:
 
     def open_shards(self, makers: Sequence[Callable[..., Shard]], metric: str, device: str,
                     ) -> tuple[Shards, Engine]:
-        """The shards made here, one after another; exact searches with `choose_backend(device)`."""
-        return LocalShards([make(device=device) for make in makers], metric), InProcess(exact.choose_backend(device))
+        """The shards made here, one after another; exact searches by a copy of this engine with `choose_backend(device)`."""
+        return LocalShards([make(device=device) for make in makers], metric), replace(self, backend=exact.choose_backend(device))
 
     def knn(self, query_blocks: Iterable[exact.Block], database_blocks: Callable[[], Iterable[exact.Block]], k: int,
             *, metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
