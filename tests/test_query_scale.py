@@ -158,7 +158,7 @@ def test_mips_reranks_only_the_candidates_rounding_could_reorder(data, arrays, m
     blocks = dataset_blocks(dataset, "train", 0, 500)
     index = mips.MipsIndex.build(dataset, blocks, TRAIN, float((P * P).sum(1).max()), 1 << 30,
                                  factory="IVF16,Flat")
-    index.shard.set_parameter("nprobe", 4)
+    index.set_parameter("nprobe", 4)
     read = []
     index.vectors = lambda rows, take=index.vectors: read.append(len(rows)) or take(rows)
     X, ids = arrays["P"].astype(np.float32), np.arange(TRAIN)
@@ -177,10 +177,10 @@ def test_an_ivf_flat_index_is_searched_for_inner_products_through_its_own_lists(
     index = KnnIndex.load(ivf, device="cpu")
     searcher = mips.MipsIndex.over_lists(index.shards, index.vectors, float((P * P).sum(1).max()),
                                          index.info["factory"])
-    view = searcher.shard
-    assert view.index.invlists.this == faiss.downcast_index(index.shards.members[0].index).invlists.this
+    view = searcher.shards.members[0]
+    assert view.ivf.invlists.this == faiss.downcast_index(index.shards.members[0].index).invlists.this
     assert view.index.ntotal == TRAIN and view.probe.ntotal == 16 and not searcher.augmented
-    view.set_parameter("nprobe", 16)
+    searcher.set_parameter("nprobe", 16)
     result = searcher.search(Q, 4)
     products = Q.astype(np.float64) @ P.T
     np.testing.assert_allclose(result.ip, -np.sort(-products, axis=1)[:, :4], rtol=1e-12)
@@ -211,7 +211,7 @@ def test_a_lists_view_survives_empty_lists_small_batches_and_its_owner_going(arr
     gc.collect()                                  # the index it was made from is gone but for the view
     assert 0 < view.probe.ntotal < 16
     view.set_parameter("nprobe", 16)              # more than the non-empty lists: all of them
-    assert view.params["nprobe"] == 16 and faiss.downcast_index(view.index).nprobe == view.probe.ntotal
+    assert view.params["nprobe"] == 16 and view.nprobe == view.probe.ntotal
     Q = arrays["Q"][:5].astype(np.float32)
     truth = -np.sort(-(Q.astype(np.float64) @ P[filled].T), axis=1)[:, :3]
     for grouped in (False, True):                 # 5 queries: too few for a grouped scan, searched plainly
@@ -238,10 +238,43 @@ def test_subsets_through_an_index_without_nprobe_are_searched_once(data, arrays,
     assert (subset.values >= brute_subset_nearest(arrays["P"], subset.row_ids) * (1 - 1e-6)).all()
 
 
-def test_sharded_indexes_get_their_own_inner_product_index(data, tmp_path):
-    build(data, tmp_path / "ivf", IndexSettings(factory="IVF16,Flat", nprobe=4, shards=2))
-    index = KnnIndex.load(tmp_path / "ivf", device="cpu")
-    assert mips.MipsIndex.over_lists(index.shards, index.vectors, 1.0, index.info["factory"]) is None
+@pytest.mark.parametrize("factory,shards", [("IVF16,Flat", 2), ("IVF16,SQ8", 1), ("IVF16,SQ8", 2), ("IVF16,PQ4x4", 1)])
+def test_compressed_and_sharded_indexes_are_searched_for_inner_products_through_their_own_lists(
+        data, arrays, tmp_path, factory, shards):
+    """No second index: each shard's lists decoded and scanned. Probing every list, a compressed index finds the
+    true largest products among its candidates (SQ8) or a recall its tuning measures exactly as brute force does;
+    a maximum found is never above the true one."""
+    build(data, tmp_path / "index", IndexSettings(factory=factory, nprobe=4, shards=shards))
+    index = KnnIndex.load(tmp_path / "index", device="cpu")
+    P, Q = arrays["P"], arrays["Q"][:60].astype(np.float32)
+    searcher = mips.MipsIndex.over_lists(index.shards, index.vectors, float((P * P).sum(1).max()), index.factory)
+    assert searcher is not None and not searcher.augmented and searcher.shards.ntotal == TRAIN
+    assert [view.ivf.invlists.this for view in searcher.shards.members] == [
+        faiss.downcast_index(shard.index).invlists.this for shard in index.shards.members]   # shared, not copied
+    truth = -np.sort(-(Q.astype(np.float64) @ P.T), axis=1)[:, :K]
+    searcher.set_parameter("nprobe", 16)
+    found = searcher.search(Q, K)
+    assert (found.ip <= truth[:, :1] + 1e-9).all()
+    if "PQ" not in factory:
+        np.testing.assert_allclose(found.ip, truth, rtol=1e-12)
+    blocks = dataset_blocks(store.ActivationDataset(data), "train", 0, 500)
+    sample = searcher.sample(size=300, seed=1)
+    tuned = searcher.tune(knn_engine.LocalEngine(), blocks, {"patterns": sample}, target=0.9)
+    gram = P @ P.T
+    np.fill_diagonal(gram, -np.inf)
+    position = np.searchsorted(searcher.shards.row_ids, sample.ids)
+    brute = gram.max(1)[position]
+    again = searcher.search(sample.X, 1, sample.ids).ip[:, 0]
+    assert tuned["samples"]["patterns"]["recall_1_at_1"] == pytest.approx(np.mean(np.isclose(again, brute,
+                                                                                            rtol=1e-9)))
+    row_ids, best = searcher.max_other(blocks)
+    assert (best <= gram.max(1) * (1 + 1e-12) + 1e-12).all()
+
+
+def test_an_index_without_lists_gets_an_inner_product_index_of_its_own(data, tmp_path):
+    build(data, tmp_path / "hnsw", IndexSettings(factory="HNSW16"))
+    index = KnnIndex.load(tmp_path / "hnsw", device="cpu")
+    assert mips.MipsIndex.over_lists(index.shards, index.vectors, 1.0, index.factory) is None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF16,Flat", "a test's IVF"))
         layer = context.open_layer(index, store.ActivationDataset(data), 0, QuerySettings(k=K), leave_one_out=False)

@@ -13,10 +13,11 @@ measures recall against exact MIPS on seeded samples (the patterns' own maxima, 
 queries' top k) and picks the smallest nprobe at which each reaches the target
 (`tuning.sweep`).
 
-Where the nearest-neighbour index already holds the patterns as one IVF-Flat, no second
-index is built (`MipsIndex.over_lists`): its own inverted lists are scanned for inner
-products, probed by the lists' augmented means as the augmented index would be
-(`ListsView`), tuned and re-ranked the same way.
+Where the nearest-neighbour index holds the patterns in IVF shards held in this process
+(Flat, SQ or PQ codes, any coarse quantizer), no second index is built (`MipsIndex.over_lists`):
+each shard's own inverted lists are decoded and scanned for inner products, a list once per
+batch of queries, probed by the lists' augmented means as the augmented index would be
+(`ListsView`), tuned and re-ranked the same way; the shards' best are merged.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import memscan.store as store
 from memscan.errors import DataError
 from memscan.knn import exact, kmeans, tuning
 from memscan.knn.index import IndexSettings, nlist, recall_at
-from memscan.knn.shards import Engine, Shard, Shards, grouped_search
+from memscan.knn.shards import Engine, LocalShards, Shard, Shards
 
 log = logging.getLogger(__name__)
 
@@ -85,39 +86,81 @@ class Sample(NamedTuple):
     exclude_self: bool
 
 
-class ListsView(Shard):
-    """An IVF-Flat shard's own inverted lists searched for the largest inner products, without a copy.
+SCANNED_IVFS = (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)   # codes ListsView decodes
 
-    The view is an IVF of metric inner product over the same lists (shared, not copied). It
-    probes the lists as the augmented L2 index would: those whose augmented means [mean rho,
+
+def list_decoder(ivf: Any) -> Callable[[int, np.ndarray], np.ndarray]:
+    """(list number, the list's codes) -> its vectors (m, d) float32 as the IVF stores them: Flat codes as they
+    are, SQ and PQ codes decoded, the list's centroid added back where the codes hold residuals."""
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        return lambda number, codes: codes.view(np.float32).reshape(-1, ivf.d)
+    coder = ivf.sq if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else ivf.pq
+
+    def decode(number: int, codes: np.ndarray) -> np.ndarray:
+        vectors = coder.decode(codes)
+        return vectors + ivf.quantizer.reconstruct(number) if ivf.by_residual else vectors
+    return decode
+
+
+def scan_lists(X: np.ndarray, lists: np.ndarray, k: int,
+               list_vectors: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """For each query X (nq, n) the k largest inner products over the vectors of its probed `lists` (nq, p):
+    (scores (nq, k) float32, descending; local ids (nq, k), -1 where fewer). Each list is read and decoded once
+    for all the queries that probe it, its products one matrix product (faiss.contrib's big batch search, but
+    for inner products of residual codes too)."""
+    heap = faiss.ResultHeap(len(X), k, keep_max=True)
+    probes, queries = lists.ravel(), np.repeat(np.arange(len(X)), lists.shape[1])
+    order = np.argsort(probes, kind="stable")
+    probes, queries = probes[order], queries[order]
+    starts = np.flatnonzero(np.r_[True, probes[1:] != probes[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(probes)]):
+        if probes[start] < 0:
+            continue
+        ids, vectors = list_vectors(int(probes[start]))
+        if len(ids):
+            subset = queries[start:stop]
+            heap.add_result_subset(subset, X[subset] @ vectors.T, ids)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+class ListsView(Shard):
+    """An IVF shard's own inverted lists (Flat, SQ or PQ codes, any coarse quantizer) searched for the largest
+    inner products: no second index and no copy of the lists.
+
+    It probes the lists as the augmented L2 index would: those whose augmented means [mean rho,
     mean sqrt(M^2 - ||rho||^2)] lie nearest to [x, 0], which favours lists of large norm and
-    wide spread, where large products live (the centroids' products alone miss those).
+    wide spread, where large products live (the centroids' products alone miss those); each
+    probed list is decoded once per batch of queries (`scan_lists`). The L2 index is never changed.
     """
 
     def __init__(self, shard: Shard, max_sq_norm: float):
-        ivf = faiss.downcast_index(shard.index)
-        view = faiss.IndexIVFFlat(faiss.IndexFlatIP(ivf.d), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
-        view.replace_invlists(ivf.invlists, False)   # the L2 index keeps owning its lists
-        view.ntotal, view.is_trained = ivf.ntotal, True
-        view.referenced_objects.append(shard.index)  # FAISS's own way to keep the owner alive as long
-        self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(ivf.d + 1))
-        for number in range(ivf.nlist):
-            _, codes = get_invlist(ivf.invlists, number)
-            if len(codes):
-                mean = augment_patterns(codes.view(np.float32).reshape(-1, ivf.d), max_sq_norm).mean(axis=0)
-                self.probe.add_with_ids(mean[None], np.array([number]))
-        super().__init__(view, shard.row_ids, {})
+        self.ivf = faiss.downcast_index(shard.index)
+        self.decode = list_decoder(self.ivf)
+        self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(self.ivf.d + 1))
+        for number in range(self.ivf.nlist):
+            _, vectors = self.list_vectors(number)
+            if len(vectors):
+                self.probe.add_with_ids(augment_patterns(vectors, max_sq_norm).mean(axis=0)[None], np.array([number]))
+        self.nprobe = 1
+        super().__init__(shard.index, shard.row_ids, {})
+
+    def list_vectors(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        """List `number`'s local ids (m,) and vectors (m, d) float32, decoded."""
+        ids, codes = get_invlist(self.ivf.invlists, number)
+        return ids, self.decode(number, codes)
 
     def set_parameter(self, name: str, value: int) -> None:
-        """As `Shard.set_parameter`; nprobe probes at most the non-empty lists (the probe holds only those)."""
-        super().set_parameter(name, min(value, self.probe.ntotal) if name == "nprobe" else value)
+        """nprobe of the view alone (the L2 index keeps its own); it probes at most the non-empty lists."""
         self.params[name] = value
+        self.nprobe = min(value, self.probe.ntotal)
+
+    def has_exact_codes(self) -> bool:
+        return isinstance(self.ivf, faiss.IndexIVFFlat)
 
     def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
-        view = faiss.downcast_index(self.index)
-        lists_D, lists = self.probe.search(augment_queries(X), view.nprobe)
-        found = grouped_search(view, X, k, lists.astype(np.int32)) if grouped else None
-        D, local = found if found is not None else view.search_preassigned(X, k, lists, lists_D)
+        _, lists = self.probe.search(augment_queries(X), self.nprobe)
+        D, local = scan_lists(X, lists, k, self.list_vectors)
         return D, self.row_ids_of(local)
 
 
@@ -133,21 +176,24 @@ class MipsIndex:
     """A FAISS index searched for the largest inner products (module docstring): an L2 index over augmented
     patterns (`build`), or an inner-product view of the nearest-neighbour index's own lists (`over_lists`)."""
 
-    def __init__(self, shard: Shard, vectors: Callable[[np.ndarray], np.ndarray], max_sq_norm: float, factory: str,
+    def __init__(self, shards: Shards, vectors: Callable[[np.ndarray], np.ndarray], max_sq_norm: float, factory: str,
                  reason: str, augmented: bool = True):
-        self.shard, self.vectors, self.max_sq_norm = shard, vectors, max_sq_norm
+        self.shards, self.vectors, self.max_sq_norm = shards, vectors, max_sq_norm
         self.factory, self.reason, self.augmented = factory, reason, augmented
+        self.params: dict[str, int] = {}
 
     @classmethod
     def over_lists(cls, shards: Shards, vectors: Callable[[np.ndarray], np.ndarray], max_sq_norm: float,
                    factory: str) -> MipsIndex | None:
         """The patterns of a nearest-neighbour index described by `factory`, searched through its own lists
-        (`ListsView`); None unless it is one IVF-Flat shard (of metric L2) held in this process."""
-        shard = shards.local_shard()
-        ivf = None if shard is None else faiss.downcast_index(shard.index)
-        if type(ivf) is not faiss.IndexIVFFlat or ivf.metric_type != faiss.METRIC_L2:
+        (a `ListsView` of every shard, their best merged); None unless every shard is an IVF of Flat, SQ or PQ
+        codes (metric L2) held in this process."""
+        members = getattr(shards, "members", [])
+        ivfs = [faiss.downcast_index(shard.index) for shard in members]
+        if not ivfs or not all(type(ivf) in SCANNED_IVFS and ivf.metric_type == faiss.METRIC_L2 for ivf in ivfs):
             return None
-        return cls(ListsView(shard, max_sq_norm), vectors, max_sq_norm, f"{factory} (its own lists, inner product)",
+        views = LocalShards([ListsView(shard, max_sq_norm) for shard in members], "ip")
+        return cls(views, vectors, max_sq_norm, f"{factory} (its own lists, inner product)",
                    "the nearest-neighbour index's inverted lists scanned for inner products: no second index",
                    augmented=False)
 
@@ -174,19 +220,20 @@ class MipsIndex:
         for ids, X in blocks():
             index.add(augment_patterns(X, max_sq_norm))
             row_ids.append(ids)
-        return cls(Shard(index, np.concatenate(row_ids), {}), vectors or dataset.take, max_sq_norm, factory, reason)
+        return cls(LocalShards([Shard(index, np.concatenate(row_ids), {})], "l2"), vectors or dataset.take, max_sq_norm,
+                   factory, reason)
 
     @property
     def ntotal(self) -> int:
-        return len(self.shard.row_ids)
+        return self.shards.ntotal
 
     @functools.cached_property
     def exact_codes(self) -> bool:
-        return self.shard.has_exact_codes()
+        return self.shards.exact_codes
 
     @property
     def search_params(self) -> dict[str, int]:
-        return dict(self.shard.params)
+        return dict(self.params)
 
     def search(self, X: np.ndarray, k: int, query_ids: np.ndarray | None = None,
                grouped: bool = False) -> MipsResult:
@@ -200,7 +247,7 @@ class MipsIndex:
         """
         X = np.asarray(X, np.float32)
         wanted = min(self.ntotal, k + int(query_ids is not None) + CANDIDATE_SLACK)
-        scores, ids = self.shard.search(augment_queries(X) if self.augmented else X, wanted, grouped)
+        scores, ids = self.shards.search(augment_queries(X) if self.augmented else X, wanted, grouped)
         if query_ids is not None:
             ids = np.where(ids == query_ids[:, None], -1, ids)
         valid = ids >= 0
@@ -229,6 +276,11 @@ class MipsIndex:
         kth = -np.partition(-approximate, min(k, scores.shape[1]) - 1, axis=1)[:, min(k, scores.shape[1]) - 1]
         return valid & (approximate >= (kth - 2 * error)[:, None])
 
+    def set_parameter(self, name: str, value: int) -> None:
+        """A search parameter of every shard (nprobe), recorded in `search_params`."""
+        self.shards.set_parameter(name, value)
+        self.params[name] = value
+
     def max_other(self, blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
         """For every pattern the largest inner product with another: (row ids (d,), max_{j != i} rho_i . rho_j (d,))."""
         parts = [(ids, self.search(X, 1, ids, grouped=True).ip[:, 0]) for ids, X in blocks()]
@@ -242,7 +294,7 @@ class MipsIndex:
     def sample(self, size: int = RECALL_QUERIES, seed: int = 0) -> Sample:
         """A seeded sample of the indexed patterns, each searched for its largest product with another."""
         pick = np.sort(np.random.default_rng(seed).choice(self.ntotal, size=min(size, self.ntotal), replace=False))
-        ids = self.shard.row_ids[pick]
+        ids = self.shards.row_ids[pick]
         return Sample(ids, self.vectors(ids), 1, exclude_self=True)
 
     def tune(self, engine: Engine, blocks: Blocks, samples: dict[str, Sample],
@@ -262,13 +314,13 @@ class MipsIndex:
                     for name, s in samples.items()}
 
         def measure(nprobe: int) -> float:
-            self.shard.set_parameter("nprobe", nprobe)
+            self.set_parameter("nprobe", nprobe)
             return min(at_1 for at_1, _ in recalls().values())
 
-        lists = nlist(self.shard.index)
+        lists = self.shards.nlist
         swept = tuning.sweep("nprobe", tuning.search_values("nprobe", lists), measure, target) if lists else None
         if swept is not None:
-            self.shard.set_parameter("nprobe", swept["chosen"])
+            self.set_parameter("nprobe", swept["chosen"])
         final = recalls()
         return {"target_recall": target, "tuning": swept,
                 "samples": {name: {"queries": len(s.ids), "k": s.k, "recall_1_at_1": final[name][0],
