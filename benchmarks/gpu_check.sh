@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: set up CUDA torch, faiss-gpu and memscan, show what sees the GPU, run the
-# GPU-marked tests and the extraction and kNN benchmarks at GPU sizes, all within 10 minutes,
+# GPU-marked tests, issue 23's IVF-PQ and sharded query paths on the GPU, and the extraction and kNN
+# benchmarks at GPU sizes, all within 10 minutes,
 # and end with one table (step, status, key number). Exit 1 if any step failed or timed out.
 #
 #   bash benchmarks/gpu_check.sh [--tiny] [--python PATH] [--no-install] [--out DIR] [--budget SECONDS]
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         --python) PYTHON_ARG=${2:?--python needs a path}; shift ;;
         --out) OUTDIR=${2:?--out needs a folder}; shift ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -344,7 +345,7 @@ fi
 # ---------------------------------------------------------------- 3. the GPU-marked tests
 header "pytest -m gpu"
 XML="$OUTDIR/pytest-gpu.xml"
-run "$(limit 180)" "$PY" -m pytest -m gpu -q -rs --continue-on-collection-errors --junitxml="$XML" tests
+run "$(limit 150)" "$PY" -m pytest -m gpu -q -rs --continue-on-collection-errors --junitxml="$XML" tests
 status=$?
 COUNTS=$("$PY" - "$XML" 2>>"$LOG" <<'PY'
 import sys
@@ -478,6 +479,67 @@ record_bench() {  # record_bench KIND STATUS STEP...: one table row per line of 
     done
 }
 
+# ---------------------------------------------------------------- 3b. issue 23's paths: IVF-PQ and a sharded query on the GPU
+# One dataset (bench_query's clustered float16 vectors, written in blocks), then `memscan index` with an
+# --index-memory that only PQ codes fit (auto picks IVF<nlist>,PQ<m>, trained, filled and tuned on the GPU)
+# and `memscan query` over it; then `memscan index --shards 2` and `memscan query` over the two shards.
+# Each command is time-boxed; the key number is each command's wall time and the index's factory.
+QDIR="$OUTDIR/query-paths"
+if [ $TINY -eq 1 ]; then
+    Q_PATTERNS=60000; Q_QUERIES=500; Q_N=32; Q_MEMORY=2MB   # PQ8: 1.4 MB with ids
+else
+    # 300,000 x 256: float32 codes 0.31 GB, SQ8 82 MB, PQ64 24 MB with ids: 40 MB leaves only PQ
+    Q_PATTERNS=300000; Q_QUERIES=10000; Q_N=256; Q_MEMORY=40MB
+fi
+Q_DEVICE=gpu
+[ $GPU_PRESENT -eq 1 ] || [ $TINY -eq 0 ] || Q_DEVICE=auto   # a CPU dry run: the same commands on the CPU
+
+query_step() {  # query_step STEP SECONDS INDEX_DIR INDEX_ARGS...: index then query, one table row
+    local step=$1 seconds=$2 index_dir=$3 status started index_s query_s info
+    shift 3
+    header "$step"
+    started=$SECONDS
+    run "$(limit "$seconds")" "$PY" -m memscan index "$QDIR/data" --out "$index_dir" --overwrite \
+        --device "$Q_DEVICE" "$@"
+    status=$?
+    index_s=$(( SECONDS - started ))
+    if [ $status -ne 0 ]; then
+        record "$step" "$(timed_out $status && echo TIMEOUT || echo FAIL)" "memscan index exited $status after $index_s s (see $LOG)"
+        return
+    fi
+    started=$SECONDS
+    rm -rf "$index_dir-run"
+    run "$(limit $(( seconds - index_s > 20 ? seconds - index_s : 20 )))" "$PY" -m memscan query "$index_dir" \
+        --queries "$QDIR/data" --split test --device "$Q_DEVICE" --out "$index_dir-run"
+    status=$?
+    query_s=$(( SECONDS - started ))
+    info=$("$PY" -c 'import json, sys; i = json.load(open(sys.argv[1])); print(i["factory"], i["device"], len(i["shards"]), i["search"])' \
+        "$index_dir/index.json" 2>>"$LOG")
+    if [ $status -ne 0 ]; then
+        record "$step" "$(timed_out $status && echo TIMEOUT || echo FAIL)" "index $index_s s ($info); memscan query exited $status after $query_s s"
+    elif [ "$Q_DEVICE" = gpu ] && ! echo "$info" | grep -q "faiss-gpu"; then
+        record "$step" FAIL "index $index_s s, query $query_s s, but the index was not built on the GPU: $info"
+    else
+        record "$step" OK "$Q_PATTERNS x $Q_N: index $index_s s, query $query_s s ($info)$([ "$Q_DEVICE" = gpu ] || echo '; CPU dry run')"
+    fi
+}
+
+header "query paths: data"
+rm -rf "$QDIR"
+mkdir -p "$QDIR"
+if run "$(limit 60)" "$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; import bench_query as b; b.write_dataset(Path(sys.argv[1]), *map(int, sys.argv[2:5]), 0)' \
+        "$QDIR/data" "$Q_PATTERNS" "$Q_QUERIES" "$Q_N"; then
+    query_step "gpu ivf-pq index+query" 110 "$QDIR/ivfpq" --index-memory "$Q_MEMORY"
+    if ! grep -q '"factory": "IVF[0-9_A-Z]*,PQ' "$QDIR/ivfpq/index.json" 2>/dev/null; then
+        record "gpu ivf-pq factory" FAIL "auto did not choose IVF-PQ at --index-memory $Q_MEMORY (see $QDIR/ivfpq/index.json)"
+    fi
+    query_step "gpu sharded index+query" 90 "$QDIR/sharded" --shards 2
+else
+    record "gpu ivf-pq index+query" FAIL "could not write the dataset (see $LOG)"
+    record "gpu sharded index+query" FAIL "could not write the dataset (see $LOG)"
+fi
+rm -rf "$QDIR/data"
+
 header "bench knn"
 if [ $TINY -eq 1 ]; then
     KNN_ARGS=(--device gpu --n-vectors 4000 --dim 32 --block-rows 1500 --queries 100 --cpu-queries 1000 --nlist 16 --skip-hnsw)
@@ -487,7 +549,7 @@ else
     KNN_ARGS=(--device gpu --n-vectors 200000 --dim 1024 --block-rows 100000 --queries 2000 --cpu-queries 20000 \
               --nlist 2048 --skip-sklearn --skip-hnsw)
 fi
-bench bench_knn "$(limit 240)" "${KNN_ARGS[@]}"
+bench bench_knn "$(limit 150)" "${KNN_ARGS[@]}"
 record_bench knn $? "bench knn exact" "bench knn approx"
 
 header "bench extract"
@@ -497,7 +559,7 @@ else
     # shellcheck disable=SC2054  # 16,64,128 is one argument
     EXTRACT_ARGS=(--device cuda --documents 400 --baseline-chunks 64 --batch-sizes 16,64,128 --skip-memory)
 fi
-bench bench_extract "$(limit 200)" "${EXTRACT_ARGS[@]}"
+bench bench_extract "$(limit 120)" "${EXTRACT_ARGS[@]}"
 record_bench extract $? "bench extract"
 
 summary

@@ -215,3 +215,51 @@ def test_the_engine_is_passed_in(medium, tmp_path):
     assert info["engine"] == "recording" and opened == [2]
     index = KnnIndex.load(tmp_path / "idx", engine=Recording())
     assert opened == [2, 2] and isinstance(index.engine, knn_engine.LocalEngine)
+
+
+# ---------------------------------------------------------------- the coarse quantizer (issue 23)
+
+
+def test_auto_factory_searches_many_centroids_by_a_graph_on_a_cpu():
+    threshold = tuning.HNSW_QUANTIZER_MIN
+    assert tuning.coarse_quantizer(threshold // 2) == "" and tuning.coarse_quantizer(threshold) == "_HNSW32"
+    assert tuning.coarse_quantizer(threshold, gpu=True) == ""        # faiss-gpu scans its centroids flat
+    # 10M vectors of n = 64: 8,192 lists (the k-means cap), past the threshold
+    factory, reason = auto_factory(10_000_000, 64)
+    assert factory == f"IVF{threshold}_HNSW32,Flat" and "HNSW32 graph" in reason
+    assert auto_factory(10_000_000, 64, gpu=True)[0] == "IVF32768,Flat"
+    assert auto_factory(10_000_000, 64, tuning.parse_memory("1GB"))[0] == f"IVF{threshold}_HNSW32,SQ8"
+    assert auto_factory(1_000_000, 256)[0] == "IVF4096,Flat"           # below it: the flat scan
+    lists = int(tuning.nlist_for(10_000_000, 64)[0])
+    assert lists >= threshold and f"IVF{lists}_HNSW32" in auto_factory(10_000_000, 64)[0]
+
+
+@pytest.mark.parametrize("which,factory", [("wide", "IVF1024_HNSW32,Flat"), ("medium", "IVF64_HNSW32,Flat")])
+def test_an_index_over_a_graph_of_centroids_builds_loads_and_reaches_its_tuned_recall(
+        wide, medium, tmp_path, which, factory):
+    """Two-level k-means fills the graph (1,024 lists) or FAISS trains it (64): either way the index is
+    tuned on nprobe alone, saved and loaded with its graph, and its search reaches the target."""
+    import faiss
+    directory = wide if which == "wide" else medium[0]
+    data = store.ActivationDataset(directory)
+    count = data.count("train", max(data.layers))
+    X = data.take(np.arange(count))
+    info = build(directory, tmp_path / "index", IndexSettings(factory=factory, target_recall=0.9, seed=3))
+    assert info["factory"] == factory and info["tuning"]["reached"]
+    assert [sweep["parameter"] for sweep in info["tuning"]["sweeps"]] == ["nprobe"]
+    lists = int(factory[3:factory.index("_")])
+    index = KnnIndex.load(tmp_path / "index")
+    shard = index.shards.local_shard()
+    assert index.shards.nlist == lists and index.recall_knob() == ("nprobe", lists)
+    ivf = faiss.downcast_index(shard.index)
+    assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSWFlat) and ivf.quantizer.ntotal == lists
+    assert index.search_params["nprobe"] == info["tuning"]["chosen"]["nprobe"]
+    own = np.random.default_rng(11).choice(count, 500, replace=False)   # not the tuning's sample
+    D, I = index.search(X[own], 10, own.astype(np.int64))
+    true_D, _ = brute_force(X[own], X, 1, own)
+    found = D[:, 0] <= true_D[:, 0] * (1 + 1e-6) + 1e-12
+    assert found.mean() >= 0.9 - 3 * np.sqrt(0.9 * 0.1 / 500)
+    chosen = ((X[own][:, None, :].astype(np.float64) - X[I].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(D, chosen, rtol=1e-5, atol=1e-6)          # exact distances of what it found
+    rows, D_join, _ = index.self_join(10)                                # grouped by list (big_batch_search)
+    assert len(rows) == count and (D_join[own, 0] <= true_D[:, 0] * (1 + 1e-6) + 1e-12).mean() >= 0.85

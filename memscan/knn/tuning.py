@@ -25,6 +25,28 @@ KMEANS_ITERATIONS = 25     # faiss.ClusteringParameters().niter, at each level o
 TRAIN_FLOPS = {False: 2e13, True: 1e15}
 ID_BYTES = 16              # per vector beside its code: FAISS's int64 id in an inverted list and memscan's row-id map
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)   # what faiss-gpu's IVFPQ takes
+# The coarse quantizer from this many lists on: an HNSW graph over the centroids (FAISS's
+# IVF{nlist}_HNSW32), whose assignment of a vector costs about the same at any nlist, instead of a
+# flat scan of every centroid (2 nlist n flops a vector added or searched). Measured on this
+# repository's 2-core CPU, shared (load 1-3), n = 256, centroids drawn from 5,000 clusters, time to
+# assign one vector to its nearest list (faiss 1.15.1, 2 threads; 100k vectors at nlist <= 4,096,
+# 50k-20k above; HNSW's agreement with the flat scan's nearest list in parentheses):
+#     nlist     flat    HNSW32 efSearch 16    efSearch 32    graph build
+#     1,024     7.8 us       16 us (0.94)     27 us (0.99)      0.7 s
+#     2,048      14 us       20 us (0.89)     32 us (0.96)      0.2 s
+#     4,096      31 us       24 us (0.87)     45 us (0.95)      0.9 s
+#     8,192      75 us       29 us (0.87)     51 us (0.94)      1.6 s
+#    16,384     156 us       22 us (0.91)     51 us (0.96)      1.0 s
+#    32,768     254 us       80 us (0.96)    128 us (0.98)      6.7 s
+#    65,536     614 us       79 us (0.98)    156 us (1.00)     16.8 s
+# The graph wins from ~3,000 lists at FAISS's efSearch of 16, but misassigns 1 vector in 8
+# there, which the tuned nprobe pays back; at the efSearch 32 that matches the flat scan's
+# assignments to ~0.95 it wins from ~6,000 lists: 8,192 is the first power of 2 where it pays
+# either way (the graph's build, a second or two, is spread over 256 vectors a list).
+# (benchmarks/bench_query.py --quantizers reruns this table.) Only on a CPU: faiss-gpu's IVF
+# searches its centroids by a flat GPU scan whatever the CPU index holds.
+HNSW_QUANTIZER_MIN = 8192
+HNSW_QUANTIZER_M = 32      # graph neighbours per centroid: FAISS's usual HNSW32
 EF_SEARCH_MIN = 16         # HNSW's efSearch sweep starts here (FAISS's own default)
 EF_SEARCH_MAX = 4096       # and ends here: deeper than any graph search worth its time
 # Compressed codes misorder near neighbours: re-ranking 4x the candidates exactly brings PQ with
@@ -99,6 +121,12 @@ def pq_subquantizers(count: int, n: int, lists: int, budget: int, gpu: bool = Fa
     return fitting[0] if fitting else None
 
 
+def coarse_quantizer(lists: int, gpu: bool = False) -> str:
+    """The factory suffix of the IVF's coarse quantizer: "_HNSW32" (a graph over the centroids) from
+    HNSW_QUANTIZER_MIN lists on a CPU, "" (a flat scan of every centroid) below that and on a GPU."""
+    return f"_HNSW{HNSW_QUANTIZER_M}" if lists >= HNSW_QUANTIZER_MIN and not gpu else ""
+
+
 def auto_factory(count: int, n: int | None = None, budget: int | None = None, gpu: bool = False) -> tuple[str, str]:
     """The FAISS factory string for `count` vectors of width `n` in `budget` bytes, and why (with the numbers).
 
@@ -108,7 +136,9 @@ def auto_factory(count: int, n: int | None = None, budget: int | None = None, gp
     else PQ with the most sub-quantizers that fit (`pq_subquantizers`); the exact re-ranking
     of every candidate from the dataset (`KnnIndex.search`) keeps the distances exact
     whatever the codes, and a k_factor tuned with nprobe re-ranks enough candidates for
-    the target recall. Without a budget the codes are float32.
+    the target recall. Without a budget the codes are float32. From HNSW_QUANTIZER_MIN lists on
+    a CPU the coarse quantizer is an HNSW graph over the centroids (`IVF{nlist}_HNSW32,...`),
+    so assigning a vector no longer costs a scan of every centroid (`coarse_quantizer`).
 
     Why this fits `memscan index` + `memscan query` of a million n = 256 vectors into 30
     minutes on a 2-core CPU (measured there: k-means at ~80 GFLOP/s, IVF scans of ~5 million
@@ -121,7 +151,10 @@ def auto_factory(count: int, n: int | None = None, budget: int | None = None, gp
     or three self-joins take 1-20 minutes, and the whole grows linearly with d.
     """
     lists, why = nlist_for(count, n, budget, gpu) if count >= FLAT_MAX else (0, "")
-    structure = f"IVF{lists}," if lists else ""
+    structure = f"IVF{lists}{coarse_quantizer(lists, gpu)}," if lists else ""
+    if coarse_quantizer(lists, gpu):
+        why += (f", the centroids searched by an HNSW{HNSW_QUANTIZER_M} graph "
+                f"(from {HNSW_QUANTIZER_MIN:,} lists on a CPU)")
     kind = (f"{count:,} vectors: IVF with {why}" if lists
             else f"{count:,} vectors: below {FLAT_MAX:,}, a full scan is cheaper than training IVF")
     if n is None or budget is None:
