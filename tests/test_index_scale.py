@@ -263,3 +263,23 @@ def test_an_index_over_a_graph_of_centroids_builds_loads_and_reaches_its_tuned_r
     np.testing.assert_allclose(D, chosen, rtol=1e-5, atol=1e-6)          # exact distances of what it found
     rows, D_join, _ = index.self_join(10)                                # grouped by list (big_batch_search)
     assert len(rows) == count and (D_join[own, 0] <= true_D[:, 0] * (1 + 1e-6) + 1e-12).mean() >= 0.85
+
+
+def test_a_graph_quantizer_adds_deeply_and_never_claims_the_cells_bound(medium, tmp_path):
+    """With an HNSW coarse quantizer a vector may sit outside its nearest centroid's list, so the cells' exact
+    bound (`search_within`) is refused, not wrong; vectors are added with the graph searched QUANTIZER_EF_SEARCH
+    deep, and no efSearch is recorded for an IVF (the graph index's own knob)."""
+    import faiss
+
+    from memscan.knn import shards
+
+    info = build(medium[0], tmp_path / "index", IndexSettings(factory="IVF64_HNSW32,Flat", nprobe=4))
+    assert "efSearch" not in info["search"]
+    index = KnnIndex.load(tmp_path / "index")
+    shard = index.shards.local_shard()
+    quantizer = faiss.downcast_index(faiss.downcast_index(shard.index).quantizer)
+    assert quantizer.hnsw.efSearch >= shards.QUANTIZER_EF_SEARCH and not shards.flat_quantizer(
+        faiss.downcast_index(shard.index))
+    X = index.vectors(index.row_ids[:20])
+    assert shard.search_within(X, 3, np.full(20, np.inf)) is None and index.shards.search_within(
+        X, 3, np.full(20, np.inf)) is None

@@ -422,7 +422,7 @@ def _default_search_params(factory: str, lists: int | None, settings: IndexSetti
     params: dict[str, int] = {}
     if lists:
         params["nprobe"] = min(lists, settings.nprobe if settings.nprobe is not None else max(8, lists // 16))
-    if "HNSW" in factory:
+    if "HNSW" in factory and not lists:   # a graph index; an IVF's HNSW quantizer keeps its own depth
         params["efSearch"] = settings.ef_search if settings.ef_search is not None else 64
     return params
 

@@ -33,6 +33,7 @@ from memscan.knn import cells, exact, tuning
 log = logging.getLogger(__name__)
 
 ADD_BATCH_ROWS = 65536
+QUANTIZER_EF_SEARCH = 64   # an HNSW coarse quantizer's search depth while vectors are added (`deepen_graph_quantizer`)
 
 
 def row_ranges(row_ids: np.ndarray, count: int) -> list[tuple[int, int]]:
@@ -177,8 +178,8 @@ class Shard:
         radius[i] (`cells.search_within`); None where the index is not a CPU IVF-Flat of metric L2, or where
         the lists would prune too little to beat an exact search."""
         ivf = faiss.downcast_index(self.index)
-        if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_L2:
-            return None
+        if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_L2 or not flat_quantizer(ivf):
+            return None   # the cells' bound needs every vector in its nearest centroid's list: a flat quantizer
         found = cells.search_within(ivf, np.ascontiguousarray(X, np.float32), k, radius)
         if found is None:
             return None
@@ -206,6 +207,20 @@ def _gpu(device: str) -> bool:
     return exact.choose_backend(device).name == "faiss-gpu"
 
 
+def flat_quantizer(ivf: Any) -> bool:
+    """Whether an IVF's coarse quantizer scans every centroid, so each vector sits in its nearest centroid's list."""
+    return isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
+
+
+def deepen_graph_quantizer(index: Any) -> None:
+    """An IVF's HNSW coarse quantizer searched QUANTIZER_EF_SEARCH deep (FAISS's 16 sends about 1 vector in 8 to
+    a list other than its nearest centroid's; benchmarks/README.md), for the vectors added and the searches after."""
+    ivf = faiss.downcast_index(index)
+    quantizer = faiss.downcast_index(ivf.quantizer) if isinstance(ivf, faiss.IndexIVF) else None
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, QUANTIZER_EF_SEARCH)
+
+
 def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str, layer: int, rows: tuple[int, int],
                params: dict[str, int], count: int | None = None, device: str = "auto", site: str | None = None,
                ) -> Shard:
@@ -217,6 +232,7 @@ def fill_shard(trained: np.ndarray, data_dir: str | os.PathLike[str], split: str
     sizes the progress bar.
     """
     index = faiss.deserialize_index(trained)
+    deepen_graph_quantizer(index)
     gpu_index = faiss.index_cpu_to_gpu(exact.gpu_resources(), 0, index) if _gpu(device) else None
     # One add on a GPU flat index: it reallocates the whole index on every add.
     flat_on_gpu = gpu_index is not None and isinstance(index, faiss.IndexFlat)
@@ -355,6 +371,17 @@ class Shards:
         `file_names`); returns index.json's `shards`."""
         return self._map("save", [(str(directory), *file_names(i, len(self), build_id)) for i in range(len(self))])
 
+    def views(self, make: Callable[[Shard], Shard | None], metric: str) -> Shards | None:
+        """A view of every shard made where that shard is held (`make(shard)`: e.g. its inverted lists searched
+        for inner products, no copy of them), searched as one with `metric`; None where `make` declines any
+        shard, or where these shards' holder makes no views (the caller then does without). `make` must pickle
+        (a module-level function or a partial of one): it may travel to an actor."""
+        return None
+
+    def _row_id_parts(self) -> list[np.ndarray]:
+        """Each shard's row-id map, split back out of `row_ids`."""
+        return np.split(self.row_ids, np.cumsum(self.sizes)[:-1])
+
 
 class LocalShards(Shards):
     """Shards held in this process, searched one after another."""
@@ -368,6 +395,11 @@ class LocalShards(Shards):
 
     def local_shard(self) -> Shard | None:
         return self.members[0] if len(self.members) == 1 else None
+
+    def views(self, make: Callable[[Shard], Shard | None], metric: str) -> Shards | None:
+        """Every shard's view, made here; None where `make` declines any."""
+        made = [make(shard) for shard in self.members]
+        return None if any(view is None for view in made) else LocalShards(made, metric)
 
 
 T = TypeVar("T")
