@@ -61,7 +61,7 @@ def flip_a_bit(path: Path, offset: int | None = None) -> None:
 def test_verify_info_and_load_know_every_kind(every_kind, capsys, name):
     folder = every_kind / name
     code, err = run_cli(capsys, "verify", str(folder))
-    out = capsys.readouterr().out
+    capsys.readouterr()
     assert code == 0, err
     code, _ = run_cli(capsys, "info", str(folder))
     assert code == 0

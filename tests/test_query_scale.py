@@ -178,7 +178,7 @@ def test_an_ivf_flat_index_is_searched_for_inner_products_through_its_own_lists(
     searcher = mips.MipsIndex.over_lists(index.shards, index.vectors, float((P * P).sum(1).max()),
                                          index.info["factory"])
     view = searcher.shards.members[0]
-    assert view.ivf.invlists.this == faiss.downcast_index(index.shards.members[0].index).invlists.this
+    assert view.index.invlists.this == faiss.downcast_index(index.shards.members[0].index).invlists.this
     assert view.index.ntotal == TRAIN and view.probe.ntotal == 16 and not searcher.augmented
     searcher.set_parameter("nprobe", 16)
     result = searcher.search(Q, 4)
@@ -211,7 +211,7 @@ def test_a_lists_view_survives_empty_lists_small_batches_and_its_owner_going(arr
     gc.collect()                                  # the index it was made from is gone but for the view
     assert 0 < view.probe.ntotal < 16
     view.set_parameter("nprobe", 16)              # more than the non-empty lists: all of them
-    assert view.params["nprobe"] == 16 and view.nprobe == view.probe.ntotal
+    assert view.params["nprobe"] == 16 and faiss.downcast_index(view.index).nprobe == view.probe.ntotal
     Q = arrays["Q"][:5].astype(np.float32)
     truth = -np.sort(-(Q.astype(np.float64) @ P[filled].T), axis=1)[:, :3]
     for grouped in (False, True):                 # 5 queries: too few for a grouped scan, searched plainly
@@ -249,7 +249,7 @@ def test_compressed_and_sharded_indexes_are_searched_for_inner_products_through_
     P, Q = arrays["P"], arrays["Q"][:60].astype(np.float32)
     searcher = mips.MipsIndex.over_lists(index.shards, index.vectors, float((P * P).sum(1).max()), index.factory)
     assert searcher is not None and not searcher.augmented and searcher.shards.ntotal == TRAIN
-    assert [view.ivf.invlists.this for view in searcher.shards.members] == [
+    assert [faiss.downcast_index(view.index).invlists.this for view in searcher.shards.members] == [
         faiss.downcast_index(shard.index).invlists.this for shard in index.shards.members]   # shared, not copied
     truth = -np.sort(-(Q.astype(np.float64) @ P.T), axis=1)[:, :K]
     searcher.set_parameter("nprobe", 16)
@@ -267,8 +267,11 @@ def test_compressed_and_sharded_indexes_are_searched_for_inner_products_through_
     again = searcher.search(sample.X, 1, sample.ids).ip[:, 0]
     assert tuned["samples"]["patterns"]["recall_1_at_1"] == pytest.approx(np.mean(np.isclose(again, brute,
                                                                                             rtol=1e-9)))
-    row_ids, best = searcher.max_other(blocks)
+    row_ids, best = searcher.max_other(blocks)     # a grouped scan: each list decoded once for a block
     assert (best <= gram.max(1) * (1 + 1e-12) + 1e-12).all()
+    if "PQ" not in factory:                        # every list probed: the exact maxima, residual codes included
+        searcher.set_parameter("nprobe", 16)
+        np.testing.assert_allclose(searcher.max_other(blocks)[1], gram.max(1), rtol=1e-12)
 
 
 def test_an_index_without_lists_gets_an_inner_product_index_of_its_own(data, tmp_path):

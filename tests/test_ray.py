@@ -380,3 +380,94 @@ def test_index_shards_on_gpu_slots_are_refused_or_placed_never_left_waiting(tmp_
     assert lines[0].startswith("refused: 2 index shards of 1 GPU each do not fit the Ray cluster's 1 places")
     assert lines[1:] == ["built 1 1 1.0", "built 0.5 2 1.0", "built 0.5 1 1.0"]
     assert done.stderr.count("hold every GPU: exact searches run on CPUs") == 2
+
+
+def _numbers(summary: dict) -> dict:
+    """summary.json without what differs between two runs of one query: its timings, the runs' folders and the
+    signature over them (the tables' entries, checksums included, stay)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {key: strip(item) for key, item in value.items() if key != "seconds"}
+        if isinstance(value, list):
+            return [strip(item) for item in value]
+        return value
+    return {key: strip(value) for key, value in summary.items() if key not in ("index", "queries", "self_sha256")}
+
+
+def test_query_on_ray_searches_inner_products_through_the_actors_own_lists(options, local_reference, tmp_path,
+                                                                            monkeypatch):
+    """An approximate layer's inner-product statistics (Delta, the MCHN top k) on Ray: each actor scans its own
+    shard's lists for inner products and the driver merges; no second index anywhere, and every number and
+    table equal to the local query's."""
+    from memscan.knn import mips, tuning
+
+    # an IVF inner-product index (not Flat) for these few patterns: the approximate products are asked for
+    monkeypatch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF8,Flat", "a test's IVF"))
+    build(local_reference, tmp_path / "index", IndexSettings(layer=2, factory="IVF8,Flat", nprobe=2, shards=2))
+    settings = QuerySettings(k=3, subsets=(0.5, 1.0))
+    run(tmp_path / "index", local_reference, tmp_path / "local", settings)
+    views = []
+    real_over_lists = mips.MipsIndex.over_lists.__func__
+
+    def recorded(cls, shards, *args):
+        found = real_over_lists(cls, shards, *args)
+        views.append(found.shards)
+        return found
+
+    def no_second_index(*args, **kwargs):
+        raise AssertionError("the driver built a second (augmented) inner-product index")
+
+    monkeypatch.setattr(mips.MipsIndex, "over_lists", classmethod(recorded))
+    monkeypatch.setattr(mips.MipsIndex, "build", no_second_index)
+    run(tmp_path / "index", local_reference, tmp_path / "ray", settings, engine=ray_runner.RayEngine(options))
+    assert [type(view).__name__ for view in views] == ["RayShardViews"] and len(views[0]) == 2
+
+    here, there = memscan.load(tmp_path / "local"), memscan.load(tmp_path / "ray")
+    for name in ("neighbours", "queries", "patterns", "histograms", "coverage"):
+        pd.testing.assert_frame_equal(getattr(here, name), getattr(there, name))
+    assert _numbers(there.summary) == _numbers(here.summary)
+    approximate = [layer for layer in there.summary["layers"] if layer["search"] != "exact"]
+    assert [layer["layer"] for layer in approximate] == [2]
+    products = approximate[0]["A3"]["inner_products"]
+    assert products["search"].startswith("approximate: IVF8,Flat (its own lists, inner product) {'nprobe': ")
+    assert products["factory_reason"].startswith("the nearest-neighbour index's inverted lists")
+    assert products["samples"]["patterns"]["recall_1_at_1"] > 0 and products["tuning"] is not None
+    assert approximate[0]["energy"]["mchn_top_k_recall"] == products["samples"]["queries"]
+
+
+def test_inner_product_views_made_by_the_actors_equal_the_local_views(options, tmp_path):
+    """`MipsIndex.over_lists` over shards in actors: each actor tells whether its shard has lists to scan
+    (an IVF of SQ codes here; a Flat index has none: None, as locally) and searches its own view."""
+    from memscan.knn import mips
+
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(40, 12)) * rng.uniform(0.5, 2.0, (40, 1))
+    X = (centers[rng.integers(0, 40, 3000)] + 0.3 * rng.normal(size=(3000, 12))).astype(np.float32)
+    store.write_vectors(tmp_path / "data", X, ["train"] * 3000, model="synthetic", shard_rows=1000)
+    max_sq_norm = float((X.astype(np.float64) ** 2).sum(1).max())
+    engine = ray_runner.RayEngine(options)
+    for factory, lists in (("IVF16,SQ8", True), ("Flat", False)):
+        build(tmp_path / "data", tmp_path / factory, IndexSettings(factory=factory, eval_recall=50, shards=2))
+        here, there = (KnnIndex.load(tmp_path / factory, engine=e) for e in (None, engine))
+        local, remote = (mips.MipsIndex.over_lists(index.shards, here.vectors, max_sq_norm, factory)
+                         for index in (here, there))
+        if not lists:
+            assert local is None and remote is None
+            continue
+        assert type(remote.shards).__name__ == "RayShardViews" and remote.factory == local.factory
+        assert remote.shards.nlist == local.shards.nlist == 16 and not remote.exact_codes and not local.exact_codes
+        np.testing.assert_array_equal(remote.shards.row_ids, local.shards.row_ids)
+        for searcher in (local, remote):
+            searcher.set_parameter("nprobe", 3)
+        queries, ids = X[::25], np.arange(0, 3000, 25)
+        for grouped in (False, True):
+            a, b = local.search(queries, 4, ids, grouped), remote.search(queries, 4, ids, grouped)
+            np.testing.assert_array_equal(a.ip, b.ip)
+            np.testing.assert_array_equal(a.ids, b.ids)
+        scores = [searcher.shards.search(queries, 5) for searcher in (local, remote)]   # merged by "ip": largest first
+        for a, b in zip(*scores):
+            np.testing.assert_array_equal(a, b)
+        assert (np.diff(scores[1][0], axis=1) <= 0).all()
+        fresh = KnnIndex.load(tmp_path / factory)     # the L2 shards in the actors keep their own nprobe
+        for a, b in zip(fresh.search(queries, 3), there.search(queries, 3)):
+            np.testing.assert_array_equal(a, b)

@@ -1,5 +1,6 @@
-"""Ray's nearest-neighbour work: exact search of one (query block, database block) pair in a task, and index
-shards each held by an actor (`RayShards`).
+"""Ray's nearest-neighbour work: exact search of one (query block, database block) pair in a task, index
+shards each held by an actor (`RayShards`), and views of those shards kept beside them (`RayShardViews`:
+the inner-product view of each shard's own lists).
 
 Each runs the local engine's unit of work (`exact.pair_candidates`, `shards.Shard`); the driver merges
 in the local order, so the answers equal the local ones.
@@ -8,6 +9,7 @@ in the local order, so the answers equal the local ones.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -48,10 +50,38 @@ class _ShardHolder:
         """Make the shard with `threads` FAISS threads (the actor reserves no CPU); returns its row ids."""
         faiss.omp_set_num_threads(threads)
         self.shard = make()
+        self.views: dict[int, Shard] = {}
         return self.shard.row_ids
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.shard, method)(*args)
+
+    def view(self, key: int, make: Callable[[Shard], Shard | None]) -> bool:
+        """Make `make(shard)`, a view of the shard held here (its lists, no copy), kept under `key` beside it;
+        False where `make` declines the shard."""
+        made = make(self.shard)
+        if made is not None:
+            self.views[key] = made
+        return made is not None
+
+    def call_view(self, key: int, method: str, *args: Any) -> Any:
+        return getattr(self.views[key], method)(*args)
+
+
+def _call_all(calls: Sequence[Any], arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """`calls[i].remote(*arguments[i])` for every actor method i, gathered in order; an array passed to
+    several is put in the object store once."""
+    import ray
+
+    shared: dict[int, ObjectRef[np.ndarray]] = {}
+
+    def put(value: Any) -> Any:
+        if not isinstance(value, np.ndarray):
+            return value
+        if id(value) not in shared:
+            shared[id(value)] = ray.put(value)
+        return shared[id(value)]
+    return ray_get_all([call.remote(*map(put, args)) for call, args in zip(calls, arguments)])
 
 
 class RayShards(Shards):
@@ -83,14 +113,28 @@ class RayShards(Shards):
         super().__init__(row_ids, metric)
 
     def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
-        import ray
+        return _call_all([h.call for h in self.holders], [(method, *args) for args in arguments])
 
-        shared: dict[int, ObjectRef[np.ndarray]] = {}  # an array passed to every shard is put once
+    def views(self, make: Callable[[Shard], Shard | None], metric: str) -> Shards | None:
+        """Each actor makes its shard's view and keeps it beside the shard (`_ShardHolder.view`): nothing but
+        `make` crosses the network; None where any actor's shard declines."""
+        key = next(_view_keys)
+        if not all(_call_all([h.view for h in self.holders], [(key, make)] * len(self.holders))):
+            return None
+        return RayShardViews(self, key, metric)
 
-        def put(value: Any) -> Any:
-            if not isinstance(value, np.ndarray):
-                return value
-            if id(value) not in shared:
-                shared[id(value)] = ray.put(value)
-            return shared[id(value)]
-        return ray_get_all([h.call.remote(method, *map(put, args)) for h, args in zip(self.holders, arguments)])
+
+_view_keys = itertools.count()
+
+
+class RayShardViews(Shards):
+    """Views of the shards of a `RayShards`, each held by its shard's actor (`RayShards.views`): every search,
+    parameter and question goes to the actors' views, and the driver merges the shards' best (`Shards.search`)
+    by `metric`."""
+
+    def __init__(self, shards: RayShards, key: int, metric: str):
+        super().__init__(shards._row_id_parts(), metric)
+        self.holders, self.key = shards.holders, key
+
+    def _map(self, method: str, arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
+        return _call_all([h.call_view for h in self.holders], [(self.key, method, *args) for args in arguments])

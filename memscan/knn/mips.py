@@ -13,11 +13,12 @@ measures recall against exact MIPS on seeded samples (the patterns' own maxima, 
 queries' top k) and picks the smallest nprobe at which each reaches the target
 (`tuning.sweep`).
 
-Where the nearest-neighbour index holds the patterns in IVF shards held in this process
-(Flat, SQ or PQ codes, any coarse quantizer), no second index is built (`MipsIndex.over_lists`):
-each shard's own inverted lists are decoded and scanned for inner products, a list once per
-batch of queries, probed by the lists' augmented means as the augmented index would be
-(`ListsView`), tuned and re-ranked the same way; the shards' best are merged.
+Where the nearest-neighbour index holds the patterns in IVF shards (Flat, SQ or PQ codes, any
+coarse quantizer), no second index is built (`MipsIndex.over_lists`): each shard's own inverted
+lists are decoded and scanned for inner products where the shard is held (this process, or its
+Ray actor), a list once per batch of queries, probed by the lists' augmented means as the
+augmented index would be (`ListsView`), tuned and re-ranked the same way; the shards' best are
+merged on the driver.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import memscan.store as store
 from memscan.errors import DataError
 from memscan.knn import exact, kmeans, tuning
 from memscan.knn.index import IndexSettings, nlist, recall_at
-from memscan.knn.shards import Engine, LocalShards, Shard, Shards
+from memscan.knn.shards import Engine, LocalShards, Shard, Shards, grouped_search
 
 log = logging.getLogger(__name__)
 
 CANDIDATE_SLACK = 8     # candidates beyond k, re-ranked exactly
 RECALL_QUERIES = 200
+COARSE_FLOATS = 1 << 24   # centroid floats gathered at once for residual codes' x . c (64 MiB)
 
 Blocks = Callable[[], Iterable[exact.Block]]
 
@@ -102,21 +104,38 @@ def list_decoder(ivf: Any) -> Callable[[int, np.ndarray], np.ndarray]:
     return decode
 
 
+def inner_product_view(owner: Any) -> Any:
+    """An IVF of metric inner product over the IVF `owner`'s own lists, quantizer and codec (shared, not copied),
+    which keeps `owner` (the Python object that owns the L2 index) alive as long as it lives."""
+    ivf = faiss.downcast_index(owner)
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        view = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    elif isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        view = faiss.IndexIVFScalarQuantizer(ivf.quantizer, ivf.d, ivf.nlist, ivf.sq.qtype,
+                                             faiss.METRIC_INNER_PRODUCT, ivf.by_residual)
+        view.sq = ivf.sq
+    else:
+        view = faiss.IndexIVFPQ(ivf.quantizer, ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits, faiss.METRIC_INNER_PRODUCT)
+        view.pq, view.by_residual, view.use_precomputed_table = ivf.pq, ivf.by_residual, 0
+    view.replace_invlists(ivf.invlists, False)   # the L2 index keeps owning its lists
+    view.ntotal, view.is_trained = ivf.ntotal, True
+    view.referenced_objects.append(owner)        # FAISS's own way to keep the owner alive as long
+    return view
+
+
 def scan_lists(X: np.ndarray, lists: np.ndarray, k: int,
                list_vectors: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """For each query X (nq, n) the k largest inner products over the vectors of its probed `lists` (nq, p):
     (scores (nq, k) float32, descending; local ids (nq, k), -1 where fewer). Each list is read and decoded once
-    for all the queries that probe it, its products one matrix product (faiss.contrib's big batch search, but
-    for inner products of residual codes too)."""
+    for all the queries that probe it, its products one matrix product: faiss.contrib's big batch search, but
+    with residual codes' centroids added back."""
     heap = faiss.ResultHeap(len(X), k, keep_max=True)
     probes, queries = lists.ravel(), np.repeat(np.arange(len(X)), lists.shape[1])
     order = np.argsort(probes, kind="stable")
     probes, queries = probes[order], queries[order]
     starts = np.flatnonzero(np.r_[True, probes[1:] != probes[:-1]])
     for start, stop in zip(starts, np.r_[starts[1:], len(probes)]):
-        if probes[start] < 0:
-            continue
-        ids, vectors = list_vectors(int(probes[start]))
+        ids, vectors = list_vectors(int(probes[start])) if probes[start] >= 0 else ((), None)
         if len(ids):
             subset = queries[start:stop]
             heap.add_result_subset(subset, X[subset] @ vectors.T, ids)
@@ -126,42 +145,66 @@ def scan_lists(X: np.ndarray, lists: np.ndarray, k: int,
 
 class ListsView(Shard):
     """An IVF shard's own inverted lists (Flat, SQ or PQ codes, any coarse quantizer) searched for the largest
-    inner products: no second index and no copy of the lists.
+    inner products: an IVF of metric inner product sharing the lists, no second index and no copy.
 
     It probes the lists as the augmented L2 index would: those whose augmented means [mean rho,
     mean sqrt(M^2 - ||rho||^2)] lie nearest to [x, 0], which favours lists of large norm and
-    wide spread, where large products live (the centroids' products alone miss those); each
-    probed list is decoded once per batch of queries (`scan_lists`). The L2 index is never changed.
+    wide spread, where large products live (the centroids' products alone miss those). Codes that
+    hold residuals score x . (c + r) as FAISS does, from each probed list's x . c.
     """
 
     def __init__(self, shard: Shard, max_sq_norm: float):
-        self.ivf = faiss.downcast_index(shard.index)
-        self.decode = list_decoder(self.ivf)
-        self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(self.ivf.d + 1))
-        for number in range(self.ivf.nlist):
+        self.ivf = ivf = faiss.downcast_index(shard.index)
+        self.decode = list_decoder(ivf)
+        self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(ivf.d + 1))
+        for number in range(ivf.nlist):
             _, vectors = self.list_vectors(number)
             if len(vectors):
-                self.probe.add_with_ids(augment_patterns(vectors, max_sq_norm).mean(axis=0)[None], np.array([number]))
-        self.nprobe = 1
-        super().__init__(shard.index, shard.row_ids, {})
+                mean = augment_patterns(vectors, max_sq_norm).mean(axis=0)
+                self.probe.add_with_ids(mean[None], np.array([number]))
+        residual = not isinstance(ivf, faiss.IndexIVFFlat) and ivf.by_residual
+        self.centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) if residual else None
+        super().__init__(inner_product_view(shard.index), shard.row_ids, {})
+
+    def set_parameter(self, name: str, value: int) -> None:
+        """As `Shard.set_parameter`; nprobe probes at most the non-empty lists (the probe holds only those)."""
+        super().set_parameter(name, min(value, self.probe.ntotal) if name == "nprobe" else value)
+        self.params[name] = value
+
+    def _coarse(self, X: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        """x . c of each query and probed list (nq, p) float32, where residual codes' scores start (0 for Flat
+        codes, which hold the vectors); gathered COARSE_FLOATS centroid floats at a time."""
+        coarse = np.zeros(lists.shape, np.float32)
+        if self.centroids is not None:
+            rows = max(1, COARSE_FLOATS // (lists.shape[1] * X.shape[1]))
+            for start in range(0, len(X), rows):
+                part = slice(start, start + rows)
+                coarse[part] = np.einsum("qd,qpd->qp", X[part], self.centroids[np.maximum(lists[part], 0)])
+        return coarse
+
+    def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
+        view = faiss.downcast_index(self.index)
+        _, lists = self.probe.search(augment_queries(X), view.nprobe)
+        found = None
+        if grouped:   # each list read once for the batch: 6x FAISS's per-query scan at nprobe 4 (1M patterns)
+            found = (grouped_search(view, X, k, lists.astype(np.int32)) if self.centroids is None
+                     else scan_lists(X, lists, k, self.list_vectors))   # big batch search drops residuals' x . c
+        D, local = found if found is not None else view.search_preassigned(X, k, lists, self._coarse(X, lists))
+        return D, self.row_ids_of(local)
 
     def list_vectors(self, number: int) -> tuple[np.ndarray, np.ndarray]:
-        """List `number`'s local ids (m,) and vectors (m, d) float32, decoded."""
+        """List `number`'s local ids (m,) and its vectors (m, d) float32, decoded, centroid added."""
         ids, codes = get_invlist(self.ivf.invlists, number)
         return ids, self.decode(number, codes)
 
-    def set_parameter(self, name: str, value: int) -> None:
-        """nprobe of the view alone (the L2 index keeps its own); it probes at most the non-empty lists."""
-        self.params[name] = value
-        self.nprobe = min(value, self.probe.ntotal)
 
-    def has_exact_codes(self) -> bool:
-        return isinstance(self.ivf, faiss.IndexIVFFlat)
-
-    def _search(self, X: np.ndarray, k: int, grouped: bool) -> tuple[np.ndarray, np.ndarray]:
-        _, lists = self.probe.search(augment_queries(X), self.nprobe)
-        D, local = scan_lists(X, lists, k, self.list_vectors)
-        return D, self.row_ids_of(local)
+def lists_view(shard: Shard, max_sq_norm: float) -> ListsView | None:
+    """The inner-product view of `shard`'s own lists (`ListsView`), None unless it is an IVF of Flat, SQ or PQ
+    codes of metric L2; runs where the shard is held (`Shards.views`)."""
+    ivf = faiss.downcast_index(shard.index)
+    if type(ivf) not in SCANNED_IVFS or ivf.metric_type != faiss.METRIC_L2:
+        return None
+    return ListsView(shard, max_sq_norm)
 
 
 @dataclass(frozen=True)
@@ -185,14 +228,13 @@ class MipsIndex:
     @classmethod
     def over_lists(cls, shards: Shards, vectors: Callable[[np.ndarray], np.ndarray], max_sq_norm: float,
                    factory: str) -> MipsIndex | None:
-        """The patterns of a nearest-neighbour index described by `factory`, searched through its own lists
-        (a `ListsView` of every shard, their best merged); None unless every shard is an IVF of Flat, SQ or PQ
-        codes (metric L2) held in this process."""
-        members = getattr(shards, "members", [])
-        ivfs = [faiss.downcast_index(shard.index) for shard in members]
-        if not ivfs or not all(type(ivf) in SCANNED_IVFS and ivf.metric_type == faiss.METRIC_L2 for ivf in ivfs):
+        """The patterns of a nearest-neighbour index described by `factory`, searched through its own lists:
+        a `ListsView` of every shard made where the shard is held (in this process or in its Ray actor), their
+        best merged by the caller (`Shards.views`); None unless every shard is an IVF of Flat, SQ or PQ codes
+        (metric L2), which each shard's holder tells."""
+        views = shards.views(functools.partial(lists_view, max_sq_norm=max_sq_norm), "ip")
+        if views is None:
             return None
-        views = LocalShards([ListsView(shard, max_sq_norm) for shard in members], "ip")
         return cls(views, vectors, max_sq_norm, f"{factory} (its own lists, inner product)",
                    "the nearest-neighbour index's inverted lists scanned for inner products: no second index",
                    augmented=False)
