@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import stat
 import sys
@@ -28,10 +28,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from memscan.errors import DataError, InputError
 
 LOCK_FILE = ".memscan.lock"
+HOLDER_FILE = LOCK_FILE + ".holder"   # who holds the lock: written once it is held, removed on release
+LOCK_FILES = frozenset({LOCK_FILE, HOLDER_FILE})   # the lock's files: memscan's own scratch in every folder
 TMP_SUFFIX = ".tmp"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # POSIX; Windows has no symbolic-link flag (refuse_link checks first)
 
 
 def first_line(exc: BaseException) -> str:
@@ -48,6 +53,8 @@ def fingerprint(document: Any) -> str:
 
 
 def fsync_directory(directory: Path) -> None:
+    if os.name == "nt":  # a folder cannot be opened (nor fsynced) there; NTFS journals the rename itself
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,7 +77,7 @@ def new_tmp(path: Path) -> Path:
     refuse_link(path)
     refuse_link(tmp)
     tmp.unlink(missing_ok=True)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
     return tmp
 
 
@@ -157,7 +164,7 @@ def check_file(directory: Path, entry: Mapping[str, Any], what: str = "file") ->
     """The path of a listed file, after checking it against its entry; a DataError names what is wrong."""
     problem = file_problem(directory, entry, what)
     if problem:
-        raise DataError(f"{Path(directory)}: {problem}; run `memscan verify {directory}`")
+        raise DataError(f"{Path(directory)}: {problem}; run `memscan verify {shlex.quote(str(directory))}`")
     return Path(directory) / entry["name"]
 
 
@@ -223,8 +230,8 @@ def check_signature(document: Mapping[str, Any], path: Path) -> None:
 
 
 def foreign_files(directory: Path, ours: Callable[[str], bool]) -> list[str]:
-    """Names in `directory` that memscan did not write (`ours(name)` is False), the lock file aside."""
-    return sorted(p.name for p in Path(directory).iterdir() if p.name != LOCK_FILE and not ours(p.name))
+    """Names in `directory` that memscan did not write (`ours(name)` is False), the lock's files aside."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name not in LOCK_FILES and not ours(p.name))
 
 
 def refuse_foreign(directory: Path, ours: Callable[[str], bool], flag: str = "--out") -> None:
@@ -254,32 +261,66 @@ def remove_owned(directory: Path, names: Iterable[str]) -> None:
 def folder_lock(directory: Path, flag: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on `directory` (which must exist) for the block; a second job gets one line.
 
-    The lock is flock(2) on `.memscan.lock`: released by the kernel when the process ends,
-    even by kill -9, so a crashed job never leaves a folder locked. The file stays.
+    The lock is the operating system's own on `.memscan.lock` (flock(2) on Linux and macOS,
+    LockFileEx on Windows, through the filelock package): released when the process ends, even
+    by kill -9, so a crashed job never leaves a folder locked. The file stays (Windows removes
+    it). Who holds the lock (pid, command, since when) is `.memscan.lock.holder`, written once
+    the lock is held and removed on release; a link at either name is refused, never followed.
     """
-    path = Path(directory) / LOCK_FILE
+    directory = Path(directory)
+    path = directory / LOCK_FILE
     refuse_link(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    refuse_link(directory / HOLDER_FILE)
+    if not directory.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(directory))
+    lock = FileLock(str(path), timeout=0, mode=0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise InputError(f"{flag} '{directory}' is in use by another memscan job ({holder}); "
-                             "wait for it to finish or choose another folder") from None
-        os.ftruncate(fd, 0)
-        command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
-        os.pwrite(fd, f"pid {os.getpid()}: {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"{flag} '{directory}' is in use by another memscan job ({_holder(directory)}); "
+                         "wait for it to finish or choose another folder") from None
+    try:
+        _write_holder(directory)
+        yield
     finally:
-        os.close(fd)
+        try:
+            holder = directory / HOLDER_FILE
+            if not os.path.islink(holder):
+                with contextlib.suppress(OSError):
+                    holder.unlink()
+        finally:
+            lock.release()
+
+
+def _write_holder(directory: Path) -> None:
+    """`.memscan.lock.holder`: one line naming this job, written whole (temporary name, rename)."""
+    command = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+    line = f"pid {os.getpid()}: {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    path = directory / HOLDER_FILE
+    tmp = new_tmp(path)
+    try:
+        tmp.write_text(line + "\n")
+        os.replace(tmp, path)
+    except OSError:  # who holds the lock is a courtesy to the next job: the lock itself is held
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _holder(directory: Path, tries: int = 5) -> str:
+    """The holder's line (read without following a link), or "another process" where there is none yet."""
+    for attempt in range(tries):
+        with contextlib.suppress(OSError):
+            fd = os.open(directory / HOLDER_FILE, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+            try:
+                text = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+            finally:
+                os.close(fd)
+            lines = text.decode(errors="replace").strip().splitlines()
+            if lines:
+                return lines[0]
+        if attempt + 1 < tries:
+            time.sleep(0.02)  # the holder took the lock a moment ago and is writing its line
+    return "another process"
 
 
 @contextlib.contextmanager
@@ -310,7 +351,7 @@ def job_folder(directory: Path, flag: str = "--out") -> Iterator[Path]:
 def _remove_if_only_scratch(directory: Path) -> None:
     with contextlib.suppress(OSError):
         paths = list(directory.iterdir())
-        if all(p.name == LOCK_FILE or p.name.endswith(TMP_SUFFIX) or _is_pending(p) for p in paths):
+        if all(p.name in LOCK_FILES or p.name.endswith(TMP_SUFFIX) or _is_pending(p) for p in paths):
             shutil.rmtree(directory)
 
 

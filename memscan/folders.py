@@ -206,7 +206,7 @@ def _format_of(path: Path) -> str | None:
 def owned_names(directory: Path) -> set[str]:
     """Every name in `directory` that a sound memscan record there lists, the records and the lock included,
     and every subfolder that is itself a memscan folder (its own record vouches for it)."""
-    names = {files.LOCK_FILE}
+    names = set(files.LOCK_FILES)
     for kind, record in records(directory).items():
         names |= owned_by_record(kind, record)
     for path in Path(directory).iterdir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -88,3 +89,28 @@ def test_train_presets_apply_where_no_flag_is_given(capsys, monkeypatch, tmp_pat
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "run"), "--source", "qf"])
     assert "--tokens is required" in capsys.readouterr().err
+
+
+def test_the_extract_command_train_prints_pastes_as_it_is_and_extracts_the_runs_chunks(capsys, tmp_path):
+    """`memscan train` prints the whole extract command, every value shell-quoted (a space and a quote in the
+    run's path here): run as printed, it extracts exactly the training run's chunks, both splits."""
+    out = tmp_path / "my runs" / "qf 'tiny'"
+    code, printed, err = run(capsys, "train", "--out", str(out), "--source", "qf:documents=12,lines=16", "--tokens",
+                             "3000", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--context", "32",
+                             "--batch-size", "4", "--steps", "3", "--warmup-steps", "1", "--eval-every", "3",
+                             "--dtype", "fp32", "--device", "cpu", "--seed", "3", "--test-fraction", "0.25")
+    assert code == 0, err
+    line = next(line for line in printed.splitlines() if line.startswith("extract "))
+    words = shlex.split(line.removeprefix("extract "))
+    assert words[:2] == ["memscan", "extract"] and "..." not in words
+    assert [words[words.index(flag) + 1] for flag in ("--seed", "--test-fraction", "--chunk-tokens")] == [
+        "3", "0.25", "32"]
+    code, _, err = run(capsys, *words[1:])
+    assert code == 0, err
+    acts = out.parent / f"{out.name}-activations"
+    assert words[words.index("--out") + 1] == str(acts)
+    trained = json.loads((out / "run.json").read_text())
+    manifest = store.read_manifest(acts)
+    assert manifest["complete"] and store.verify(acts) == []
+    assert manifest["counts"]["chunks"]["train"] == trained["data"]["train_chunks"]
+    assert manifest["counts"]["chunks"]["test"] == trained["data"]["heldout_chunks"]

@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +24,93 @@ def test_a_second_job_on_a_folder_gets_one_line_naming_the_holder(tmp_path):
                 pass
     with files.folder_lock(tmp_path):  # released at the end of the first job
         pass
+
+
+# A job in a subprocess: it holds `folder_lock(argv[1])` until its standard input closes. The prelude may
+# take fcntl away first (as on Windows, which has none): memscan.files must import and lock all the same.
+_NO_FCNTL = "import sys, warnings; sys.modules['fcntl'] = None; warnings.simplefilter('ignore')\n"
+_HOLD = """
+import sys
+from memscan import files
+with files.folder_lock(sys.argv[1]):
+    print('held', flush=True)
+    sys.stdin.readline()
+"""
+_TRY = """
+import sys
+from memscan import files
+from memscan.errors import InputError
+try:
+    with files.folder_lock(sys.argv[1]):
+        print('acquired')
+except InputError as exc:
+    print(exc)
+"""
+
+
+def _holding(folder, prelude: str = "") -> subprocess.Popen:
+    job = subprocess.Popen([sys.executable, "-c", prelude + _HOLD, str(folder)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    assert job.stdout.readline().strip() == "held"
+    return job
+
+
+def _try_lock(folder, prelude: str = "") -> str:
+    done = subprocess.run([sys.executable, "-c", prelude + _TRY, str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_memscan_files_imports_without_fcntl_and_two_jobs_still_exclude_each_other(tmp_path):
+    probe = _NO_FCNTL + "import memscan.files, memscan.cli; print(sys.modules['fcntl'])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    first = _holding(tmp_path, _NO_FCNTL)
+    try:
+        refused = _try_lock(tmp_path, _NO_FCNTL)
+        assert refused.startswith(f"--out '{tmp_path}' is in use by another memscan job (pid {first.pid}: ")
+        assert refused.count("\n") == 0
+    finally:
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    assert _try_lock(tmp_path, _NO_FCNTL) == "acquired"   # released at the end of the first job
+
+
+def test_the_holder_line_is_written_while_held_removed_on_release_and_counted_as_scratch(tmp_path):
+    with files.folder_lock(tmp_path):
+        holder = (tmp_path / files.HOLDER_FILE).read_text()
+        assert holder.startswith(f"pid {os.getpid()}: ") and " since " in holder
+        assert files.foreign_files(tmp_path, lambda name: False) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [files.LOCK_FILE]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with files.job_folder(fresh):
+            assert (fresh / files.HOLDER_FILE).exists()
+            raise RuntimeError("boom")
+    assert not fresh.exists()
+
+
+def test_a_link_at_the_holder_name_is_refused_and_not_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a user's file")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / files.HOLDER_FILE).symlink_to(outside)
+    with pytest.raises(InputError, match="is a symbolic link"):
+        with files.folder_lock(folder):
+            pass
+    assert outside.read_text() == "a user's file"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="no kill -9 here")
+def test_a_job_killed_with_sigkill_leaves_the_folder_free(tmp_path):
+    job = _holding(tmp_path)
+    assert _try_lock(tmp_path).startswith(f"--out '{tmp_path}' is in use by another memscan job (pid {job.pid}: ")
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=60)
+    with files.folder_lock(tmp_path):   # the kernel released the lock; the stale holder line is replaced
+        assert (tmp_path / files.HOLDER_FILE).read_text().startswith(f"pid {os.getpid()}: ")
 
 
 def test_a_failed_job_removes_only_a_folder_it_created_and_that_holds_only_scratch(tmp_path):
@@ -127,3 +218,14 @@ def test_a_full_disk_or_read_only_folder_is_one_line_and_exit_1(capsys, monkeypa
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     assert err.count("\n") == 1 and hint in err and "errors.parquet" in err and "Traceback" not in err
+
+
+def test_the_verify_command_a_damaged_file_names_pastes_as_it_is(tmp_path):
+    import shlex
+
+    folder = tmp_path / "my data's folder"
+    folder.mkdir()
+    with pytest.raises(DataError) as raised:
+        files.check_file(folder, {"name": "part-00000.parquet", "bytes": 1, "sha256": "0" * 64})
+    command = str(raised.value).split("`")[1]
+    assert shlex.split(command) == ["memscan", "verify", str(folder)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,7 +50,7 @@ def sweep(out: str, dims: str, samples: str, schemes: str, overwrite: bool, allo
     """Exact population errors over dimensions, sample sizes, schemes and seeds (a Parquet table)."""
     info = sweeps.run_sweep(SweepSettings(dims=_ints(dims), samples=_ints(samples), schemes=tuple(schemes.split(",")),
                                    **settings), out, overwrite, allow_other_files)  # type: ignore[arg-type]
-    click.echo(f"sweep     {info.rows:,} rows in {info.seconds:.1f} s -> {out} (next: `memscan assoc fit {out}`)")
+    click.echo(f"sweep     {info.rows:,} rows in {info.seconds:.1f} s -> {out} (next: `{shlex.join(['memscan', 'assoc', 'fit', out])}`)")
 
 
 @assoc.command(cls=Command)

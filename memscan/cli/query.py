@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from memscan.cli.options import Command, allow_other_files, overwrite, settings_options
@@ -40,7 +42,7 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
             f"A3 disjoint at r* {number(s['A3']['disjoint_at_r_star'], '.1%')}; "
             f"A1 retrieval {number(s['A1']['retrieval_rate'], '.1%')}; "
             f"floor {floor_text(s['floor'])} vs held-out loss {number(s['A1']['test_loss'])}")
-    click.echo(f"run       {out} (next: `memscan report {out}`)")
+    click.echo(f"run       {out} (next: `{shlex.join(['memscan', 'report', out])}`)")
 
 
 @click.command(cls=Command)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from memscan import experiments
@@ -34,4 +36,5 @@ def run(experiment: str, out: str | None, sets: tuple[str, ...], check: bool, ov
         click.echo(f"{label}: ran {ran}{kept} -> {outcome.folder}")
         for line in comparison.text(outcome.comparison) if outcome.comparison else ():
             click.echo(f"          {line}")
-    click.echo(f"resolved  {folder}/experiment.toml (`memscan run {folder}/experiment.toml --out {folder}` reruns it)")
+    rerun = shlex.join(["memscan", "run", f"{folder}/experiment.toml", "--out", folder])
+    click.echo(f"resolved  {folder}/experiment.toml (`{rerun}` reruns it)")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+from typing import Any
+
 import click
 from click.core import ParameterSource
 
@@ -37,16 +41,31 @@ def train(out: str, preset: str | None, untied: bool, overwrite: bool, allow_oth
     for required in ("source", "tokens"):
         if values.get(required) is None:
             raise InputError(f"--{required} is required (or a --preset that sets it)")
-    info = run(TrainSettings(**values), out, overwrite=overwrite,  # type: ignore[arg-type]
-               allow_other_files=allow_other_files)
+    settings = TrainSettings(**values)  # type: ignore[arg-type]
+    info = run(settings, out, overwrite=overwrite, allow_other_files=allow_other_files)
     data = info.data
     click.echo(f"trained   {info.steps:,} steps on {data['train_tokens']:,} tokens "
                f"({data['documents']:,} documents): train loss {info.final_train_loss:.3f}, "
                f"held-out {info.final_heldout_loss:.3f}")
     click.echo(f"model     {info.final}")
-    click.echo(f"extract   memscan extract --model {info.final} --source {data['source']} "
-               f"--max-documents {data['documents']} --chunk-tokens {data['context']} "
-               f"--test-fraction {data['test_fraction']} --seed {data['seed']} ...")
+    click.echo(f"extract   {extract_command(out, info.final, data, settings)}")
+
+
+def extract_command(out: str | Path, model: str | Path, data: dict[str, Any], settings: TrainSettings) -> str:
+    """The whole `memscan extract` command, each value shell-quoted, that extracts exactly the run's chunks:
+    its documents (the prefix it read), chunk length, split rule and seed, into a folder beside the run."""
+    run_folder = Path(out)
+    if run_folder.name in ("", ".."):
+        run_folder = run_folder.resolve()
+    words = ["memscan", "extract", "--model", str(model), "--source", str(data["source"]),
+             "--out", str(run_folder.parent / f"{run_folder.name}-activations"),
+             "--max-documents", str(data["documents"]), "--chunk-tokens", str(data["context"]),
+             "--test-fraction", str(data["test_fraction"]), "--seed", str(data["seed"])]
+    if settings.text_column != "text":
+        words += ["--text-column", settings.text_column]
+    if settings.split is not None:
+        words += ["--hf-split", settings.split]
+    return shlex.join(words)
 
 
 def _given(context: click.Context, flags: dict[str, object]) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ class ActivationDataset:
             whole = len(self._verified) + 1 == len(self.shards)
             problems = [problem] if problem else tally_problems(self.manifest, self._tally, whole)
             if problems:
-                raise DataError(f"{self.directory / MANIFEST}: {problems[0]}; run `memscan verify {self.directory}`")
+                raise DataError(f"{self.directory / MANIFEST}: {problems[0]}; run `{shlex.join(['memscan', 'verify', str(self.directory)])}`")
             self._verified.add(shard["name"])
             return parquet
         return pq.ParquetFile(path, memory_map=True)
