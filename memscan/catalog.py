@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from memscan import assoc, files, folders, query, saturation, store, train
+from memscan import assoc, files, folders, query, saturation, score, store, train
 from memscan.errors import DataError, MemscanError
 from memscan.knn import index
 
@@ -151,13 +151,16 @@ def _scores_line(directory: Path, record: dict[str, Any]) -> str:
 
 
 def _scores_tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
-    """scores.parquet, and metrics.json as one row per score (AUC and TPRs with their intervals)."""
-    metrics_entry = next(e for e in record["tables"] if e["name"] == "metrics.json")
+    """scores.parquet (each column what its name says: a version-1 folder's negated columns turned back), and
+    metrics.json as one row per score (the side members lie on, AUC and TPRs with their intervals)."""
+    result = score.ScoreResult(directory, record)
 
     def metrics() -> pd.DataFrame:
-        document = files.read_record(files.check_file(directory, metrics_entry, "metrics"), "memscan metrics")
-        return pd.json_normalize([{"score": name, **row} for name, row in document["scores"].items()])
-    return {"scores": _parquet(directory, record, folders.SCORES, "scores.parquet"), "metrics": metrics}
+        document = result.metrics
+        sides = score.orientation(document, result.scores.column_names if score.is_version_1(document) else [])
+        return pd.json_normalize([{"score": name, "member_when": sides[name], **row}
+                                  for name, row in document["scores"].items()])
+    return {"scores": lambda: result.scores.to_pandas(), "metrics": metrics}
 
 
 def _verbatim_line(directory: Path, record: dict[str, Any]) -> str:

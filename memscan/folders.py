@@ -70,7 +70,7 @@ DATASET = Kind("dataset", "memscan.activations", 3, "manifest.json", "memscan ex
                signed_since=3, lists=("shards", "chunk_tables"))
 INDEX = Kind("index", "memscan.index", 2, "index.json", "memscan index", (2,), signed_since=2, lists=("shards",))
 QUERY_RUN = Kind("query run", "memscan.run", 2, "summary.json", "memscan query", (2,), lists=("tables",))
-SCORES = Kind("scores", "memscan.scores", 1, "summary.json", "memscan score", (1,), lists=("tables",))
+SCORES = Kind("scores", "memscan.scores", 2, "summary.json", "memscan score", (1, 2), lists=("tables",))
 VERBATIM = Kind("verbatim", "memscan.verbatim", 1, "summary.json", "memscan verbatim", (1,), lists=("tables",))
 TRAINING = Kind("training run", "memscan.training", 2, "run.json", "memscan train", (1, 2), signed_since=2,
                 folders="folders", legacy=("fingerprint", "checkpoint_steps"), growing=("log.parquet",))

@@ -3,9 +3,13 @@
 The field's first view of memorization beside the activation geometry: can a score tell
 training chunks (members) from held-out ones? Arrays in, arrays out, no I/O.
 
-Orientation: every score here is *larger = more member-like*, so every metric reads the
-same way (labels: 1 = member, 0 = non-member). Per-token inputs are (m, T) arrays with
-NaN where a position has no token (no next token, or a position that was not kept).
+Orientation: every score here is the quantity its name says (`loss_score` the loss, `zlib_score`
+the zlib ratio), and MEMBER_WHEN names the side members lie on: "larger" or "smaller".
+`membership_metrics` ranks each score by its side (a "smaller" score is negated before the ROC),
+so every AUC and TPR reads the same way (labels: 1 = member, 0 = non-member; an AUC above 0.5
+says members lie on the expected side). The ROC functions below take scores already oriented
+larger = member. Per-token inputs are (m, T) arrays with NaN where a position has no token (no
+next token, or a position that was not kept).
 
 Sources of the definitions (re-implemented from the papers; mimir's attacks were read
 for the conventions the field uses):
@@ -42,6 +46,10 @@ BLOCK_BYTES = 4 * 2**20
 BOOTSTRAP_BLOCK_BYTES = 16 * 2**20
 DEFAULT_K = 0.2
 DEFAULT_FPRS = (0.01, 0.001)
+SIDES = ("larger", "smaller")
+# The side members lie on, for each score of this module (named as `memscan score` names its columns).
+MEMBER_WHEN = {"loss": "smaller", "min_k": "larger", "min_k_plus_plus": "larger", "zlib": "smaller",
+               "reference": "larger"}
 
 # A metric over (scores (n,), labels (n,), weights (R, n) or None) -> (R,) values (a float without
 # weights); `roc_auc` and `tpr_at_fpr` are of this kind, which lets the bootstrap weigh many
@@ -152,12 +160,12 @@ def _lowest_fraction_mean(values: np.ndarray, k: float) -> np.ndarray:
 
 
 def loss_score(nll: np.ndarray) -> np.ndarray:
-    """Negated mean nll of each chunk (m,) from per-token nll (m, T): larger = member.
+    """The loss: mean nll of each chunk (m,) in nats, from per-token nll (m, T); smaller = member.
 
     The LOSS attack (Yeom et al. 2018): a model fits its training chunks better. NaN for
     a chunk without a scored token.
     """
-    return -_row_mean(_per_token(nll, "nll"))
+    return _row_mean(_per_token(nll, "nll"))
 
 
 def min_k_score(nll: np.ndarray, k: float = DEFAULT_K) -> np.ndarray:
@@ -197,18 +205,18 @@ def zlib_length(text: str) -> int:
 
 
 def zlib_score(nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-    """The zlib ratio (Carlini et al. 2021), negated: -mean_nll / zlib_length(text), (m,).
+    """The zlib ratio (Carlini et al. 2021): mean_nll / zlib_length(text), (m,); smaller = member.
 
     mean_nll is the chunk's mean next-token nll in nats (Carlini's log-perplexity) and
     zlib_length the byte length of the chunk's zlib-compressed UTF-8 text (its "zlib
     entropy"), the ratio mimir computes. Text that compresses well is easy for any model;
-    dividing by it discounts that. Larger = member.
+    dividing by it discounts that.
     """
     nll = _per_token(nll, "nll")
     if len(texts) != len(nll):
         raise InputError(f"zlib score needs one text per chunk: {len(nll):,} chunks, {len(texts):,} texts")
     lengths = np.array([zlib_length(text) for text in texts], dtype=np.float64)
-    return -_row_mean(nll) / lengths
+    return _row_mean(nll) / lengths
 
 
 def reference_score(nll: np.ndarray, reference_nll: np.ndarray) -> np.ndarray:
@@ -423,14 +431,25 @@ def _tpr_estimate(scores: np.ndarray, labels: np.ndarray, fpr: float, resamples:
     return _estimate(metric(scores, labels), bootstrap_interval(metric, scores, labels, resamples, level, seed))
 
 
+def oriented(values: np.ndarray, side: str) -> np.ndarray:
+    """A score (n,) as larger = member: negated where members lie on the smaller side."""
+    if side not in SIDES:
+        raise InputError(f"a score's member side must be one of {', '.join(SIDES)}; got {side!r}")
+    values = np.asarray(values, dtype=np.float64)
+    return -values if side == "smaller" else values
+
+
 def membership_metrics(scores: Mapping[str, np.ndarray], labels: np.ndarray, fprs: Sequence[float] = DEFAULT_FPRS,
-                       resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, dict[str, Any]]:
+                       resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                       member_when: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """AUC and TPR at each FPR in `fprs`, each with its interval, per named score.
 
-    scores: name -> (n,) scores (larger = member), NaN for a chunk the score cannot rate;
-    labels: (n,) 1 = member, 0 = non-member. Each score is measured on its own finite
-    rows, whose counts are recorded. Returns, e.g. for "loss":
-    {"loss": {"members": 500, "non_members": 500,
+    scores: name -> (n,) scores, NaN for a chunk the score cannot rate; member_when: name ->
+    "larger" or "smaller", the side members lie on (default "larger"; a "smaller" score is
+    ranked by its negation, so its AUC is P(member score < non-member score)); labels: (n,)
+    1 = member, 0 = non-member. Each score is measured on its own finite rows, whose counts
+    are recorded. Returns, e.g. for "loss":
+    {"loss": {"member_when": "smaller", "members": 500, "non_members": 500,
               "auc": {"value": .71, "low": .68, "high": .74},
               "tpr@1%fpr": {...}, "tpr@0.1%fpr": {...}}}
     (the content of metrics.json). The AUC's interval is `auc_interval`'s, a TPR's the
@@ -440,13 +459,16 @@ def membership_metrics(scores: Mapping[str, np.ndarray], labels: np.ndarray, fpr
     """
     labels = np.asarray(labels)
     table = {}
+    sides = member_when or {}
     for name, values in scores.items():
-        values = np.asarray(values, dtype=np.float64)
+        side = sides.get(name, "larger")
+        values = oriented(values, side)
         if values.shape != labels.shape:
             raise InputError(f"score {name!r} has {values.shape} values for {labels.shape} labels")
         keep = np.isfinite(values)
         kept_scores, kept_labels = values[keep], labels[keep]
-        row: dict[str, Any] = {"members": int((kept_labels == 1).sum()), "non_members": int((kept_labels != 1).sum())}
+        row: dict[str, Any] = {"member_when": side, "members": int((kept_labels == 1).sum()),
+                               "non_members": int((kept_labels != 1).sum())}
         row["auc"] = _estimate(roc_auc(kept_scores, kept_labels),
                                auc_interval(kept_scores, kept_labels, resamples, level, seed))
         for fpr in fprs:

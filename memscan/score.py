@@ -7,7 +7,9 @@ runs over the same dataset (a test-split run rates the non-members, a leave-one-
 train-split run the members); it measures each score's ROC-AUC and TPR at low FPR against
 the dataset's split (train = member), and crosses the views on the same chunks (the
 bridge: rank correlations, AUCs side by side), with the columns of a `memscan verbatim` run
-(`memscan.verbatim`) where one is given. Every score is oriented larger = member. Reading a
+(`memscan.verbatim`) where one is given. Every column holds the quantity its name says (the
+loss, a distance, an energy); MEMBER_WHEN gives the side members lie on, which the metrics apply
+and metrics.json records (`orientation`), so every AUC reads larger = better. Reading a
 dataset's rated chunks and its checked model (`rated_chunks`, `dataset_model`) is shared with
 the verbatim job (`memscan.verbatim.job`). The report layer draws the plots
 (`memscan.report.render_scores`), not this module.
@@ -23,9 +25,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
 
 import memscan.query as query
 import memscan.store as store
@@ -34,6 +36,7 @@ from memscan.errors import DataError, InputError
 from memscan.fields import setting
 from memscan.knn import exact
 from memscan.layout import parse_positions
+from memscan.progress import progress
 from memscan.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,12 @@ SCORES, METRICS = "scores.parquet", "metrics.json"
 SPLITS = ("train", "test")            # members, non-members; other splits (qf's "gen") are not rated
 VERBATIM_COLUMNS = ("leading_match", "match_fraction", "extractable")
 GEOMETRY_MODES = ("none", "views")
+ID_COLUMNS = ("doc_id", "chunk_id", "split", "label")
+# The side members lie on, per score column ("larger" where a column is not named: the views, geom_*).
+MEMBER_WHEN = {**membership.MEMBER_WHEN, "nearest": "smaller", "inside_ball": "larger", "energy": "smaller",
+               "retrieved": "larger"}
+# Format version 1 wrote every score larger = member: these columns held minus what their name says.
+NEGATED_IN_VERSION_1 = ("loss", "zlib", "nearest", "energy")
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,50 @@ class ScoreResult(StageResult):
         entries = {entry["name"]: entry for entry in self.record["tables"]}
         return files.read_record(files.check_file(self.folder, entries[METRICS], "metrics"), "memscan metrics")
 
+    @property
+    def scores(self) -> Any:
+        """scores.parquet (a pyarrow Table), checked against its summary entry, each column holding what its name
+        says: a version-1 folder's negated columns (NEGATED_IN_VERSION_1) are turned back."""
+        entries = {entry["name"]: entry for entry in self.record["tables"]}
+        table = store.read_table(files.check_file(self.folder, entries[SCORES], "table"))
+        return current_columns(table, self.metrics)
+
+    @property
+    def orientation(self) -> dict[str, str]:
+        """The side members lie on ("larger" or "smaller") for every score column of `scores`."""
+        return orientation(self.metrics, self.scores.column_names)
+
+
+def is_version_1(metrics: dict[str, Any]) -> bool:
+    """Whether a score folder's metrics.json is of format version 1 (every score larger = member): it records no
+    `orientation`."""
+    return "orientation" not in metrics
+
+
+def current_columns(table: Any, metrics: dict[str, Any]) -> Any:
+    """A scores table (pyarrow) whose every column holds what its name says: a version-1 table's columns
+    NEGATED_IN_VERSION_1 negated back; a later one as it is."""
+    if not is_version_1(metrics):
+        return table
+    for name in NEGATED_IN_VERSION_1:
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, pc.negate(table.column(name)))
+    return table
+
+
+def orientation(metrics: dict[str, Any], columns: list[str]) -> dict[str, str]:
+    """metrics.json's `orientation` {score column: "larger" | "smaller"}; for a version-1 folder, which has none, the
+    sides of the `columns` once `current_columns` has turned them back."""
+    if not is_version_1(metrics):
+        return dict(metrics["orientation"])
+    return {name: member_side(name) for name in columns
+            if name not in ID_COLUMNS and not name.startswith("verbatim_")}
+
+
+def member_side(name: str) -> str:
+    """The side members lie on for the score column `name` (MEMBER_WHEN; "larger" for the views)."""
+    return MEMBER_WHEN.get(name, "larger")
+
 
 # ---------------------------------------------------------------- reading the dataset
 
@@ -192,7 +245,8 @@ def _decode(tokenizer: Any, token_ids: np.ndarray) -> list[str]:
 
 def membership_scores(table: dict[str, np.ndarray], rows: np.ndarray, texts: list[str], k: float,
                       ) -> dict[str, np.ndarray]:
-    """loss, min_k, min_k_plus_plus and zlib (m,) of the chunks `rows` from their per-token statistics."""
+    """loss, min_k, min_k_plus_plus and zlib (m,) of the chunks `rows` from their per-token statistics (each what
+    its name says; MEMBER_WHEN gives the side members lie on)."""
     nll, mu, var = (table[name][rows] for name in store.PER_TOKEN_COLUMNS)
     if np.isnan(nll).all():
         raise DataError("the dataset was extracted with --no-loss: its per-chunk table holds no per-token loss; "
@@ -215,7 +269,7 @@ def reference_nll(model_id: str, texts: list[str], device: str) -> np.ndarray:
     length = max(1, min(context, max(len(ids) for ids in encoded)))
     out = np.full((len(texts), length), np.nan, np.float32)
     with torch.inference_mode():
-        for i, ids in enumerate(tqdm(encoded, unit="chunk", desc="reference", disable=None)):
+        for i, ids in enumerate(progress(len(encoded), "reference", "chunk", encoded)):
             ids = ids[:context]
             if len(ids) < 2:
                 continue
@@ -315,13 +369,13 @@ def geometry_scores(runs: tuple[Path, ...], data: Path, manifest: dict[str, Any]
     """Geometric scores (m,) of the chunks `rows` at their last position, from `memscan query` runs.
 
     Each run rates the chunks of its own split: a test-split run the non-members, a
-    leave-one-out train-split run the members. nearest: minus the distance to the nearest
-    other pattern (a train chunk: the patterns table's nearest_other_dist, which every run
-    of the index holds and a leave-one-out run's nearest_dist equals) or to the nearest
-    pattern (a test chunk: the test run's nearest_dist); inside_ball: that distance <= the
-    runs' radius (1/0); energy: minus the midpoint of the certified energy interval;
-    retrieved: 1/0. NaN where no run has a row for the chunk. Also returns what the
-    summary records of the runs.
+    leave-one-out train-split run the members. nearest: the distance to the nearest other
+    pattern (a train chunk: the patterns table's nearest_other_dist, which every run of the
+    index holds and a leave-one-out run's nearest_dist equals) or to the nearest pattern (a
+    test chunk: the test run's nearest_dist), smaller = member; inside_ball: that distance
+    <= the runs' radius (1/0); energy: the midpoint of the certified energy interval,
+    smaller = member; retrieved: 1/0. NaN where no run has a row for the chunk. Also
+    returns what the summary records of the runs.
     """
     opened = _open_runs(runs, data, layer)
     first = opened[0]
@@ -341,8 +395,8 @@ def geometry_scores(runs: tuple[Path, ...], data: Path, manifest: dict[str, Any]
             looked_up[name][mine] = _lookup(keys, np.asarray(queries.column(name), np.float64), last_rows[mine])
     distance = np.where(split == "train", nearest_other, looked_up["nearest_dist"])
     with np.errstate(invalid="ignore"):
-        scores = {"nearest": -distance, "inside_ball": np.where(np.isnan(distance), np.nan, distance <= radius),
-                  "energy": -(looked_up["energy_lower"] + looked_up["energy_upper"]) / 2,
+        scores = {"nearest": distance, "inside_ball": np.where(np.isnan(distance), np.nan, distance <= radius),
+                  "energy": (looked_up["energy_lower"] + looked_up["energy_upper"]) / 2,
                   "retrieved": looked_up["retrieved"]}
     return scores, {"folders": {run.split: str(run.folder.resolve()) for run in opened},
                     "layer": first.layer["layer"], "radius": radius}
@@ -386,7 +440,8 @@ def view_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: i
 
 def score_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: int,
                   seed: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """membership_metrics of every score that rates members and non-members; the others, with the reason."""
+    """membership_metrics of every score that rates members and non-members, each ranked by its side (MEMBER_WHEN);
+    the others, with the reason."""
     rated, skipped = {}, {}
     for name, values in scores.items():
         finite = np.isfinite(values)
@@ -395,11 +450,14 @@ def score_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, resamples: 
             skipped[name] = "rates no member" if 1 not in classes else "rates no non-member"
             continue
         rated[name] = values
-    return membership.membership_metrics(rated, labels, resamples=resamples, seed=seed), skipped
+    return membership.membership_metrics(rated, labels, resamples=resamples, seed=seed,
+                                         member_when={name: member_side(name) for name in rated}), skipped
 
 
 def bridge(columns: dict[str, np.ndarray], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Spearman rank correlations between every pair of columns (over the chunks both rate) and AUCs side by side."""
+    """Spearman rank correlations between every pair of columns as written (over the chunks both rate; a column
+    whose members lie on the smaller side correlates negatively with a larger-side one it agrees with) and AUCs side
+    by side."""
     names = list(columns)
     correlations: dict[str, dict[str, float | None]] = {a: {} for a in names}
     for i, a in enumerate(names):
@@ -460,6 +518,7 @@ def score(settings: ScoreSettings, out: str | Path, overwrite: bool = False,
         if settings.verbatim:
             crossed.update(_verbatim_columns(Path(settings.verbatim), table, rows))
         document = {"scores": metrics, "skipped": skipped, "split_rule": manifest.get("split_rule", {"kind": "hash"}),
+                    "orientation": {name: member_side(name) for name in [*scores, *views]},
                     "bridge": bridge(crossed, metrics)}
         if views:
             document["geometry"] = view_metrics(views, labels, settings.resamples, settings.seed)

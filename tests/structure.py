@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "memscan"
 # Lowest first; a module's layer is that of the longest prefix naming it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("memscan.version", "memscan.errors", "memscan.files", "memscan.checks", "memscan.layout", "memscan.wording",
-              "memscan.folders", "memscan.results", "memscan.fields")),
+              "memscan.folders", "memscan.results", "memscan.fields", "memscan.progress")),
     ("data", ("memscan.store", "memscan.theory", "memscan.analysis", "memscan.membership", "memscan.verbatim.match",
               "memscan.qf", "memscan.sites", "memscan.models", "memscan.preflight", "memscan.corpus",
               "memscan.knn.tuning", "memscan.knn.cells", "memscan.knn.kmeans", "memscan.knn.exact",

@@ -182,7 +182,8 @@ def test_membership_metrics_table():
                                           resamples=200)
     assert set(table) == {"good", "noise", "holes"}
     good = table["good"]
-    assert set(good) == {"members", "non_members", "auc", "tpr@1%fpr", "tpr@0.1%fpr"}
+    assert set(good) == {"member_when", "members", "non_members", "auc", "tpr@1%fpr", "tpr@0.1%fpr"}
+    assert good["member_when"] == "larger"
     assert (good["members"], good["non_members"]) == (300, 300)
     assert (table["holes"]["members"], table["holes"]["non_members"]) == (295, 300)
     assert good["auc"]["value"] == pytest.approx(skm.roc_auc_score(labels, scores))
@@ -195,6 +196,18 @@ def test_membership_metrics_table():
         # 300 non-members cannot resolve a 0.1% FPR
         assert row["tpr@0.1%fpr"] == {"value": None, "low": None, "high": None,
                                       "reason": "needs at least 1,000 non-members for a 0.1% FPR; has 300"}
+
+
+def test_a_smaller_side_score_is_ranked_by_its_negation():
+    scores, labels = gaussian_sample(300, 1.0, 0)
+    larger = membership.membership_metrics({"s": scores}, labels, resamples=100, seed=3)["s"]
+    smaller = membership.membership_metrics({"s": -scores}, labels, resamples=100, seed=3,
+                                            member_when={"s": "smaller"})["s"]
+    assert smaller.pop("member_when") == "smaller" and larger.pop("member_when") == "larger"
+    assert smaller == larger   # every number identical, intervals included
+    assert smaller["auc"]["value"] == pytest.approx(skm.roc_auc_score(labels, scores))
+    with pytest.raises(InputError, match="member side"):
+        membership.membership_metrics({"s": scores}, labels, member_when={"s": "up"})
 
 
 @pytest.mark.parametrize("labels, scores, match", [
@@ -223,10 +236,11 @@ def test_bad_metric_settings():
 # ---------------------------------------------------------------- per-chunk scores
 
 
-def test_loss_score_is_negated_mean_nll():
+def test_loss_score_is_the_mean_nll():
     rows = ragged_nll(0)
     got = membership.loss_score(padded(rows, 23))
-    np.testing.assert_allclose(got, [-row.mean() for row in rows], rtol=1e-12)
+    np.testing.assert_allclose(got, [row.mean() for row in rows], rtol=1e-12)
+    assert membership.MEMBER_WHEN["loss"] == "smaller"
     assert np.isnan(membership.loss_score(np.full((1, 4), np.nan)))[0]
 
 
@@ -270,7 +284,7 @@ def test_zlib_score_matches_direct_computation():
     rows = ragged_nll(4, m=4)
     texts = ["", "abc abc abc abc abc abc", "naïve café, Straße " * 5, "the quick brown fox"]
     got = membership.zlib_score(padded(rows, 23), texts)
-    want = [-row.mean() / len(zlib.compress(text.encode("utf-8"))) for row, text in zip(rows, texts)]
+    want = [row.mean() / len(zlib.compress(text.encode("utf-8"))) for row, text in zip(rows, texts)]
     np.testing.assert_allclose(got, want, rtol=1e-12)
     with pytest.raises(InputError, match="one text per chunk"):
         membership.zlib_score(padded(rows, 23), texts[:3])

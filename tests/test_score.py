@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
+import zlib
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from memscan import files, store
+from memscan import files, score, store
 from memscan.cli import main
 from memscan.extract import ExtractSettings, extract
 from memscan.store import chunks
@@ -112,13 +115,21 @@ def scored(qf_model, tmp_path_factory):
     return data, verbatim_dir, out
 
 
+def oriented(scores, metrics, name):
+    """The column `name` of a scores frame as larger = member: negated where metrics.json records that members lie
+    on its smaller side."""
+    side = metrics["orientation"][name]
+    assert side == metrics["scores"][name]["member_when"]
+    return -scores[name] if side == "smaller" else scores[name]
+
+
 def test_scores_equal_direct_computations(scored):
     data, _, out = scored
     table = store.read_chunk_table(data)
     scores = pq.read_table(out / "scores.parquet").to_pandas()
     assert list(zip(scores.doc_id, scores.chunk_id)) == list(zip(table["doc_id"], table["chunk_id"]))
     nll = table["nll"].astype(np.float64)
-    np.testing.assert_allclose(scores["loss"], -np.nanmean(nll, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(scores["loss"], np.nanmean(nll, axis=1), rtol=1e-12)   # the loss itself, in nats
     counts = (~np.isnan(nll)).sum(1)
     lowest = [np.sort(-row[~np.isnan(row)])[: max(1, int(c * 0.3))].mean() for row, c in zip(nll, counts)]
     np.testing.assert_allclose(scores["min_k"], lowest, rtol=1e-12)
@@ -130,7 +141,8 @@ def test_metrics_auc_equals_sklearn_and_the_summary_vouches_for_the_files(scored
     scores = pq.read_table(out / "scores.parquet").to_pandas()
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("loss", "min_k", "min_k_plus_plus", "zlib"):
-        assert metrics["scores"][name]["auc"]["value"] == pytest.approx(roc_auc_score(scores.label, scores[name]))
+        assert metrics["scores"][name]["auc"]["value"] == pytest.approx(roc_auc_score(scores.label,
+                                                                                      oriented(scores, metrics, name)))
     assert metrics["split_rule"] == {"kind": "column", "column": "label"}
     summary = json.loads((out / "summary.json").read_text())
     files.check_signature(summary, out / "summary.json")
@@ -172,11 +184,68 @@ def test_the_bridge_plot_draws_the_scores_table_and_is_written_beside_roc(scored
                                rtol=1e-12)
     assert np.array_equal(points["extractable"], (frame["verbatim_extractable"] == 1).to_numpy())
     assert list(points["split"]) == list(frame["split"])
-    with_geometry = scores.append_column("nearest", scores.column("min_k"))   # the x is minus the nearest score
-    np.testing.assert_array_equal(report.bridge_points(with_geometry)["x"], -frame["min_k"].to_numpy())
+    with_geometry = scores.append_column("nearest", scores.column("min_k"))   # the x is the nearest column
+    np.testing.assert_array_equal(report.bridge_points(with_geometry)["x"], frame["min_k"].to_numpy())
     assert report.bridge_points(scores.select(["split", "label", "loss"])) is None
     png = (out / "bridge.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000    # two panels, not an empty figure
+
+
+def test_each_column_holds_what_its_name_says_and_metrics_record_its_side(scored):
+    data, _, out = scored
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["orientation"] == {"loss": "smaller", "min_k": "larger", "min_k_plus_plus": "larger",
+                                      "zlib": "smaller"}
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    assert (scores["loss"] > 0).all() and (scores["zlib"] > 0).all() and (scores["min_k"] <= 0).all()
+    texts = AutoTokenizer.from_pretrained(data_model(data)).batch_decode(store.read_chunk_table(data)["token_ids"])
+    lengths = np.array([len(zlib.compress(text.encode("utf-8"))) for text in texts])
+    np.testing.assert_allclose(scores["zlib"], scores["loss"] / lengths, rtol=1e-12)
+
+
+def data_model(data):
+    """The model folder a dataset was extracted with."""
+    return json.loads((data / store.MANIFEST).read_text())["model"]["path"]
+
+
+def as_version_1(out, to):
+    """A copy of the score folder `out` in `to` as format version 1 wrote it: every score larger = member (loss,
+    zlib, nearest, energy negated), no `orientation` or `member_when` in metrics.json, the summary re-signed."""
+    shutil.copytree(out, to)
+    table = pq.read_table(to / "scores.parquet")
+    for name in score.NEGATED_IN_VERSION_1:
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, pc.negate(table.column(name)))
+    pq.write_table(table, to / "scores.parquet")
+    metrics = json.loads((to / "metrics.json").read_text())
+    metrics.pop("orientation")
+    for row in metrics["scores"].values():
+        row.pop("member_when")
+    (to / "metrics.json").write_text(json.dumps(metrics))
+    summary = json.loads((to / "summary.json").read_text())
+    summary.pop(files.SELF_SHA256)
+    summary.update(format_version=1, tables=[files.file_entry(to / entry["name"]) for entry in summary["tables"]])
+    files.write_json_atomic(to / "summary.json", files.signed(summary))
+    return to
+
+
+def test_a_version_1_folder_reads_with_every_column_what_its_name_says(scored, tmp_path):
+    import memscan
+    from memscan import report
+
+    _, _, out = scored
+    old = as_version_1(out, tmp_path / "old")
+    assert (pq.read_table(old / "scores.parquet").column("loss").to_numpy() < 0).all()   # minus the loss on disk
+    new = memscan.load(out)
+    loaded = memscan.load(old)
+    assert loaded.scores.equals(new.scores)
+    assert loaded.metrics.drop(columns="member_when").equals(new.metrics.drop(columns="member_when"))
+    assert dict(zip(loaded.metrics.score, loaded.metrics.member_when)) == json.loads(
+        (out / "metrics.json").read_text())["orientation"]
+    result = score.ScoreResult(old, json.loads((old / "summary.json").read_text()))
+    assert result.orientation == json.loads((out / "metrics.json").read_text())["orientation"]
+    np.testing.assert_array_equal(report.bridge_points(result.scores)["y"], new.scores["loss"].to_numpy())
+    assert report.render_scores(old, allow_other_files=True) == ["roc.png", "bridge.png"]
 
 
 def test_geometry_lookup_takes_the_leave_one_out_distance_for_members():
@@ -234,16 +303,17 @@ def test_members_are_rated_on_energy_and_retrieved_by_a_leave_one_out_run(geomet
     test_rows = by_row(pq.read_table(test_run / "queries.parquet").to_pandas(), "query_row_id", rows[~member])
     train_rows = by_row(pq.read_table(train_run / "queries.parquet").to_pandas(), "query_row_id", rows[member])
     for mask, run in ((member, train_rows), (~member, test_rows)):
-        energy = -(run.energy_lower.to_numpy(np.float64) + run.energy_upper.to_numpy(np.float64)) / 2
+        energy = (run.energy_lower.to_numpy(np.float64) + run.energy_upper.to_numpy(np.float64)) / 2
         np.testing.assert_array_equal(scores.energy[mask], energy)
         np.testing.assert_array_equal(scores.retrieved[mask], run.retrieved.to_numpy(np.float64))
     # members' nearest: the nearest *other* pattern, the same in the patterns table and the leave-one-out run
     patterns = by_row(pq.read_table(train_run / "patterns.parquet").to_pandas(), "row_id", rows[member])
     np.testing.assert_array_equal(patterns.nearest_other_dist.to_numpy(), train_rows.nearest_dist.to_numpy())
-    np.testing.assert_array_equal(scores.nearest[member], -patterns.nearest_other_dist.to_numpy(np.float64))
-    np.testing.assert_array_equal(scores.nearest[~member], -test_rows.nearest_dist.to_numpy(np.float64))
+    np.testing.assert_array_equal(scores.nearest[member], patterns.nearest_other_dist.to_numpy(np.float64))
+    np.testing.assert_array_equal(scores.nearest[~member], test_rows.nearest_dist.to_numpy(np.float64))
     for name in ("energy", "retrieved", "nearest"):
-        assert metrics["scores"][name]["auc"]["value"] == pytest.approx(roc_auc_score(scores.label, scores[name]))
+        assert metrics["scores"][name]["auc"]["value"] == pytest.approx(roc_auc_score(scores.label,
+                                                                                      oriented(scores, metrics, name)))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["query_run"]["folders"] == {"test": str(test_run.resolve()), "train": str(train_run.resolve())}
 

@@ -21,7 +21,8 @@ from memscan.score import score as run
 @overwrite
 @allow_other_files
 def score(data_dir: str, out: str, overwrite: bool, allow_other_files: bool, **settings: object) -> None:
-    """Rate every train and test chunk (larger = member) and measure each score's AUC and TPR at 1% / 0.1% FPR."""
+    """Rate every train and test chunk (each score's member side recorded) and measure its AUC and TPR at 1% /
+    0.1% FPR."""
     result = run(ScoreSettings(data=data_dir, **settings), out,  # type: ignore[arg-type]
                  overwrite=overwrite, allow_other_files=allow_other_files)
     render_scores(out, allow_other_files)

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from memscan import corpus, files, models, preflight, store
 from memscan.engines.capture import CapturePool, CaptureSpec, OpenedModel
@@ -34,6 +33,7 @@ from memscan.extract.settings import ExtractSettings, fingerprints, resolve_laye
 from memscan.extract.targets import plan_targets, site_records
 from memscan.extract.writing import batched, prefetch
 from memscan.layout import parse_positions
+from memscan.progress import progress
 from memscan.version import __version__
 
 log = logging.getLogger(__name__)
@@ -178,17 +178,17 @@ def _run_batches(chunks: Iterable[corpus.Chunk], point: ResumePoint, pool: Captu
                  total_chunks: int | None) -> dict[str, int]:
     """Every batch through `pool` (those with nothing left to write skipped); the chunks per split."""
     chunk_counts: dict[str, int] = {}
-    progress = tqdm(total=total_chunks, unit="chunk", desc="extract", disable=None)
+    bar = progress(total_chunks, "extract", "chunk")
     try:
         for b, batch in enumerate(prefetch(batched(chunks, point.batch_size))):
             for chunk in batch:
                 chunk_counts[chunk.split] = chunk_counts.get(chunk.split, 0) + 1
-            progress.update(len(batch))
+            bar.update(len(batch))
             if point.wanted(b):
                 pool.submit((b, batch), np.stack([c.tokens for c in batch]), np.stack([c.next_tokens for c in batch]))
         pool.finish()
     finally:
-        progress.close()
+        bar.close()
     return chunk_counts
 
 

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-import memscan.store as store
 from memscan import files, folders, membership
 from memscan.report.plots import commit_figure, report_files
-from memscan.score import SCORES, SPLITS, ScoreResult
+from memscan.score import SPLITS, ScoreResult, orientation
 
 ROC_IMAGE, BRIDGE_IMAGE = IMAGES = ("roc.png", "bridge.png")
 
@@ -34,20 +33,22 @@ def render_scores(folder: str | Path, allow_other_files: bool = False) -> list[s
 
 
 def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """A `memscan score` folder's scores table (pyarrow) and metrics, checked against its signed summary."""
+    """A `memscan score` folder's scores table (pyarrow; each column what its name says, a version-1 folder's
+    turned back) and metrics, checked against its signed summary."""
     result = ScoreResult(folder, folders.read_record(folder, folders.SCORES))
-    entries = {entry["name"]: entry for entry in result.record["tables"]}
-    return store.read_table(files.check_file(folder, entries[SCORES], "table")), result.metrics
+    return result.scores, result.metrics
 
 
 def _roc(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
-    """ROC curves of every rated score, FPR on a log axis as the field plots them, into roc.png."""
+    """ROC curves of every rated score (each ranked by its side, metrics' `orientation`), FPR on a log axis as the
+    field plots them, into roc.png."""
     labels = np.asarray(table.column("label"))
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.subplots()
     floor = 1.0 / max(1, int((labels == 0).sum()))   # the smallest non-zero FPR these chunks can show
+    sides = orientation(metrics, table.column_names)
     for name, row in metrics["scores"].items():
-        values = np.asarray(table.column(name), np.float64)
+        values = membership.oriented(np.asarray(table.column(name), np.float64), sides[name])
         keep = np.isfinite(values)
         fpr, tpr, _ = membership.roc_curve(values[keep], labels[keep])
         ax.step(np.maximum(fpr, floor / 2), tpr, where="post", label=f"{name} (AUC {row['auc']['value']:.3f})")
@@ -63,9 +64,9 @@ def _roc(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
 def bridge_points(table: Any) -> dict[str, Any] | None:
     """What the bridge scatter draws, one entry (m,) per chunk of a scores table; None when it has no x.
 
-    x is the geometry (distance to the nearest other pattern for members, to the nearest
-    pattern for held-out chunks: minus the `nearest` score) where the score run had a query
-    run, else the verbatim match fraction; y is the loss in nats (minus the `loss` score);
+    x is the geometry (the `nearest` column: distance to the nearest other pattern for
+    members, to the nearest pattern for held-out chunks) where the score run had a query
+    run, else the verbatim match fraction; y is the loss in nats (the `loss` column);
     `extractable` is True where the verbatim run found the whole suffix (False where it did
     not or did not sample the chunk).
     """
@@ -75,13 +76,13 @@ def bridge_points(table: Any) -> dict[str, Any] | None:
         return np.asarray(table.column(name), np.float64)
 
     if "nearest" in names:
-        x, x_label = -column("nearest"), "distance to the nearest (other) training pattern"
+        x, x_label = column("nearest"), "distance to the nearest (other) training pattern"
     elif "verbatim_match_fraction" in names:
         x, x_label = column("verbatim_match_fraction"), "verbatim match fraction (greedy suffix)"
     else:
         return None
     extractable = column("verbatim_extractable") == 1 if "verbatim_extractable" in names else np.zeros(len(x), bool)
-    return {"x": x, "x_label": x_label, "y": -column("loss"), "split": np.asarray(table.column("split")).astype(str),
+    return {"x": x, "x_label": x_label, "y": column("loss"), "split": np.asarray(table.column("split")).astype(str),
             "extractable": extractable}
 
 
@@ -100,18 +101,20 @@ def _bridge_scatter(ax: Any, points: dict[str, Any]) -> None:
     ax.legend(fontsize=7)
 
 
-def _bridge_heatmap(fig: Any, ax: Any, spearman: dict[str, dict[str, float | None]]) -> None:
-    """The Spearman matrix of metrics.json's bridge; blank where a pair has no rank correlation."""
+def _bridge_heatmap(fig: Any, ax: Any, spearman: dict[str, dict[str, float | None]], sides: dict[str, str]) -> None:
+    """The Spearman matrix of metrics.json's bridge; blank where a pair has no rank correlation. A score whose
+    members lie on the smaller side (`sides`) is marked with a down arrow."""
     names = list(spearman)
     matrix = np.array([[np.nan if spearman[a].get(b) is None else spearman[a][b] for b in names] for a in names])
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    labels = [f"{name} \N{DOWNWARDS ARROW}" if sides.get(name) == "smaller" else name for name in names]
+    ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), labels, fontsize=7)
     if len(names) <= 14:    # beyond that the numbers no longer fit their cells
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
-    ax.set_title("Spearman rank correlation (scores: larger = member)", fontsize=9)
+    ax.set_title("Spearman rank correlation of the columns (\N{DOWNWARDS ARROW}: smaller = member)", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
 
 
@@ -124,5 +127,6 @@ def _bridge(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
     axes = fig.subplots(1, 2 if points else 1, squeeze=False)[0]
     if points:
         _bridge_scatter(axes[0], points)
-    _bridge_heatmap(fig, axes[-1], metrics["bridge"]["spearman"])
+    # a version-1 folder's correlations are of its columns as written then, every score larger = member
+    _bridge_heatmap(fig, axes[-1], metrics["bridge"]["spearman"], metrics.get("orientation", {}))
     return commit_figure(fig, folder / BRIDGE_IMAGE, bbox_inches="tight")

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from memscan.errors import InputError, ModelError
+from memscan.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def verbatim_table(model: Any, chunks: np.ndarray, prompt_tokens: int = DEFAULT_
     _check_context(model, prompt_tokens, suffix_tokens)
     starts = range(0, len(prompts), batch_size)
     generated = [greedy_continuations(model, prompts[start:start + batch_size], suffix_tokens, device)
-                 for start in tqdm(starts, unit="batch", desc="verbatim", disable=None)]
+                 for start in progress(len(starts), "verbatim", "batch", starts)]
     generated = np.concatenate(generated) if generated else np.zeros((0, suffix_tokens), np.int64)
     table = match_statistics(generated, truth)
     log.info("verbatim: %d chunks, %d extractable, mean match fraction %.3f", len(prompts),
