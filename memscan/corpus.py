@@ -15,20 +15,33 @@ import itertools
 import json
 import logging
 import re
+import socket
+import threading
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import datasets
+import huggingface_hub
 import numpy as np
+import pyarrow as pa
 
 from memscan import files, qf, store
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")   # read by memscan's own code (.txt: one document per line)
+BUILDER_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}  # read through `datasets`
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")  # of .csv/.json/.jsonl files, decompressed by `datasets`
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # a `save_to_disk` folder holds both
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"               # a `save_to_disk` DatasetDict: one folder per split
+ACCEPTED_FILES = ".txt, .jsonl, .parquet, .csv, .json, .arrow (.csv/.json/.jsonl also .gz/.bz2/.xz/.zst)"
+DATASETS_BATCH_ROWS = 1024
+HUB_PROBE_SECONDS = 5.0   # how long an hf: id that is no local folder may wait to learn the hub is unreachable
 TOKENIZE_BATCH_DOCUMENTS = 256
 
 
@@ -148,7 +161,8 @@ class QFSource(Source):
 
 @dataclass(frozen=True)
 class FileSource(Source):
-    """Local .txt (one document per line), .jsonl or .parquet files, in sorted path order."""
+    """Local files in sorted path order: .txt (one document per line), .jsonl and .parquet (memscan's own readers),
+    .csv, .json, .arrow, compressed .csv/.json/.jsonl and `save_to_disk` folders (through `datasets`)."""
 
     paths: tuple[Path, ...]
     text_column: str
@@ -168,7 +182,8 @@ class FileSource(Source):
         return _numbered(pieces, (count_documents or _count_each)(pieces), max_documents)
 
     def describe(self) -> dict[str, Any]:
-        described = [{"path": str(p), "bytes": p.stat().st_size, "sha256": files.sha256_of(p)} for p in self.paths]
+        described = [{"path": str(p), "bytes": p.stat().st_size, "sha256": files.sha256_of(p)}
+                     for p in _files_of(self.paths)]
         return {"kind": "files", "text_column": self.text_column, "files": described}
 
 
@@ -188,10 +203,19 @@ class HFSource(Source):
     label_column: str | None = None  # read into Document.label (--split-column or --key-column)
 
     def _stream(self) -> Any:
-        with _reading(self.name):
-            stream = datasets.load_dataset(
-                self.name, self.config_name, split=self.split, streaming=True, revision=self.revision
-            )
+        local = Path(self.name).is_dir()
+        unreachable = None if local else _hub_unreachable()
+        if unreachable is not None and not unreachable.startswith("offline"):
+            raise self._unreachable(unreachable, None)
+        try:
+            with _reading(self.name):
+                stream = datasets.load_dataset(
+                    self.name, self.config_name, split=self.split, streaming=True, revision=self.revision
+                )
+        except InputError as exc:
+            if unreachable is None:
+                raise
+            raise self._unreachable(unreachable, exc) from None   # offline, and no cached copy served it
         return stream.shard(self.pieces, self.piece, contiguous=True) if self.pieces > 1 else stream
 
     def _records(self) -> Iterator[dict[str, Any]]:
@@ -220,6 +244,12 @@ class HFSource(Source):
         runs: list[Source] = [replace(self, piece=i, pieces=pieces, limit=max_documents) for i in range(pieces)]
         return _numbered(runs, (count_documents or _count_each)(runs), max_documents)
 
+    def _unreachable(self, why: str, error: InputError | None) -> InputError:
+        spec = f"hf:{self.name}" + (f":{self.config_name}" if self.config_name else "")
+        detail = "" if error is None else f": {error}"   # "could not read dataset 'NAME': " and datasets' line
+        return InputError(f"--source '{spec}': no local folder named '{self.name}' and the hub is not reachable "
+                          f"({why}){detail}")
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "hf", "name": self.name, "config": self.config_name, "split": self.split,
                 "text_column": self.text_column, "revision": self.revision}
@@ -244,7 +274,7 @@ def open_source(spec: str, *, seed: int, text_column: str = "text", split: str |
     """Parse `--source`: `qf[:k=v,...]`, `hf:OWNER/NAME[:CONFIG]`, or a local file or folder.
 
     `split` is the split of an hf: dataset (None: "train"); other sources refuse one.
-    `label_column` (a column of .jsonl/.parquet/hf: sources) is read into each Document's label.
+    `label_column` (a column of any source but .txt and qf) is read into each Document's label.
     """
     split = resolve_split(spec, split)
     if spec == "qf" or spec.startswith("qf:"):
@@ -260,14 +290,53 @@ def open_source(spec: str, *, seed: int, text_column: str = "text", split: str |
     if not path.exists():
         raise InputError(f"--source '{spec}' does not exist (give a file, a folder, 'qf' or 'hf:OWNER/NAME')")
     if path.is_dir():
-        paths = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES))
+        paths = _source_paths(path)
         if not paths:
-            raise InputError(f"folder '{spec}' holds no {'/'.join(TEXT_SUFFIXES)} files")
-    elif path.suffix in TEXT_SUFFIXES:
+            raise InputError(f"folder '{spec}' holds no {ACCEPTED_FILES} files and is no save_to_disk dataset")
+    elif _readable_file(path):
         paths = (path,)
     else:
-        raise InputError(f"--source '{spec}' is not a {'/'.join(TEXT_SUFFIXES)} file")
+        raise InputError(f"--source '{spec}' is not a {ACCEPTED_FILES} file (nor a folder of them or a "
+                         "save_to_disk dataset folder)")
     return FileSource(paths, text_column, label_column=label_column)
+
+
+def _builder_of(path: Path) -> str | None:
+    """The `datasets` builder that reads a file (csv, json, arrow), None for memscan's own (and unknown) files."""
+    if path.suffix in COMPRESSED_SUFFIXES:
+        inner = Path(path.stem).suffix
+        return BUILDER_SUFFIXES[inner] if inner in (".csv", ".json", ".jsonl") else None
+    return None if path.suffix in TEXT_SUFFIXES else BUILDER_SUFFIXES.get(path.suffix)
+
+
+def _readable_file(path: Path) -> bool:
+    return path.suffix in TEXT_SUFFIXES or _builder_of(path) is not None
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (refusing a DatasetDict's, whose splits are folders of their own)."""
+    if (folder / SAVED_DATASET_DICT_FILE).is_file():
+        splits = sorted(p.name for p in folder.iterdir() if p.is_dir() and _is_saved_dataset(p))
+        example = f"{folder / splits[0]}" if splits else f"{folder}/SPLIT"
+        raise InputError(f"'{folder}' is a DatasetDict saved with save_to_disk (splits: {', '.join(splits) or 'none'}); "
+                         f"give one split's folder, e.g. --source '{example}'")
+    return all((folder / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def _source_paths(folder: Path) -> tuple[Path, ...]:
+    """The files (and save_to_disk folders, each one entry) under `folder` that memscan reads, in sorted path order."""
+    if _is_saved_dataset(folder):
+        return (folder,)
+    saved = [p for p in folder.rglob("*") if p.is_dir() and _is_saved_dataset(p)]
+    found = [p for p in folder.rglob("*") if p.is_file() and _readable_file(p)
+             and not any(s in p.parents for s in saved)]
+    return tuple(sorted(found + saved))
+
+
+def _files_of(paths: Iterable[Path]) -> Iterator[Path]:
+    """The files behind `paths`: a save_to_disk folder stands for every file in it."""
+    for path in paths:
+        yield from sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else (path,)
 
 
 def _parse_qf_options(options: str) -> qf.QFConfig:
@@ -290,13 +359,16 @@ def _parse_qf_options(options: str) -> qf.QFConfig:
 
 
 def _read_records(path: Path, text_column: str, label_column: str | None) -> Iterator[tuple[str, str | None]]:
-    """(text, label) per document of one file; label None unless `label_column` (a .jsonl/.parquet column)."""
+    """(text, label) per document of one file (or save_to_disk folder); label None unless `label_column` (a column)."""
+    if path.is_dir() or _builder_of(path) is not None:
+        yield from _read_with_datasets(path, text_column, label_column)
+        return
     if label_column is None:
         yield from ((text, None) for text in _read_texts(path, text_column))
         return
     if path.suffix == ".txt":
-        raise InputError(f"--split-column/--key-column need a .jsonl, .parquet or hf: source with columns; "
-                         f"'{path}' is a .txt file")
+        raise InputError(f"--split-column/--key-column need a .jsonl, .parquet or hf: source with columns (or .csv, "
+                         f".json, .arrow, a save_to_disk folder); '{path}' is a .txt file")
     if path.suffix == ".parquet":
         yield from store.read_labelled_texts(path, text_column, label_column)
         return
@@ -361,6 +433,82 @@ def checked_text(value: Any, where: str, column: str) -> str:
 
 def _read_parquet_texts(path: Path, text_column: str) -> Iterator[str]:
     yield from store.read_text_column(path, text_column)
+
+
+# What `datasets`, pyarrow and pandas raise on a file that does not parse (a bad gzip stream, a ragged CSV row, JSON
+# that is neither an array nor lines, an Arrow file that is not one, a compression whose package is missing).
+_PARSE_ERRORS = (OSError, ValueError, TypeError, ImportError, NotImplementedError, pa.ArrowException,
+                 datasets.exceptions.DatasetsError)
+
+
+def _read_with_datasets(path: Path, text_column: str, label_column: str | None) -> Iterator[tuple[str, str | None]]:
+    """(text, label) per row of a file read by a `datasets` builder (streamed) or of a save_to_disk folder
+    (`load_from_disk`, memory-mapped), in row order; rows whose text is null or empty are skipped (as in .parquet)."""
+    columns = (text_column,) if label_column is None else (text_column, label_column)
+    what = "datasets.load_from_disk" if path.is_dir() else f"datasets' {_builder_of(path)} builder"
+    for row_number, row in enumerate(_datasets_rows(path, what), 1):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            flag = "--text-column" if missing[0] == text_column else "--split-column/--key-column"
+            raise InputError(f"{path} has no column '{missing[0]}'; columns are: {', '.join(row)} "
+                             f"(choose one with {flag})")
+        value = row[text_column]
+        if value is None or value == "":
+            continue
+        text = checked_text(value, f"{path} row {row_number}", text_column)
+        yield text, None if label_column is None else str(row[label_column])
+
+
+def _datasets_rows(path: Path, what: str) -> Iterator[dict[str, Any]]:
+    """The rows of one file or save_to_disk folder as dicts; any failure to parse it is one line naming it."""
+    for builder in ("csv", "json", "arrow"):   # they log the failure we report, a second line before ours
+        logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
+    try:
+        if path.is_dir():
+            dataset = datasets.load_from_disk(str(path))
+            for batch in dataset.iter(batch_size=DATASETS_BATCH_ROWS):
+                names = list(batch)
+                yield from (dict(zip(names, values)) for values in zip(*batch.values()))
+        else:
+            yield from datasets.load_dataset(_builder_of(path), data_files=[str(path)], streaming=True, split="train")
+    except _PARSE_ERRORS as exc:
+        raise InputError(f"{path} could not be read (by {what}): {files.first_line(exc)}") from None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached ("offline: ..." where offline mode is set), found within
+    HUB_PROBE_SECONDS by opening one connection to it (or to the proxy before it); None where it can be."""
+    if datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.is_offline_mode():
+        return "offline: HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(huggingface_hub.constants.ENDPOINT)
+    host, scheme = endpoint.hostname or "", endpoint.scheme or "https"
+    port = endpoint.port or (443 if scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or "", parsed.port or 80
+    if (host, port) in _REACHABLE:
+        return None
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host}:{port}: {exc.strerror or exc}")
+
+    thread = threading.Thread(target=probe, daemon=True)   # name resolution has no timeout of its own
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    if not outcome:
+        return f"{host}:{port}: no answer within {HUB_PROBE_SECONDS:g} s"
+    if outcome[0] is None:
+        _REACHABLE.add((host, port))
+    return outcome[0]
+
+
+_REACHABLE: set[tuple[str, int]] = set()
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ from scipy import stats as scipy_stats
 
 from memscan import corpus, qf
 from memscan.corpus import Chunk, CorpusStats
+from memscan.errors import InputError
 
 
 def test_chunks_drop_the_remainder_but_keep_its_first_token_as_next():
@@ -129,3 +132,152 @@ def test_qf_source_options_and_forced_gen_split():
     assert len(docs) == 40 and all(d.text.count(qf.LINE_SEPARATOR) == 3 for d in docs)
     assert 5 < sum(d.split == "gen" for d in docs) < 35
     assert all(d.split in (None, "gen") for d in docs)
+
+
+# ---------------------------------------------------------------- sources read through `datasets` (issue 24)
+
+ROWS = [{"text": f"document {i} says {'ab' * i}", "label": "member" if i % 2 else "non-member", "n": i}
+        for i in range(6)]
+TEXTS = [r["text"] for r in ROWS]
+LABELS = [r["label"] for r in ROWS]
+
+
+def write_rows(path, rows=ROWS):
+    """`rows` written in the format `path`'s name gives, with pandas, pyarrow and the standard library."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pandas as pd
+
+    name = path.name
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix)
+    inner = name[: -len(path.suffix)] if opener else name
+    text = (pd.DataFrame(rows).to_csv(index=False) if inner.endswith(".csv")
+            else json.dumps(rows) if inner.endswith(".array.json") else lines)
+    if inner.endswith(".arrow"):
+        table = pa.Table.from_pylist(rows)
+        with pa.ipc.new_stream(str(path), table.schema) as writer:
+            writer.write_table(table)
+    elif opener:
+        with opener(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def labelled(source):
+    return [(d.doc_id, d.text, d.label) for d in source.documents()]
+
+
+@pytest.mark.parametrize("name", ["docs.csv", "docs.array.json", "docs.lines.json", "docs.jsonl.gz", "docs.jsonl.bz2",
+                                  "docs.jsonl.xz", "docs.csv.gz", "docs.json.gz", "docs.arrow"])
+def test_files_read_through_datasets_give_the_texts_written(tmp_path, name):
+    path = write_rows(tmp_path / name)
+    assert texts_of(corpus.open_source(str(path), seed=0)) == list(enumerate(TEXTS))
+    by_label = corpus.open_source(str(path), seed=0, label_column="label")
+    assert labelled(by_label) == [(i, t, label) for i, (t, label) in enumerate(zip(TEXTS, LABELS))]
+    keyed = corpus.open_source(str(path), seed=0, text_column="label", label_column="n")
+    assert labelled(keyed) == [(i, label, str(i)) for i, label in enumerate(LABELS)]
+
+
+def test_save_to_disk_folder_is_read_in_row_order(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    source = corpus.open_source(str(tmp_path / "saved"), seed=0, label_column="label")
+    assert labelled(source) == [(i, t, label) for i, (t, label) in enumerate(zip(TEXTS, LABELS))]
+    described = [f["path"].rsplit("/", 1)[1] for f in source.describe()["files"]]
+    assert "state.json" in described and "dataset_info.json" in described
+    assert any(name.endswith(".arrow") for name in described)
+    assert all(len(f["sha256"]) == 64 for f in source.describe()["files"])
+
+
+def test_folder_mixes_formats_in_sorted_path_order(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n")
+    write_rows(tmp_path / "b.csv", ROWS[:2])
+    datasets.Dataset.from_list(ROWS[2:4]).save_to_disk(str(tmp_path / "c_saved"))
+    write_rows(tmp_path / "d.jsonl", ROWS[4:5])
+    write_rows(tmp_path / "e.jsonl.gz", ROWS[5:])
+    write_rows(tmp_path / "f.csv", [{"text": None, "n": 0}, {"text": "", "n": 1}, {"text": "last", "n": 2}])
+    (tmp_path / "notes.md").write_text("not a source")
+    source = corpus.open_source(str(tmp_path), seed=0)
+    whole = texts_of(source)
+    assert whole == list(enumerate(["first line", "second line", *TEXTS, "last"]))
+    assert [p.name for p in source.paths] == ["a.txt", "b.csv", "c_saved", "d.jsonl", "e.jsonl.gz", "f.csv"]
+    pieces = source.partitions(None, 8)   # one piece per file, a save_to_disk folder one piece
+    assert [piece.first_doc_id for piece in pieces] == [0, 2, 4, 6, 7, 8]
+    assert [doc for piece in pieces for doc in texts_of(piece)] == whole
+    assert [doc for piece in source.partitions(5, 8) for doc in texts_of(piece)] == whole[:5]
+
+
+def one_line_error(source):
+    with pytest.raises(InputError) as error:
+        list(source.documents())
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_datasets_sources_refuse_in_one_line(tmp_path, monkeypatch):
+    path = write_rows(tmp_path / "docs.csv")
+    message = one_line_error(corpus.open_source(str(path), seed=0, text_column="body"))
+    assert message == f"{path} has no column 'body'; columns are: text, label, n (choose one with --text-column)"
+    message = one_line_error(corpus.open_source(str(path), seed=0, label_column="member"))
+    assert "has no column 'member'" in message and "--split-column/--key-column" in message
+    bad = {"bad.csv": 'text,n\n"never closed,1\n', "bad.json": '{"text": "x"\n', "bad.jsonl.gz": "not gzip",
+           "bad.arrow": "not arrow"}
+    logged = []   # what datasets logs (its loggers do not propagate to the root's): nothing besides our line
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = logged.append
+    monkeypatch.setattr(logging.getLogger("datasets"), "handlers", [handler])
+    for name, content in bad.items():
+        (tmp_path / name).write_text(content)
+        message = one_line_error(corpus.open_source(str(tmp_path / name), seed=0))
+        assert message.startswith(f"{tmp_path / name} could not be read (by datasets"), message
+        assert not [r.getMessage() for r in logged if r.levelno >= logging.WARNING]
+    write_rows(tmp_path / "numbers.csv", [{"text": 3, "n": 1}])
+    assert "numbers.csv row 1: 'text' is a number, not a string" in one_line_error(
+        corpus.open_source(str(tmp_path / "numbers.csv"), seed=0))
+
+
+def test_a_dataset_dict_folder_asks_for_one_split(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3]),
+                          "test": datasets.Dataset.from_list(ROWS[3:])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(InputError, match=r"DatasetDict saved with save_to_disk \(splits: test, train\); give one "
+                                         r"split's folder"):
+        corpus.open_source(str(tmp_path / "dd"), seed=0)
+    assert texts_of(corpus.open_source(str(tmp_path / "dd" / "test"), seed=0)) == list(enumerate(TEXTS[3:]))
+
+
+def test_unknown_suffix_is_refused_naming_what_is_read(tmp_path):
+    (tmp_path / "docs.md").write_text("x")
+    with pytest.raises(InputError, match=r"is not a .txt, .jsonl, .parquet, .csv, .json, .arrow"):
+        corpus.open_source(str(tmp_path / "docs.md"), seed=0)
+
+
+def test_offline_hub_id_fails_at_once_in_one_line():
+    message = one_line_error(corpus.open_source("hf:no-such-owner/no-such-name", seed=0))   # HF_HUB_OFFLINE=1
+    assert message.startswith("--source 'hf:no-such-owner/no-such-name': no local folder named "
+                              "'no-such-owner/no-such-name' and the hub is not reachable (offline"), message
+
+
+def test_unreachable_hub_fails_without_retrying(monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    with socket.socket() as closed:   # a port nothing listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for variable in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    loads = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loads.append(a))
+    message = one_line_error(corpus.open_source("hf:owner/name:cfg", seed=0))
+    assert message.startswith(f"--source 'hf:owner/name:cfg': no local folder named 'owner/name' and the hub is "
+                              f"not reachable (127.0.0.1:{port}: "), message
+    assert loads == []   # refused before datasets could retry
