@@ -245,7 +245,7 @@ if [ ${#MISSING[@]} -gt 0 ] && can_install; then
     mapfile -t MISSING < <(missing_requirements)
 fi
 if can_install && ! "$PY" -c 'import importlib.metadata as m; m.version("memscan")' 2>/dev/null; then
-    # --no-deps: `pip install -e .[dev]` would add faiss-cpu, whose files overwrite faiss-gpu's
+    # --no-deps: the requirements above are installed already, and faiss-gpu is the only faiss (never the cpu extra)
     NO_ISOLATION=()
     "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null \
         && NO_ISOLATION=(--no-build-isolation)
