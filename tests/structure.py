@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stages", ("memscan.extract", "memscan.query", "memscan.score", "memscan.verbatim", "memscan.train",
                 "memscan.saturation", "memscan.assoc", "memscan.geometry")),
     ("report", ("memscan.report",)),
-    ("pipeline", ("memscan.stages", "memscan.catalog", "memscan.experiments", "memscan.demo")),
+    ("pipeline", ("memscan.stages", "memscan.catalog", "memscan.show", "memscan.experiments", "memscan.demo")),
     ("interface", ("memscan.cli", "memscan.__init__", "memscan.__main__")),
 )
 # Modules that import others by name with importlib (the CLI's commands, `memscan.load`), so that `memscan --help`
