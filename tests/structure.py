@@ -25,8 +25,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engines", ("memscan.engines", "memscan.knn.index", "memscan.knn.mips", "memscan.knn")),
     ("stages", ("memscan.extract", "memscan.query", "memscan.score", "memscan.verbatim", "memscan.train",
                 "memscan.saturation", "memscan.assoc", "memscan.geometry")),
-    ("report", ("memscan.report",)),
-    ("pipeline", ("memscan.stages", "memscan.catalog", "memscan.show", "memscan.experiments", "memscan.demo")),
+    ("report", ("memscan.report", "memscan.show")),
+    ("pipeline", ("memscan.stages", "memscan.catalog", "memscan.experiments", "memscan.demo")),
     ("interface", ("memscan.cli", "memscan.__init__", "memscan.__main__")),
 )
 # Modules that import others by name with importlib (the CLI's commands, `memscan.load`), so that `memscan --help`
