@@ -54,6 +54,34 @@ def test_self_join_equals_brute_force(backend, metric, query_rows, db_rows):
     assert_matches(D, positions, scores, k, metric)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_requests_sharing_one_pass_each_equal_brute_force(backend):
+    """knn_each: several searches in one pass over the database, one within a subset of it, each exactly as
+    if searched alone (brute force in float64), the database read once."""
+    X = tricky_vectors()
+    ids = np.arange(len(X), dtype=np.int64) * 3 + 100
+    members = np.sort(np.random.default_rng(1).choice(len(X), 90, replace=False))
+    picks = [np.arange(0, 40), np.arange(5, 30), np.arange(60, 75), np.arange(0)]
+    requests = [exact.Request(ids[picks[0]], X[picks[0]], 5, exclude_self=True),
+                exact.Request(ids[picks[1]], X[picks[1]], 3, "ip"),
+                exact.Request(ids[picks[2]], X[picks[2]], 2, exclude_self=True, among=ids[members]),
+                exact.Request(ids[picks[3]], X[picks[3]], 4)]
+    reads = []
+
+    def database():
+        reads.append(1)
+        return exact.array_blocks(ids, X, 53)()
+
+    found = exact.knn_each(requests, database, block_rows=16, backend=backend)
+    assert len(reads) == 1 and found[3][0].shape == (0, 4)
+    for request, pick, (D, I) in list(zip(requests, picks, found))[:3]:
+        allowed = np.zeros(len(X), bool)
+        allowed[members if request.among is not None else slice(None)] = True
+        exclude = ~allowed[None, :] | ((pick[:, None] == np.arange(len(X))[None, :]) & request.exclude_self)
+        scores = brute_force(X[pick], X, request.metric, exclude=np.broadcast_to(exclude, (len(pick), len(X))).copy())
+        assert_matches(D, (I - 100) // 3, scores, request.k, request.metric)
+
+
 def test_duplicates_are_neighbours_at_distance_zero():
     X = tricky_vectors()
     ids = np.arange(len(X), dtype=np.int64)

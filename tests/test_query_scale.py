@@ -19,12 +19,12 @@ from conftest import clustered
 
 import memscan
 from memscan import analysis, query, store, theory
-from memscan.query import context, distances, largest, separation, subsets
+from memscan.query import checks, context, distances, largest, separation, subsets
 from memscan.query import retrieval as query_retrieval
 from memscan.cli import main
 from memscan.engines import knn as knn_engine
 from memscan.errors import InputError
-from memscan.knn import mips, tuning
+from memscan.knn import exact, mips, tuning
 from memscan.knn import index as knn_index
 from memscan.knn.index import IndexSettings, KnnIndex, build, dataset_blocks
 from memscan.query import QuerySettings, run
@@ -120,6 +120,12 @@ def test_the_augmentation_turns_inner_products_into_distances():
     np.testing.assert_allclose(sq, (X * X).sum(1)[:, None] + M2 - 2 * X @ P.T, rtol=1e-5, atol=1e-5)
 
 
+def _truths(samples: dict[str, exact.Request], blocks) -> dict[str, np.ndarray]:
+    """Each sample's exact scores, from one shared pass (as memscan.query.checks gets them)."""
+    found = knn_engine.LocalEngine().knn_each(list(samples.values()), blocks)
+    return {name: D for name, (D, _) in zip(samples, found)}
+
+
 def test_mips_finds_the_largest_inner_products_and_measures_its_recall(data, arrays):
     P = arrays["P"]
     dataset = store.ActivationDataset(data)
@@ -127,8 +133,8 @@ def test_mips_finds_the_largest_inner_products_and_measures_its_recall(data, arr
     index = mips.MipsIndex.build(dataset, blocks, TRAIN, float((P * P).sum(1).max()), 1 << 30,
                                  factory="IVF16,Flat")
     X = arrays["Q"][:50].astype(np.float32)
-    samples = {"patterns": index.sample(seed=1), "queries": mips.Sample(np.arange(50), X, 4, exclude_self=False)}
-    record = index.tune(knn_engine.LocalEngine(), blocks, samples)
+    samples = {"patterns": index.sample(seed=1), "queries": exact.Request(np.arange(50), X, 4, "ip")}
+    record = index.tune(samples, _truths(samples, blocks))
     swept, recall = record["tuning"], record["samples"]["patterns"]["recall_1_at_1"]
     assert record["samples"]["patterns"]["queries"] == 200 and record["samples"]["queries"]["k"] == 4
     assert swept["reached"] and min(r["recall_1_at_1"] for r in record["samples"].values()) >= 0.95
@@ -259,7 +265,7 @@ def test_compressed_and_sharded_indexes_are_searched_for_inner_products_through_
         np.testing.assert_allclose(found.ip, truth, rtol=1e-12)
     blocks = dataset_blocks(store.ActivationDataset(data), "train", 0, 500)
     sample = searcher.sample(size=300, seed=1)
-    tuned = searcher.tune(knn_engine.LocalEngine(), blocks, {"patterns": sample}, target=0.9)
+    tuned = searcher.tune({"patterns": sample}, _truths({"patterns": sample}, blocks), target=0.9)
     gram = P @ P.T
     np.fill_diagonal(gram, -np.inf)
     position = np.searchsorted(searcher.shards.row_ids, sample.ids)
@@ -281,8 +287,8 @@ def test_an_index_without_lists_gets_an_inner_product_index_of_its_own(data, tmp
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF16,Flat", "a test's IVF"))
         layer = context.open_layer(index, store.ActivationDataset(data), 0, QuerySettings(k=K), leave_one_out=False)
-        found = separation.mips_index(layer, distances.pattern_meta(layer))
-    assert found.index.augmented and found.index.reason == "a test's IVF"
+        found, _ = separation.mips_samples(layer, distances.pattern_meta(layer))
+    assert found.augmented and found.reason == "a test's IVF"
 
 
 # ---------------------------------------------------------------- approximate and exact runs agree
@@ -396,7 +402,7 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
     layer = context.open_layer(index, data, 0, QuerySettings(k=2), leave_one_out=False)
     patterns = distances.pattern_meta(layer)
     approx = distances.self_join(layer, patterns)
-    joined, verified = largest.verify_largest(layer, patterns, approx)
+    joined, verified, _, _ = checks.checked(layer, patterns, approx)
     top = patterns.row_id[np.argsort(-approx.s)[:20]]
     through_lists = index.exact_within(index.vectors(top), 2, top, np.full(20, np.sqrt(approx.D[:, -1].max())))
     assert (through_lists is not None) == (kind == "clustered")
@@ -422,12 +428,12 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
         assert verified.rounds == 1   # the first round's margin held every s_i that corrections let in
         with pytest.MonkeyPatch.context() as patch:   # without it, corrections bring them in round by round
             patch.setattr(largest, "VERIFY_MARGIN", 1.0)
-            again, round_by_round = largest.verify_largest(layer, patterns, approx)
+            again, round_by_round, _, _ = checks.checked(layer, patterns, approx)
         assert round_by_round.rounds > 1 and round_by_round.largest_exact
         top = np.argsort(-again.s)[:20]
         np.testing.assert_allclose(again.s[top], s_true[top], rtol=1e-5)
     exact_layer = context.open_layer(index, data, 0, QuerySettings(k=2, exact=True), leave_one_out=False)
-    assert largest.verify_largest(exact_layer, patterns, approx) == (approx, None)
+    assert checks.checked(exact_layer, patterns, approx)[:2] == (approx, None)
 
 
 def within(value: float, low: float, high: float) -> bool:
@@ -493,8 +499,11 @@ def test_subsets_equal_an_exact_subset_self_join(data, ivf, arrays, exact_search
     patterns = distances.pattern_meta(layer)
     joined = distances.self_join(layer, patterns)
     P, lists_exact = arrays["P"], exact_search
-    for fraction in (0.25, 0.5, 0.75):
+    together = subsets.nearest_within(layer, patterns, joined, [0.25, 0.5, 0.75])   # sharing their passes
+    for fraction, shared in zip((0.25, 0.5, 0.75), together):
         subset = subsets.subset(layer, patterns, joined, fraction)
+        assert shared.fraction == fraction and shared.recall == subset.recall
+        np.testing.assert_array_equal(shared.values, subset.values)
         assert len(subset.row_ids) == int(fraction * TRAIN) and 0 < subset.from_lists < len(subset.row_ids)
         truth = brute_subset_nearest(P, subset.row_ids)
         if lists_exact:   # every member, from the lists or searched, is its exact nearest within the subset

@@ -54,6 +54,12 @@ def test_ray_self_join_and_knn_equal_the_local_exact_results(options):
     remote = ray_runner.RayEngine(options).knn(queries(), blocks, 4)
     for a, b in zip(local, remote):
         np.testing.assert_array_equal(a, b)
+    requests = [exact.Request(ids[:9], X[:9], 3, exclude_self=True), exact.Request(ids[:4], X[:4], 2, "ip"),
+                exact.Request(ids[5:8], X[5:8], 1, among=ids[::3])]   # a shared pass, a subset's members among them
+    for (D, I), (D_ray, I_ray) in zip(exact.knn_each(requests, blocks, block_rows=4),
+                                      ray_runner.RayEngine(options).knn_each(requests, blocks, block_rows=4)):
+        np.testing.assert_array_equal(D, D_ray)
+        np.testing.assert_array_equal(I, I_ray)
 
 
 SETTINGS = ExtractSettings(model="", source="qf:documents=16,lines=16", num_chunks=120, chunk_tokens=32,
@@ -62,7 +68,7 @@ SETTINGS = ExtractSettings(model="", source="qf:documents=16,lines=16", num_chun
 
 
 def rows(directory) -> dict[str, np.ndarray]:
-    table = pq.read_table(sorted(directory.glob("part-*.parquet"))).to_pandas()
+    table = pq.read_table(sorted(directory.glob("vectors/part-*.parquet"))).to_pandas()
     return {name: (np.stack(table[name].to_numpy()) if name == "vec" else table[name].to_numpy()) for name in table}
 
 

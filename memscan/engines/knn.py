@@ -17,7 +17,7 @@ from memscan import corpus, preflight
 from memscan.engines import capture, planning
 from memscan.engines.capture import CapturePool, CaptureSpec, Deliver, ModelRequest, OpenedModel
 from memscan.engines.planning import ChunkPlan, ChunkRequest
-from memscan.knn.exact import Block
+from memscan.knn.exact import Block, Request
 from memscan.knn.shards import InProcess, Shard, Shards
 
 K = TypeVar("K")
@@ -40,6 +40,11 @@ class Engine:
     def knn(self, query_blocks: Iterable[Block], database_blocks: Callable[[], Iterable[Block]], k: int, *,
             metric: str = "l2", exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query ids (nq,), D (nq, k), I (nq, k)) exactly as the module's `knn`."""
+        raise NotImplementedError
+
+    def knn_each(self, requests: Sequence[Request], database_blocks: Callable[[], Iterable[Block]], *,
+                 block_rows: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every request's (D, I) exactly as the module's `knn_each`, from one pass over the database."""
         raise NotImplementedError
 
     def self_join(self, blocks: Callable[[], Iterable[Block]], k: int, *, metric: str = "l2",

@@ -43,6 +43,12 @@ def pair_on_worker(query: exact.Block, database: exact.Block, k: int, metric: st
     return exact.pair_candidates(query_ids, xq, db_ids, xb, k, metric, exclude_self, _worker_backend(device))
 
 
+def request_on_worker(request: exact.Request, database: exact.Block, block_rows: int, device: str,
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """One request's candidates in one database block (`exact.request_candidates`): a Ray task's body."""
+    return exact.request_candidates(request, database, block_rows, _worker_backend(device))
+
+
 class _ShardHolder:
     """A Ray actor holding one `shards.Shard`, made on the worker (and on its GPU when it has one)."""
 

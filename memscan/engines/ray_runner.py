@@ -21,7 +21,7 @@ from memscan.engines import knn as knn_engine
 from memscan.engines.capture import CaptureSpec, Deliver, ModelRequest, OpenedModel
 from memscan.engines.planning import ChunkPlan, ChunkRequest
 from memscan.engines.ray_capture import RayCapturePool, open_on_workers
-from memscan.engines.ray_knn import RayShards, pair_on_worker
+from memscan.engines.ray_knn import RayShards, pair_on_worker, request_on_worker
 from memscan.engines.ray_options import RayOptions, connect, ray_get_all
 from memscan.engines.ray_planning import plan_on_ray
 from memscan.errors import InputError
@@ -66,6 +66,20 @@ class RayEngine(knn_engine.Engine):
         if not parts:
             return np.empty(0, np.int64), np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+
+    def knn_each(self, requests: Sequence[exact.Request], database_blocks: Callable[[], Iterable[exact.Block]], *,
+                 block_rows: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Equal to `exact.knn_each`: one task per (database block, request), merged in database order."""
+        ray = connect(self.options)
+        task = ray.remote(max_calls=0, **self.options.task_resources())(request_on_worker)
+        queued = [ray.put(request) for request in requests]
+        found: list[list[Any]] = [[] for _ in requests]
+        for block in database_blocks():
+            database = ray.put(block)
+            for refs, request in zip(found, queued):
+                refs.append(task.remote(request, database, block_rows, self.device))
+        return [exact.merge([part for part in ray_get_all(refs) if part is not None], request.k, request.metric,
+                            len(request.ids)) for refs, request in zip(found, requests)]
 
     def map_blocks(self, function: Callable[..., T], blocks: Callable[[], Iterable[exact.Block]], *args: Any,
                    ) -> Iterator[T]:

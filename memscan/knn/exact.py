@@ -13,9 +13,9 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -214,6 +214,54 @@ def pair_candidates(query_ids: np.ndarray, xq: np.ndarray, db_ids: np.ndarray, x
     if exclude_self:
         ids = np.where(ids == query_ids[:, None], -1, ids)
     return scores, ids
+
+
+class Request(NamedTuple):
+    """One exact search riding a shared pass (`knn_each`): queries ids (m,) and X (m, n), their k, the metric,
+    whether each query's own row is left out, and the database rows it may find (`among`, ascending; None: all)."""
+
+    ids: np.ndarray
+    X: np.ndarray
+    k: int
+    metric: str = "l2"
+    exclude_self: bool = False
+    among: np.ndarray | None = None
+
+
+def within(database: Block, among: np.ndarray | None) -> Block:
+    """The database block's rows a request may find: all, or those whose ids are in `among` (ascending)."""
+    if among is None:
+        return database
+    db_ids, xb = database
+    keep = np.isin(db_ids, among, assume_unique=True)
+    return db_ids[keep], xb[keep]
+
+
+def request_candidates(request: Request, database: Block, block_rows: int, backend: Backend,
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+    """One request's candidates in one database block (`pair_candidates` over its queries, `block_rows` at a
+    time): scores and ids (m, c), or None where the block holds no row the request may find."""
+    db_ids, xb = within(database, request.among)
+    if not len(db_ids):
+        return None
+    parts = [pair_candidates(request.ids[start:start + block_rows], request.X[start:start + block_rows], db_ids,
+                             xb, request.k, request.metric, request.exclude_self, backend)
+             for start in range(0, len(request.ids), block_rows)]
+    return np.concatenate([scores for scores, _ in parts]), np.concatenate([ids for _, ids in parts])
+
+
+def knn_each(requests: Sequence[Request], database_blocks: Callable[[], Iterable[Block]], *,
+             block_rows: int = 65536, backend: Backend | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every request's exact (D, I), as `knn` gives them, from ONE pass over the database: the searches a
+    stage needs at one point share the reading of the patterns (each a few hundred queries: reading dominates)."""
+    backend = backend or choose_backend("cpu")
+    heaps = [_Heap(request.k, request.metric, len(request.ids)) for request in requests]
+    for database in database_blocks():
+        for request, heap in zip(requests, heaps):
+            found = request_candidates(request, database, block_rows, backend) if len(request.ids) else None
+            if found is not None:
+                heap.add(*found)
+    return [heap.result() for heap in heaps]
 
 
 def merge(candidates: Iterable[tuple[np.ndarray, np.ndarray]], k: int, metric: str, nq: int,

@@ -702,25 +702,32 @@ class KnnIndex:
         are the vectors as added (Flat, IVF-Flat, HNSW-Flat: an O(m) lookup), else read from the dataset."""
         return self.shards.reconstruct(rows) if self.shards.exact_codes else self.dataset.take(rows)
 
-    def _recall_sample(self, queries: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A seeded sample of `queries` indexed patterns as self-join queries: (row ids (q,), X (q, n),
-        exact scores of their k nearest OTHER patterns (q, k)), the truth a recall is measured against."""
+    def recall_request(self, queries: int, k: int, seed: int = 0) -> exact.Request:
+        """A seeded sample of `queries` indexed patterns as self-join queries for their k nearest OTHER patterns:
+        the exact search a recall is measured against (`recall_of`), which may ride a shared pass."""
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
         query_ids = self.row_ids[pick]
-        X = self.dataset.take(query_ids)
+        return exact.Request(query_ids, self.dataset.take(query_ids), min(k, self.shards.ntotal - 1), self.metric,
+                             exclude_self=True)
+
+    def truth(self, request: exact.Request) -> np.ndarray:
+        """The exact scores (m, k) of `request` against the indexed split and layer, in a pass of its own."""
         database = dataset_blocks(self.dataset, self.split, self.layer)
-        _, truth, _ = self.engine.knn(iter([(query_ids, X)]), database, k, metric=self.metric, exclude_self=True)
-        return query_ids, X, truth
+        return self.engine.knn_each([request], database)[0][0]
+
+    def recall_of(self, request: exact.Request, truth: np.ndarray) -> dict[str, Any]:
+        """1-recall@1 and k-recall@k of the self-join on `request`'s patterns against their exact `truth`
+        (`recall_at`)."""
+        approx, _ = self.search(request.X, request.k, request.ids)
+        at_1, at_k = recall_at(approx, truth, self.metric)
+        return {"queries": len(request.ids), "k": request.k, "recall_1_at_1": at_1, "recall_k_at_k": at_k,
+                "search": self.search_params}
 
     def recall(self, queries: int, k: int, seed: int = 0) -> dict[str, Any]:
-        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns (`recall_at`)."""
-        k = min(k, self.shards.ntotal - 1)
-        query_ids, X, truth = self._recall_sample(queries, k, seed)
-        approx, _ = self.search(X, k, query_ids)
-        at_1, at_k = recall_at(approx, truth, self.metric)
-        return {"queries": len(query_ids), "k": k, "recall_1_at_1": at_1, "recall_k_at_k": at_k,
-                "search": self.search_params}
+        """1-recall@1 and k-recall@k of the self-join on a seeded sample of indexed patterns (`recall_of`)."""
+        request = self.recall_request(queries, k, seed)
+        return self.recall_of(request, self.truth(request))
 
     def tune(self, plan: list[tuple[str, int]], target: float, seed: int = 0,
              queries: int = TUNE_QUERIES) -> dict[str, Any]:
@@ -734,7 +741,8 @@ class KnnIndex:
         Returns index.json's record: the target, the sample, every sweep's curve and choice.
         """
         k = min(tuning.TUNE_K, self.shards.ntotal - 1)
-        query_ids, X, truth = self._recall_sample(queries, 1, seed)
+        request = self.recall_request(queries, 1, seed)
+        query_ids, X, truth = request.ids, request.X, self.truth(request)
         if "k_factor" in dict(plan):
             self.set_search_params(k_factor=dict(plan)["k_factor"])
         sweeps = []

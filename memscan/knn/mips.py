@@ -27,7 +27,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import faiss
 import numpy as np
@@ -37,7 +37,7 @@ import memscan.store as store
 from memscan.errors import DataError
 from memscan.knn import exact, kmeans, tuning
 from memscan.knn.index import IndexSettings, nlist, recall_at
-from memscan.knn.shards import Engine, LocalShards, Shard, Shards, grouped_search
+from memscan.knn.shards import LocalShards, Shard, Shards, grouped_search
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,6 @@ def choose_factory(count: int, n: int, budget: int) -> tuple[str, str]:
     `budget` bytes, and why: "Flat" (a scan of every pattern, no faster than an exact join) below
     `tuning.FLAT_MAX`."""
     return tuning.auto_factory(count, n + 1, budget)
-
-
-class Sample(NamedTuple):
-    """Queries the recall is measured on: row ids (m,), vectors X (m, n), the k searched, and whether
-    each row's own id is excluded (patterns searched among themselves)."""
-
-    ids: np.ndarray
-    X: np.ndarray
-    k: int
-    exclude_self: bool
 
 
 SCANNED_IVFS = (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)   # codes ListsView decodes
@@ -333,24 +323,22 @@ class MipsIndex:
                             f"pattern for {missing:,} patterns; pass --exact")
         return row_ids, best
 
-    def sample(self, size: int = RECALL_QUERIES, seed: int = 0) -> Sample:
+    def sample(self, size: int = RECALL_QUERIES, seed: int = 0) -> exact.Request:
         """A seeded sample of the indexed patterns, each searched for its largest product with another."""
         pick = np.sort(np.random.default_rng(seed).choice(self.ntotal, size=min(size, self.ntotal), replace=False))
         ids = self.shards.row_ids[pick]
-        return Sample(ids, self.vectors(ids), 1, exclude_self=True)
+        return exact.Request(ids, self.vectors(ids), 1, "ip", exclude_self=True)
 
-    def tune(self, engine: Engine, blocks: Blocks, samples: dict[str, Sample],
+    def tune(self, samples: dict[str, exact.Request], truths: dict[str, np.ndarray],
              target: float = IndexSettings.target_recall) -> dict[str, Any]:
-        """Recall on every sample against exact MIPS (`engine.knn`, metric ip; tie-tolerant, by
-        inner-product value); an IVF takes the smallest nprobe at which each sample's 1-recall@1
-        reaches `target` (`tuning.sweep`): the nearest-neighbour index's target recall, which a query passes.
+        """Recall on every sample (its inner-product `exact.Request`) against its exact scores `truths[name]`
+        (tie-tolerant, by inner-product value); an IVF takes the smallest nprobe at which each sample's
+        1-recall@1 reaches `target` (`tuning.sweep`): the nearest-neighbour index's target recall, which a
+        query passes.
 
         Returns {"target_recall", "samples": {name: {"queries", "k", "recall_1_at_1",
         "recall_k_at_k"}} at the chosen nprobe, "tuning": the sweep's record (None without lists)}.
         """
-        truths = {name: engine.knn(iter([(s.ids, s.X)]), blocks, s.k, metric="ip", exclude_self=s.exclude_self)[1]
-                  for name, s in samples.items()}
-
         def recalls() -> dict[str, tuple[float, float]]:
             return {name: recall_at(self.search(s.X, s.k, s.ids if s.exclude_self else None).ip, truths[name], "ip")
                     for name, s in samples.items()}

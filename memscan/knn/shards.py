@@ -426,6 +426,11 @@ class Engine(Protocol):
         """For every pattern its k nearest OTHER patterns: (row ids, D, I)."""
         ...
 
+    def knn_each(self, requests: Sequence[exact.Request], database_blocks: Callable[[], Iterable[exact.Block]], *,
+                 block_rows: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every request's (D, I) exactly as `exact.knn_each` gives them, from one pass over the database."""
+        ...
+
     def map_blocks(self, function: Callable[..., T], blocks: Callable[[], Iterable[exact.Block]],
                    *args: Any) -> Iterator[T]:
         """`function(block, *args)` for every block, in block order."""
@@ -450,6 +455,11 @@ class InProcess:
         """`exact.knn` with this engine's backend."""
         return exact.knn(query_blocks, database_blocks, k, metric=metric, exclude_self=exclude_self,
                          backend=self.backend)
+
+    def knn_each(self, requests: Sequence[exact.Request], database_blocks: Callable[[], Iterable[exact.Block]], *,
+                 block_rows: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`exact.knn_each` with this engine's backend."""
+        return exact.knn_each(requests, database_blocks, block_rows=block_rows, backend=self.backend)
 
     def self_join(self, blocks: Callable[[], Iterable[exact.Block]], k: int, *, metric: str = "l2",
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -49,32 +49,66 @@ def exact_neighbours(layer: Layer, ids: np.ndarray, radius: np.ndarray) -> tuple
     return D, I
 
 
-def verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> tuple[SelfJoin, Verified | None]:
+class FirstRound(NamedTuple):
+    """The first round of `verify_largest`: the self-join's rows to search again (the VERIFY_MARGIN times
+    VERIFY_FRACTION largest s_i) as an exact search, and their exact lists where the index's cells gave
+    them (None: the search rides the layer's shared exact pass, memscan.query.checks)."""
+
+    rows: np.ndarray
+    request: exact.Request
+    found: tuple[np.ndarray, np.ndarray] | None
+
+
+def _largest_count(d: int) -> int:
+    """How many of the largest s_i are to be exact: VERIFY_FRACTION of d, at most VERIFY_MAX."""
+    return min(math.ceil(VERIFY_FRACTION * d), VERIFY_MAX)
+
+
+def _unverified_largest(s: np.ndarray, wanted: int, exact_rows: np.ndarray) -> np.ndarray:
+    """The rows (ascending) among the `wanted` largest s_i that are not exact yet."""
+    top = np.argpartition(-s, wanted - 1)[:wanted]
+    return np.sort(top[~exact_rows[top]])
+
+
+def first_round(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> FirstRound | None:
+    """The first round's rows and exact search, answered through the index's lists where they can hold it;
+    None in exact layers."""
+    if not layer.approximate:
+        return None
+    rows = _unverified_largest(joined.s, min(layer.d, math.ceil(VERIFY_MARGIN * _largest_count(layer.d))),
+                               np.zeros(layer.d, bool))
+    ids = patterns.row_id[rows]
+    X = layer.vectors(ids)
+    found = (layer.index.exact_within(X, layer.settings.k, ids, np.sqrt(joined.D[rows, -1])) if layer.use_index
+             else None)
+    return FirstRound(rows, exact.Request(ids, X, layer.settings.k, exclude_self=True), found)
+
+
+def verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin, first: FirstRound | None,
+                   answer: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[SelfJoin, Verified | None]:
     """An approximate layer's self-join with the lists of its largest s_i replaced by exact ones.
 
     A missed neighbour only makes s_i larger, so the misses gather among the largest s_i,
     which also dominate log Z_t: the VERIFY_FRACTION largest (at most VERIFY_MAX; in the
-    first round VERIFY_MARGIN times as many) are searched exactly against every pattern
-    (own row excluded), then the largest again, up to VERIFY_ROUNDS times, while corrected
-    values let unverified ones in. (joined, None) in exact layers.
+    first round VERIFY_MARGIN times as many: `first`, found through the index or `answer`,
+    its exact search) are searched exactly against every pattern (own row excluded), then the
+    largest again, up to VERIFY_ROUNDS times, while corrected values let unverified ones in.
+    (joined, None) in exact layers.
     """
-    if not layer.approximate:
+    if first is None:
         return joined, None
     D, I, s = joined.D.copy(), joined.I.copy(), joined.s.copy()
     exact_rows = np.zeros(layer.d, bool)
-    largest, corrected, rounds = min(math.ceil(VERIFY_FRACTION * layer.d), VERIFY_MAX), 0, 0
-    while True:
-        wanted = largest if rounds else min(layer.d, math.ceil(VERIFY_MARGIN * largest))
-        top = np.argpartition(-s, wanted - 1)[:wanted]
-        todo = np.sort(top[~exact_rows[top]])
-        if not todo.size or rounds == VERIFY_ROUNDS:
-            break
-        ids = patterns.row_id[todo]
-        D_exact, I_exact = exact_neighbours(layer, ids, np.sqrt(D[todo, -1]))
+    largest, corrected, rounds = _largest_count(layer.d), 0, 0
+    todo, found = first.rows, first.found or answer
+    while todo.size and rounds < VERIFY_ROUNDS:
+        D_exact, I_exact = found if rounds == 0 else exact_neighbours(layer, patterns.row_id[todo],
+                                                                      np.sqrt(D[todo, -1]))
         corrected += int((D_exact[:, 0] < D[todo, 0] * (1 - RECALL_RTOL)).sum())   # float rounding is no miss
         D[todo], I[todo], s[todo] = D_exact, I_exact, np.sqrt(D_exact[:, 0])
         exact_rows[todo] = True
         rounds += 1
+        todo = _unverified_largest(s, largest, exact_rows)
     log.info("layer %d: the %d largest nearest-other distances searched exactly in %d rounds: %d corrected",
              layer.layer, int(exact_rows.sum()), rounds, corrected)
     return SelfJoin(D, I, s), Verified(exact_rows, largest, not todo.size, corrected, rounds)

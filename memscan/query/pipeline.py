@@ -17,7 +17,7 @@ from memscan import analysis, files, folders
 from memscan.errors import InputError
 from memscan.knn.index import KnnIndex, manifest_sha256
 from memscan.knn.shards import Engine
-from memscan.query import coverage, distances, floor, largest, retrieval, separation, subsets
+from memscan.query import checks, coverage, distances, floor, retrieval, separation, subsets
 from memscan.query.context import STEPS, Layer, open_layer, step
 from memscan.query.folder import TABLE_FILES, QueryResult, Sink, commit, site_sink, table_writers
 from memscan.query.settings import QuerySettings
@@ -26,23 +26,23 @@ from memscan.query.summary import BlockSummary, LayerSummary
 log = logging.getLogger(__name__)
 
 
-def _layer_summary(layer: Layer, patterns: distances.PatternMeta, joined: distances.SelfJoin,
-                   verified: largest.Verified | None, radii: distances.Radii, separated: separation.Separation,
-                   mips: separation.Mips | None, parts: list[subsets.SubsetNearest],
+def _layer_summary(layer: Layer, patterns: distances.PatternMeta, checked: checks.Checked, radii: distances.Radii,
+                   separated: separation.Separation, parts: list[subsets.SubsetNearest],
                    totals: retrieval.QueryTotals, query_blocks: int, seconds: float) -> LayerSummary:
     """The layer's summary, each part from the family of statistics that measured it."""
     settings, index, blocks = layer.settings, layer.index, layer.blocks
+    joined, mips = checked.joined, checked.mips
     nearest = np.concatenate(totals.nearest)
     a2, a3 = coverage.covered(nearest, radii), separation.separated(joined, radii, separated)
     return LayerSummary(
         site=layer.patterns.site, layer=layer.layer, n=layer.patterns.n, d=layer.d, d_prime=layer.nq, k=settings.k,
         search=f"approximate: {index.factory} {index.search_params}" if layer.approximate else "exact",
-        recall=(index.measured_recall or index.recall(200, settings.k, settings.seed)) if layer.approximate else None,
+        recall=checked.recall,
         query_nearest_dist=analysis.describe(nearest), pattern_nearest_dist=analysis.describe(joined.s),
         r_star=radii.r_star, typical_radius=radii.typical, typical_over_r_star=radii.typical / radii.r_star,
         radius=radii.choice(settings.radius), A2=a2, A3=a3,
         A1=totals.retrieved(radii.epsilon, analysis.nan_mean(patterns.nll)), energy=totals.energy(settings.beta, mips),
-        floor=floor.floor(layer, joined, verified, totals.test_loss, a2, a3), size=floor.size(layer),
+        floor=floor.floor(layer, joined, checked.verified, totals.test_loss, a2, a3), size=floor.size(layer),
         subsets=tuple(part.summary() for part in parts),
         blocks=BlockSummary(settings.memory, blocks.memory_bytes, blocks.pattern_rows, blocks.query_rows,
                             blocks.join_rows, blocks.knn_rows, query_blocks),
@@ -76,16 +76,16 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     with step(progress, layer, "patterns"):
         meta = distances.pattern_meta(context)
     with step(progress, layer, "self-join"):
-        joined, verified = largest.verify_largest(context, meta, distances.self_join(context, meta))
+        checked = checks.checked(context, meta, distances.self_join(context, meta))
+    joined = checked.joined
     radii = distances.radii(context, joined)
     with step(progress, layer, "inner-product join"):
-        mips = separation.mips_index(context, meta)
-        separated = separation.separation(context, meta, mips)
+        separated = separation.separation(context, meta, checked.mips)
     with step(progress, layer, "subsets"):
-        parts = [subsets.subset(context, meta, joined, fraction) for fraction in settings.subsets if fraction < 1]
-    totals, query_blocks = retrieval.stream_queries(context, meta, radii, mips, sink, progress)
+        parts = subsets.nearest_within(context, meta, joined, [part for part in settings.subsets if part < 1])
+    totals, query_blocks = retrieval.stream_queries(context, meta, radii, checked.mips, sink, progress)
     _last_tables(context, sink, meta, joined, radii, separated, parts, np.concatenate(totals.nearest))
-    summary = _layer_summary(context, meta, joined, verified, radii, separated, mips, parts, totals, query_blocks,
+    summary = _layer_summary(context, meta, checked, radii, separated, parts, totals, query_blocks,
                              seconds=round(time.perf_counter() - started, 3))
     log.info("layer %d: %d patterns, %d queries in %d blocks, typical radius %.3g vs r* %.3g (%.1f s)",
              layer, context.d, context.nq, query_blocks, radii.typical, radii.r_star, summary.seconds)

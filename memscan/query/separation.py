@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from memscan import analysis, theory
-from memscan.knn.mips import RECALL_QUERIES, MipsIndex, Sample
+from memscan.knn import exact
+from memscan.knn.mips import RECALL_QUERIES, MipsIndex
 from memscan.query.context import Layer
 from memscan.query.distances import PatternMeta, Radii, SelfJoin
 from memscan.query.settings import mips_budget
@@ -23,17 +24,17 @@ class Mips(NamedTuple):
     recall: dict[str, Any]
 
 
-def _query_sample(layer: Layer) -> Sample:
+def _query_sample(layer: Layer) -> exact.Request:
     """A seeded sample of the queries, each searched for its k largest inner products (the MCHN interval's)."""
     ids = layer.queries.row_ids(layer.settings.split, layer.layer)
     rng = np.random.default_rng(layer.settings.seed)
     ids = np.sort(rng.choice(ids, size=min(RECALL_QUERIES, len(ids)), replace=False))
-    return Sample(ids, layer.queries.take(ids), layer.settings.k, exclude_self=False)
+    return exact.Request(ids, layer.queries.take(ids), layer.settings.k, "ip")
 
 
-def mips_index(layer: Layer, patterns: PatternMeta) -> Mips | None:
-    """The inner-product index of an approximate layer, its nprobe tuned so that the patterns' maxima
-    (Delta) and the queries' top k (E_mchn) reach the index's target recall; None where the products are exact."""
+def mips_samples(layer: Layer, patterns: PatternMeta) -> tuple[MipsIndex, dict[str, exact.Request]] | None:
+    """The inner-product index of an approximate layer and the samples its recall is measured on (the
+    patterns' maxima for Delta, the queries' top k for E_mchn); None where the products are exact."""
     if layer.exact_products:
         return None
     blocks, max_sq_norm = layer.pattern_blocks, float(patterns.sq_norm.max())
@@ -41,8 +42,13 @@ def mips_index(layer: Layer, patterns: PatternMeta) -> Mips | None:
     index = (MipsIndex.over_lists(layer.index.shards, layer.vectors, max_sq_norm, layer.index.factory)
              or MipsIndex.build(layer.patterns, blocks, layer.d, max_sq_norm, mips_budget(layer.blocks.memory_bytes),
                                 layer.settings.seed, vectors=layer.vectors))
-    samples = {"patterns": index.sample(seed=layer.settings.seed), "queries": _query_sample(layer)}
-    return Mips(index, index.tune(layer.engine, blocks, samples, layer.index.target_recall))
+    return index, {"patterns": index.sample(seed=layer.settings.seed), "queries": _query_sample(layer)}
+
+
+def tuned(layer: Layer, index: MipsIndex, samples: dict[str, exact.Request], truths: dict[str, np.ndarray]) -> Mips:
+    """The inner-product index with nprobe tuned so that every sample reaches the index's target recall
+    against its exact scores `truths`."""
+    return Mips(index, index.tune(samples, truths, layer.index.target_recall))
 
 
 class Separation(NamedTuple):

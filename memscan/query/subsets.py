@@ -4,7 +4,6 @@ taken from the self-join's lists where they hold another member and searched for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -36,16 +35,6 @@ class SubsetNearest(NamedTuple):
                              self.recall)
 
 
-def _filtered(blocks: Callable[[], Iterator[exact.Block]], keep: np.ndarray) -> Callable[[], Iterator[exact.Block]]:
-    """The blocks' rows whose row ids are in `keep` (ascending), as a re-startable iterator."""
-    def subset() -> Iterator[exact.Block]:
-        for ids, X in blocks():
-            mask = np.isin(ids, keep, assume_unique=True)
-            if mask.any():
-                yield ids[mask], X[mask]
-    return subset
-
-
 def rest_depth(fraction: float, d: int) -> int:
     """How many nearest patterns to search so that one is a member of a `fraction` subset but for a
     SUBSET_MISS chance: (1 - fraction)^depth <= SUBSET_MISS (33 for a quarter), at most d - 1."""
@@ -60,11 +49,18 @@ def _first_members(I: np.ndarray, D: np.ndarray, member: np.ndarray, row_id: np.
     return listed, np.where(listed, D[np.arange(len(I)), hits.argmax(axis=1)], np.nan)
 
 
-def _exact_within_subset(layer: Layer, ids: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """The squared distances (m,) from the patterns `ids` to their nearest other member, by an exact pass."""
-    queries = exact.array_blocks(ids, layer.vectors(ids), layer.blocks.knn_rows)
-    _, D, _ = layer.engine.knn(queries(), _filtered(layer.pattern_blocks, members), 1, exclude_self=True)
-    return D[:, 0]
+def _request(layer: Layer, ids: np.ndarray, members: np.ndarray) -> exact.Request:
+    """The exact search for the nearest other member (row ids `members`, ascending) of the patterns `ids`."""
+    return exact.Request(ids, layer.vectors(ids), 1, exclude_self=True, among=members)
+
+
+def _exact_pass(layer: Layer, requests: list[exact.Request]) -> list[np.ndarray]:
+    """Every request's squared distance to its nearest other member (m,), from one pass over the patterns
+    (none where no request has a query)."""
+    if not any(len(request.ids) for request in requests):
+        return [np.empty(0, np.float32) for _ in requests]
+    found = layer.engine.knn_each(requests, layer.pattern_blocks, block_rows=layer.blocks.knn_rows)
+    return [D[:, 0] for D, _ in found]
 
 
 def _members_through_index(layer: Layer, member: np.ndarray, row_id: np.ndarray, ids: np.ndarray,
@@ -82,32 +78,55 @@ def _members_through_index(layer: Layer, member: np.ndarray, row_id: np.ndarray,
     return listed, sq
 
 
-def _searched_members(layer: Layer, patterns: PatternMeta, member: np.ndarray, ids: np.ndarray,
-                      fraction: float) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """Squared distances (m,) from the patterns `ids` to their nearest other member, and their recall.
+class _Plan(NamedTuple):
+    """One subset before its searches: members (d,) bool, their rows, whether the self-join's list of each
+    holds another member, that member's squared distance (NaN where none), and the rows to search."""
 
-    Exact layers (and a Flat index) search the members exactly. Approximate ones take the
-    first member among each one's `rest_depth` nearest through the index, with its nprobe
-    (efSearch) raised to the smallest value at which that reaches the index's target
-    1-recall@1 on a seeded sample against an exact search (deeper neighbours are missed
-    more often than the nearest the index was tuned for; an index with neither, a scan of
-    compressed codes, searches once at its own settings); those still without one are
-    searched exactly (in the sample: their exact values are at hand).
+    fraction: float
+    member: np.ndarray
+    rows: np.ndarray
+    listed: np.ndarray
+    sq: np.ndarray
+
+    def unlisted(self, patterns: PatternMeta) -> np.ndarray:
+        """Row ids of the members whose self-join list holds no other member: they are searched."""
+        return patterns.row_id[self.rows[~self.listed]]
+
+
+def _plan(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: float) -> _Plan:
+    """A seeded `fraction` of the patterns, each member with the first other member of its self-join list."""
+    d = layer.d
+    chosen = np.random.default_rng(layer.settings.seed).choice(d, size=max(2, int(fraction * d)), replace=False)
+    member = np.zeros(d, bool)
+    member[chosen] = True
+    rows = np.flatnonzero(member)
+    listed, sq = _first_members(joined.I[rows], joined.D[rows], member, patterns.row_id)
+    return _Plan(fraction, member, rows, listed, sq)
+
+
+def _sample(layer: Layer, count: int) -> np.ndarray:
+    """The seeded sample (positions, ascending) of `count` searched members that a recall is measured on."""
+    return np.sort(np.random.default_rng(layer.settings.seed).choice(
+        count, size=min(RECALL_QUERIES, count), replace=False))
+
+
+def _through_index(layer: Layer, patterns: PatternMeta, plan: _Plan, ids: np.ndarray, truth: np.ndarray,
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Whether each searched member `ids` finds another member among its `rest_depth` nearest through the index,
+    that one's squared distance, and the record of the recall on the sample (whose exact values are `truth`).
+
+    Deeper neighbours are missed more often than the nearest the index was tuned for, so its nprobe
+    (efSearch) is raised to the smallest value at which that reaches the index's target 1-recall@1 on
+    the sample; an index with neither, a scan of compressed codes, searches once at its own settings.
     """
-    members = patterns.row_id[member]
-    if not layer.approximate:
-        return _exact_within_subset(layer, ids, members), None
-    depth, knob = rest_depth(fraction, layer.d), layer.index.recall_knob()
-    sample = np.sort(np.random.default_rng(layer.settings.seed).choice(
-        len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False))
-    truth = _exact_within_subset(layer, ids[sample], members)
+    depth, knob, sample = rest_depth(plan.fraction, layer.d), layer.index.recall_knob(), _sample(layer, len(ids))
 
-    def through_index(rows: np.ndarray, value: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(rows: np.ndarray, value: int | None) -> tuple[np.ndarray, np.ndarray]:
         with layer.index.searching_with(**({knob[0]: value} if knob else {})):
-            return _members_through_index(layer, member, patterns.row_id, rows, depth)
+            return _members_through_index(layer, plan.member, patterns.row_id, rows, depth)
 
     def measure(value: int | None) -> float:
-        listed, sq = through_index(ids[sample], value)
+        listed, sq = search(ids[sample], value)
         return recall_at(np.where(listed, sq, truth)[:, None], truth[:, None], "l2")[0]
 
     record: dict[str, Any] = {"queries": len(sample), "depth": depth}
@@ -121,26 +140,53 @@ def _searched_members(layer: Layer, patterns: PatternMeta, member: np.ndarray, i
         chosen, curve = swept["chosen"], swept["curve"]
         record.update({parameter: chosen, "curve": curve,
                        "recall_1_at_1": curve["recall"][curve[parameter].index(chosen)]})
-    listed, sq = through_index(ids, chosen)
-    if not listed.all():
-        sq[~listed] = _exact_within_subset(layer, ids[~listed], members)
-    return sq, record
+    listed, sq = search(ids, chosen)
+    return listed, sq, record
+
+
+def nearest_within(layer: Layer, patterns: PatternMeta, joined: SelfJoin,
+                   fractions: list[float]) -> list[SubsetNearest]:
+    """The paper's 25/50/75%: nearest-other distances within a seeded random fraction of the patterns.
+
+    A member whose self-join list holds another member takes the first such one: the list is
+    sorted by distance, so that member is its nearest within the subset (exact where the list is).
+    The others are searched: exactly in exact layers; in approximate ones through the index
+    (`_through_index`, its recall measured on a sample) and exactly for those it leaves without one.
+    The exact searches of every subset share two passes: the samples' (or exact layers' every search),
+    then the rest.
+    """
+    plans = [_plan(layer, patterns, joined, fraction) for fraction in fractions]
+    searched = [plan for plan in plans if not plan.listed.all()]
+    members = {plan.fraction: patterns.row_id[plan.member] for plan in plans}
+    ids = {plan.fraction: plan.unlisted(patterns) for plan in searched}
+    first = [ids[plan.fraction] if not layer.approximate else ids[plan.fraction][_sample(layer, len(ids[plan.fraction]))]
+             for plan in searched]
+    truths = _exact_pass(layer, [_request(layer, rows, members[plan.fraction]) for plan, rows in zip(searched, first)])
+    results, rests = {}, []
+    for plan, truth in zip(searched, truths):
+        if not layer.approximate:
+            results[plan.fraction] = (truth, None)
+            continue
+        listed, sq, record = _through_index(layer, patterns, plan, ids[plan.fraction], truth)
+        results[plan.fraction] = (sq, record)
+        rests.append((plan, listed))
+    found = _exact_pass(layer, [_request(layer, ids[plan.fraction][~listed], members[plan.fraction])
+                                for plan, listed in rests])
+    for (plan, listed), sq in zip(rests, found):
+        results[plan.fraction][0][~listed] = sq
+    return [_nearest(plan, patterns, *results.get(plan.fraction, (None, None))) for plan in plans]
+
+
+def _nearest(plan: _Plan, patterns: PatternMeta, searched: np.ndarray | None,
+             recall: dict[str, Any] | None) -> SubsetNearest:
+    """A subset's nearest-other distances: from the self-join's lists, and `searched` for the rest."""
+    sq = plan.sq.copy()
+    if searched is not None:
+        sq[~plan.listed] = searched
+    return SubsetNearest(plan.fraction, patterns.row_id[plan.rows], np.sqrt(sq).astype(np.float32),
+                         int(plan.listed.sum()), recall)
 
 
 def subset(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: float) -> SubsetNearest:
-    """The paper's 25/50/75%: nearest-other distances within a seeded random `fraction` of the patterns.
-
-    A member whose self-join list holds another member takes the first such one: the
-    list is sorted by distance, so that member is its nearest within the subset (exact
-    where the list is). The members whose lists hold none are searched (`_searched_members`).
-    """
-    d = layer.d
-    chosen = np.random.default_rng(layer.settings.seed).choice(d, size=max(2, int(fraction * d)), replace=False)
-    member = np.zeros(d, bool)
-    member[chosen] = True
-    rows = np.flatnonzero(member)
-    listed, sq = _first_members(joined.I[rows], joined.D[rows], member, patterns.row_id)
-    recall = None
-    if not listed.all():
-        sq[~listed], recall = _searched_members(layer, patterns, member, patterns.row_id[rows[~listed]], fraction)
-    return SubsetNearest(fraction, patterns.row_id[rows], np.sqrt(sq).astype(np.float32), int(listed.sum()), recall)
+    """One subset's `nearest_within`."""
+    return nearest_within(layer, patterns, joined, [fraction])[0]

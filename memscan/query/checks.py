@@ -1,0 +1,55 @@
+"""The exact searches an approximate layer is checked against, made in one pass over the patterns.
+
+Three statistics of an approximate layer each need a few hundred exact searches: the first round of
+the largest s_i searched again (`largest`), the self-join's recall on a sample, and the recall of the
+inner-product index on its samples (`separation`). None depends on another's answer, so they share one
+pass (`Engine.knn_each`): at a million patterns reading the patterns costs more than these searches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+from memscan.knn import exact
+from memscan.query import largest, separation
+from memscan.query.context import Layer
+from memscan.query.distances import PatternMeta, SelfJoin
+
+log = logging.getLogger(__name__)
+
+RECALL_QUERIES = 200   # the self-join's recall sample, where the index measured none at build
+
+
+class Checked(NamedTuple):
+    """An approximate layer's self-join after `largest.verify_largest`, the self-join's recall, and the tuned
+    inner-product index (each None where the layer is exact or its products are)."""
+
+    joined: SelfJoin
+    verified: largest.Verified | None
+    recall: dict[str, Any] | None
+    mips: separation.Mips | None
+
+
+def checked(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> Checked:
+    """The layer's exact checks, their searches made in one shared pass, and what each measures from them."""
+    first = largest.first_round(layer, patterns, joined)
+    inner = separation.mips_samples(layer, patterns)
+    requests: dict[str, exact.Request] = {}
+    if first is not None and first.found is None:
+        requests["largest"] = first.request
+    if layer.approximate and layer.index.measured_recall is None:
+        requests["recall"] = layer.index.recall_request(RECALL_QUERIES, layer.settings.k, layer.settings.seed)
+    if inner is not None:
+        requests.update({f"inner products: {name}": sample for name, sample in inner[1].items()})
+    answers = dict(zip(requests, layer.engine.knn_each(list(requests.values()), layer.pattern_blocks,
+                                                       block_rows=layer.blocks.knn_rows)))
+    log.debug("layer %d: one exact pass for %s", layer.layer, ", ".join(requests) or "nothing")
+    joined, verified = largest.verify_largest(layer, patterns, joined, first, answers.get("largest"))
+    recall = (layer.index.recall_of(requests["recall"], answers["recall"][0]) if "recall" in requests
+              else layer.index.measured_recall if layer.approximate else None)
+    mips = None
+    if inner is not None:
+        truths = {name: answers[f"inner products: {name}"][0] for name in inner[1]}
+        mips = separation.tuned(layer, inner[0], inner[1], truths)
+    return Checked(joined, verified, recall, mips)
