@@ -49,19 +49,22 @@ TOKENIZE_BATCH_DOCUMENTS = 256
 class Document:
     """One document of a source; `split` is set only where the source or the user's split rule
     fixes it (qf "gen", `--split-column`, `--members`); `label` is the raw value of the source's
-    label column (`--split-column` or `--key-column`), when one is read."""
+    label column (`--split-column` or `--key-column`), when one is read; `doc_key` the document's own
+    key (its `--id-column` value as a string), None where the source has none."""
 
     doc_id: int
     text: str
     split: str | None = None
     label: str | None = None
+    doc_key: str | None = None
 
 
 @dataclass(frozen=True)
 class Chunk:
     """`tokens` (chunk_tokens,) int32 and `next_tokens` (chunk_tokens,) int32, -1 where none.
 
-    `sample_key` is the chunk's seeded uniform key; the smallest keys form a sample.
+    `sample_key` is the chunk's seeded uniform key; the smallest keys form a sample. `doc_key`: its
+    document's own key (`Document.doc_key`).
     """
 
     doc_id: int
@@ -70,6 +73,7 @@ class Chunk:
     tokens: np.ndarray
     next_tokens: np.ndarray
     sample_key: int
+    doc_key: str | None = None
 
 
 @dataclass
@@ -88,6 +92,32 @@ class CorpusStats:
 
 
 # ---------------------------------------------------------------- sources
+
+DEFAULT_ID_COLUMN = "id"   # the column a source's own document keys are read from unless --id-column names another
+
+
+@dataclass(frozen=True)
+class KeyColumn:
+    """Where a document's own key comes from: `column` of each record; `required` when the user named it
+    (--id-column), else it is read only where the source has it."""
+
+    column: str = DEFAULT_ID_COLUMN
+    required: bool = False
+
+    def of(self, record: dict[str, Any], where: str) -> str | None:
+        """The record's key as a string (an int key as its str); None where the record has no such column (or a
+        null), refused in one line when the user named the column and the record has none."""
+        if self.column not in record:
+            if self.required:
+                raise self.missing(where, list(record))
+            return None
+        value = record[self.column]
+        return None if value is None else str(value)
+
+    def missing(self, where: str, columns: Iterable[str]) -> InputError:
+        """The one line for a named --id-column the source lacks."""
+        return InputError(f"--id-column {self.column}: {where} has no column '{self.column}'; columns are: "
+                          f"{', '.join(columns)}")
 
 
 class Source:
@@ -169,11 +199,13 @@ class FileSource(Source):
     first_doc_id: int = 0
     limit: int | None = None         # documents to read, None: all
     label_column: str | None = None  # read into Document.label (--split-column or --key-column)
+    key: KeyColumn = field(default_factory=lambda: KeyColumn())   # read into Document.doc_key
 
     def documents(self) -> Iterator[Document]:
-        records = (record for path in self.paths for record in _read_records(path, self.text_column, self.label_column))
-        for doc_id, (text, label) in enumerate(itertools.islice(records, self.limit), self.first_doc_id):
-            yield Document(doc_id, text, label=label)
+        records = (record for path in self.paths
+                   for record in _read_records(path, self.text_column, self.label_column, self.key))
+        for doc_id, (text, label, doc_key) in enumerate(itertools.islice(records, self.limit), self.first_doc_id):
+            yield Document(doc_id, text, label=label, doc_key=doc_key)
 
     def partitions(self, max_documents: int | None, count: int,
                    count_documents: CountDocuments | None = None) -> list[Source]:
@@ -201,6 +233,7 @@ class HFSource(Source):
     first_doc_id: int = 0
     limit: int | None = None         # documents to read, None: all
     label_column: str | None = None  # read into Document.label (--split-column or --key-column)
+    key: KeyColumn = field(default_factory=lambda: KeyColumn())   # read into Document.doc_key
 
     def _stream(self) -> Any:
         local = Path(self.name).is_dir()
@@ -223,14 +256,9 @@ class HFSource(Source):
             yield from self._stream()
 
     def documents(self) -> Iterator[Document]:
-        for doc_id, record in enumerate(itertools.islice(self._records(), self.limit), self.first_doc_id):
-            for column, flag in ((self.text_column, "--text-column"), (self.label_column, "--split-column/--key-column")):
-                if column is not None and column not in record:
-                    raise InputError(f"dataset '{self.name}' has no column '{column}'; "
-                                     f"columns are: {', '.join(record)} (choose one with {flag})")
-            label = None if self.label_column is None else str(record[self.label_column])
-            text = checked_text(record[self.text_column], f"dataset '{self.name}' row {doc_id + 1}", self.text_column)
-            yield Document(doc_id, text, label=label)
+        records = itertools.islice(self._records(), self.limit)
+        return record_documents(records, self.first_doc_id, f"dataset '{self.name}'", self.text_column,
+                                self.label_column, self.key)
 
     def count_documents(self) -> int:
         return sum(1 for _ in itertools.islice(self._records(), self.limit))
@@ -255,6 +283,82 @@ class HFSource(Source):
                 "text_column": self.text_column, "revision": self.revision}
 
 
+def record_documents(records: Iterable[dict[str, Any]], first_doc_id: int, what: str, text_column: str,
+                     label_column: str | None, key: KeyColumn) -> Iterator[Document]:
+    """Documents from records (dicts) of a table-like source (`what`: its name in errors), numbered from
+    `first_doc_id`; a missing column or a text that is not a string is one line naming the row."""
+    for doc_id, record in enumerate(records, first_doc_id):
+        for column, flag in ((text_column, "--text-column"), (label_column, "--split-column/--key-column")):
+            if column is not None and column not in record:
+                raise InputError(f"{what} has no column '{column}'; columns are: {', '.join(record)} "
+                                 f"(choose one with {flag})")
+        label = None if label_column is None else str(record[label_column])
+        text = checked_text(record[text_column], f"{what} row {doc_id + 1}", text_column)
+        yield Document(doc_id, text, label=label, doc_key=key.of(record, what))
+
+
+@dataclass(frozen=True)
+class MemorySource(Source):
+    """Documents the caller holds (`extract(..., source=...)`): a list of strings, or the rows of a
+    `datasets.Dataset` / `IterableDataset` (its `text_column`, label and key columns as for files)."""
+
+    rows: Any                        # list[str] | datasets.Dataset | datasets.IterableDataset
+    text_column: str = "text"
+    label_column: str | None = None  # read into Document.label (--split-column or --key-column)
+    key: KeyColumn = field(default_factory=lambda: KeyColumn())   # read into Document.doc_key
+    limit: int | None = None         # documents to read, None: all
+
+    def documents(self) -> Iterator[Document]:
+        records = itertools.islice(self._records(), self.limit)
+        return record_documents(records, 0, self.name, self.text_column, self.label_column, self.key)
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        if isinstance(self.rows, (list, tuple)):
+            return ({self.text_column: text} for text in self.rows)
+        return iter(self.rows)
+
+    def partitions(self, max_documents: int | None, count: int,
+                   count_documents: CountDocuments | None = None) -> list[Source]:
+        """One piece: the caller's documents are read where they are."""
+        return [replace(self, limit=max_documents)]
+
+    @property
+    def name(self) -> str:
+        """What the settings record as its `source`: `list of N texts`, or the Dataset's class (and fingerprint)."""
+        if isinstance(self.rows, (list, tuple)):
+            return f"list of {len(self.rows)} texts"
+        fingerprint = getattr(self.rows, "_fingerprint", None)
+        return f"datasets.{type(self.rows).__name__}" + (f" {fingerprint}" if fingerprint else "")
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the documents: a Dataset's `_fingerprint`, else a sha256 over the texts (and the
+        label and key columns) in order, read once here."""
+        kind = "texts" if isinstance(self.rows, (list, tuple)) else f"datasets.{type(self.rows).__name__}"
+        identity = getattr(self.rows, "_fingerprint", None)
+        if identity is None:
+            columns = [self.text_column, self.label_column, self.key.column]
+            identity = files.fingerprint([[record.get(c) for c in columns if c] for record in self._records()])
+        return {"kind": kind, "text_column": self.text_column, "sha256": identity}
+
+
+def memory_source(rows: Any, *, text_column: str = "text", label_column: str | None = None,
+                  id_column: str | None = None) -> MemorySource:
+    """A source of documents the caller holds: a list of strings (no columns: no label or key), or a
+    `datasets.Dataset` / `IterableDataset`; anything else is one InputError line."""
+    key = KeyColumn(id_column, True) if id_column is not None else KeyColumn()
+    if isinstance(rows, (list, tuple)):
+        if not all(isinstance(text, str) for text in rows):
+            raise InputError("a list source must hold strings (one document each)")
+        if label_column is not None or key.required:
+            raise InputError("a list of texts has no columns: --split-column, --key-column and --id-column need a "
+                             "datasets.Dataset")
+        return MemorySource(list(rows), text_column)
+    if not isinstance(rows, (datasets.Dataset, datasets.IterableDataset)):
+        raise InputError(f"source must be a spec string, a list of strings or a datasets.Dataset / IterableDataset; "
+                         f"got {type(rows).__name__}")
+    return MemorySource(rows, text_column, label_column, key)
+
+
 HF_DEFAULT_SPLIT = "train"
 
 
@@ -270,22 +374,27 @@ def resolve_split(spec: str, split: str | None) -> str | None:
 
 
 def open_source(spec: str, *, seed: int, text_column: str = "text", split: str | None = None,
-                revision: str | None = None, label_column: str | None = None) -> Source:
+                revision: str | None = None, label_column: str | None = None, id_column: str | None = None,
+                ) -> Source:
     """Parse `--source`: `qf[:k=v,...]`, `hf:OWNER/NAME[:CONFIG]`, or a local file or folder.
 
     `split` is the split of an hf: dataset (None: "train"); other sources refuse one.
-    `label_column` (a column of any source but .txt and qf) is read into each Document's label.
+    `label_column` (a column of any source but .txt and qf) is read into each Document's label,
+    `id_column` into its doc_key (None: a column named `id` where the source has one).
     """
     split = resolve_split(spec, split)
+    key = KeyColumn(id_column, True) if id_column is not None else KeyColumn()
     if spec == "qf" or spec.startswith("qf:"):
         if label_column is not None:
             raise InputError(f"--split-column/--key-column need a source with columns; --source '{spec}' "
                              "(the built-in generator) has none")
+        if key.required:
+            raise InputError(f"--id-column {id_column}: --source '{spec}' (the built-in generator) has no columns")
         return QFSource(_parse_qf_options(spec[3:]), seed)
     if spec.startswith("hf:"):
         name, _, config_name = spec[3:].partition(":")
         return HFSource(name, config_name or None, split or HF_DEFAULT_SPLIT, text_column, revision,
-                        label_column=label_column)
+                        label_column=label_column, key=key)
     path = Path(spec)
     if not path.exists():
         raise InputError(f"--source '{spec}' does not exist (give a file, a folder, 'qf' or 'hf:OWNER/NAME')")
@@ -298,7 +407,7 @@ def open_source(spec: str, *, seed: int, text_column: str = "text", split: str |
     else:
         raise InputError(f"--source '{spec}' is not a {ACCEPTED_FILES} file (nor a folder of them or a "
                          "save_to_disk dataset folder)")
-    return FileSource(paths, text_column, label_column=label_column)
+    return FileSource(paths, text_column, label_column=label_column, key=key)
 
 
 def _builder_of(path: Path) -> str | None:
@@ -358,21 +467,30 @@ def _parse_qf_options(options: str) -> qf.QFConfig:
     return config
 
 
-def _read_records(path: Path, text_column: str, label_column: str | None) -> Iterator[tuple[str, str | None]]:
-    """(text, label) per document of one file (or save_to_disk folder); label None unless `label_column` (a column)."""
+def _read_records(path: Path, text_column: str, label_column: str | None, key: KeyColumn,
+                  ) -> Iterator[tuple[str, str | None, str | None]]:
+    """(text, label, key) per document of one file (or save_to_disk folder); label None unless `label_column`
+    (a column), key None unless `key`'s column is one of the file's."""
     if path.is_dir() or _builder_of(path) is not None:
-        yield from _read_with_datasets(path, text_column, label_column)
-        return
-    if label_column is None:
-        yield from ((text, None) for text in _read_texts(path, text_column))
+        yield from _read_with_datasets(path, text_column, label_column, key)
         return
     if path.suffix == ".txt":
-        raise InputError(f"--split-column/--key-column need a .jsonl, .parquet or hf: source with columns (or .csv, "
-                         f".json, .arrow, a save_to_disk folder); '{path}' is a .txt file")
-    if path.suffix == ".parquet":
-        yield from store.read_labelled_texts(path, text_column, label_column)
+        if label_column is not None:
+            raise InputError(f"--split-column/--key-column need a .jsonl, .parquet or hf: source with columns (or "
+                             f".csv, .json, .arrow, a save_to_disk folder); '{path}' is a .txt file")
+        if key.required:
+            raise InputError(f"--id-column {key.column}: '{path}' is a .txt file, which has no columns")
+        yield from ((text, None, None) for text in _read_texts(path, text_column))
         return
-    yield from _read_jsonl(path, (text_column, label_column))
+    if path.suffix == ".parquet":
+        names = store.column_names(path)
+        kept = key.column if key.column in names else None
+        if key.required and kept is None:
+            raise key.missing(f"{path}", names)
+        yield from store.read_text_rows(path, text_column, (label_column, kept))
+        return
+    for text, record, where in _read_jsonl(path, (text_column, *([label_column] if label_column else []))):
+        yield text, None if label_column is None else str(record[label_column]), key.of(record, where)
 
 
 def _read_texts(path: Path, text_column: str) -> Iterator[str]:
@@ -380,7 +498,7 @@ def _read_texts(path: Path, text_column: str) -> Iterator[str]:
         yield from _read_parquet_texts(path, text_column)
         return
     if path.suffix == ".jsonl":
-        yield from (text for text, in _read_jsonl(path, (text_column,)))
+        yield from (text for text, _, _ in _read_jsonl(path, (text_column,)))
         return
     try:
         with path.open(encoding="utf-8") as f:
@@ -389,8 +507,9 @@ def _read_texts(path: Path, text_column: str) -> Iterator[str]:
         raise InputError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
 
-def _read_jsonl(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
-    """The given columns of each record of a .jsonl file, as strings (the first is the text, which must be one)."""
+def _read_jsonl(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(text, record, where: `path:line`) of each record of a .jsonl file, which must hold the given columns (the
+    first is the text, which must be a string)."""
     try:
         with path.open(encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
@@ -407,7 +526,7 @@ def _read_jsonl(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, ...
                     raise InputError(f"{path}:{line_number} has no column '{missing[0]}' (has: {keys}); "
                                      f"choose one with {flag}")
                 text = checked_text(record[columns[0]], f"{path} line {line_number}", columns[0])
-                yield (text, *(str(record[c]) for c in columns[1:]))
+                yield text, record, f"{path}:{line_number}"
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
@@ -441,8 +560,9 @@ _PARSE_ERRORS = (OSError, ValueError, TypeError, ImportError, NotImplementedErro
                  datasets.exceptions.DatasetsError)
 
 
-def _read_with_datasets(path: Path, text_column: str, label_column: str | None) -> Iterator[tuple[str, str | None]]:
-    """(text, label) per row of a file read by a `datasets` builder (streamed) or of a save_to_disk folder
+def _read_with_datasets(path: Path, text_column: str, label_column: str | None, key: KeyColumn,
+                        ) -> Iterator[tuple[str, str | None, str | None]]:
+    """(text, label, key) per row of a file read by a `datasets` builder (streamed) or of a save_to_disk folder
     (`load_from_disk`, memory-mapped), in row order; rows whose text is null or empty are skipped (as in .parquet)."""
     columns = (text_column,) if label_column is None else (text_column, label_column)
     what = "datasets.load_from_disk" if path.is_dir() else f"datasets' {_builder_of(path)} builder"
@@ -456,7 +576,7 @@ def _read_with_datasets(path: Path, text_column: str, label_column: str | None) 
         if value is None or value == "":
             continue
         text = checked_text(value, f"{path} row {row_number}", text_column)
-        yield text, None if label_column is None else str(row[label_column])
+        yield text, None if label_column is None else str(row[label_column]), key.of(row, str(path))
 
 
 def _datasets_rows(path: Path, what: str) -> Iterator[dict[str, Any]]:
@@ -601,7 +721,7 @@ def iter_chunks(documents: Iterable[Document], tokenizer: Any, length: int, test
         split = document_split(doc.doc_id, doc.split, test_fraction, seed)
         keys = sample_keys(seed, doc.doc_id, np.arange(len(chunks))).tolist()
         for chunk_id in range(len(chunks)):
-            yield Chunk(doc.doc_id, chunk_id, split, chunks[chunk_id], following[chunk_id], keys[chunk_id])
+            yield Chunk(doc.doc_id, chunk_id, split, chunks[chunk_id], following[chunk_id], keys[chunk_id], doc.doc_key)
 
 
 def sample_chunks(chunks: Iterable[Chunk], k: int) -> list[Chunk]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class Kind:
     legacy: tuple[str, ...] = ()
     attached: bool = False
     growing: tuple[str, ...] = ()   # files a sound record owns while its job still writes them (a run's log)
+    subfolders: tuple[str, ...] = ()   # folders its listed files may lie in, one level down (`listed_name`)
 
     def matches(self, record: Mapping[str, Any]) -> bool:
         """Whether a parsed record is one of this kind's (by its format, or for old records by its keys)."""
@@ -66,12 +68,12 @@ class Kind:
         return record.get("format_version", 1)
 
 
-DATASET = Kind("dataset", "memscan.activations", 3, "manifest.json", "memscan extract", (1, 2, 3),
-               signed_since=3, lists=("shards", "chunk_tables"))
+DATASET = Kind("dataset", "memscan.activations", 4, "manifest.json", "memscan extract", (1, 2, 3, 4),
+               signed_since=3, lists=("shards", "chunk_tables"), subfolders=("vectors", "chunks"))
 INDEX = Kind("index", "memscan.index", 2, "index.json", "memscan index", (2,), signed_since=2, lists=("shards",))
 QUERY_RUN = Kind("query run", "memscan.run", 2, "summary.json", "memscan query", (2,), lists=("tables",))
 SCORES = Kind("scores", "memscan.scores", 2, "summary.json", "memscan score", (1, 2), lists=("tables",))
-VERBATIM = Kind("verbatim", "memscan.verbatim", 1, "summary.json", "memscan verbatim", (1,), lists=("tables",))
+VERBATIM = Kind("verbatim", "memscan.verbatim", 2, "summary.json", "memscan verbatim", (1, 2), lists=("tables",))
 TRAINING = Kind("training run", "memscan.training", 2, "run.json", "memscan train", (1, 2), signed_since=2,
                 folders="folders", legacy=("fingerprint", "checkpoint_steps"), growing=("log.parquet",))
 SATURATION = Kind("saturation", "memscan.saturation", 2, "summary.json", "memscan saturation", (1, 2),
@@ -134,7 +136,7 @@ def read_record(directory: Path, kind: Kind, allow_pending: bool = False) -> dic
     if isinstance(version, int) and version >= kind.signed_since:
         files.check_signature(record, path)
     for entry in entries(kind, record):
-        files.plain_name(entry.get("name"), path)
+        listed_name(kind, entry.get("name"), path)
         files.require(entry, "bytes", int, path)
         files.require(entry, "sha256", str, path)
     for name in (*_folders(kind, record), *record.get(PENDING, ())):
@@ -152,15 +154,73 @@ def _folders(kind: Kind, record: Mapping[str, Any]) -> list[Any]:
 
 def listed_problems(directory: Path, kind: Kind, record: Mapping[str, Any]) -> list[str]:
     """Each listed file that is missing, a link, resized or altered, in one line each."""
-    problems = (files.file_problem(Path(directory), entry) for entry in entries(kind, record))
+    problems = (file_problem(Path(directory), kind, entry) for entry in entries(kind, record))
     return [problem for problem in problems if problem]
+
+
+def listed_name(kind: Kind, name: Any, where: Path) -> str:
+    """A file name read from `kind`'s record: a plain name, or `folder/name` in one of the kind's subfolders
+    (a dataset's vectors/ and chunks/); anything else (absolute, `..`, deeper) is one DataError line."""
+    folder, _, plain = name.rpartition("/") if isinstance(name, str) else ("", "", name)
+    if folder and folder not in kind.subfolders:
+        raise DataError(f"{where} names the file {name!r}; only plain file names inside its folder"
+                        f"{' or its ' + ', '.join(kind.subfolders) if kind.subfolders else ''} are accepted")
+    files.plain_name(plain, where)
+    return str(name)
+
+
+def file_problem(directory: Path, kind: Kind, entry: Mapping[str, Any], what: str = "file") -> str | None:
+    """What is wrong with a file `kind`'s record lists (`files.file_problem`), or None; a file in a subfolder
+    that is a link, or not a folder, is refused too (memscan reads nothing through a link)."""
+    directory = Path(directory)
+    name = listed_name(kind, entry.get("name"), directory)
+    folder, _, plain = name.rpartition("/")
+    if not folder:
+        return files.file_problem(directory, entry, what)
+    if os.path.islink(directory / folder):
+        return f"{what} {name} lies in {folder}/, a symbolic link, not the folder memscan wrote"
+    if not (directory / folder).is_dir():
+        return f"{what} {name} is missing" + (f" ({folder} is not a folder)" if (directory / folder).exists() else "")
+    problem = files.file_problem(directory / folder, {**entry, "name": plain}, what)
+    return problem and problem.replace(f"{what} {plain}", f"{what} {name}", 1)
+
+
+def check_file(directory: Path, kind: Kind, entry: Mapping[str, Any], what: str = "file") -> Path:
+    """The path of a file `kind`'s record lists, after checking it against its entry; a DataError names the problem."""
+    problem = file_problem(directory, kind, entry, what)
+    if problem:
+        raise DataError(f"{Path(directory)}: {problem}; run `memscan verify {shlex.quote(str(directory))}`")
+    return Path(directory) / entry["name"]
+
+
+def subfolder(directory: Path, name: str) -> Path:
+    """`directory/name`, a subfolder memscan writes listed files into, made (and its entry fsynced) when missing;
+    a link there, or a file, is one InputError line."""
+    path = Path(directory) / name
+    files.refuse_link(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"'{path}' is not a folder; memscan writes its files there: move it or choose another folder")
+    if not path.exists():
+        path.mkdir()
+        files.fsync_directory(Path(directory))
+    return path
+
+
+def remove_empty_subfolders(directory: Path, kind: Kind) -> None:
+    """Remove `kind`'s subfolders of `directory` that hold nothing (emptied by a replaced or finished job); one
+    holding anyone's file stays, and a link is never followed."""
+    for name in kind.subfolders:
+        path = Path(directory) / name
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def owned_by_record(kind: Kind, record: Mapping[str, Any]) -> set[str]:
     """The names a sound record makes memscan's: itself, the files and folders it lists (and for a record
     written before records listed everything, the names its stage wrote)."""
-    names = {kind.record, *(entry["name"] for entry in entries(kind, record)), *_folders(kind, record),
-             *record.get(PENDING, ()), *kind.growing}
+    listed = [entry["name"] for entry in entries(kind, record)]
+    names = {kind.record, *listed, *_folders(kind, record), *record.get(PENDING, ()), *kind.growing,
+             *(name.split("/")[0] for name in listed if "/" in name)}   # a subfolder a listed file lies in
     if "fingerprint" not in record or kind.version_of(record) < kind.signed_since:
         names.update(LEGACY_NAMES.get(kind.name, ()))
     return names

@@ -8,6 +8,7 @@ that feeds the LM head, after the final layer norm.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import pickle
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.activations import NewGELUActivation
 
 from memscan import checks, files, membership, sites
@@ -252,7 +253,7 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
         raise InputError(f"--model '{model_id}' does not exist")
     try:
         return AutoTokenizer.from_pretrained(str(local) if local.exists() else model_id, revision=revision,
-                                             trust_remote_code=trust_remote_code)
+                                             trust_remote_code=trust_remote_code, local_files_only=local.exists())
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load model '{model_id}': {files.first_line(exc)}") from None
 
@@ -271,6 +272,33 @@ def use_native_gelu(model: Any) -> None:
 
 def looks_like_path(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
+def held(model: Any, tokenizer: Any) -> LoadedModel:
+    """A model and tokenizer the caller loaded (`extract(..., model=, tokenizer=)`), put in eval mode where they
+    are; its record's `id` is its name_or_path, and `parameters_sha256` and `config_sha256` identify it."""
+    if not isinstance(model, PreTrainedModel) or not callable(getattr(tokenizer, "decode", None)):
+        raise InputError(f"model must be a transformers PreTrainedModel with its tokenizer; got "
+                         f"{type(model).__name__} and {type(tokenizer).__name__}")
+    dtype = next(model.parameters()).dtype
+    if dtype not in DTYPES.values():
+        raise InputError(f"a model in {dtype} cannot be extracted; convert it to one of {', '.join(DTYPES)}")
+    model.eval()
+    info = model_info(model.config.name_or_path or type(model).__name__, model, tokenizer, None)
+    vocabulary = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+    info.update(path=None, weights_sha256=None, parameters_sha256=parameters_digest(model), config_sha256=files.fingerprint(
+        model.config.to_dict()), tokenizer={**info["tokenizer"], "vocab_sha256": files.fingerprint(vocabulary)})
+    return LoadedModel(model, tokenizer, info)
+
+
+def parameters_digest(model: Any) -> str:
+    """One sha256 over a model's parameters and buffers (names, dtypes, shapes and bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def weights_digest(folder: Path) -> str:

@@ -183,11 +183,16 @@ def test_too_little_space_is_refused_in_one_line_before_anything_is_written(caps
     assert not out.exists()
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (a dataset's vectors/ and chunks/ too), by its path inside, with its bytes."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
 def test_an_overwrite_refused_for_space_keeps_the_extraction_it_would_replace(capsys, monkeypatch, qf_model, docs,
                                                                             tmp_path):
     out = tmp_path / "out"
     extract(settings(qf_model, docs), out)
-    old = {path.name: path.read_bytes() for path in out.iterdir()}
+    old = files_of(out)
     needed = preflight.estimate(20, [32], CHUNK, "float32", CHUNK, 65536, loss=True).total_bytes
     args = (*extract_args(qf_model, docs, out), "--num-chunks", "20", "--positions", "all", "--dtype", "fp32",
             "--overwrite")
@@ -196,7 +201,7 @@ def test_an_overwrite_refused_for_space_keeps_the_extraction_it_would_replace(ca
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, needed - freed - 1_000))
     last = fails(capsys, *args, match="needs about")
     assert "it would replace; " in last and last.endswith("(nothing was removed)")
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == old and store.verify(out) == []
+    assert files_of(out) == old and store.verify(out) == []
     # the bytes of the extraction it replaces count as free: with them, just enough goes ahead
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, needed - freed + 1_000))
     assert run(capsys, *args)[0] == 0

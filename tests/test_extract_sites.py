@@ -65,7 +65,7 @@ def reference_sites(model_dir, token_ids: np.ndarray) -> dict[tuple[str, int], n
 
 def test_every_site_is_stored_in_row_order_and_equals_an_independent_hook(site_data, qf_model):
     manifest, data = site_data
-    assert manifest["format_version"] == store.FORMAT_VERSION == 3
+    assert manifest["format_version"] == store.FORMAT_VERSION == 4
     assert manifest["sites"] == [
         {"name": "hidden", "layers": [0, 2], "n": 32},
         {"name": "resid_post", "layers": [0, 1], "n": 32},
@@ -185,7 +185,7 @@ def test_a_version_1_dataset_still_reads_indexes_and_verifies(tmp_path):
     writer.close()
     manifest.update(complete=True, counts={"chunks": {"test": 20, "train": 40}, "rows": {"test": 20, "train": 40}})
     files.write_json_atomic(folder / store.MANIFEST, manifest)
-    assert "site" not in pq.read_schema(folder / "part-00000.parquet").names
+    assert "site" not in pq.read_schema(folder / "vectors" / "part-00000.parquet").names
 
     dataset = store.ActivationDataset(folder)
     assert (dataset.site, dataset.sites, dataset.layers, dataset.count("train", 3)) == ("hidden", ["hidden"], [3], 40)
@@ -205,6 +205,7 @@ def test_a_resumed_site_extraction_writes_the_same_bytes(site_data, qf_model, tm
     cut.mkdir()
     kept = manifest["shards"][:1]
     for entry in kept:
+        (cut / entry["name"]).parent.mkdir(exist_ok=True)
         (cut / entry["name"]).write_bytes((whole / entry["name"]).read_bytes())
     resumed = {key: value for key, value in manifest.items() if key not in ("counts", "corpus")}
     resumed.update(complete=False, shards=kept, chunk_tables=[])
@@ -212,6 +213,6 @@ def test_a_resumed_site_extraction_writes_the_same_bytes(site_data, qf_model, tm
     settings = ExtractSettings(**{key: value for key, value in manifest["settings"].items()
                                   if key in ExtractSettings.__dataclass_fields__})
     extract(settings, cut)
-    names = sorted(p.name for p in whole.glob("*.parquet"))
-    assert names == sorted(p.name for p in cut.glob("*.parquet"))
+    names = sorted(p.relative_to(whole).as_posix() for p in whole.rglob("*.parquet"))
+    assert names == sorted(p.relative_to(cut).as_posix() for p in cut.rglob("*.parquet")) and len(names) > 3
     assert all((whole / n).read_bytes() == (cut / n).read_bytes() for n in names)

@@ -66,7 +66,7 @@ def test_verify_info_and_load_know_every_kind(every_kind, capsys, name):
     code, _ = run_cli(capsys, "info", str(folder))
     assert code == 0
     loaded = memscan.load(folder)
-    assert loaded.kind == KINDS[name] and isinstance(loaded.record, dict)
+    assert loaded.kind.name == KINDS[name] and isinstance(loaded.record, dict)
     tables = loaded.tables
     assert tables and all(isinstance(table, pd.DataFrame) for table in tables.values())
 
@@ -130,8 +130,8 @@ def _stage_commands(kinds: Path, out: Path) -> dict[str, list[str]]:
 def test_a_users_file_where_a_stage_writes_is_refused_and_never_changed(every_kind, tmp_path, capsys, name):
     kind, record = folders.detect(every_kind / name)
     for written in [kind.record, *(e["name"] for e in folders.entries(kind, record))][:2]:
-        out = tmp_path / f"{name}-{written}"
-        out.mkdir()
+        out = tmp_path / f"{name}-{written.replace('/', '-')}"
+        (out / written).parent.mkdir(parents=True)   # a dataset's shards lie in vectors/
         (out / written).write_text("a user's own file\n")
         before = sha256_tree(out)
         command = _stage_commands(every_kind, out)[name]
@@ -163,11 +163,11 @@ def _link_tmp(name: str) -> Callable[[Path, Path], tuple[Path, list[str]]]:
 
 
 def _link_report_image(kinds: Path, tmp: Path) -> tuple[Path, list[str]]:
-    """coverage.png, which `memscan report` writes, is a link out of the folder."""
+    """report.html, which `memscan report` writes, is a link out of the folder."""
     out = tmp / "run"
     shutil.copytree(kinds / "run", out, symlinks=True)
-    (out / "coverage.png").unlink()
-    (out / "coverage.png").symlink_to(tmp / "outside.txt")
+    (out / "report.html").unlink()
+    (out / "report.html").symlink_to(tmp / "outside.txt")
     return out, ["report", str(out)]
 
 
@@ -201,13 +201,13 @@ def _users_file_in_run_out(name: str) -> Callable[[Path, Path], tuple[Path, list
 
 
 def _users_image_in_report(kinds: Path, tmp: Path) -> tuple[Path, list[str]]:
-    """A user's coverage.png in a query run folder whose report never wrote one: it was overwritten."""
+    """A user's report.html in a query run folder whose report never wrote one: it was overwritten."""
     out = tmp / "run"
     shutil.copytree(kinds / "run", out, symlinks=True)
     report = folders.read_record(out, folders.REPORT)
-    kept = [entry for entry in report["files"] if entry["name"] != "coverage.png"]
+    kept = [entry for entry in report["files"] if entry["name"] != "report.html"]
     files.write_json_atomic(out / folders.REPORT.record, files.signed({**report, "files": kept}))
-    (out / "coverage.png").write_bytes(b"my own picture")
+    (out / "report.html").write_bytes(b"my own page")
     return out, ["report", str(out), "--allow-other-files"]
 
 
@@ -215,14 +215,14 @@ HOSTILE = [  # (case, setup -> (folder, command), the line's fragment)
     ("lock is a link", _link_lock, "is a symbolic link"),
     ("index.json.tmp is a link", _link_tmp("index.json.tmp"), "index.json.tmp' is a symbolic link"),
     ("index.faiss.tmp is a link", _link_tmp("index.faiss.tmp"), "is a symbolic link"),
-    ("report image is a link", _link_report_image, "coverage.png' is a symbolic link"),
+    ("report page is a link", _link_report_image, "report.html' is a symbolic link"),
     ("user's summary.json in query --out", _users_file_in_query_out("summary.json"), "holds summary.json, which"),
     ("user's histograms.parquet in query --out", _users_file_in_query_out("histograms.parquet"),
      "holds histograms.parquet, which"),
     ("user's summary.json in verbatim --out", _users_summary_in_verbatim_out, "holds summary.json, which"),
     ("user's stages.json in run --out", _users_file_in_run_out("stages.json"), "holds stages.json, which"),
     ("user's comparison.json in run --out", _users_file_in_run_out("comparison.json"), "holds comparison.json, which"),
-    ("user's coverage.png where report draws", _users_image_in_report, "holds coverage.png, which"),
+    ("user's report.html where report draws", _users_image_in_report, "holds report.html, which"),
 ]
 
 
@@ -279,5 +279,5 @@ def test_folders_written_in_todays_formats_still_read(tmp_path, capsys, name):
     copy = tmp_path / FIXTURES.name
     shutil.copytree(FIXTURES, copy, symlinks=True)
     loaded = memscan.load(copy / name)
-    assert loaded.kind == KINDS[name]
+    assert loaded.kind.name == KINDS[name]
     assert all(isinstance(table, pd.DataFrame) for table in loaded.tables.values())

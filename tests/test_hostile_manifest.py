@@ -163,7 +163,7 @@ def test_extraction_signs_every_manifest_it_writes_and_resume_keeps_the_fingerpr
                        tmp_path / "data")
     assert len(written) > 2 and all(files.fingerprint({k: v for k, v in m.items() if k != files.SELF_SHA256})
                                     == m[files.SELF_SHA256] for m in written)
-    assert written[-1]["format_version"] == store.FORMAT_VERSION == 3 and written[-1] == manifest
+    assert written[-1]["format_version"] == store.FORMAT_VERSION == 4 and written[-1] == manifest
     assert manifest["fingerprint"] == store.read_manifest(world["data"])["fingerprint"]
     assert (tmp_path / "data" / store.MANIFEST).read_bytes() == (world["data"] / store.MANIFEST).read_bytes()
 

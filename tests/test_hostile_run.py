@@ -91,7 +91,7 @@ def test_extracted_chunks_still_have_a_next_token_agreement(qf_model, tmp_path):
     pattern has the same one."""
     extract(tiny_extract(qf_model, source="qf:documents=20,lines=16", layers="last"), tmp_path / "data")
     a1 = retrieval_summary(tmp_path / "data", tmp_path)
-    shards = pq.read_table(sorted((tmp_path / "data").glob("part-*.parquet")), columns=["split", "next_token_id"])
+    shards = pq.read_table(sorted((tmp_path / "data").glob("vectors/part-*.parquet")), columns=["split", "next_token_id"])
     test = shards.to_pandas().query("split == 'test'")
     matched = memscan.load(tmp_path / "run").queries.next_token_match.sum()
     assert a1["next_token_agreement"] == pytest.approx(matched / (test.next_token_id >= 0).sum())

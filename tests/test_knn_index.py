@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -206,10 +207,8 @@ def test_index_command_and_bad_input(capsys, small, big, tmp_path):
         fails(capsys, "index", str(small), "--out", str(tmp_path / "x"), "--device", "gpu", match="--device gpu")
 
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for p in small.iterdir():
-        (broken / p.name).write_bytes(p.read_bytes())
-    (broken / "part-00001.parquet").write_bytes(b"garbage")
+    shutil.copytree(small, broken)
+    (broken / "vectors" / "part-00001.parquet").write_bytes(b"garbage")
     fails(capsys, "index", str(broken), "--out", str(tmp_path / "x"), match="fails verification")
 
     nan = tmp_path / "nan"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def settings_for(model: Path, **overrides) -> ExtractSettings:
 
 
 def shard_bytes(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.glob("part-*.parquet"))}
+    """The shards' and the per-chunk table pieces' bytes, by name relative to the dataset folder."""
+    found = [*directory.glob("vectors/part-*.parquet"), *directory.glob("chunks/chunks-*.parquet")]
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(found)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_same_seed_gives_byte_identical_shards(reference, qf_model, tmp_path):
 
 def test_rerun_of_a_complete_dataset_changes_nothing(reference, qf_model):
     def stamps() -> dict[str, int]:  # the lock file records each job that held the folder
-        return {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != files.LOCK_FILE}
+        return {str(p): p.stat().st_mtime_ns for p in reference.rglob("*") if p.name != files.LOCK_FILE}
 
     before = stamps()
     extract(settings_for(qf_model), reference)
@@ -91,7 +94,7 @@ def test_sigkill_at_several_points_then_rerun_equals_uninterrupted_run(reference
     finish = _start(args)
     assert finish.wait() == 0, finish.stderr.read().decode()
     assert shard_bytes(out) == shard_bytes(reference)
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.rglob("*.tmp"))
     assert store.verify(out) == []
 
 
@@ -99,9 +102,8 @@ def test_truncated_and_flipped_shards_are_named_by_verify_and_refused_by_the_rea
     for damage in ("truncate", "flip"):
         copy = tmp_path / damage
         copy.mkdir()
-        for p in reference.iterdir():
-            (copy / p.name).write_bytes(p.read_bytes())
-        victim = copy / "part-00002.parquet"
+        shutil.copytree(reference, copy, dirs_exist_ok=True)
+        victim = copy / "vectors" / "part-00002.parquet"
         data = bytearray(victim.read_bytes())
         if damage == "truncate":
             data = data[: len(data) // 2]
@@ -117,7 +119,7 @@ def test_truncated_and_flipped_shards_are_named_by_verify_and_refused_by_the_rea
 
 def test_reader_filters_by_split_and_layer_in_row_order(reference):
     dataset = store.ActivationDataset(reference)
-    table = pq.read_table(sorted(reference.glob("part-*.parquet"))).to_pandas()
+    table = pq.read_table(sorted(reference.glob("vectors/part-*.parquet"))).to_pandas()
     for split, layer in (("train", 2), ("test", 0), (None, 1), ("train", None)):
         blocks = list(dataset.iter_batches(split=split, layer=layer, columns=("row_id", "layer"), batch_rows=97))
         X = np.concatenate([b[0] for b in blocks])
@@ -134,7 +136,7 @@ def test_reader_keeps_only_a_row_range_across_shard_and_row_group_boundaries(ref
     X = np.arange(4000, dtype=np.float32).reshape(1000, 4)
     store.write_vectors(tmp_path / "groups", X, ["train", "test"] * 500, shard_rows=250)
     grouped = store.ActivationDataset(tmp_path / "groups")
-    assert pq.ParquetFile(tmp_path / "groups" / "part-00000.parquet").metadata.num_row_groups > 5
+    assert pq.ParquetFile(tmp_path / "groups" / "vectors" / "part-00000.parquet").metadata.num_row_groups > 5
     for start, stop in ((0, 1000), (39, 41), (245, 531), (999, 1000)):
         blocks = list(grouped.iter_batches(split="test", batch_rows=33, rows=(start, stop)))
         expected = np.arange(start + (start % 2 == 0), stop, 2)
@@ -142,7 +144,7 @@ def test_reader_keeps_only_a_row_range_across_shard_and_row_group_boundaries(ref
         np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), X[expected])
 
     dataset = store.ActivationDataset(reference)
-    table = pq.read_table(sorted(reference.glob("part-*.parquet"))).to_pandas()
+    table = pq.read_table(sorted(reference.glob("vectors/part-*.parquet"))).to_pandas()
     assert dataset.total_rows == len(table) == 3600
     for start, stop in ((650, 1450), (0, 1), (1399, 1400), (700, 1400), (3000, 3600), (5, 5)):
         blocks = list(dataset.iter_batches(split="train", layer=1, batch_rows=61, rows=(start, stop)))
@@ -195,7 +197,7 @@ def test_a_failing_write_stops_without_hanging_or_recording_a_bad_shard(referenc
         extract(settings_for(qf_model), out)
     assert store.verify(out) == ["the dataset is incomplete (extraction did not finish)"]
     assert len(json.loads((out / store.MANIFEST).read_text())["shards"]) == 2
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.rglob("*.tmp"))
     monkeypatch.undo()
     extract(settings_for(qf_model), out)
     assert shard_bytes(out) == shard_bytes(reference)

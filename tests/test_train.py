@@ -71,7 +71,7 @@ def test_train_and_extract_splits_agree_row_for_row(finished, tmp_path):
     extract(ExtractSettings(model=info["final"], source=SMALL.source, max_documents=provenance["documents"],
                             chunk_tokens=SMALL.context, test_fraction=SMALL.test_fraction, seed=SMALL.seed,
                             positions="all"), tmp_path / "acts")
-    rows = pq.read_table(sorted((tmp_path / "acts").glob("part-*.parquet")), columns=["split", "position", "token_id"]).to_pandas()
+    rows = pq.read_table(sorted((tmp_path / "acts").glob("vectors/part-*.parquet")), columns=["split", "position", "token_id"]).to_pandas()
     for split, tokens in (("train", data.train), ("test", data.heldout)):
         chosen = rows[rows.split == split].token_id.to_numpy().reshape(-1, SMALL.context)
         assert np.array_equal(chosen, tokens.numpy())

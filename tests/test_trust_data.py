@@ -107,7 +107,7 @@ def test_overwrite_removes_the_old_dataset_but_keeps_a_users_folder(dataset, qf_
     old = {s["sha256"] for s in json.loads((out / store.MANIFEST).read_text())["shards"]}
     manifest = extract(tiny_extract(qf_model, seed=4, shard_rows=50), out, overwrite=True, allow_other_files=True)
     assert (out / "part-time-jobs" / "cv.txt").read_text() == "mine" and (out / "part-00099.parquet").is_dir()
-    shards = {p.name for p in out.glob("part-*.parquet") if p.is_file()}
+    shards = {p.relative_to(out).as_posix() for p in out.glob("vectors/part-*.parquet") if p.is_file()}
     assert shards == {s["name"] for s in manifest["shards"]} and len(shards) < len(old)
     assert not old & {s["sha256"] for s in manifest["shards"]} and store.verify(out) == []
 
@@ -125,10 +125,10 @@ def test_extract_removes_stale_files_of_its_own_and_nothing_else(qf_model, datas
     manifest = json.loads((killed / store.MANIFEST).read_text())
     store.write_manifest(killed, {**{k: v for k, v in manifest.items() if k not in ("counts", "corpus")},
                                   "complete": False, "shards": manifest["shards"][:1], "chunk_tables": []})
-    for name in ("part-00077.parquet", "part-00078.parquet.tmp", "manifest.json.tmp"):
+    for name in ("vectors/part-00077.parquet", "vectors/part-00078.parquet.tmp", "manifest.json.tmp"):
         (killed / name).write_text("left by a killed run")
     assert extract(tiny_extract(qf_model), killed)["complete"]
-    assert not list(killed.glob("*.tmp")) and not (killed / "part-00077.parquet").exists()
+    assert not list(killed.rglob("*.tmp")) and not (killed / "vectors" / "part-00077.parquet").exists()
     assert store.verify(killed) == []
 
 
@@ -199,7 +199,7 @@ def test_a_failed_job_removes_only_a_folder_it_created(qf_model, tmp_path):
 @pytest.mark.parametrize("name", ["../x.parquet", "/tmp/x.parquet", "/dev/zero", "", ".."])
 def test_shard_names_outside_the_folder_are_refused_by_every_reader(dataset, tmp_path, capsys, name):
     copy = copy_of(dataset, tmp_path)
-    (tmp_path / "x.parquet").write_bytes((copy / "part-00000.parquet").read_bytes())
+    (tmp_path / "x.parquet").write_bytes((copy / "vectors" / "part-00000.parquet").read_bytes())
     edit_manifest(copy, lambda m: m["shards"][0].update(name=name))
     for read in (store.verify, store.read_manifest, store.ActivationDataset):
         with pytest.raises(DataError, match=r"manifest.json names the file .*only plain file names"):
@@ -210,14 +210,14 @@ def test_shard_names_outside_the_folder_are_refused_by_every_reader(dataset, tmp
 @pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/zero", "folder"])
 def test_a_shard_that_is_not_a_regular_file_is_a_problem_not_a_hang(dataset, tmp_path, kind):
     copy = copy_of(dataset, tmp_path)
-    shard = copy / "part-00001.parquet"
+    shard = copy / "vectors" / "part-00001.parquet"
     shard.unlink()
     {"fifo": lambda: os.mkfifo(shard), "symlink to /dev/zero": lambda: shard.symlink_to("/dev/zero"),
      "folder": shard.mkdir}[kind]()
     problem = ("is a symbolic link, not the file memscan wrote" if kind.startswith("symlink")
                else "is not a regular file")
-    assert store.verify(copy) == [f"shard part-00001.parquet {problem}"]
-    with pytest.raises(DataError, match=f"shard part-00001.parquet {problem}"):
+    assert store.verify(copy) == [f"shard vectors/part-00001.parquet {problem}"]
+    with pytest.raises(DataError, match=f"shard vectors/part-00001.parquet {problem}"):
         list(store.ActivationDataset(copy).iter_batches())
 
 

@@ -31,7 +31,7 @@ FOLDERS = {"train": "train", "extract": "activations", "index": "index", "query"
 RUNNER_FIELDS = {
     "train": ("source", "text_column", "split"),
     "extract": ("model", "source", "revision", "trust_remote_code", "text_column", "split", "split_column",
-                "members", "key_column"),
+                "members", "key_column", "id_column"),
     "score": ("data", "query_run", "verbatim"),
     "saturation": ("source",),
 }
@@ -39,7 +39,7 @@ RUNNER_FIELDS = {
 SHARED_KEYS = {
     "model": {"id": "model", "revision": "revision", "trust_remote_code": "trust_remote_code"},
     "source": {"id": "source", "text_column": "text_column", "split": "split", "split_column": "split_column",
-               "members": "members", "key_column": "key_column"},
+               "members": "members", "key_column": "key_column", "id_column": "id_column"},
 }
 SHARED_READERS = ("train", "extract")   # the stages whose settings take [model] and [source] fields
 REQUIRED = object()                     # the default of a field that has none

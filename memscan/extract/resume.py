@@ -78,16 +78,19 @@ class DatasetWriters:
     """The shard writer (in a thread) and the per-chunk table writer of one run, from `point` on; each file they
     finish is listed in the manifest at once."""
 
-    def __init__(self, out: Path, manifest: dict[str, Any], point: ResumePoint, layout: RowLayout, shard_rows: int):
+    def __init__(self, out: Path, manifest: dict[str, Any], point: ResumePoint, layout: RowLayout, shard_rows: int,
+                 tokenizer: Any):
         self.out, self.manifest, self.point, self.layout = out, manifest, point, layout
+        self.tokenizer = tokenizer   # decodes each chunk's text (format version 4)
+        version = self.version = manifest["format_version"]   # a dataset begun in version 3 is finished in its layout
         self._recording = threading.Lock()  # shards are recorded from the writer's thread, table pieces from this one
-        self.schema = store.shard_schema(manifest)   # a dataset begun by version 1 is finished in version 1
+        self.schema = store.shard_schema(manifest)
         start = point.rows_done - point.rows_done % shard_rows
         self.rows = BackgroundWriter(store.ShardWriter(out, self.schema, shard_rows, start, self._record_shard,
-                                                       widest=max(layout.widths)))
+                                                       widest=max(layout.widths), format_version=version))
         piece_chunks = manifest["chunk_table_chunks"] or 1
         self.table = store.ChunkTableWriter(out, piece_chunks, point.chunks_done - point.chunks_done % piece_chunks,
-                                            lambda entry: self._record("chunk_tables", entry))
+                                            lambda entry: self._record("chunk_tables", entry), version)
 
     def _record(self, key: str, entry: dict[str, Any]) -> None:
         with self._recording:
@@ -107,7 +110,7 @@ class DatasetWriters:
                                      b * point.batch_size * point.rows_per_chunk, self.schema, layout.vec_dtype)
             self.rows.put(table.slice(point.skip_rows) if b == point.first_batch and point.skip_rows else table)
         if point.table_wanted(b):
-            self.table.write(rows.chunk_rows(batch, stats[0] if stats else None))
+            self.table.write(rows.chunk_rows(batch, stats[0] if stats else None, self.version, self.tokenizer))
 
     def close(self) -> None:
         self.rows.close()

@@ -69,8 +69,10 @@ def _refuse_non_finite(batch: list[corpus.Chunk], target: models.Target, positio
         "that batch was not written, earlier shards are kept")
 
 
-def chunk_rows(batch: list[corpus.Chunk], stats: torch.Tensor | None) -> pa.Table:
-    """Per-chunk table rows of one batch (store.chunk_rows); stats (3, B, T) nll, mu, var or None (--no-loss)."""
+def chunk_rows(batch: list[corpus.Chunk], stats: torch.Tensor | None, format_version: int, tokenizer: Any,
+               ) -> pa.Table:
+    """Per-chunk table rows of one batch (store.chunk_rows); stats (3, B, T) nll, mu, var or None (--no-loss).
+    From format version 4 each chunk's doc_key and its text, its token ids decoded by `tokenizer`."""
     columns: dict[str, Any] = {
         "doc_id": np.array([c.doc_id for c in batch], np.int64),
         "chunk_id": np.array([c.chunk_id for c in batch], np.int64),
@@ -81,4 +83,7 @@ def chunk_rows(batch: list[corpus.Chunk], stats: torch.Tensor | None) -> pa.Tabl
     if stats is not None:
         values = stats.cpu().numpy()
         columns.update(zip(store.PER_TOKEN_COLUMNS, values))
-    return store.chunk_rows(columns)
+    if format_version >= store.SUBFOLDERS_SINCE:
+        columns["doc_key"] = [c.doc_key for c in batch]
+        columns["text"] = [tokenizer.decode(c.tokens.tolist()) for c in batch]
+    return store.chunk_rows(columns, format_version)

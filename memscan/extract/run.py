@@ -26,6 +26,7 @@ from memscan.engines.capture import CapturePool, CaptureSpec, OpenedModel
 from memscan.engines.knn import Engine, LocalEngine
 from memscan.engines.planning import ChunkPlan
 from memscan.errors import InputError
+from memscan.extract.inputs import Inputs
 from memscan.extract.output import clear_output, prepare_output, remove_unlisted
 from memscan.extract.result import ExtractResult
 from memscan.extract.resume import BatchKey, DatasetWriters, ResumePoint, RowLayout
@@ -40,18 +41,24 @@ log = logging.getLogger(__name__)
 
 
 def extract(settings: ExtractSettings, out: str | Path, overwrite: bool = False, allow_other_files: bool = False,
-            engine: Engine | None = None) -> ExtractResult:
+            engine: Engine | None = None, *, model: Any = None, tokenizer: Any = None, source: Any = None,
+            ) -> ExtractResult:
     """Run (or resume, or find complete) one extraction into `out`; returns its folder and manifest.
 
     The job holds `out` (an exclusive lock) from start to end. `engine` (None: LocalEngine())
     plans the chunks and runs the model; its name is recorded in the manifest, and a dataset
-    begun on one engine resumes on any other.
+    begun on one engine resumes on any other. `model` and `tokenizer` (a loaded transformers
+    model, run where it is, local engine only) and `source` (a list of strings, a datasets.Dataset
+    or IterableDataset) take the place of `settings.model` and `settings.source` (`Inputs`).
     """
     engine = engine or LocalEngine()
+    inputs = Inputs(model, tokenizer, source)
     settings.check()
-    engine.check_model(settings.model_request())
+    inputs.check(engine)
+    if model is None:
+        engine.check_model(settings.model_request())
     with files.job_folder(Path(out)) as folder:
-        return ExtractResult(folder, _extract_into(folder, settings, engine, overwrite, allow_other_files))
+        return ExtractResult(folder, _extract_into(folder, settings, engine, overwrite, allow_other_files, inputs))
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,10 @@ class Job:
 
 
 def _extract_into(out: Path, settings: ExtractSettings, engine: Engine, overwrite: bool,
-                  allow_other_files: bool) -> dict[str, Any]:
+                  allow_other_files: bool, inputs: Inputs) -> dict[str, Any]:
     """`extract` in a folder this job holds: plan, resume point, writers, loop."""
-    job = _resolve(settings, engine)
+    job = _resolve(settings, engine, inputs)
+    settings = job.settings
     accepted = fingerprints(job.identity, job.rule)
     manifest, replaced = prepare_output(out, accepted, overwrite, allow_other_files)
     if manifest is not None and manifest["complete"]:
@@ -96,7 +104,7 @@ def _extract_into(out: Path, settings: ExtractSettings, engine: Engine, overwrit
     if point.rows_done or point.chunks_done:
         log.info("resuming %s after %d shards (%d rows) and %d chunks of the per-chunk table", out,
                  len(manifest["shards"]), point.rows_done, point.chunks_done)
-    writers = DatasetWriters(out, manifest, point, job.layout, settings.shard_rows)
+    writers = DatasetWriters(out, manifest, point, job.layout, settings.shard_rows, job.model.loaded.tokenizer)
     clock = preflight.FirstBatchClock(point.batches(total_chunks), settings.batch_size)
     pool = engine.capture_pool(job.capture_spec(), job.model, writers.write, clock)
     try:
@@ -112,12 +120,13 @@ def _extract_into(out: Path, settings: ExtractSettings, engine: Engine, overwrit
     return _finished(out, manifest, chunk_counts, plan.stats)
 
 
-def _resolve(settings: ExtractSettings, engine: Engine) -> Job:
-    """The source, the model opened by `engine`, what each chunk stores, and the identity they make."""
+def _resolve(settings: ExtractSettings, engine: Engine, inputs: Inputs) -> Job:
+    """The source, the model opened by `engine` (or the caller's), what each chunk stores, and the identity they
+    make."""
     rule = settings.split_rule()
-    source = corpus.open_source(settings.source, seed=settings.seed, text_column=settings.text_column,
-                                split=settings.split, revision=settings.revision, label_column=rule.label_column)
-    model = engine.open_model(settings.model_request())
+    source = inputs.open_source(settings, rule)
+    model = inputs.open_model(settings, engine)
+    settings = inputs.named(settings, model, source)
     loaded = model.loaded
     if loaded.context_length and settings.chunk_tokens > loaded.context_length:
         raise InputError(f"--chunk-tokens {settings.chunk_tokens} is longer than the model's context of "

@@ -50,6 +50,8 @@ class ExtractSettings:
     members: str | None = setting(None, "A text file of member document ids (or --key-column keys), one a line; every "
                                         "other document is test.")
     key_column: str | None = setting(None, "The source column whose values the --members file lists.")
+    id_column: str | None = setting(None, "The source column holding each document's own key, stored per chunk as "
+                                          "doc_key [default: a column named id where the source has one].")
     device_map: str | None = setting(None, "Spread a model larger than one device over the GPUs, CPU memory and disk "
                                            "(accelerate); --device then only picks the default --dtype.",
                                      choices=("auto",))
@@ -90,7 +92,7 @@ class ExtractSettings:
 
 
 # Settings added after format version 1: out of the record while None.
-ADDED_SETTINGS = ("sites", "device_map", "max_memory")
+ADDED_SETTINGS = ("sites", "device_map", "max_memory", "id_column")
 # The engines whose name a dataset's settings (and so its fingerprint) held before the engine left its identity.
 LEGACY_ENGINES = ("local", "ray")
 
@@ -100,6 +102,8 @@ def settings_record(resolved: ExtractSettings) -> dict[str, Any]:
     out while unused (None), so datasets written before it still resume and compare equal. The engine is not
     among them (every engine writes the same bytes); the manifest's settings add its name beside them."""
     record = asdict(resolved)
+    if record["id_column"] == corpus.DEFAULT_ID_COLUMN:   # named or not, the `id` column gives the same dataset
+        record["id_column"] = None
     return {key: value for key, value in record.items() if not (key in ADDED_SETTINGS and value is None)}
 
 

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import pyarrow as pa
 
-from memscan import files
+from memscan import files, folders
 from memscan.errors import DataError, InputError
 from memscan.files import write_json_atomic
 from memscan.layout import parse_positions
@@ -185,7 +185,7 @@ def _check_shape(manifest: dict[str, Any], path: Path) -> None:
             refuse("shards", "a list of shard records", shard)
         for key, kind in _SHARD_FIELDS.items():
             files.require(shard, key, kind, path)
-        if files.plain_name(shard["name"], path) in names:
+        if folders.listed_name(folders.DATASET, shard["name"], path) in names:
             refuse("shards", "a list of distinct files", shard["name"])
         if shard["row_start"] != next_row or shard["row_stop"] <= shard["row_start"] or shard["bytes"] < 0:
             refuse("shards", f"consecutive row ranges from row {next_row}", shard)

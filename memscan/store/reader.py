@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from memscan import files
+from memscan import folders
 from memscan.errors import DataError, InputError
 from memscan.store.formats import DEFAULT_SITE, MANIFEST, column_numpy
 from memscan.store.manifest import read_manifest, require_complete, sites_of
@@ -143,16 +143,22 @@ class ActivationDataset:
         return out
 
     def _to_numpy(self, batches: list[pa.RecordBatch], columns: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        table = pa.Table.from_batches(batches).combine_chunks()
-        vec = table.column("vec").chunk(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, self.n)
-        meta = {name: column_numpy(table.column(name).chunk(0)) for name in columns}
-        return vec.astype(np.float32, copy=False), meta
+        """The batches' vectors as one float32 array, converted straight from each batch's buffer (no combined
+        copy first), and their `columns`."""
+        X = np.empty((sum(batch.num_rows for batch in batches), self.n), np.float32)
+        start = 0
+        for batch in batches:
+            X[start:start + batch.num_rows] = batch.column("vec").flatten().to_numpy(zero_copy_only=False).reshape(
+                -1, self.n)
+            start += batch.num_rows
+        meta = {name: np.concatenate([column_numpy(batch.column(name)) for batch in batches]) for name in columns}
+        return X, meta
 
     def _open_checked(self, shard: dict[str, Any]) -> pq.ParquetFile:
         """Open a shard, checking it is a regular file of its size and sha256 the first time this dataset reads it."""
         path = self.directory / shard["name"]
         if shard["name"] not in self._verified:
-            files.check_file(self.directory, shard, "shard")
+            folders.check_file(self.directory, folders.DATASET, shard, "shard")
             parquet = pq.ParquetFile(path, memory_map=True)
             problem = schema_problem(shard["name"], parquet.schema_arrow, self.manifest)
             self._tally.update(shard_tally(parquet))
@@ -174,9 +180,15 @@ class ActivationDataset:
         row_id = batch.column("row_id")
         mask = pc.and_(pc.greater_equal(row_id, rows[0]), pc.less(row_id, rows[1]))
         if split is not None:
-            mask = pc.and_(mask, pc.equal(batch.column("split").dictionary_decode(), split))
+            mask = pc.and_(mask, _equals(batch.column("split"), split))
         if layer is not None:
             mask = pc.and_(mask, pc.equal(batch.column("layer"), layer))
         if not self._one_site:
-            mask = pc.and_(mask, pc.equal(batch.column("site").dictionary_decode(), self.site))
-        return batch.filter(mask)
+            mask = pc.and_(mask, _equals(batch.column("site"), self.site))
+        return batch if pc.all(mask).as_py() else batch.filter(mask)
+
+
+def _equals(column: pa.DictionaryArray, value: str) -> pa.BooleanArray:
+    """Whether each value of a dictionary-encoded column is `value`, compared on the indices (nothing decoded)."""
+    where = column.dictionary.index(value).as_py()
+    return pc.equal(column.indices, where) if where >= 0 else pa.array(np.zeros(len(column), bool))

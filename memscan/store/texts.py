@@ -17,10 +17,22 @@ def read_text_column(path: Path, column: str, batch_rows: int = 4096) -> Iterato
     yield from (text for text, in _text_rows(path, (column,), batch_rows))
 
 
-def read_labelled_texts(path: Path, text_column: str, label_column: str, batch_rows: int = 4096,
-                        ) -> Iterator[tuple[str, str]]:
-    """(text, label as a string) of each row of a user's Parquet file with a non-empty text (`_text_rows`)."""
-    yield from ((text, str(label)) for text, label in _text_rows(path, (text_column, label_column), batch_rows))
+def read_text_rows(path: Path, text_column: str, others: tuple[str | None, ...], batch_rows: int = 4096,
+                   ) -> Iterator[tuple[str, ...]]:
+    """(text, then each of `others` as a string: a label, a document key) of each row of a user's Parquet file with
+    a non-empty text (`_text_rows`); an `others` entry None, or a null value, gives None."""
+    named = tuple(column for column in others if column is not None)
+    for text, *values in _text_rows(path, (text_column, *named), batch_rows):
+        found = iter(None if value is None else str(value) for value in values)
+        yield (text, *(None if column is None else next(found) for column in others))
+
+
+def column_names(path: Path) -> list[str]:
+    """The columns of a user's Parquet file (a text source), from its footer alone."""
+    try:
+        return list(pq.read_schema(path).names)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
 
 
 def _text_rows(path: Path, columns: tuple[str, ...], batch_rows: int) -> Iterator[tuple[Any, ...]]:

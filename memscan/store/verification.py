@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memscan import files
+from memscan import files, folders
 from memscan.store.chunks import chunk_table_problems
 from memscan.store.manifest import read_manifest
 from memscan.store.tally import schema_problem, shard_tally, tally_problems
@@ -26,7 +26,7 @@ def verify(directory: str | os.PathLike[str]) -> list[str]:
     problems = [] if manifest["complete"] else ["the dataset is incomplete (extraction did not finish)"]
     tally: collections.Counter[tuple[str, str, int]] = collections.Counter()
     for shard in manifest["shards"]:
-        problem = files.file_problem(directory, shard, "shard")
+        problem = folders.file_problem(directory, folders.DATASET, shard, "shard")
         if problem:
             problems.append(problem)
             continue

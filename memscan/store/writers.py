@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from memscan import files
 from memscan.errors import InputError
 from memscan.files import commit_file, sha256_of
-from memscan.store.formats import (DEFAULT_SITE, DICTIONARY_COLUMNS, MANIFEST, SHARD_PATTERN, VEC_DTYPES, rows_table,
-                                   schema)
+from memscan.store.formats import (DEFAULT_SITE, DICTIONARY_COLUMNS, FORMAT_VERSION, MANIFEST, VEC_DTYPES, rows_table,
+                                   schema, shard_name, writable_path)
 from memscan.store.manifest import new_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ ROW_GROUP_BYTES = 32 << 20  # tens of MB: big enough to stream fast, small enoug
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One completed shard, as the manifest records it."""
+    """One completed shard, as the manifest records it (`name` relative to the dataset folder)."""
 
     name: str
     row_start: int
@@ -45,12 +45,15 @@ class ShardWriter:
 
     Row groups hold a fixed number of rows counted from the shard's start, so a shard's
     bytes depend only on its rows, never on how the rows arrived: a resumed run writes
-    the same bytes as an uninterrupted one.
+    the same bytes as an uninterrupted one. Shards are named as `format_version` names them
+    (`shard_name`: in vectors/ from version 4).
     """
 
     def __init__(self, directory: Path, table_schema: pa.Schema, shard_rows: int, first_row: int,
-                 on_shard: Callable[[ShardInfo], None], widest: int | None = None):
+                 on_shard: Callable[[ShardInfo], None], widest: int | None = None,
+                 format_version: int = FORMAT_VERSION):
         self.directory, self.schema, self.shard_rows = Path(directory), table_schema, shard_rows
+        self.format_version = format_version
         self.on_shard = on_shard
         vec_type = table_schema.field("vec").type
         width = vec_type.list_size if pa.types.is_fixed_size_list(vec_type) else widest
@@ -69,7 +72,12 @@ class ShardWriter:
     @property
     def final_path(self) -> Path:
         """Where the shard in progress goes once whole."""
-        return self.directory / SHARD_PATTERN.format(self.shard_index)
+        return self.directory / self.name
+
+    @property
+    def name(self) -> str:
+        """The shard in progress's name, relative to the dataset folder."""
+        return shard_name(self.shard_index, self.format_version)
 
     @property
     def tmp_path(self) -> Path:
@@ -111,7 +119,7 @@ class ShardWriter:
         if self._writer is None:
             metadata = [name for name in self.schema.names if name != "vec"]
             self._writer = pq.ParquetWriter(
-                files.new_tmp(self.final_path), self.schema, compression={name: "zstd" for name in metadata},
+                files.new_tmp(writable_path(self.directory, self.name)), self.schema, compression={name: "zstd" for name in metadata},
                 use_dictionary=[name for name in DICTIONARY_COLUMNS if name in metadata], write_statistics=metadata,
             )
         group = pa.concat_tables(self._pending).combine_chunks()
@@ -124,7 +132,7 @@ class ShardWriter:
         self._writer = None
         final = self.final_path
         commit_file(self.tmp_path, final)
-        info = ShardInfo(final.name, self.next_row - self._rows_in_shard, self.next_row,
+        info = ShardInfo(self.name, self.next_row - self._rows_in_shard, self.next_row,
                          final.stat().st_size, sha256_of(final))
         log.debug("wrote %s: rows %d-%d, %.1f MB", info.name, info.row_start, info.row_stop - 1, info.bytes / 1e6)
         self._rows_in_shard = 0
