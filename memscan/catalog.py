@@ -1,65 +1,73 @@
 """Every kind of memscan folder as a reader sees it: its checks, its one-line description, its tables.
 
-`memscan verify`, `memscan info` and `memscan.load` go through `open_folder`, which finds
-the kind by its record (memscan.folders.detect) and answers with that kind's `Reader`:
+`memscan verify`, `memscan info` and `memscan.load` find the kind by its record
+(memscan.folders.detect) and answer with that kind's `Reader`:
 the generic checks every record gets (signature, each listed file's size and sha256, the
 records attached beside it) plus the kind's own (a dataset's shard contents, an index's
-dataset, a training run's checkpoints, an experiment's stage folders).
+dataset, a training run's checkpoints, an experiment's stage folders). `load` returns the typed result the kind's stage returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from memscan import assoc, files, folders, query, saturation, score, store, train
-from memscan.errors import DataError, MemscanError
+from memscan import assoc, files, folders, query, saturation, score, store, train, verbatim
+from memscan.errors import DataError, InputError, MemscanError
+from memscan.extract import ExtractResult
 from memscan.knn import index
+from memscan.results import Loader, StageResult
 
 
 @dataclass(frozen=True)
 class Reader:
-    """How one kind is read (its record, with the kind's own shape checks), checked, described and loaded;
-    the last three take the folder and its sound record."""
+    """How one kind is read (its record, with the kind's own shape checks), checked, described and loaded (as
+    `result`, the class its stage returns, with `tables`: its tables beyond the listed Parquet files); the
+    last three take the folder and its sound record."""
 
     read: Callable[[Path], dict[str, Any]]
     problems: Callable[[Path, dict[str, Any]], list[str]]
     describe: Callable[[Path, dict[str, Any]], str]
-    tables: Callable[[Path, dict[str, Any]], dict[str, Callable[[], pd.DataFrame]]]
+    result: type[StageResult]
+    tables: Callable[[Path, dict[str, Any]], dict[str, Loader]] = lambda directory, record: {}
 
 
-@dataclass
-class Folder:
-    """A memscan folder for analysis: its kind, its record and its tables as pandas DataFrames, each read (and
-    checked against its record) when first asked for: `folder.tables["scores"]` or `folder.scores`."""
+@dataclass(frozen=True, eq=False)
+class ExperimentResult(StageResult):
+    """A `memscan run` experiment folder: its stages.json, and each stage folder loaded by name (`load("run")`)."""
 
-    path: Path
-    kind: str
-    record: dict[str, Any]
-    _loaders: dict[str, Callable[[], pd.DataFrame]] = field(repr=False)
-    _loaded: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    kind = folders.EXPERIMENT
 
     @property
-    def table_names(self) -> list[str]:
-        return list(self._loaders)
+    def fingerprints(self) -> dict[str, str]:
+        """Each stage done, with the fingerprint of the settings it ran with."""
+        return dict(self.record.get("stages", {}))
 
     @property
-    def tables(self) -> dict[str, pd.DataFrame]:
-        """Every table, read now."""
-        return {name: getattr(self, name) for name in self._loaders}
+    def folder_names(self) -> list[str]:
+        """The stage (or variant) folders the experiment owns (older records: its subfolders that hold a record)."""
+        if "folders" in self.record:
+            return list(self.record["folders"])
+        return sorted(path.name for path in self.folder.iterdir() if path.is_dir() and _holds_record(path))
 
-    def __getattr__(self, name: str) -> pd.DataFrame:
-        loaders = self.__dict__.get("_loaders", {})
-        if name not in loaders:
-            raise AttributeError(f"a memscan {self.kind} folder has no table '{name}' (it has: "
-                                 f"{', '.join(loaders) or 'none'})")
-        if name not in self._loaded:
-            self._loaded[name] = loaders[name]()
-        return self._loaded[name]
+    def load(self, name: str) -> StageResult:
+        """One stage folder of the experiment, loaded as its kind (`memscan.load`)."""
+        if name not in self.folder_names:
+            raise InputError(f"the experiment in '{self.folder}' has no folder '{name}' "
+                             f"(it has: {', '.join(self.folder_names) or 'none'})")
+        return load(self.folder / name)
+
+
+def _holds_record(directory: Path) -> bool:
+    try:
+        folders.detect(directory)
+    except MemscanError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- the generic parts
@@ -90,21 +98,7 @@ def _record(kind: folders.Kind) -> Callable[[Path], dict[str, Any]]:
     return lambda directory: folders.read_record(directory, kind)
 
 
-def _parquet(directory: Path, record: dict[str, Any], kind: folders.Kind, name: str) -> Callable[[], pd.DataFrame]:
-    """A loader of the listed table `name`, checked against its entry when read."""
-    entry = next(e for e in folders.entries(kind, record) if e["name"] == name)
-    return lambda: store.read_table(files.check_file(directory, entry, "table")).to_pandas()
-
-
-def _listed_tables(kind: folders.Kind) -> Callable[[Path, dict[str, Any]], dict[str, Callable[[], pd.DataFrame]]]:
-    """Every listed Parquet table, named by its file's stem."""
-    def tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
-        return {entry["name"].removesuffix(".parquet"): _parquet(directory, record, kind, entry["name"])
-                for entry in folders.entries(kind, record) if entry["name"].endswith(".parquet")}
-    return tables
-
-
-def _frame(rows: list[dict[str, Any]]) -> Callable[[], pd.DataFrame]:
+def _frame(rows: list[dict[str, Any]]) -> Loader:
     return lambda: pd.DataFrame(rows)
 
 
@@ -120,7 +114,7 @@ def _dataset_line(directory: Path, record: dict[str, Any]) -> str:
     return f"{rows:,} rows in {len(record['shards'])} shards"
 
 
-def _dataset_tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
+def _dataset_tables(directory: Path, record: dict[str, Any]) -> dict[str, Loader]:
     """The per-chunk table (one row per chunk: ids, split, tokens, per-token loss) and the shards' list."""
     chunks = {"chunks": lambda: pd.DataFrame({name: list(values) if values.ndim > 1 else values
                                               for name, values in store.read_chunk_table(directory).items()})}
@@ -150,7 +144,7 @@ def _scores_line(directory: Path, record: dict[str, Any]) -> str:
     return f"{chunks.get('train', 0):,} train and {chunks.get('test', 0):,} test chunks rated"
 
 
-def _scores_tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
+def _scores_tables(directory: Path, record: dict[str, Any]) -> dict[str, Loader]:
     """scores.parquet (each column what its name says: a version-1 folder's negated columns turned back), and
     metrics.json as one row per score (the side members lie on, AUC and TPRs with their intervals)."""
     result = score.ScoreResult(directory, record)
@@ -182,12 +176,10 @@ def _training_line(directory: Path, record: dict[str, Any]) -> str:
     return f"{record['steps']:,} steps, {state}"
 
 
-def _training_tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
+def _training_tables(directory: Path, record: dict[str, Any]) -> dict[str, Loader]:
+    """The checkpoints found, by step (the log is a listed table)."""
     steps = [{"step": step, "path": str(path)} for step, path in train.checkpoints(directory)]
-    tables = {"checkpoints": _frame(steps)}
-    if folders.entries(folders.TRAINING, record):
-        tables["log"] = _parquet(directory, record, folders.TRAINING, train.LOG_FILE)
-    return tables
+    return {"checkpoints": _frame(steps)}
 
 
 def _saturation_line(directory: Path, record: dict[str, Any]) -> str:
@@ -214,47 +206,39 @@ def _experiment_line(directory: Path, record: dict[str, Any]) -> str:
     return f"{len(stages)} stages done ({', '.join(stages) or 'none'}), folders {', '.join(record.get('folders', []))}"
 
 
-def _experiment_tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
+def _experiment_tables(directory: Path, record: dict[str, Any]) -> dict[str, Loader]:
     stages = [{"stage": stage, "fingerprint": value} for stage, value in record.get("stages", {}).items()]
     return {"stages": _frame(stages)}
 
 
-def _no_tables(directory: Path, record: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
-    return {}
-
-
-
-
-
 READERS: dict[folders.Kind, Reader] = {
-    folders.DATASET: Reader(store.read_manifest, _dataset_problems, _dataset_line, _dataset_tables),
-    folders.INDEX: Reader(index.read_info, _index_problems, _index_line, lambda d, r: {"shards": _frame(r["shards"])}),
-    folders.QUERY_RUN: Reader(query.read_summary, _run_problems, _run_line, _listed_tables(folders.QUERY_RUN)),
-    folders.SCORES: Reader(_record(folders.SCORES), _generic(folders.SCORES), _scores_line, _scores_tables),
+    folders.DATASET: Reader(store.read_manifest, _dataset_problems, _dataset_line, ExtractResult, _dataset_tables),
+    folders.INDEX: Reader(index.read_info, _index_problems, _index_line, index.IndexResult,
+                          lambda directory, record: {"shards": _frame(record["shards"])}),
+    folders.QUERY_RUN: Reader(query.read_summary, _run_problems, _run_line, query.QueryResult),
+    folders.SCORES: Reader(_record(folders.SCORES), _generic(folders.SCORES), _scores_line, score.ScoreResult,
+                           _scores_tables),
     folders.VERBATIM: Reader(_record(folders.VERBATIM), _generic(folders.VERBATIM), _verbatim_line,
-                             _listed_tables(folders.VERBATIM)),
-    folders.TRAINING: Reader(train.read_run, _training_problems, _training_line, _training_tables),
+                             verbatim.VerbatimResult),
+    folders.TRAINING: Reader(train.read_run, _training_problems, _training_line, train.TrainResult,
+                             _training_tables),
     folders.SATURATION: Reader(saturation.read_summary, _generic(folders.SATURATION), _saturation_line,
-                               _listed_tables(folders.SATURATION)),
-    folders.ASSOC: Reader(assoc.read_settings, _generic(folders.ASSOC), _assoc_line, _listed_tables(folders.ASSOC)),
+                               saturation.SaturationResult),
+    folders.ASSOC: Reader(assoc.read_settings, _generic(folders.ASSOC), _assoc_line, assoc.SweepResult),
     folders.EXPERIMENT: Reader(_record(folders.EXPERIMENT), _experiment_problems, _experiment_line,
-                               _experiment_tables),
+                               ExperimentResult, _experiment_tables),
 }
 
 
-def open_folder(directory: str | Path) -> Folder:
-    """The memscan folder at `directory`: its kind (found by its record), the record and its tables, unread."""
+def load(directory: str | Path) -> StageResult:
+    """Any memscan folder for analysis: the typed result its stage returns (`ScoreResult` for a scores folder,
+    `QueryResult` for a query run, `ExperimentResult` for an experiment), its tables pandas DataFrames read
+    and checked against the record when first asked for (`result.table(name)`, `result.tables`)."""
     directory = Path(directory)
     kind, _ = folders.detect(directory)
-    record = READERS[kind].read(directory)   # a pending record (a job cut short) is refused here
-    return Folder(directory, kind.name, record, READERS[kind].tables(directory, record))
-
-
-def load(directory: str | Path) -> Folder | query.RunTables:
-    """Any memscan folder for analysis in pandas: a query run as `query.RunTables` (its five tables, by site
-    too), every other kind as a `Folder`; both carry `kind`, `record` and `tables`."""
-    kind, _ = folders.detect(Path(directory))
-    return query.load(directory) if kind is folders.QUERY_RUN else open_folder(directory)
+    reader = READERS[kind]
+    record = reader.read(directory)   # a pending record (a job cut short) is refused here
+    return reader.result(directory, record, reader.tables(directory, record))
 
 
 def verify(directory: str | Path) -> tuple[str, list[str], str]:

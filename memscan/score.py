@@ -189,7 +189,7 @@ def rated_chunks(data: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.
     return manifest, table, rated
 
 
-def _model_ref(manifest: dict[str, Any]) -> tuple[str, str | None]:
+def model_ref(manifest: dict[str, Any]) -> tuple[str, str | None]:
     """(model id or path, revision) of the dataset's model. Never whether to run its code: a record names a
     model, it does not vouch for it (trust_remote_code comes from the command line alone)."""
     model, settings = manifest["model"], manifest["settings"]
@@ -212,7 +212,7 @@ def dataset_model(manifest: dict[str, Any], settings: DatasetSettings, device: A
     def short(value: Any) -> str:
         return value[:12] if isinstance(value, str) else "none (a hub model)"
 
-    ref, revision = _model_ref(manifest)
+    ref, revision = model_ref(manifest)
     local = Path(ref).expanduser()
     digest = models.weights_digest(local) if local.is_dir() else None
     recorded = manifest["model"].get("weights_sha256")

@@ -31,7 +31,7 @@ def test_demo_quick_runs_the_whole_pipeline_and_reuses_it(capsys, tmp_path):
     assert manifest["counts"]["chunks"]["train"] == trained["data"]["train_chunks"]
     assert manifest["counts"]["chunks"]["test"] == trained["data"]["heldout_chunks"]
     assert store.verify(tmp_path / "activations") == []
-    for page in ("run/report.html", "run/saturation/norm_growth.png", "run/saturation/heads.png"):
+    for page in ("run/report.html", "run/saturation/report.html"):
         assert (tmp_path / page).stat().st_size > 0
     assert "Norm growth and saturation" in (tmp_path / "run" / "report.html").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "activations" / store.MANIFEST, tmp_path / "run" / "summary.json",
@@ -46,7 +46,7 @@ def test_demo_quick_runs_the_whole_pipeline_and_reuses_it(capsys, tmp_path):
     code, out, _ = run(capsys, "verify", str(tmp_path / "activations"))
     assert code == 0 and out.startswith("ok:")
 
-    shard = tmp_path / "activations" / "part-00000.parquet"
+    shard = tmp_path / "activations" / "vectors" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:-10])
     code, _, err = run(capsys, "verify", str(tmp_path / "activations"))
     assert code == 1 and "part-00000.parquet" in err and "truncated" in err

@@ -179,7 +179,7 @@ def test_a_flipped_bit_in_a_run_table_is_caught(capsys, run_dir):
     size = (run_dir / "queries.parquet").stat().st_size
     flip_bit(run_dir / "queries.parquet", size // 2)
     with pytest.raises(DataError, match="table queries.parquet fails its sha256 checksum"):
-        memscan.load(run_dir)
+        memscan.load(run_dir).queries
     with pytest.raises(DataError, match="table queries.parquet fails its sha256 checksum"):
         render(run_dir)
     assert query.verify(run_dir) == ["table queries.parquet fails its sha256 checksum (corrupted or replaced)"]
@@ -244,7 +244,7 @@ def test_verify_checks_dataset_index_and_run_folders(capsys, data, built, tmp_pa
     code, out, _ = cli(capsys, "verify", built / "run")
     assert code == 0 and "run of 1 layer and 5 tables, checksums match" in out
     shutil.copytree(data, tmp_path / "data")
-    flip_bit(tmp_path / "data" / "part-00001.parquet", 1000)
+    flip_bit(tmp_path / "data" / "vectors" / "part-00001.parquet", 1000)
     fails(capsys, "verify", tmp_path / "data", match="part-00001.parquet fails its sha256")
     fails(capsys, "verify", tmp_path, match="is not a memscan folder of any kind")
 

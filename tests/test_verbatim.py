@@ -6,11 +6,15 @@ import copy
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from memscan import verbatim
+from memscan import store, verbatim
 from memscan.errors import InputError, ModelError
+from memscan.extract import ExtractSettings, extract
+from tests.fixtures.make_fixtures import EXTRACT
 
 VOCAB = 71  # the Question-Formation tokenizer's size
 
@@ -208,3 +212,27 @@ def test_fp32_and_bf16_decode_alike_without_near_ties(memorized):
     tables = [verbatim.verbatim_table(m, members, 8, 16, batch_size=3) for m in (model, half)]
     for name in tables[0]:
         np.testing.assert_array_equal(tables[0][name], tables[1][name])
+
+
+def test_the_folder_keeps_the_tokens_the_model_produced_in_row_and_position_order(qf_model, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    extract(ExtractSettings(model=str(qf_model), **EXTRACT), tmp_path / "data")
+    result = verbatim.run(verbatim.VerbatimSettings(data=str(tmp_path / "data"), num_chunks=5, prompt_tokens=8,
+                                                    suffix_tokens=6, batch_size=3, resamples=10, device="cpu"),
+                          tmp_path / "verbatim")
+    written = pq.read_table(tmp_path / "verbatim" / verbatim.VERBATIM)
+    assert result.record["format_version"] == 2
+    assert written.schema.field("model_suffix_ids").type == pa.list_(pa.int32())
+    rows = written.to_pandas()
+    chunks = store.read_chunk_table(tmp_path / "data")
+    at = [int(np.flatnonzero((chunks["doc_id"] == d) & (chunks["chunk_id"] == c))[0])
+          for d, c in zip(rows.doc_id, rows.chunk_id)]
+    tokens = chunks["token_ids"][at].astype(np.int64)                              # (m, T), in the table's row order
+    stored = np.stack(rows.model_suffix_ids.to_numpy())                            # (m, S)
+    fresh = naive_greedy(GPT2LMHeadModel.from_pretrained(qf_model).eval(), tokens[:, :8], 6)
+    np.testing.assert_array_equal(stored, fresh)
+    assert not (stored == tokens[:, 8:14]).all()                                   # an untrained model: not the truth
+    recomputed = verbatim.match_statistics(stored, tokens[:, 8:14])
+    for name in ("leading_match", "match_fraction", "extractable"):
+        np.testing.assert_array_equal(rows[name], recomputed[name])

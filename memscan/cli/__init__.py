@@ -48,7 +48,7 @@ COMMANDS = {
     "extract": ("memscan.cli.extract", "Extract activations at chosen layers, sites and positions into Parquet."),
     "index": ("memscan.cli.index", "Build a FAISS index over one split, site and layer of a dataset."),
     "query": ("memscan.cli.query", "Nearest-neighbour tables, assumption tests A1-A3, energies, the floor."),
-    "report": ("memscan.cli.query", "Plots and an HTML page for a `memscan query` run folder."),
+    "report": ("memscan.cli.query", "One self-contained HTML page for any memscan folder (an experiment's links each stage's)."),
     "score": ("memscan.cli.score", "Rate every train and test chunk by membership scores; AUC and TPR."),
     "verbatim": ("memscan.cli.verbatim", "Greedy extraction: does the model complete a chunk's suffix verbatim?"),
     "train": ("memscan.cli.train", "Train a GPT-2 on a token budget; resumes from the last checkpoint."),
@@ -58,6 +58,7 @@ COMMANDS = {
     "demo": ("memscan.cli.demo", "Train a small GPT-2 on Question-Formation, then every stage after it."),
     "verify": ("memscan.cli.inspect", "Check any memscan folder against its record: files, sizes, checksums."),
     "info": ("memscan.cli.inspect", "Describe any memscan folder: its kind and its record."),
+    "show": ("memscan.cli.show", "Top examples of a run, scores or verbatim folder, with text."),
 }
 
 
@@ -87,9 +88,12 @@ def cli() -> None:
 
 
 def _configure_logging() -> None:
-    """memscan's lines on stderr at INFO (-v and -q change the level as they are parsed); others' quiet."""
+    """memscan's lines on stderr at INFO (-v and -q change the level as they are parsed); others' quiet. The root
+    handler replaces the library's own (memscan.UntilConfigured, silent once root has one), and the "memscan"
+    logger's level is left to the root's, so -q quiets it."""
     logging.basicConfig(format="memscan: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("memscan").setLevel(logging.NOTSET)
     # Loading and saving a model is quick; hide transformers' per-file progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "faiss", "ray"):

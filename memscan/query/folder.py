@@ -182,6 +182,11 @@ class QueryResult(StageResult):
                 return entry
         raise KeyError(f"the run in '{self.folder}' did not analyse {key.label()}")
 
-    def tables(self) -> RunTables:
-        """The run's five tables in pandas, each checked against its summary entry (`load`)."""
-        return load(self.folder)
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's summary.json (as `RunTables.summary`)."""
+        return dict(self.record)
+
+    def at_site(self, site: str) -> RunTables:
+        """The five tables' rows of one site, each table checked against its summary entry when read."""
+        return RunTables(self.summary, *(self.table(name) for name in TABLES)).at_site(site)

@@ -2,8 +2,8 @@
 
 A seeded sample of `num_chunks` chunks of each split is prompted with its first P tokens and
 decoded greedily for S (`memscan.verbatim.match`); the folder holds their per-chunk match
-statistics (verbatim.parquet) and summary.json, with each split's mean match fraction and
-extractable rate and their bootstrap intervals.
+statistics with the S tokens the model produced (verbatim.parquet) and summary.json, with
+each split's mean match fraction and extractable rate and their bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from memscan import checks, files, folders, models
 from memscan.fields import setting
 from memscan.results import StageResult
 from memscan.score import SPLITS, dataset_model, job_identity, rated_chunks
-from memscan.verbatim.match import verbatim_table
+from memscan.verbatim.match import SUFFIX_IDS, verbatim_table
 
 VERBATIM = "verbatim.parquet"
 
@@ -111,12 +111,21 @@ def run(settings: VerbatimSettings, out: str | Path, overwrite: bool = False,
         stats = verbatim_table(loaded.model, table["token_ids"][rows].astype(np.int64), settings.prompt_tokens,
                                settings.suffix_tokens, settings.batch_size, device)
         split = table["split"][rows]
-        columns = {"doc_id": table["doc_id"][rows], "chunk_id": table["chunk_id"][rows], "split": split, **stats}
+        columns = {"doc_id": table["doc_id"][rows], "chunk_id": table["chunk_id"][rows], "split": split, **stats,
+                   SUFFIX_IDS: _id_lists(stats[SUFFIX_IDS])}
         entries = [store.write_table(folder / VERBATIM, columns)]
         summary = folders.write_record(folder, folders.VERBATIM, {
             "fingerprint": identity, "data": str(data.resolve()), "settings": used,
             "splits": _per_split(split, stats, settings), "tables": entries, "model": model_record}, pending)
     return VerbatimResult(folder, summary)
+
+
+def _id_lists(ids: np.ndarray) -> np.ndarray:
+    """Each row of `ids` (m, S) as one int32 array of an (m,) object array: a list<int32> column."""
+    rows = np.empty(len(ids), dtype=object)
+    for at, row in enumerate(np.asarray(ids, np.int32)):
+        rows[at] = row
+    return rows
 
 
 def _per_split(split: np.ndarray, stats: dict[str, np.ndarray], settings: VerbatimSettings) -> dict[str, Any]:

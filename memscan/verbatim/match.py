@@ -7,7 +7,8 @@ The model continues the prompt greedily for S tokens, and we record
 - match_fraction: the fraction of the S positions that are equal, Biderman et al.
   2023's memorization score ("Emergent and Predictable Memorization in LLMs");
 - extractable: all S equal, Carlini et al. 2022's k-extractability with k = P
-  ("Quantifying Memorization Across Neural Language Models").
+  ("Quantifying Memorization Across Neural Language Models");
+- model_suffix_ids: the S tokens themselves, so showing them needs no second decode.
 Held-out chunks get the same numbers as the baseline.
 """
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT_TOKENS = 32
 DEFAULT_SUFFIX_TOKENS = 32
 DEFAULT_BATCH_SIZE = 32
+SUFFIX_IDS = "model_suffix_ids"   # the greedy continuation (m, S), beside its match statistics
 
 
 def greedy_continuations(model: Any, prompts: np.ndarray | torch.Tensor, suffix_tokens: int,
@@ -131,7 +133,8 @@ def _check_context(model: Any, prompt_tokens: int, suffix_tokens: int) -> None:
 def verbatim_table(model: Any, chunks: np.ndarray, prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
                    suffix_tokens: int = DEFAULT_SUFFIX_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
                    device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
-    """Greedy extraction of every chunk (m, T) int64: the `match_statistics` columns, (m,) each.
+    """Greedy extraction of every chunk (m, T) int64: the `match_statistics` columns, (m,) each, and
+    `SUFFIX_IDS`, the continuations compared (m, S) int64.
 
     Each chunk is cut by `split_chunks` (prompt tokens[:P], truth tokens[P:P+S]); prompts
     run `batch_size` chunks at a time through `greedy_continuations` on `device`, where
@@ -145,7 +148,7 @@ def verbatim_table(model: Any, chunks: np.ndarray, prompt_tokens: int = DEFAULT_
     generated = [greedy_continuations(model, prompts[start:start + batch_size], suffix_tokens, device)
                  for start in progress(len(starts), "verbatim", "batch", starts)]
     generated = np.concatenate(generated) if generated else np.zeros((0, suffix_tokens), np.int64)
-    table = match_statistics(generated, truth)
+    table = {**match_statistics(generated, truth), SUFFIX_IDS: generated}
     log.info("verbatim: %d chunks, %d extractable, mean match fraction %.3f", len(prompts),
              int(table["extractable"].sum()), float(table["match_fraction"].mean()) if len(prompts) else 0.0)
     return table
