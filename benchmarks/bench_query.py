@@ -196,7 +196,7 @@ def one_size(work: Path, patterns: int, args: argparse.Namespace, exact: bool) -
     summary = json.loads((work / f"run-{patterns}" / "summary.json").read_text())
     row["recalls"] = recalls(summary)
     row["lowest_recalls"] = lowest_recalls(summary)
-    if not args.skip_baseline:
+    if not args.skip_baseline and (args.baseline_at is None or patterns in args.baseline_at):
         out = work / f"baseline-{patterns}.json"
         row["baseline"] = run_process(
             [sys.executable, str(Path(__file__).resolve()), "--baseline-only", str(data), "--factory", info["factory"],
@@ -404,6 +404,8 @@ def main() -> None:
                         help="Keep each size's files; with DIR, keep the generated datasets there, named by "
                              "size, queries, n, clusters and seed, and reuse them in later invocations.")
     parser.add_argument("--skip-baseline", action="store_true", help="No bare-FAISS baseline.")
+    parser.add_argument("--baseline-at", default=None, type=lambda text: {int(v) for v in text.split(",")},
+                        metavar="SIZES", help="The bare-FAISS baseline at these sizes only [default: every size].")
     parser.add_argument("--json", default=None, help="Write every number here as well.")
     parser.add_argument("--baseline-only", default=None, metavar="DATA",
                         help="Only the bare-FAISS baseline over dataset DATA (--factory, --search, --train-size, "

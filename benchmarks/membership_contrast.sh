@@ -74,15 +74,16 @@ run_model() {
     "$MEMSCAN" train "${ARCH[@]}" "$@" --device "$DEVICE" --out "$dir/run" | tail -n 3
     local model docs context fraction seed
     read -r model docs context fraction seed < <(extract_args "$dir/run")
-    echo "== $name: extract, verbatim, index, query, score"
+    echo "== $name: extract, verbatim, index, query, score (each folder's report.html beside)"
     "$MEMSCAN" extract --model "$model" --source qf --max-documents "$docs" --chunk-tokens "$context" \
         --test-fraction "$fraction" --seed "$seed" --positions last --layers last --dtype fp32 --device "$DEVICE" \
         --out "$dir/data" | tail -n 2
-    "$MEMSCAN" verbatim "$dir/data" --out "$dir/verbatim" --num-chunks "$VERBATIM_CHUNKS" \
+    "$MEMSCAN" verbatim "$dir/data" --out "$dir/verbatim" --per-split "$VERBATIM_CHUNKS" \
         --prompt-tokens 32 --suffix-tokens 16 --device "$DEVICE" | tail -n 2
     "$MEMSCAN" index "$dir/data" --out "$dir/index" --split train --factory Flat --device cpu | tail -n 1
     "$MEMSCAN" query "$dir/index" --queries "$dir/data" --split test --radius typical --device cpu \
         --out "$dir/query" | tail -n 2
+    "$MEMSCAN" report "$dir/query" > /dev/null
     "$MEMSCAN" score "$dir/data" --out "$dir/score" --verbatim "$dir/verbatim" --query-run "$dir/query" \
         --device "$DEVICE" > /dev/null
     [ -z "$VIEWS" ] && return

@@ -123,7 +123,7 @@ def test_sweep_and_fit_commands(capsys, tmp_path):
         main(["assoc", "fit", str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "threshold  slope in d" in out
-    assert (tmp_path / "s" / "error_vs_d.png").stat().st_size > 0 and (tmp_path / "s" / "fit.json").exists()
+    assert (tmp_path / "s" / "report.html").stat().st_size > 0 and (tmp_path / "s" / "fit.json").exists()
 
 
 def test_zero_error_points_are_left_out_of_the_fit_not_clamped():

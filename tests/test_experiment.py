@@ -255,8 +255,8 @@ def test_reruns_redo_only_what_changed(capsys, demo_run):
     after = mtimes(demo_run)
     changed = {path.relative_to(demo_run).parts[0] for path in after if after[path] != before.get(path)}
     unchanged = {path.relative_to(demo_run).parts[0] for path in before if after.get(path) == before[path]}
-    assert {"run", "stages.json", "experiment.toml"} <= changed <= {"run", "stages.json", "experiment.toml",
-                                                                   "comparison.json"}
+    assert {"run", "stages.json", "experiment.toml", "report.html"} <= changed <= {
+        "run", "stages.json", "experiment.toml", "comparison.json", "report.html", "report.json"}   # the index page
     assert {"train", "activations", "index"} <= unchanged
     saturation = [p for p in before if "saturation" in p.parts and p.suffix in (".json", ".parquet")]
     assert saturation and all(after[p] == before[p] for p in saturation)   # inside run/, but not rerun
@@ -372,7 +372,7 @@ def test_norms_reduced_fits_growth_over_the_checkpoints(capsys, tmp_path):
     summary = json.loads((tmp_path / "saturation" / "summary.json").read_text())
     trained = json.loads((tmp_path / "train" / "run.json").read_text())
     assert summary["norm_growth"]["steps"] == trained["checkpoint_steps"]
-    assert (tmp_path / "saturation" / "norm_growth.png").is_file()
+    assert (tmp_path / "saturation" / "report.html").is_file()
     assert len(trained["checkpoint_steps"]) >= 14 and trained["steps"] >= 50   # enough for sqrt(t) and t to differ
     exponent = summary["norm_growth"]["exponent"]
     row, = json.loads((tmp_path / "comparison.json").read_text())["rows"]
@@ -388,6 +388,6 @@ def test_assoc_reduced_fits_the_slopes(capsys, tmp_path):
     rows = {row["quantity"]: row for row in json.loads((tmp_path / "comparison.json").read_text())["rows"]}
     assert rows["assoc.slopes.p.slope"]["measured"] == fitted["slopes"]["p"]["slope"]
     assert rows["assoc.slopes.p.slope"]["ratio"] == pytest.approx(fitted["slopes"]["p"]["slope"] / -0.25)
-    assert (tmp_path / "assoc" / "error_vs_d.png").is_file()
+    assert (tmp_path / "assoc" / "report.html").is_file()
     assert comparison.text(list(rows.values()))[0].split() == ["quantity", "kind", "reference", "measured",
                                                                "measured/reference"]

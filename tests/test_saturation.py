@@ -67,7 +67,7 @@ def test_saturation_command_on_a_training_run(tmp_path, capsys):
         main(["saturation", str(tmp_path / "run"), "--out", str(tmp_path / "sat"), "--chunks", "2"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "sqrt_t" in out and "argmax heads" in out
-    for name in ("norms.parquet", "saturation.parquet", "heads.parquet", "norm_growth.png", "saturation.png", "heads.png"):
+    for name in ("norms.parquet", "saturation.parquet", "heads.parquet", "report.html"):
         assert (tmp_path / "sat" / name).stat().st_size > 0
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)

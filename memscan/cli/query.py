@@ -1,4 +1,4 @@
-"""`memscan query` and `memscan report`: the assumption tests, then the page that shows them."""
+"""`memscan query` and `memscan report`: the assumption tests, then the page that shows them (any folder's)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from memscan.cli.options import Command, allow_other_files, overwrite, settings_
 from memscan.cli.ray_flags import engine_of, ray_flags
 from memscan.layout import SiteKey
 from memscan.query import QuerySettings, run
-from memscan.report import render
+from memscan.report import render_folder
 from memscan.wording import floor_text, number
 
 
@@ -46,8 +46,9 @@ def query(index_dir: str, queries_dir: str, out: str, overwrite: bool, allow_oth
 
 
 @click.command(cls=Command)
-@click.argument("run_dir", type=click.Path())
+@click.argument("folder", type=click.Path())
 @allow_other_files
-def report(run_dir: str, allow_other_files: bool) -> None:
-    """Plots and an HTML page for a `memscan query` run folder (listed in its report.json)."""
-    click.echo(f"report    {render(run_dir, allow_other_files=allow_other_files)}")
+def report(folder: str, allow_other_files: bool) -> None:
+    """One self-contained HTML page, report.html, for any memscan folder (query run, scores, verbatim, saturation,
+    assoc sweep, training run, dataset, index; an experiment's links each stage's page), listed in its report.json."""
+    click.echo(f"report    {render_folder(folder, allow_other_files=allow_other_files)}")

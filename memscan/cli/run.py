@@ -9,6 +9,7 @@ import click
 from memscan import experiments
 from memscan.cli.options import Command, allow_other_files, overwrite
 from memscan.experiments import comparison
+from memscan.report import PAGE
 
 
 @click.command(cls=Command)
@@ -36,5 +37,6 @@ def run(experiment: str, out: str | None, sets: tuple[str, ...], check: bool, ov
         click.echo(f"{label}: ran {ran}{kept} -> {outcome.folder}")
         for line in comparison.text(outcome.comparison) if outcome.comparison else ():
             click.echo(f"          {line}")
+    click.echo(f"report    {folder}/{PAGE} (a page per stage, linked)")
     rerun = shlex.join(["memscan", "run", f"{folder}/experiment.toml", "--out", folder])
     click.echo(f"resolved  {folder}/experiment.toml (`{rerun}` reruns it)")

@@ -30,7 +30,7 @@ from memscan.experiments.toml_text import dumps
 from memscan.extract import extract
 from memscan.knn import index
 from memscan.layout import site_of
-from memscan.report import PAGE, render, render_assoc, render_saturation, render_scores
+from memscan.report import PAGE, render, render_assoc, render_experiment, render_saturation, render_scores
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,15 @@ def run(experiment: Experiment, out: str | Path, overwrite: bool = False,
     text = resolved_text(experiment)
     with files.job_folder(Path(out)) as folder:
         if not experiment.variants:
-            return [run_plan(folder, experiment.plan, identity, text, overwrite, allow_other_files)]
-        claimed = _claim(folder, identity, overwrite, allow_other_files)
-        files.write_text_atomic(folder / EXPERIMENT_FILE, text)
-        outcomes = [run_plan(folder / variant, plan, identity, None, overwrite, allow_other_files, variant)
-                    for variant, plan in experiment.runs()]
-        _write_stages(folder, identity, {}, claimed.previous, [outcome.folder.name for outcome in outcomes])
-        return outcomes
+            outcomes = [run_plan(folder, experiment.plan, identity, text, overwrite, allow_other_files)]
+        else:
+            claimed = _claim(folder, identity, overwrite, allow_other_files)
+            files.write_text_atomic(folder / EXPERIMENT_FILE, text)
+            outcomes = [run_plan(folder / variant, plan, identity, None, overwrite, allow_other_files, variant)
+                        for variant, plan in experiment.runs()]
+            _write_stages(folder, identity, {}, claimed.previous, [outcome.folder.name for outcome in outcomes])
+    render_experiment(folder, allow_other_files)   # once the job's lock is released: the page takes its own
+    return outcomes
 
 
 def run_plan(folder: Path, plan: Plan, identity: str, text: str | None = None, overwrite: bool = False,

@@ -1,5 +1,5 @@
-"""The assoc page: error against d and against T with docs/theory.md's rates, and SGD's q against q_gamma, of
-an assoc sweep folder, listed in its report.json."""
+"""The assoc page: error against d and against T with docs/theory.md's rates, SGD's q against q_gamma, and the
+fitted slopes where `memscan assoc fit` ran, in an assoc sweep folder's report.html (listed in its report.json)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,52 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import memscan.store as store
+from memscan import folders
 from memscan.assoc import Q_TABLE, SWEEP_TABLE, THEORY_SLOPES, read_settings
-from memscan.report.plots import axes, report_files, save
+from memscan.report.page import PAGE, Plot, Section, Table, cell, key_values, write_page
+from memscan.report.plots import axes, embed, report_files
 
-ERROR_D_IMAGE, ERROR_T_IMAGE, SGD_Q_IMAGE = IMAGES = ("error_vs_d.png", "error_vs_T.png", "sgd_q.png")
 
-
-def render_assoc(folder: str | Path, allow_other_files: bool = False) -> list[str]:
-    """Plots of an assoc sweep folder, listed in its report.json: error against d and against T with
-    docs/theory.md's rates, and SGD's q against q_gamma."""
+def render_assoc(folder: str | Path, allow_other_files: bool = False, examples: pd.DataFrame | None = None,
+                 ) -> list[str]:
+    """report.html of an assoc sweep folder, listed in its report.json: error against d and against T with
+    docs/theory.md's rates, SGD's q against q_gamma, the fitted slopes; returns the names written."""
     folder = Path(folder)
-    with report_files(folder, IMAGES, allow_other_files) as written:
-        written += _assoc_plots(folder)
+    with report_files(folder, (PAGE,), allow_other_files) as written:
+        settings = read_settings(folder)["settings"]
+        tables = [key_values("the sweep", list(settings.items()))]
+        fit = folders.records(folder).get(folders.FIT)   # a sound fit.json only (`memscan assoc fit`)
+        if fit is not None:
+            tables.insert(0, _slopes_table(fit))
+        section = Section("Associative-memory scaling", (), tables, _assoc_plots(folder, settings))
+        written.append(write_page(folder, "folder.html", "memscan report: assoc sweep", [section], examples,
+                                  kind="assoc sweep", command="memscan assoc sweep"))
     return written
 
 
-def _assoc_plots(folder: Path) -> list[str]:
-    """The sweep's figures (SGD's q only where the sweep trained SGD); their names."""
-    settings = read_settings(folder)["settings"]
+def _slopes_table(fit: dict[str, Any]) -> Table:
+    """Each scheme's fitted log-log slope with its interval against the theory's rate (or why it has none)."""
+    rows = []
+    for scheme, slope in fit.get("slopes", {}).items():
+        measured = (f"{slope['slope']:.3f} [{slope['low']:.3f}, {slope['high']:.3f}]" if "slope" in slope
+                    else f"not fitted: {slope.get('missing', 'no slope')}")
+        rows.append((scheme, cell(slope.get("axis")), cell(slope.get("theory")), measured))
+    return Table(f"Fitted slopes (alpha = {cell(fit.get('alpha'))})", ("scheme", "against", "theory", "measured"),
+                 rows)
+
+
+def _assoc_plots(folder: Path, settings: dict[str, Any]) -> list[Plot]:
+    """The sweep's figures (SGD's q only where the sweep trained SGD)."""
     table = store.read_table(folder / SWEEP_TABLE).to_pandas()
-    names = [save(_error_vs_d_figure(table, settings), folder / ERROR_D_IMAGE),
-             save(_error_vs_T_figure(table, settings), folder / ERROR_T_IMAGE)]
+    plots = [Plot("error against d", embed(_error_vs_d_figure(table, settings))),
+             Plot("error against T", embed(_error_vs_T_figure(table, settings)))]
     q = store.read_table(folder / Q_TABLE).to_pandas()
     if not q.empty:
-        names.append(save(_sgd_q_figure(q), folder / SGD_Q_IMAGE))
-    return names
+        plots.append(Plot("SGD's q against q_gamma", embed(_sgd_q_figure(q))))
+    return plots
 
 
 def _error_vs_d_figure(table: Any, settings: dict[str, Any]) -> Any:

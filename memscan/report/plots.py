@@ -1,17 +1,20 @@
-"""What every report page shares: saving a figure atomically, and report.json, the record of what a page drew.
+"""What every report page shares: figures embedded in the page, and report.json, the record of what a page wrote.
 
 A page is drawn into a folder beside that folder's own record (memscan.folders.REPORT is an
-attached kind): report.json lists the files the page wrote, and a page drawn again replaces
-them (its earlier files not drawn again go). The pages draw with pyplot on the Agg backend, so
-they run without a display.
+attached kind): report.json lists the files the page wrote (report.html, and a run's
+comparison.json), and a page drawn again replaces them; files an earlier report.json listed
+and this one does not (the PNGs of older pages) go. Figures are drawn on matplotlib Figure
+objects (no pyplot state, no backend chosen) and embedded in the page as PNG data URIs, so a
+page moved or mailed keeps its plots.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -26,23 +29,18 @@ def axes(width: float, height: float) -> tuple[Figure, Axes]:
     return fig, fig.subplots()
 
 
-def commit_figure(fig: Figure, path: Path, **savefig: Any) -> str:
-    """Save a Figure as PNG atomically (a fresh temporary file, then rename); returns the file's name."""
+def embed(fig: Figure) -> str:
+    """A figure as a `data:image/png;base64,...` URI for an <img> of the page (bbox tight: long labels stay whole)."""
     fig.tight_layout()
-    fig.savefig(files.new_tmp(path), dpi=110, format="png", **savefig)
-    files.commit_file(files.tmp_path(path), path)
-    return path.name
-
-
-def save(fig: Figure, path: Path) -> str:
-    """Save a figure atomically; returns its name."""
-    return commit_figure(fig, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=96, format="png", bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @contextlib.contextmanager
 def report_files(folder: Path, names: tuple[str, ...], allow_other_files: bool) -> Iterator[list[str]]:
     """Claim `folder` for a report drawn from its record (memscan.folders.REPORT, beside that record), collect
-    the names the block writes, then sign report.json listing them; a report's earlier files not drawn again go."""
+    the names the block writes, then sign report.json listing them; a report's earlier files not written again go."""
     claimed = folders.claim(folder, folders.REPORT, names, folders.identity(folder), overwrite=True,
                             allow_other_files=allow_other_files)
     written: list[str] = []
@@ -50,3 +48,4 @@ def report_files(folder: Path, names: tuple[str, ...], allow_other_files: bool) 
     entries = [files.file_entry(folder / name) for name in written]
     folders.write_record(folder, folders.REPORT, {"fingerprint": folders.identity(folder), "files": entries},
                          claimed.previous)
+

@@ -1,31 +1,34 @@
-"""The run page, `memscan report`: PNG plots and one offline HTML page from a `memscan query` run folder.
+"""The run page, `memscan report RUN`: one self-contained report.html for a `memscan query` run folder.
 
-Every value on the page comes from files (summary.json, whose strings a user may have
-chosen: split names, paths), so every one is escaped.
+The page gives, per site, a verdict per assumption and layer (memscan.report.verdicts), the
+summary's numbers (ROWS) in tables of at most LAYERS_PER_TABLE layers, the comparison with the
+paper where `memscan run` made one, and the figures (memscan.report.run_plots), embedded.
+Every value comes from files a user may have chosen (split names, paths), so the templates escape it.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from memscan import files, folders, wording
-from memscan.layout import site_of
+from memscan import files, folders, show
+from memscan.layout import SiteKey, site_of
 from memscan.query import RunTables, load
-from memscan.report.plots import axes, report_files, save
-from memscan.report.saturation import render_saturation
+from memscan.report import run_plots
+from memscan.report.page import PAGE, Plot, Section, Table, cell, fragment, write_page
+from memscan.report.plots import embed, report_files
+from memscan.report.saturation import render_saturation, saturation_section
+from memscan.report.verdicts import THRESHOLDS, value_at, verdicts
 
 log = logging.getLogger(__name__)
 
-PAGE = "report.html"
-IMAGES = ("nearest_distances.png", "subset_histograms.png", "coverage.png", "distance_vs_nll.png",
-          "radius_by_layer.png")
 SATURATION_DIR = "saturation"   # a `memscan saturation` folder placed in the run folder is drawn too
 COMPARISON = "comparison.json"  # `memscan run` of an experiment with [paper] numbers: paper against measured
+LAYERS_PER_TABLE = 6            # columns of layers a table holds and still fits a 1280 px page
 
 # (path in a layer's summary, label, what it tests): one row of the page each.
 ROWS: list[tuple[str, str, str]] = [
@@ -55,193 +58,131 @@ ROWS: list[tuple[str, str, str]] = [
 ]
 
 
-def _get(summary: dict[str, Any], path: str) -> Any:
-    """The value at a dotted path of a layer's summary (None where a key is missing)."""
-    value: Any = summary
-    for key in path.split("."):
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _format(value: Any) -> str:
-    """A summary value as escaped HTML text: numbers formatted, the floor with its verdict, anything else as its
-    string."""
-    if isinstance(value, dict) and "predicted_floor" in value:
-        text = wording.floor_text(value)
-    elif value is None:
-        text = "n/a"
-    elif isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, int) and not isinstance(value, bool):
-        text = f"{value:,}"
-    else:
-        text = str(value)
-    return html.escape(text, quote=True)
-
-
-
-def _plots(run: RunTables, folder: Path) -> list[str]:
-    """The run's figures at the last layer of the site its index holds (the depth figure: every site); their names."""
-    own = site_of(run.summary)
-    by_site: dict[str, list[dict[str, Any]]] = {}
-    for entry in run.summary["layers"]:
-        by_site.setdefault(site_of(entry), []).append(entry)
-    last = by_site[own][-1]
-    run = run.at_site(own)
-    distances_png, subsets_png, coverage_png, loss_png, depth_png = IMAGES
-    histograms = run.histograms[run.histograms.layer == last["layer"]]
-    return [save(_distances_figure(histograms, last), folder / distances_png),
-            save(_subsets_figure(histograms, last["r_star"]), folder / subsets_png),
-            save(_coverage_figure(run.coverage[run.coverage.layer == last["layer"]], last), folder / coverage_png),
-            save(_loss_figure(run.queries[(run.queries.layer == last["layer"]) & np.isfinite(run.queries.nll)]),
-                 folder / loss_png),
-            save(_depth_figure(by_site), folder / depth_png)]
-
-
-def _distances_figure(h: Any, last: dict[str, Any]) -> Any:
-    """Histograms of the query-to-pattern and pattern-to-pattern nearest distances, with r* and 2r* marked."""
-    layer, r_star = last["layer"], last["r_star"]
-    fig, ax = axes(7, 4)
-    for table, style in (("query_nearest", "-"), ("pattern_nearest_100", "--")):
-        rows = h[h.table == table]
-        ax.step(rows.bin_left, rows["count"], where="post", linestyle=style, label=table.replace("_", " "))
-    for x, label in ((r_star, "r*"), (2 * r_star, "2r*")):
-        ax.axvline(x, color="k", linestyle=":", linewidth=1)
-        ax.text(x, ax.get_ylim()[1] * 0.95, f" {label}", va="top")
-    ax.set(xlabel="nearest-neighbour distance", ylabel="count", title=f"Nearest distances, layer {layer}")
-    ax.legend()
-    return fig
-
-
-def _subsets_figure(h: Any, r_star: float) -> Any:
-    """Histograms of the patterns' nearest-other distance s_i over growing subsets of the patterns."""
-    fig, ax = axes(7, 4)
-    for table in sorted(t for t in h.table.unique() if t.startswith("pattern_nearest_")):
-        rows = h[h.table == table]
-        ax.step(rows.bin_left, rows["count"], where="post", label=f"{table.rsplit('_', 1)[1]}% of the patterns")
-    ax.axvline(2 * r_star, color="k", linestyle=":", linewidth=1)
-    ax.set(xlabel="nearest-other distance s_i", ylabel="count", title="Pattern spacing over subsets (the paper's 25-100%)")
-    ax.legend()
-    return fig
-
-
-def _coverage_figure(c: Any, last: dict[str, Any]) -> Any:
-    """A2: the fraction of queries inside some pattern's ball against the radius, r* and the typical radius marked."""
-    fig, ax = axes(7, 4)
-    ax.plot(c.radius, c.coverage)
-    ax.axvline(last["r_star"], color="k", linestyle=":", linewidth=1, label="r*")
-    ax.axvline(last["typical_radius"], color="r", linestyle="--", linewidth=1, label="typical radius")
-    ax.set(xlabel="ball radius", ylabel="fraction of queries covered", ylim=(0, 1.02), title="A2 coverage")
-    ax.legend()
-    return fig
-
-
-def _loss_figure(q: Any) -> Any:
-    """Each query's next-token loss against its distance to the nearest pattern."""
-    fig, ax = axes(7, 4)
-    ax.scatter(q.nearest_dist, q.nll, s=6, alpha=0.5)
-    ax.set(xlabel="distance to nearest pattern", ylabel="next-token loss (nats)", title="Distance against loss")
-    return fig
-
-
-def _depth_figure(by_site: dict[str, list[dict[str, Any]]]) -> Any:
-    """The typical radius and r* through depth, one pair of lines per site."""
-    fig, ax = axes(7, 4)
-    for site, entries in by_site.items():
-        line, = ax.plot([s["layer"] for s in entries], [s["typical_radius"] for s in entries], marker="o",
-                        label=f"typical radius, {site}")
-        ax.plot([s["layer"] for s in entries], [s["r_star"] for s in entries], linestyle=":", color=line.get_color(),
-                label=f"r*, {site}")
-    ax.set(xlabel="layer (hidden) or block (other sites)", ylabel="radius", title="Radius through depth, per site")
-    ax.legend(fontsize="small")
-    return fig
-
-
-def render(run_dir: str | Path, comparison: dict[str, Any] | None = None, allow_other_files: bool = False) -> Path:
-    """Write the plots and report.html into the run folder (its tables checked first); returns the page's path.
+def render(run_dir: str | Path, comparison: dict[str, Any] | None = None, allow_other_files: bool = False,
+           examples: pd.DataFrame | None = None) -> Path:
+    """Write report.html into the run folder (its tables checked first; a saturation folder inside drawn too);
+    returns the page's path.
 
     `comparison` (from `memscan run`: the paper's numbers against the measured ones) is written
-    beside them as comparison.json and shown on the page; without it, an earlier one is kept.
+    beside it as comparison.json and shown on the page; without it, an earlier one is kept.
+    `examples`: queries with their nearest training text (memscan.show), shown as a table; None: `show.for_page`'s,
+    an empty frame: none.
     """
     run_dir = Path(run_dir)
     run = load(run_dir)
+    examples = show.for_page(run_dir) if examples is None else examples
     with files.folder_lock(run_dir, "RUN_DIR"):
         comparison = comparison or _comparison(run_dir)
-        with report_files(run_dir, (PAGE, COMPARISON, *IMAGES), allow_other_files) as written:
-            images = _plots(run, run_dir)
-            saturation_dir = run_dir / SATURATION_DIR
-            saturation = (render_saturation(saturation_dir, allow_other_files)
-                          if (saturation_dir / "summary.json").exists() else [])
+        with report_files(run_dir, (PAGE, COMPARISON), allow_other_files) as written:
+            sections = [*verdict_sections(run.summary), *number_sections(run.summary)]
             if comparison is not None:
                 files.write_json_atomic(run_dir / COMPARISON, comparison)
                 written.append(COMPARISON)
-            path = run_dir / PAGE
-            files.write_text_atomic(path, _page(run.summary, images, [f"{SATURATION_DIR}/{n}" for n in saturation],
-                                                comparison))
-            written += [*images, PAGE]
-    log.info("report: %s", path)
-    return path
+                sections.append(_comparison_section(comparison))
+            sections += _figure_sections(run)
+            saturation_dir = run_dir / SATURATION_DIR
+            if (saturation_dir / "summary.json").exists():
+                render_saturation(saturation_dir, allow_other_files)
+                sections.append(saturation_section(saturation_dir, f"{SATURATION_DIR}/{PAGE}"))
+            written.append(write_page(run_dir, "run.html", "memscan report: query run", sections, examples,
+                                      summary=run.summary))
+    log.info("report: %s", run_dir / PAGE)
+    return run_dir / PAGE
+
+
+def by_site(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The summary's layer entries grouped by site, in the summary's order (runs before sites: one, hidden)."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for entry in summary["layers"]:
+        grouped.setdefault(site_of(entry), []).append(entry)
+    return grouped
+
+
+def verdict_sections(summary: dict[str, Any]) -> list[Section]:
+    """The thresholds with their reasons, then one verdict table per site: a row per layer, a column per
+    assumption and one for the floor's premises."""
+    thresholds = Table("What each assumption is held to", ("assumption", "number", "holds at", "reason"),
+                       [(t.assumption, f"{t.path}: {t.measures}", f"\N{GREATER-THAN OR EQUAL TO} {t.least:.0%}",
+                         t.reason) for t in THRESHOLDS])
+    header = ("layer", *(t.assumption for t in THRESHOLDS), "floor (Proposition 4)")
+    tables = [Table(f"Verdicts, site {site}", header,
+                    [(_column_name(entry), *(v.text for v in verdicts(entry))) for entry in entries])
+              for site, entries in by_site(summary).items()]
+    return [Section("Verdicts", ("Each assumption's number at each layer against the threshold it is held to; "
+                                 "a number whose premises fail is not judged.",), (thresholds, *tables))]
+
+
+def number_sections(summary: dict[str, Any]) -> list[Section]:
+    """One section per site: the ROWS quantities down, at most LAYERS_PER_TABLE layers across per table."""
+    sections = []
+    for site, entries in by_site(summary).items():
+        tables = []
+        for start in range(0, len(entries), LAYERS_PER_TABLE):
+            part = entries[start:start + LAYERS_PER_TABLE]
+            header = ("quantity", *(_column_name(entry) for entry in part), "what it tests")
+            rows = [(label, *(cell(value_at(entry, path)) for entry in part), why) for path, label, why in ROWS]
+            tables.append(Table(f"Site {site}, layers {part[0]['layer']} to {part[-1]['layer']}", header, rows))
+        sections.append(Section(f"Numbers, site {site}", (), tables))
+    return sections
+
+
+def _figure_sections(run: RunTables) -> list[Section]:
+    """Per site, each layer's distance CDFs; the loss against distance at the last layer of the index's site;
+    the radius through depth."""
+    grouped = by_site(run.summary)
+    sections = []
+    for site, entries in grouped.items():
+        tables = run.at_site(site)
+        plots = [Plot(f"{_column_name(entry)}: nearest-distance CDFs",
+                      embed(run_plots.distances_figure(tables.histograms[tables.histograms.layer == entry["layer"]],
+                                                       entry, _column_name(entry))))
+                 for entry in entries]
+        sections.append(Section(f"Distances, site {site}", (), (), plots))
+    own = site_of(run.summary)
+    last = grouped[own][-1]
+    queries = run.at_site(own).queries
+    queries = queries[(queries.layer == last["layer"]) & np.isfinite(queries.nll)]
+    plots = [Plot("loss against distance", embed(run_plots.loss_figure(queries, _column_name(last)))),
+             Plot("radius through depth", embed(run_plots.depth_figure(grouped)))]
+    return [*sections, Section("Loss and depth", (), (), plots)]
 
 
 def _comparison(run_dir: Path) -> dict[str, Any] | None:
     """The comparison.json an earlier report of this run folder wrote (listed in its report.json), or None."""
     path = run_dir / COMPARISON
-    if COMPARISON not in folders.owned_names(run_dir):
+    if COMPARISON not in folders.owned_names(run_dir) or not path.is_file():
         return None
     return files.read_record(path, "memscan comparison", {"rows": list})
 
 
-def _comparison_table(comparison: dict[str, Any] | None) -> str:
+def _comparison_section(comparison: dict[str, Any]) -> Section:
     """The paper's numbers and memscan's derivations beside the measured ones, with their ratio, kind and source,
-    under the run's scale note ("reduced run: ..."); empty without a comparison."""
-    if comparison is None:
-        return ""
+    under the run's scale note ("reduced run: ...")."""
     def measured(row: dict[str, Any]) -> str:
         if "not_applicable" in row:   # a number whose premises fail is a verdict, not a figure
-            return f"not applicable: {_format(row['not_applicable'])}"
-        interval = row.get("interval")
-        shown = _format(row.get("measured"))
-        return f"{shown} [{_format(interval[0])}, {_format(interval[1])}]" if isinstance(interval, list) else shown
+            return f"not applicable: {cell(row['not_applicable'])}"
+        bounds = row.get("interval")
+        shown = cell(row.get("measured"))
+        return f"{shown} [{cell(bounds[0])}, {cell(bounds[1])}]" if isinstance(bounds, list) else shown
 
     def ratio(row: dict[str, Any]) -> str:
-        return f"incomparable: {_format(row['incomparable'])}" if "incomparable" in row else _format(row.get("ratio"))
+        return f"incomparable: {cell(row['incomparable'])}" if "incomparable" in row else cell(row.get("ratio"))
 
-    rows = "".join(f"<tr><td>{_format(row.get('quantity'))}</td><td>{_format(row.get('kind', 'paper'))}</td>"
-                   f"<td>{_format(row.get('paper', row.get('derived')))}</td><td>{measured(row)}</td><td>{ratio(row)}</td>"
-                   f"<td class='why'>{_format(row.get('source', 'not given'))}</td></tr>"
-                   for row in comparison["rows"] if isinstance(row, dict))
-    note = f"<p><b>{_format(comparison['scale_note'])}</b></p>" if comparison.get("scale_note") else ""
-    return (f"<h2>Against the paper</h2><p>{_format(comparison.get('reproduces') or comparison.get('experiment'))}"
-            f"</p>{note}<table><tr><th>quantity</th><th>kind</th><th>reference</th><th>measured [interval]</th>"
-            f"<th>measured / reference</th><th>source</th></tr>{rows}</table>")
+    rows = [(cell(row.get("quantity")), cell(row.get("kind", "paper")), cell(row.get("paper", row.get("derived"))),
+             measured(row), ratio(row), cell(row.get("source", "not given")))
+            for row in comparison["rows"] if isinstance(row, dict)]
+    notes = [cell(comparison.get("reproduces") or comparison.get("experiment"))]
+    notes += [cell(comparison["scale_note"])] if comparison.get("scale_note") else []
+    table = Table("paper against measured", ("quantity", "kind", "reference", "measured [interval]",
+                                             "measured / reference", "source"), rows)
+    return Section("Against the paper", notes, (table,))
+
+
+def _comparison_table(comparison: dict[str, Any] | None) -> str:
+    """The comparison section as HTML, escaped as on the page; empty without a comparison."""
+    return "" if comparison is None else fragment("section.html", section=_comparison_section(comparison))
 
 
 def _column_name(entry: dict[str, Any]) -> str:
     """`layer 4` for the residual stream, `attn_out 3` for a site's block (runs before sites: the residual stream)."""
-    site = site_of(entry)
-    return f"{'layer' if site == 'hidden' else site} {entry['layer']}"
-
-
-def _page(summary: dict[str, Any], images: list[str], saturation: list[str],
-          comparison: dict[str, Any] | None = None) -> str:
-    """The HTML page: one row per ROWS entry and one column per layer, the comparison with the paper where
-    there is one, then the figures; all text escaped."""
-    layers, settings = summary["layers"], summary["settings"]
-    header = "".join(f"<th>{_format(_column_name(s))}</th>" for s in layers)
-    body = "".join(
-        f"<tr><td>{html.escape(label)}</td>{''.join(f'<td>{_format(_get(s, path))}</td>' for s in layers)}"
-        f"<td class='why'>{html.escape(why)}</td></tr>" for path, label, why in ROWS)
-    figures = "".join(f"<figure><img src='{_format(name)}' alt='{_format(name)}'></figure>" for name in images)
-    if saturation:
-        figures += "<h2>Norm growth and saturation</h2>" + "".join(
-            f"<figure><img src='{_format(name)}' alt='{_format(name)}'></figure>" for name in saturation)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>memscan report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd;
-text-align:right}}td:first-child,.why{{text-align:left}}.why{{color:#555;font-size:90%}}img{{max-width:100%}}</style>
-</head><body><h1>memscan report</h1>
-<p>Index <code>{_format(summary['index'])}</code>, queries <code>{_format(summary['queries'])}</code>
-(split <code>{_format(settings['split'])}</code>{', each leaving its own row out' * summary['queries_are_patterns']}),
-k = {_format(settings['k'])}, beta = {_format(settings['beta'])}.</p>
-<table><tr><th>quantity</th>{header}<th>what it tests</th></tr>{body}</table>
-{_comparison_table(comparison)}
-{figures}</body></html>"""
+    return SiteKey(site_of(entry), entry["layer"]).label()

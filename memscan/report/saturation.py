@@ -1,5 +1,5 @@
 """The saturation page: norm growth with its fits, cosines by layer and head spread of a `memscan saturation`
-folder, listed in its report.json."""
+folder, in its report.html (listed in its report.json); the run page shows the same figures."""
 
 from __future__ import annotations
 
@@ -7,32 +7,45 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import memscan.store as store
-from memscan.report.plots import axes, report_files, save
+from memscan.report.page import PAGE, Plot, Section, key_values, write_page
+from memscan.report.plots import axes, embed, report_files
 from memscan.saturation import GROWTH_LAWS, read_summary
 
-NORM_GROWTH_IMAGE, SATURATION_IMAGE, HEADS_IMAGE = IMAGES = ("norm_growth.png", "saturation.png", "heads.png")
 
-
-def render_saturation(folder: str | Path, allow_other_files: bool = False) -> list[str]:
-    """Plots of a `memscan saturation` folder, listed in its report.json: norm growth with its fits, cosines by
-    layer, head spread."""
+def render_saturation(folder: str | Path, allow_other_files: bool = False,
+                      examples: pd.DataFrame | None = None) -> list[str]:
+    """report.html of a `memscan saturation` folder, listed in its report.json: norm growth with its fits,
+    cosines by layer, head spread; returns the names written."""
     folder = Path(folder)
-    with report_files(folder, IMAGES, allow_other_files) as written:
-        written += _saturation_plots(folder)
+    with report_files(folder, (PAGE,), allow_other_files) as written:
+        summary = read_summary(folder)  # its tables checked against their sha256
+        numbers = key_values("key numbers", [
+            ("target", summary.get("target")), ("scale c", summary.get("scale")),
+            ("heads attending like argmax", summary.get("argmax_heads")), ("heads", summary.get("heads")),
+            ("mean share of the prefix attended", summary.get("mean_heads_fraction"))])
+        section = Section("Norm growth and saturation", (), (numbers,), _saturation_plots(folder, summary))
+        written.append(write_page(folder, "folder.html", "memscan report: saturation", [section], examples,
+                                  kind="saturation", command="memscan saturation"))
     return written
 
 
-def _saturation_plots(folder: Path) -> list[str]:
-    """The folder's figures (norm growth only where the target was a training run); their names."""
-    summary = read_summary(folder)  # its tables checked against their sha256
-    names = []
+def saturation_section(folder: Path, href: str) -> Section:
+    """The saturation folder's figures as a section of another page, linking to its own page at `href`."""
+    return Section("Norm growth and saturation", (), (), _saturation_plots(folder, read_summary(folder)),
+                   (("the saturation folder's page", href),))
+
+
+def _saturation_plots(folder: Path, summary: dict[str, Any]) -> list[Plot]:
+    """The folder's figures (norm growth only where the target was a training run)."""
+    plots = []
     if summary["norm_growth"]:
-        names.append(save(_norm_growth_figure(summary["norm_growth"]), folder / NORM_GROWTH_IMAGE))
-    names.append(save(_cosines_figure(folder, summary["scale"]), folder / SATURATION_IMAGE))
-    names.append(save(_heads_figure(folder), folder / HEADS_IMAGE))
-    return names
+        plots.append(Plot("norm growth", embed(_norm_growth_figure(summary["norm_growth"]))))
+    plots.append(Plot("saturation by layer", embed(_cosines_figure(folder, summary["scale"]))))
+    plots.append(Plot("saturated heads", embed(_heads_figure(folder))))
+    return plots
 
 
 def _norm_growth_figure(growth: dict[str, Any]) -> Any:

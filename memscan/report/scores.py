@@ -1,6 +1,7 @@
-"""The scores page: roc.png and bridge.png of a `memscan score` folder, listed in its report.json.
+"""The membership page: a `memscan score` folder's report.html (listed in its report.json) with the ROC curves on
+a log FPR axis, the AUC and TPR at 1% FPR of every score with their bootstrap intervals, and the bridge plot.
 
-Each is drawn on a matplotlib Figure of its own (no pyplot state).
+Each figure is drawn on a matplotlib Figure of its own (no pyplot state) and embedded in the page.
 """
 
 from __future__ import annotations
@@ -9,27 +10,50 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
-from memscan import files, folders, membership
-from memscan.report.plots import commit_figure, report_files
+from memscan import files, folders, membership, show
+from memscan.report.page import PAGE, Plot, Section, Table, interval, write_page
+from memscan.report.plots import embed, report_files
 from memscan.score import SPLITS, ScoreResult, orientation
 
-ROC_IMAGE, BRIDGE_IMAGE = IMAGES = ("roc.png", "bridge.png")
 
-
-def render_scores(folder: str | Path, allow_other_files: bool = False) -> list[str]:
-    """roc.png and bridge.png of a `memscan score` folder, listed in its report.json; returns their names.
+def render_scores(folder: str | Path, allow_other_files: bool = False, examples: pd.DataFrame | None = None,
+                  ) -> list[str]:
+    """report.html of a `memscan score` folder, listed in its report.json; returns the names written.
 
     Called after the score job (`memscan score`, an experiment's score stage); holds the folder's
     lock while it draws. `allow_other_files`: files memscan did not write may be in the folder.
+    `examples`: the most member-like chunks with their text (memscan.show), shown as a table; None: `show.for_page`'s,
+    an empty frame: none.
     """
     folder = Path(folder)
+    examples = show.for_page(folder) if examples is None else examples
     with files.folder_lock(folder, "FOLDER"):
         table, metrics = _score_run(folder)
-        with report_files(folder, IMAGES, allow_other_files) as written:
-            written += [_roc(folder, table, metrics), _bridge(folder, table, metrics)]
+        with report_files(folder, (PAGE,), allow_other_files) as written:
+            sections = [Section("Membership", _skipped(metrics), (metrics_table(metrics, table.column_names),),
+                                (Plot("ROC per score (log false positive rate)", _roc(table, metrics)),)),
+                        Section("Bridge", (), (), (Plot("the views on the same chunks", _bridge(table, metrics)),))]
+            written.append(write_page(folder, "scores.html", "memscan report: membership", sections, examples))
     return written
+
+
+def metrics_table(metrics: dict[str, Any], columns: list[str]) -> Table:
+    """One row per rated score: which side is member-like, members and non-members, AUC and TPR at 1% and 0.1%
+    FPR, each `value [low, high]` (the bootstrap interval metrics.json holds)."""
+    sides = orientation(metrics, columns)
+    rows = [(name, sides.get(name, "larger"), f"{row.get('members', 0):,}", f"{row.get('non_members', 0):,}",
+             interval(row.get("auc")), interval(row.get("tpr@1%fpr")), interval(row.get("tpr@0.1%fpr")))
+            for name, row in metrics["scores"].items()]
+    return Table("Scores: value [95% bootstrap interval]", ("score", "member when", "members", "non-members",
+                                                            "AUC", "TPR at 1% FPR", "TPR at 0.1% FPR"), rows)
+
+
+def _skipped(metrics: dict[str, Any]) -> list[str]:
+    skipped = metrics.get("skipped") or {}
+    return [f"Not rated: {'; '.join(f'{name} ({why})' for name, why in skipped.items())}."] if skipped else []
 
 
 def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
@@ -39,9 +63,9 @@ def _score_run(folder: Path) -> tuple[Any, dict[str, Any]]:
     return result.scores, result.metrics
 
 
-def _roc(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
+def _roc(table: Any, metrics: dict[str, Any]) -> str:
     """ROC curves of every rated score (each ranked by its side, metrics' `orientation`), FPR on a log axis as the
-    field plots them, into roc.png."""
+    field plots them, as a data URI."""
     labels = np.asarray(table.column("label"))
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.subplots()
@@ -58,7 +82,7 @@ def _roc(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
     ax.set(xlabel="false positive rate (non-members called members)", ylabel="true positive rate",
            title="Membership: ROC per score", ylim=(0, 1.01))
     ax.legend(fontsize=8, loc="lower right")
-    return commit_figure(fig, folder / ROC_IMAGE, bbox_inches="tight")   # long tick labels stay whole
+    return embed(fig)
 
 
 def bridge_points(table: Any) -> dict[str, Any] | None:
@@ -118,8 +142,8 @@ def _bridge_heatmap(fig: Any, ax: Any, spearman: dict[str, dict[str, float | Non
     fig.colorbar(image, ax=ax, shrink=0.8)
 
 
-def _bridge(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
-    """The bridge plot into bridge.png. Left, where the run has a geometric or verbatim column: loss against
+def _bridge(table: Any, metrics: dict[str, Any]) -> str:
+    """The bridge plot as a data URI. Left, where the run has a geometric or verbatim column: loss against
     nearest-pattern distance (or the verbatim match fraction), coloured by split, filled where the chunk is
     verbatim-extractable. Right: the heatmap of metrics.json's Spearman matrix."""
     points = bridge_points(table)
@@ -129,4 +153,4 @@ def _bridge(folder: Path, table: Any, metrics: dict[str, Any]) -> str:
         _bridge_scatter(axes[0], points)
     # a version-1 folder's correlations are of its columns as written then, every score larger = member
     _bridge_heatmap(fig, axes[-1], metrics["bridge"]["spearman"], metrics.get("orientation", {}))
-    return commit_figure(fig, folder / BRIDGE_IMAGE, bbox_inches="tight")
+    return embed(fig)
