@@ -49,7 +49,9 @@ def _text(kind: str, frame: pd.DataFrame, by: str) -> list[str]:
     for number, row in enumerate(frame.itertuples(index=False), 1):
         values = row._asdict()
         label = f", label {values['label']}" if "label" in values else ""
-        where = f"doc {values['doc_id']} chunk {values['chunk_id']} ({values['split']}{label})"
+        key = values.get("doc_key")
+        document = f"document {key}" if isinstance(key, str) else f"doc {values['doc_id']}"
+        where = f"{document} chunk {values['chunk_id']} ({values['split']}{label})"
         lines.append(f"#{number} {where}  {by}={values[by]:.4g}" if isinstance(values[by], float)
                      else f"#{number} {where}  {by}={values[by]}")
         lines += _body(kind, values)

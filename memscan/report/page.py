@@ -20,6 +20,7 @@ import pandas as pd
 from memscan import files, wording
 
 PAGE = "report.html"
+TEXT_COLUMN_CHARS = 40   # an examples column holding a longer value is running text
 EXAMPLE_TEXT_CHARS = 2_000   # an example's text past this is cut (with an ellipsis): a page stays readable
 
 _ENVIRONMENT = jinja2.Environment(loader=jinja2.PackageLoader("memscan.report", "templates"),
@@ -90,6 +91,15 @@ def examples_table(examples: pd.DataFrame | None) -> Table | None:
     return Table(f"{len(examples):,} examples", [str(name) for name in examples.columns], rows)
 
 
+def _text_columns(table: Table | None) -> list[str]:
+    """The examples' columns of running text (some value longer than TEXT_COLUMN_CHARS): set as wrapped
+    monospace; the others (ids, splits, numbers) stay on one line."""
+    if table is None:
+        return []
+    return [name for column, name in enumerate(table.header)
+            if any(len(row[column]) > TEXT_COLUMN_CHARS for row in table.rows)]
+
+
 def _example_text(value: Any) -> str:
     text = cell(value)
     return text if len(text) <= EXAMPLE_TEXT_CHARS else text[:EXAMPLE_TEXT_CHARS] + "\N{HORIZONTAL ELLIPSIS}"
@@ -98,8 +108,9 @@ def _example_text(value: Any) -> str:
 def write_page(folder: Path, template: str, title: str, sections: Sequence[Section],
                examples: pd.DataFrame | None = None, **context: Any) -> str:
     """Render `template` (extending base.html) into the folder's report.html, atomically; returns its name."""
+    table = examples_table(examples)
     text = _ENVIRONMENT.get_template(template).render(title=title, sections=sections, folder=str(folder),
-                                                      examples=examples_table(examples), **context)
+                                                      examples=table, example_texts=_text_columns(table), **context)
     files.write_text_atomic(Path(folder) / PAGE, text)
     return PAGE
 
