@@ -185,8 +185,9 @@ def one_size(work: Path, patterns: int, args: argparse.Namespace, exact: bool) -
     row: dict[str, Any] = {"patterns": patterns, "queries": args.queries, "n": args.n, "clusters": clusters,
                            "data": str(data), "write_seconds": write_seconds}
     common = ["--device", args.device, "--seed", str(args.seed)]
+    index_memory = args.index_memory or args.memory
     row["index"] = run(["index", str(data), "--out", str(index_dir), *common,
-                        *(["--index-memory", args.memory] if args.memory else [])])
+                        *(["--index-memory", index_memory] if index_memory else [])])
     common += ["--memory", args.memory] if args.memory else []
     info = json.loads((index_dir / "index.json").read_text())
     row.update(factory=info["factory"], factory_reason=info["factory_reason"], search=info["search"],
@@ -396,6 +397,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--memory", default=None,
                         help="--index-memory for the index, --memory for the query [default: theirs].")
+    parser.add_argument("--index-memory", default=None,
+                        help="--index-memory for the index alone (the index's size), overriding --memory's.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patterns-per-cluster", type=int, default=0,
                         help="Clusters grow with d, one per this many patterns [default: --clusters at every d].")
