@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "memscan.folders", "memscan.results", "memscan.fields", "memscan.progress")),
     ("data", ("memscan.store", "memscan.theory", "memscan.analysis", "memscan.membership", "memscan.verbatim.match",
               "memscan.qf", "memscan.sites", "memscan.models", "memscan.preflight", "memscan.corpus",
-              "memscan.knn.tuning", "memscan.knn.cells", "memscan.knn.kmeans", "memscan.knn.exact",
+              "memscan.knn.tuning", "memscan.knn.scan", "memscan.knn.cells", "memscan.knn.kmeans", "memscan.knn.exact",
               "memscan.knn.shards")),
     ("engines", ("memscan.engines", "memscan.knn.index", "memscan.knn.mips", "memscan.knn")),
     ("stages", ("memscan.extract", "memscan.query", "memscan.score", "memscan.verbatim", "memscan.train",

@@ -27,6 +27,7 @@ from memscan.errors import InputError
 from memscan.knn import exact, mips, tuning
 from memscan.knn import index as knn_index
 from memscan.knn.index import IndexSettings, KnnIndex, build, dataset_blocks
+from memscan.knn.shards import Shard
 from memscan.query import QuerySettings, run
 
 TRAIN, TEST = 2000, 1200
@@ -200,7 +201,6 @@ def test_an_ivf_flat_index_is_searched_for_inner_products_through_its_own_lists(
 def lists_view_over(P: np.ndarray, filled: np.ndarray) -> mips.ListsView:
     """A ListsView over an IVF16 trained on all of P but filled with the rows `filled` only (empty lists),
     built inside this function so that only the view keeps the L2 index alive."""
-    from memscan.knn.shards import Shard
 
     ivf = faiss.index_factory(P.shape[1], "IVF16,Flat")
     ivf.train(P.astype(np.float32))
@@ -322,6 +322,7 @@ def test_approximate_and_exact_runs_agree_within_their_recall(runs, arrays):
     recall = summary["recall"]["recall_1_at_1"]
     products = summary["A3"]["inner_products"]
     assert summary["search"].startswith("approximate: IVF16,Flat") and recall >= 0.9
+    # norms spread by 4x: a pattern's own nearest lists rarely hold its largest product (test_deltas_maxima_...)
     assert products["search"].startswith("approximate: IVF16,Flat") and products["tuning"]["reached"]
     assert products["search"].startswith("approximate: IVF16,Flat (its own lists, inner product)")
     assert products["factory_reason"].startswith("the nearest-neighbour index's inverted lists")
@@ -652,3 +653,52 @@ def test_a_run_that_dies_mid_analysis_leaves_the_previous_run_whole(data, ivf, t
         run(ivf, data, run_dir, QuerySettings(k=K + 1, subsets=(1.0,), memory="1MiB"), overwrite=True)
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before   # no temporary file left
     assert query.verify(run_dir) == [] and memscan.load(run_dir).summary["settings"]["k"] == K
+
+
+def test_deltas_maxima_come_from_the_self_joins_own_scan_where_its_lists_hold_them(tmp_path):
+    """Norms alike (clusters of one scale): a pattern's largest product is with a near neighbour, in the lists the
+    self-join scans anyway. On the sample the scan's maxima reach the target, so Delta takes them (no second
+    search), the inner-product index is tuned on the queries alone, and where the scan found the maximum Delta
+    equals brute force; elsewhere it is an upper bound. When they fall short (norms spread: the run fixture's
+    data, test_approximate_and_exact_runs_agree_...) the inner-product index searches its own lists."""
+    X = clustered(2300, 16, 16, seed=3, spread=0.2).astype(np.float32)
+    store.write_vectors(tmp_path / "data", X, ["train"] * 2000 + ["test"] * 300, model="synthetic", shard_rows=700)
+    build(tmp_path / "data", tmp_path / "ivf", IndexSettings(factory="IVF16,Flat", nprobe=2))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tuning, "auto_factory", lambda *args, **kwargs: ("IVF16,Flat", "a test's IVF"))
+        run(tmp_path / "ivf", tmp_path / "data", tmp_path / "run", QuerySettings(k=3, subsets=(1.0,)))
+    loaded = memscan.load(tmp_path / "run")
+    summary = layer_summary(loaded)
+    products = summary["A3"]["inner_products"]
+    assert products["search"] == "approximate: the self-join's own lists (IVF16,Flat {'nprobe': 2})"
+    assert products["tuning"] is None and list(products["samples"]) == ["patterns"]
+    assert products["recall_1_at_1"] >= products["target_recall"] == 0.95
+    assert summary["energy"]["mchn_top_k_recall"]["queries"] == 200    # the index serves the queries' top k
+    P = X[:2000].astype(np.float64)
+    gram = P @ P.T
+    delta = np.diag(gram) - np.where(np.eye(2000, dtype=bool), -np.inf, gram).max(1)
+    found = loaded.patterns.ramsauer_delta.to_numpy()
+    assert (found >= delta - 1e-6 * np.abs(delta) - 1e-6).all()
+    assert np.isclose(found, delta, rtol=1e-6, atol=1e-6).mean() >= products["recall_1_at_1"] - 0.05
+
+
+def test_one_scan_gives_the_nearest_and_the_largest_products_of_the_probed_lists():
+    """Shard.search_with_products: the k nearest equal the shard's own search, and the largest products are
+    those of brute force over exactly the lists each query probes (one matrix product gave both)."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(3000, 16)) * rng.uniform(0.5, 2, (3000, 1))).astype(np.float32)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 20)
+    ivf.train(X)
+    ivf.add(X)
+    shard = Shard(ivf, np.arange(3000) * 2, {"nprobe": 3})
+    both = shard.search_with_products(X[:300], 6, 10)
+    D, I = shard.search(X[:300], 6)
+    assert np.array_equal(both.I, I) and np.allclose(both.D, D, rtol=1e-4, atol=1e-3)
+    _, lists = ivf.quantizer.search(X[:300], 3)
+    for row, probed in enumerate(lists):
+        members = np.flatnonzero(np.isin(ivf.quantizer.search(X, 1)[1][:, 0], probed))
+        products = X[members].astype(np.float64) @ X[row].astype(np.float64)
+        np.testing.assert_allclose(both.P[row], -np.sort(-products)[:10], rtol=1e-5)
+        assert set(both.J[row]) == set(2 * members[np.argsort(-products)[:10]])
+    hnsw = Shard(faiss.IndexHNSWFlat(16, 8), np.arange(0), {})
+    assert hnsw.search_with_products(X[:5], 3, 4) is None     # only an IVF-Flat's lists hold the vectors

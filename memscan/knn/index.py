@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -47,6 +47,7 @@ SHARD_PARAMS = ("nprobe", "efSearch")     # FAISS's own, set on every shard
 # k_factor: candidates re-ranked exactly per neighbour wanted; compressed codes (PQ) misorder
 # near neighbours, and fetching a few times k lets the exact re-ranking put them right.
 SEARCH_PARAMS = (*SHARD_PARAMS, "k_factor")
+PRODUCT_CANDIDATES = 10      # a self-join's largest products kept per pattern: its own, the best, float32's misorder
 TUNE_QUERIES = 1_000         # the recall sample a search parameter is chosen on: +-0.007 at a recall of 0.95
 
 
@@ -448,6 +449,14 @@ def lossy_codes(index: Any) -> bool:
     return not isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
 
 
+class InnerMaxima(NamedTuple):
+    """For every pattern the largest inner product with another found (d,) float64 (-inf: none) and that
+    pattern's row id (d,) (-1: none)."""
+
+    value: np.ndarray
+    partner: np.ndarray
+
+
 class KnnIndex:
     """A loaded index: search by vectors, self-join, and recall against exact search."""
 
@@ -653,15 +662,45 @@ class KnnIndex:
         IVF indexes on the CPU group the queries by inverted list (faiss.contrib.big_batch_search),
         so each list's codes are scanned once per query batch instead of once per query.
         """
+        row_ids, D, I, _ = self._joined(k, batch_rows, products=0)
+        return row_ids, D, I
+
+    def self_join_with_products(self, k: int, batch_rows: int = 65536,
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, InnerMaxima | None]:
+        """`self_join`, and for every pattern the largest inner product with another among the vectors the same
+        scan read (`Shards.search_with_products`: one product per list gives both), recomputed exactly; its
+        maxima None where the shards cannot scan both at once. How often that is the true maximum is measured
+        by its caller (memscan.query.checks)."""
+        return self._joined(k, batch_rows, products=PRODUCT_CANDIDATES)
+
+    def _joined(self, k: int, batch_rows: int, products: int,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, InnerMaxima | None]:
         self.check_k(k, exclude_self=True)
-        parts = []
+        parts, maxima = [], []
         with tqdm(total=self.shards.ntotal, desc="self-join", unit="vec", unit_scale=True, disable=None,
                   leave=False) as progress:
             for X, meta in self.dataset.iter_batches(split=self.split, layer=self.layer, batch_rows=batch_rows):
-                _, ids = self.shards.search(X, self.candidates(k, True), grouped=True)
+                found = self.shards.search_with_products(X, self.candidates(k, True), products) if products else None
+                ids = found.I if found is not None else self.shards.search(X, self.candidates(k, True), grouped=True)[1]
                 parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
+                maxima.append(None if found is None else self._largest_other(X, found.J, meta["row_id"]))
                 progress.update(len(X))
-        return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+        row_ids, D, I = (np.concatenate(column) for column in zip(*parts))
+        whole = None if any(part is None for part in maxima) else InnerMaxima(
+            *(np.concatenate(column) for column in zip(*maxima)))
+        return row_ids, D, I, whole
+
+    def _largest_other(self, X: np.ndarray, candidates: np.ndarray, query_ids: np.ndarray) -> InnerMaxima:
+        """Each query's largest exact inner product (float64) with a candidate other than itself, and that
+        candidate's row id (-inf and -1 where it has none)."""
+        ids = np.where(candidates == query_ids[:, None], -1, candidates)
+        valid = ids >= 0
+        rows, local = np.unique(np.where(valid, ids, self.row_ids[0]).ravel(), return_inverse=True)
+        scores = exact.exact_scores(X, self.vectors(rows), np.where(valid, local.reshape(ids.shape), -1), "ip")
+        scores = np.where(valid, scores, -np.inf)
+        best = np.argmax(scores, axis=1)
+        value = scores[np.arange(len(X)), best]
+        return InnerMaxima(value, np.where(np.isfinite(value), ids[np.arange(len(X)), best], -1))
 
     def candidates(self, k: int, exclude_self: bool) -> int:
         """Candidates to fetch for k neighbours: k (+1 for the query's own row); with compressed codes

@@ -31,11 +31,10 @@ from typing import Any
 
 import faiss
 import numpy as np
-from faiss.contrib.inspect_tools import get_invlist
 
 import memscan.store as store
 from memscan.errors import DataError
-from memscan.knn import exact, kmeans, tuning
+from memscan.knn import exact, kmeans, scan, tuning
 from memscan.knn.index import IndexSettings, nlist, recall_at
 from memscan.knn.shards import LocalShards, Shard, Shards, grouped_search
 
@@ -81,19 +80,6 @@ def choose_factory(count: int, n: int, budget: int) -> tuple[str, str]:
 SCANNED_IVFS = (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)   # codes ListsView decodes
 
 
-def list_decoder(ivf: Any) -> Callable[[int, np.ndarray], np.ndarray]:
-    """(list number, the list's codes) -> its vectors (m, d) float32 as the IVF stores them: Flat codes as they
-    are, SQ and PQ codes decoded, the list's centroid added back where the codes hold residuals."""
-    if isinstance(ivf, faiss.IndexIVFFlat):
-        return lambda number, codes: codes.view(np.float32).reshape(-1, ivf.d)
-    coder = ivf.sq if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else ivf.pq
-
-    def decode(number: int, codes: np.ndarray) -> np.ndarray:
-        vectors = coder.decode(codes)
-        return vectors + ivf.quantizer.reconstruct(number) if ivf.by_residual else vectors
-    return decode
-
-
 def inner_product_view(owner: Any) -> Any:
     """An IVF of metric inner product over the IVF `owner`'s own lists, quantizer and codec (shared, not copied),
     which keeps `owner` (the Python object that owns the L2 index) alive as long as it lives."""
@@ -113,26 +99,6 @@ def inner_product_view(owner: Any) -> Any:
     return view
 
 
-def scan_lists(X: np.ndarray, lists: np.ndarray, k: int,
-               list_vectors: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """For each query X (nq, n) the k largest inner products over the vectors of its probed `lists` (nq, p):
-    (scores (nq, k) float32, descending; local ids (nq, k), -1 where fewer). Each list is read and decoded once
-    for all the queries that probe it, its products one matrix product: faiss.contrib's big batch search, but
-    with residual codes' centroids added back."""
-    heap = faiss.ResultHeap(len(X), k, keep_max=True)
-    probes, queries = lists.ravel(), np.repeat(np.arange(len(X)), lists.shape[1])
-    order = np.argsort(probes, kind="stable")
-    probes, queries = probes[order], queries[order]
-    starts = np.flatnonzero(np.r_[True, probes[1:] != probes[:-1]])
-    for start, stop in zip(starts, np.r_[starts[1:], len(probes)]):
-        ids, vectors = list_vectors(int(probes[start])) if probes[start] >= 0 else ((), None)
-        if len(ids):
-            subset = queries[start:stop]
-            heap.add_result_subset(subset, X[subset] @ vectors.T, ids)
-    heap.finalize()
-    return heap.D, heap.I
-
-
 class ListsView(Shard):
     """An IVF shard's own inverted lists (Flat, SQ or PQ codes, any coarse quantizer) searched for the largest
     inner products: an IVF of metric inner product sharing the lists, no second index and no copy.
@@ -145,7 +111,7 @@ class ListsView(Shard):
 
     def __init__(self, shard: Shard, max_sq_norm: float):
         self.ivf = ivf = faiss.downcast_index(shard.index)
-        self.decode = list_decoder(ivf)
+        self.list_vectors = scan.list_vectors(ivf)
         self.probe = faiss.IndexIDMap(faiss.IndexFlatL2(ivf.d + 1))
         for number in range(ivf.nlist):
             _, vectors = self.list_vectors(number)
@@ -178,14 +144,9 @@ class ListsView(Shard):
         found = None
         if grouped:   # each list read once for the batch: 6x FAISS's per-query scan at nprobe 4 (1M patterns)
             found = (grouped_search(view, X, k, lists.astype(np.int32)) if self.centroids is None
-                     else scan_lists(X, lists, k, self.list_vectors))   # big batch search drops residuals' x . c
+                     else scan.scan_lists(X, lists, k, self.list_vectors))   # big batch search drops residuals' x . c
         D, local = found if found is not None else view.search_preassigned(X, k, lists, self._coarse(X, lists))
         return D, self.row_ids_of(local)
-
-    def list_vectors(self, number: int) -> tuple[np.ndarray, np.ndarray]:
-        """List `number`'s local ids (m,) and its vectors (m, d) float32, decoded, centroid added."""
-        ids, codes = get_invlist(self.ivf.invlists, number)
-        return ids, self.decode(number, codes)
 
 
 def lists_view(shard: Shard, max_sq_norm: float) -> ListsView | None:

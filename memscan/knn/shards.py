@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import memscan.store as store
 from memscan import files
 from memscan.errors import DataError
-from memscan.knn import cells, exact, tuning
+from memscan.knn import cells, exact, scan, tuning
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,18 @@ class Shard:
         # else Flat, HNSW, an IVF behind a transform, the GPU copy or a small batch: the plain search
         D, local = found if found is not None else (self.gpu_index if on_gpu else self.index).search(X, k)
         return D, self.row_ids_of(local)
+
+    def search_with_products(self, X: np.ndarray, k: int, products: int) -> scan.BothScans | None:
+        """The k nearest of each query (as `search`) and the `products` largest inner products over the same
+        probed lists, both from one product per list (`scan.scan_both`), ids as row ids; None unless a CPU
+        IVF-Flat of metric L2 (whose stored vectors are the patterns)."""
+        ivf = faiss.downcast_index(self.index)
+        if self.gpu_index is not None or type(ivf) is not faiss.IndexIVFFlat or ivf.metric_type != faiss.METRIC_L2:
+            return None
+        _, lists = ivf.quantizer.search(X, ivf.nprobe)
+        found = scan.scan_both(X, lists, k, products, scan.list_vectors(ivf))
+        D, ids = self._fill(X, k, found.D, self.row_ids_of(found.I))
+        return scan.BothScans(D, ids, found.P, self.row_ids_of(found.J))
 
     def lists(self) -> int | None:
         return nlist(self.index)
@@ -326,6 +338,19 @@ class Shards:
         X = np.ascontiguousarray(X, dtype=np.float32)
         parts = self._each("search", X, k, grouped)
         return parts[0] if len(parts) == 1 else exact.merge(parts, k, self.metric, len(X))
+
+    def search_with_products(self, X: np.ndarray, k: int, products: int) -> scan.BothScans | None:
+        """Every shard's `Shard.search_with_products`, merged: the best k nearest and `products` largest inner
+        products over the probed lists of every shard; None unless every shard can."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        parts = self._each("search_with_products", X, k, products)
+        if any(part is None for part in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        D, I = exact.merge([(part.D, part.I) for part in parts], k, self.metric, len(X))
+        P, J = exact.merge([(part.P, part.J) for part in parts], products, "ip", len(X))
+        return scan.BothScans(D, I, P, J)
 
     def set_parameter(self, name: str, value: int) -> None:
         self._each("set_parameter", name, value)

@@ -22,13 +22,15 @@ RECALL_QUERIES = 200   # the self-join's recall sample, where the index measured
 
 
 class Checked(NamedTuple):
-    """An approximate layer's self-join after `largest.verify_largest`, the self-join's recall, and the tuned
-    inner-product index (each None where the layer is exact or its products are)."""
+    """An approximate layer's self-join after `largest.verify_largest`, the self-join's recall, the tuned
+    inner-product index, and Delta's maxima from the self-join's scan where they reach the target recall (each
+    None where the layer is exact, its products are, or the scan's maxima fall short)."""
 
     joined: SelfJoin
     verified: largest.Verified | None
     recall: dict[str, Any] | None
     mips: separation.Mips | None
+    through_join: separation.ThroughJoin | None = None
 
 
 def checked(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> Checked:
@@ -48,8 +50,12 @@ def checked(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> Checked:
     joined, verified = largest.verify_largest(layer, patterns, joined, first, answers.get("largest"))
     recall = (layer.index.recall_of(requests["recall"], answers["recall"][0]) if "recall" in requests
               else layer.index.measured_recall if layer.approximate else None)
-    mips = None
+    mips, through_join = None, None
     if inner is not None:
-        truths = {name: answers[f"inner products: {name}"][0] for name in inner[1]}
-        mips = separation.tuned(layer, inner[0], inner[1], truths)
-    return Checked(joined, verified, recall, mips)
+        index, samples = inner
+        truths = {name: answers[f"inner products: {name}"][0] for name in samples}
+        through_join = separation.through_self_join(layer, patterns, joined, samples["patterns"], truths["patterns"])
+        if through_join is not None:   # Delta's maxima are found: the index serves the queries' top k alone
+            samples = {"queries": samples["queries"]}
+        mips = separation.tuned(layer, index, samples, {name: truths[name] for name in samples})
+    return Checked(joined, verified, recall, mips, through_join)

@@ -10,6 +10,7 @@ import numpy as np
 
 from memscan import analysis, theory
 from memscan.knn import exact
+from memscan.knn.index import InnerMaxima
 from memscan.query.context import Layer, refuse_missing
 from memscan.query.summary import RadiusChoice
 
@@ -40,23 +41,29 @@ def pattern_meta(layer: Layer) -> PatternMeta:
 
 
 class SelfJoin(NamedTuple):
-    """Every pattern's k nearest other patterns: D (d, k) squared distances, I (d, k) row ids, s (d,) nearest."""
+    """Every pattern's k nearest other patterns: D (d, k) squared distances, I (d, k) row ids, s (d,) nearest;
+    and where the scan that found them could tell, each pattern's largest inner product with another among the
+    vectors it read (`maxima`: a candidate for Delta's maximum, measured before it is used)."""
 
     D: np.ndarray
     I: np.ndarray
     s: np.ndarray
+    maxima: InnerMaxima | None = None
 
 
 def self_join(layer: Layer, patterns: PatternMeta) -> SelfJoin:
-    """The patterns' self-join: through the index at its own layer (unless --exact), exactly elsewhere."""
-    k = layer.settings.k
-    if layer.use_index:
+    """The patterns' self-join: through the index at its own layer (unless --exact), exactly elsewhere; where
+    Delta's products go through an index, with the scan's own largest products (`KnnIndex.self_join_with_products`)."""
+    k, maxima = layer.settings.k, None
+    if layer.use_index and not layer.exact_products:
+        pid, D, I, maxima = layer.index.self_join_with_products(k, batch_rows=layer.blocks.join_rows)
+    elif layer.use_index:
         pid, D, I = layer.index.self_join(k, batch_rows=layer.blocks.join_rows)
     else:
         pid, D, I = layer.engine.self_join(layer.pattern_blocks, k)
     assert np.array_equal(pid, patterns.row_id)   # both stream the same split and layer in row order
     refuse_missing(I, k)
-    return SelfJoin(D, I, np.sqrt(D[:, 0]))
+    return SelfJoin(D, I, np.sqrt(D[:, 0]), maxima)
 
 
 class Radii(NamedTuple):

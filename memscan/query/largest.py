@@ -111,4 +111,4 @@ def verify_largest(layer: Layer, patterns: PatternMeta, joined: SelfJoin, first:
         todo = _unverified_largest(s, largest, exact_rows)
     log.info("layer %d: the %d largest nearest-other distances searched exactly in %d rounds: %d corrected",
              layer.layer, int(exact_rows.sum()), rounds, corrected)
-    return SelfJoin(D, I, s), Verified(exact_rows, largest, not todo.size, corrected, rounds)
+    return SelfJoin(D, I, s, joined.maxima), Verified(exact_rows, largest, not todo.size, corrected, rounds)

@@ -80,7 +80,7 @@ def analyse_layer(index: KnnIndex, queries: store.ActivationDataset, layer: int,
     joined = checked.joined
     radii = distances.radii(context, joined)
     with step(progress, layer, "inner-product join"):
-        separated = separation.separation(context, meta, checked.mips)
+        separated = separation.separation(context, meta, checked.mips, checked.through_join)
     with step(progress, layer, "subsets"):
         parts = subsets.nearest_within(context, meta, joined, [part for part in settings.subsets if part < 1])
     totals, query_blocks = retrieval.stream_queries(context, meta, radii, checked.mips, sink, progress)

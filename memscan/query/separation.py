@@ -3,18 +3,23 @@ through an exact inner-product join or an inner-product index (`Mips`), whose to
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from memscan import analysis, theory
+from memscan.errors import DataError
 from memscan.knn import exact
+from memscan.knn.index import InnerMaxima, recall_at
 from memscan.knn.mips import RECALL_QUERIES, MipsIndex
 from memscan.query.context import Layer
 from memscan.query.distances import PatternMeta, Radii, SelfJoin
 from memscan.query.settings import mips_budget
 from memscan.query.summary import Separated
+
+log = logging.getLogger(__name__)
 
 
 class Mips(NamedTuple):
@@ -75,18 +80,53 @@ def _approximate_search(mips: Mips) -> dict[str, Any]:
     """How Delta's maxima were found through the inner-product index: its settings, recall and the bound."""
     recall = mips.recall["samples"]["patterns"]["recall_1_at_1"]
     return {"search": f"approximate: {mips.index.factory} {mips.index.search_params}",
-            "factory_reason": mips.index.reason, "recall_1_at_1": recall,
-            "bound": f"upper: ramsauer_delta and ramsauer_well_separated are upper bounds (a maximum inner "
-                     f"product found is never above the true one); the maxima's 1-recall@1 is {recall:.3f}",
-            **mips.recall}
+            "factory_reason": mips.index.reason, "recall_1_at_1": recall, "bound": _bound(recall), **mips.recall}
 
 
-def separation(layer: Layer, patterns: PatternMeta, mips: Mips | None) -> Separation:
-    """Delta_i = rho_i.rho_i - max_{j != i} rho_i.rho_j: through the inner-product index, or an exact join.
+class ThroughJoin(NamedTuple):
+    """Delta's maxima as the self-join's own scan found them (`SelfJoin.maxima`), and how well: its record."""
 
-    Through the index Delta_i is an upper bound: a maximum found is never above the true one.
+    maxima: InnerMaxima
+    record: dict[str, Any]
+
+
+def through_self_join(layer: Layer, patterns: PatternMeta, joined: SelfJoin, sample: exact.Request,
+                      truth: np.ndarray) -> ThroughJoin | None:
+    """The self-join scan's largest products as Delta's maxima, where on the patterns' sample they reach the
+    index's target 1-recall@1 against exact MIPS (`truth`); None where the scan kept none, or they fall short
+    (the inner-product index then searches its own lists)."""
+    if joined.maxima is None:
+        return None
+    found = joined.maxima.value[np.searchsorted(patterns.row_id, sample.ids)][:, None]
+    at_1, at_k = recall_at(found, truth, "ip")
+    target = layer.index.target_recall
+    log.info("layer %d: the self-join's lists hold each pattern's largest product for %.3f of the sample "
+             "(target %.2f)%s", layer.layer, at_1, target, "" if at_1 >= target else ": searching its own lists")
+    if at_1 < target:
+        return None
+    index = layer.index
+    return ThroughJoin(joined.maxima, {
+        "search": f"approximate: the self-join's own lists ({index.factory} {index.search_params})",
+        "factory_reason": "the vectors the nearest-neighbour scan read, their products from the same matrix product",
+        "recall_1_at_1": at_1, "bound": _bound(at_1), "target_recall": target, "tuning": None,
+        "samples": {"patterns": {"queries": len(sample.ids), "k": 1, "recall_1_at_1": at_1, "recall_k_at_k": at_k}}})
+
+
+def _bound(recall: float) -> str:
+    return (f"upper: ramsauer_delta and ramsauer_well_separated are upper bounds (a maximum inner product found "
+            f"is never above the true one); the maxima's 1-recall@1 is {recall:.3f}")
+
+
+def separation(layer: Layer, patterns: PatternMeta, mips: Mips | None, joined: ThroughJoin | None = None,
+               ) -> Separation:
+    """Delta_i = rho_i.rho_i - max_{j != i} rho_i.rho_j: from the self-join's scan (`joined`), through the
+    inner-product index, or an exact join.
+
+    Through an index Delta_i is an upper bound: a maximum found is never above the true one.
     """
-    if mips is None:
+    if joined is not None:
+        pid, best, search = patterns.row_id, joined.maxima.value, joined.record
+    elif mips is None:
         pid, _, partner = layer.engine.self_join(layer.pattern_blocks, 1, metric="ip")
         best = _paired_products(layer, partner[:, 0])
         search: dict[str, Any] = {"search": "exact", "recall_1_at_1": None}
@@ -94,6 +134,10 @@ def separation(layer: Layer, patterns: PatternMeta, mips: Mips | None) -> Separa
         pid, best = mips.index.max_other(layer.pattern_blocks)
         search = _approximate_search(mips)
     assert np.array_equal(pid, patterns.row_id)
+    missing = int(np.isinf(best).sum())
+    if missing:
+        raise DataError(f"Delta's search ({search['search']}) found no other pattern for {missing:,} patterns; "
+                        "pass --exact")
     M = math.sqrt(float(patterns.sq_norm.max()))
     return Separation(theory.ramsauer_separation(patterns.sq_norm, best),
                       theory.ramsauer_threshold(layer.d, layer.settings.beta, M), M, search)
