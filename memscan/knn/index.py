@@ -668,7 +668,8 @@ class KnnIndex:
     def self_join_with_products(self, k: int, batch_rows: int = 65536,
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, InnerMaxima | None]:
         """`self_join`, and for every pattern the largest inner product with another among the vectors the same
-        scan read (`Shards.search_with_products`: one product per list gives both), recomputed exactly; its
+        scan read (`Shards.search_with_products`: one product per list gives both) and its k nearest found
+        (where a pattern's probed lists held too few, they come from a wider search), recomputed exactly; its
         maxima None where the shards cannot scan both at once. How often that is the true maximum is measured
         by its caller (memscan.query.checks)."""
         return self._joined(k, batch_rows, products=PRODUCT_CANDIDATES)
@@ -683,7 +684,9 @@ class KnnIndex:
                 found = self.shards.search_with_products(X, self.candidates(k, True), products) if products else None
                 ids = found.I if found is not None else self.shards.search(X, self.candidates(k, True), grouped=True)[1]
                 parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
-                maxima.append(None if found is None else self._largest_other(X, found.J, meta["row_id"]))
+                # the nearest found join the candidates: a pattern alone in its probed lists still has products
+                maxima.append(None if found is None else self._largest_other(
+                    X, np.concatenate([found.J, parts[-1][2]], axis=1), meta["row_id"]))
                 progress.update(len(X))
         row_ids, D, I = (np.concatenate(column) for column in zip(*parts))
         whole = None if any(part is None for part in maxima) else InnerMaxima(
