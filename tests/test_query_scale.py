@@ -403,7 +403,8 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
     layer = context.open_layer(index, data, 0, QuerySettings(k=2), leave_one_out=False)
     patterns = distances.pattern_meta(layer)
     approx = distances.self_join(layer, patterns)
-    joined, verified, _, _ = checks.checked(layer, patterns, approx)
+    found = checks.checked(layer, patterns, approx)
+    joined, verified = found.joined, found.verified
     top = patterns.row_id[np.argsort(-approx.s)[:20]]
     through_lists = index.exact_within(index.vectors(top), 2, top, np.full(20, np.sqrt(approx.D[:, -1].max())))
     assert (through_lists is not None) == (kind == "clustered")
@@ -429,7 +430,8 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
         assert verified.rounds == 1   # the first round's margin held every s_i that corrections let in
         with pytest.MonkeyPatch.context() as patch:   # without it, corrections bring them in round by round
             patch.setattr(largest, "VERIFY_MARGIN", 1.0)
-            again, round_by_round, _, _ = checks.checked(layer, patterns, approx)
+            rerun = checks.checked(layer, patterns, approx)
+            again, round_by_round = rerun.joined, rerun.verified
         assert round_by_round.rounds > 1 and round_by_round.largest_exact
         top = np.argsort(-again.s)[:20]
         np.testing.assert_allclose(again.s[top], s_true[top], rtol=1e-5)

@@ -403,8 +403,9 @@ def _numbers(summary: dict) -> dict:
 def test_query_on_ray_searches_inner_products_through_the_actors_own_lists(options, local_reference, tmp_path,
                                                                             monkeypatch):
     """An approximate layer's inner-product statistics (Delta, the MCHN top k) on Ray: each actor scans its own
-    shard's lists for inner products and the driver merges; no second index anywhere, and every number and
-    table equal to the local query's."""
+    shard's lists for inner products (Delta's in the self-join's own scan, the queries' through its view of the
+    lists) and the driver merges; no second index anywhere, and every number and table equal to the local
+    query's."""
     from memscan.knn import mips, tuning
 
     # an IVF inner-product index (not Flat) for these few patterns: the approximate products are asked for
@@ -435,10 +436,11 @@ def test_query_on_ray_searches_inner_products_through_the_actors_own_lists(optio
     approximate = [layer for layer in there.summary["layers"] if layer["search"] != "exact"]
     assert [layer["layer"] for layer in approximate] == [2]
     products = approximate[0]["A3"]["inner_products"]
-    assert products["search"].startswith("approximate: IVF8,Flat (its own lists, inner product) {'nprobe': ")
-    assert products["factory_reason"].startswith("the nearest-neighbour index's inverted lists")
-    assert products["samples"]["patterns"]["recall_1_at_1"] > 0 and products["tuning"] is not None
-    assert approximate[0]["energy"]["mchn_top_k_recall"] == products["samples"]["queries"]
+    # Delta's maxima from the self-join's own scan of the actors' lists (they reach the target on this sample)
+    assert products["search"].startswith("approximate: the self-join's own lists (IVF8,Flat {'nprobe': ")
+    assert products["samples"]["patterns"]["recall_1_at_1"] >= products["target_recall"]
+    assert products["tuning"] is None   # the actors' inner-product views serve the queries' top k alone
+    assert approximate[0]["energy"]["mchn_top_k_recall"]["queries"] > 0
 
 
 def test_inner_product_views_made_by_the_actors_equal_the_local_views(options, tmp_path):
