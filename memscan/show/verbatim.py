@@ -19,7 +19,6 @@ import torch
 
 import memscan.store as store
 from memscan import folders, models, score
-from memscan.errors import DataError
 from memscan.verbatim import VerbatimResult, VerbatimSettings
 from memscan.verbatim.match import SUFFIX_IDS, greedy_continuations
 
@@ -27,16 +26,6 @@ from memscan.verbatim.match import SUFFIX_IDS, greedy_continuations
 def read(folder: Path) -> VerbatimResult:
     """The verbatim folder at `folder` as its stage returned it."""
     return VerbatimResult(folder, folders.read_record(folder, folders.VERBATIM))
-
-
-def _chunk_tokens(data: Path, chosen: pd.DataFrame) -> np.ndarray:
-    """The token ids (m, T) of the chosen chunks, by (doc_id, chunk_id), from the dataset's chunk table."""
-    table = store.read_chunk_table(data)
-    keys = pd.DataFrame({"doc_id": table["doc_id"], "chunk_id": table["chunk_id"], "at": np.arange(len(table["doc_id"]))})
-    found = chosen[["doc_id", "chunk_id"]].merge(keys, on=["doc_id", "chunk_id"], how="left")
-    if found["at"].isna().any():
-        raise DataError(f"the dataset '{data}' lacks chunks the verbatim table lists: it was replaced since")
-    return np.asarray(table["token_ids"])[found["at"].to_numpy(np.int64)].astype(np.int64)
 
 
 def suffixes(result: VerbatimResult, chosen: pd.DataFrame) -> pd.DataFrame:
@@ -47,7 +36,7 @@ def suffixes(result: VerbatimResult, chosen: pd.DataFrame) -> pd.DataFrame:
     names = {f.name for f in dataclasses.fields(VerbatimSettings)}
     settings = VerbatimSettings(**{key: value for key, value in recorded.items() if key in names})
     data = Path(result.record["data"])
-    tokens = _chunk_tokens(data, chosen)
+    tokens = store.chunk_tokens(data, chosen.doc_id.to_numpy(), chosen.chunk_id.to_numpy())
     prompts, truth = tokens[:, :settings.prompt_tokens], tokens[:, settings.prompt_tokens:][:, :settings.suffix_tokens]
     manifest = store.read_manifest(data)
     if SUFFIX_IDS in chosen:

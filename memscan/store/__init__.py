@@ -8,7 +8,7 @@ fsynced and renamed into place, so a listed shard is always whole (docs/formats.
 `formats` holds the file names, versions and Arrow schemas; `manifest` builds, writes and
 checks manifest.json; `writers` and `reader` write and stream shards; `tally` checks what
 a shard holds against its manifest, `verification` a whole folder; `chunks` is the
-per-chunk table, `lookup` rows and chunks joined to their text (`rows_with_text`, `chunks_with_text`),
+per-chunk table, `lookup` rows and chunks joined to their text (`rows_with_text`, `chunks_with_text`) and tokens (`chunk_tokens`),
 `tables` the plain result tables, `texts` a user's Parquet text source.
 """
 
@@ -16,7 +16,7 @@ from memscan.files import sha256_of, write_json_atomic   # reached as store.* by
 from memscan.store.chunks import ChunkTableWriter, chunk_rows, chunk_table_chunks, read_chunk_table
 from memscan.store.formats import (DEFAULT_SITE, FORMAT_VERSION, MANIFEST, PER_TOKEN_COLUMNS, SUBFOLDERS,
                                    SUBFOLDERS_SINCE, VEC_DTYPES, is_dataset_file, rows_table, schema)
-from memscan.store.lookup import chunks_with_text, rows_with_text
+from memscan.store.lookup import chunk_tokens, chunks_with_text, rows_with_text
 from memscan.store.manifest import (kept_positions, new_manifest, read_manifest, set_index, shard_schema, sites_of,
                                     write_manifest)
 from memscan.store.reader import ActivationDataset
@@ -27,7 +27,7 @@ from memscan.store.writers import ShardInfo, ShardWriter, write_vectors
 
 __all__ = ["column_names", "DEFAULT_SITE", "FORMAT_VERSION", "MANIFEST", "PER_TOKEN_COLUMNS", "SUBFOLDERS", "SUBFOLDERS_SINCE",
            "VEC_DTYPES", "ActivationDataset",
-           "ChunkTableWriter", "ShardInfo", "ShardWriter", "TableWriter", "chunk_rows", "chunk_table_chunks", "chunks_with_text",
+           "ChunkTableWriter", "ShardInfo", "ShardWriter", "TableWriter", "chunk_rows", "chunk_table_chunks", "chunk_tokens", "chunks_with_text",
            "is_dataset_file", "kept_positions", "new_manifest", "read_chunk_table", "read_text_rows",
            "read_manifest", "read_table", "read_text_column", "rows_table", "rows_with_text", "schema", "set_index", "sha256_of",
            "shard_schema", "sites_of", "verify", "write_json_atomic", "write_manifest", "write_table",

@@ -123,18 +123,9 @@ def _chunk_texts(directory: Path, manifest: dict[str, Any], indices: np.ndarray,
                  ) -> dict[str, np.ndarray]:
     """doc_key and text (and with `with_ids` doc_id, chunk_id, split) of the per-chunk table's rows `indices`
     (m,), in that order; reads only the pieces holding them. Before format version 4 the text is decoded here."""
-    entries = chunk_table_entries(manifest, directory)
-    piece_of = np.searchsorted([e["chunk_start"] for e in entries], indices, side="right") - 1
     modern = manifest["format_version"] >= SUBFOLDERS_SINCE
     ids = ["doc_id", "chunk_id", "split"] if with_ids else []
-    names = [*ids, *(["doc_key", "text"] if modern else ["token_ids"])]
-    out: dict[str, np.ndarray] = {name: np.empty(len(indices), object) for name in names}
-    for index in np.unique(piece_of):
-        entry, here = entries[index], np.flatnonzero(piece_of == index)
-        path = folders.check_file(directory, folders.DATASET, entry, "chunk table")
-        taken = pq.read_table(path, columns=names).take(pa.array(indices[here] - entry["chunk_start"]))
-        for name in names:
-            out[name][here] = column_numpy(taken.column(name).combine_chunks())
+    out = _chunk_columns(directory, manifest, indices, [*ids, *(["doc_key", "text"] if modern else ["token_ids"])])
     if not modern:
         out["text"] = np.array(_decode(manifest, directory, out.pop("token_ids")), dtype=object)
         out["doc_key"] = np.full(len(indices), None, object)
@@ -142,6 +133,33 @@ def _chunk_texts(directory: Path, manifest: dict[str, Any], indices: np.ndarray,
         if name in out:
             out[name] = out[name].astype(np.int64)
     return out
+
+
+def _chunk_columns(directory: Path, manifest: dict[str, Any], indices: np.ndarray, names: list[str],
+                   ) -> dict[str, np.ndarray]:
+    """The columns `names` (m,) of the per-chunk table's rows `indices`, in that order; reads only the pieces
+    holding them."""
+    entries = chunk_table_entries(manifest, directory)
+    piece_of = np.searchsorted([e["chunk_start"] for e in entries], indices, side="right") - 1
+    out: dict[str, np.ndarray] = {name: np.empty(len(indices), object) for name in names}
+    for index in np.unique(piece_of):
+        entry, here = entries[index], np.flatnonzero(piece_of == index)
+        path = folders.check_file(directory, folders.DATASET, entry, "chunk table")
+        taken = pq.read_table(path, columns=names).take(pa.array(indices[here] - entry["chunk_start"]))
+        for name in names:
+            out[name][here] = column_numpy(taken.column(name).combine_chunks())
+    return out
+
+
+def chunk_tokens(dataset_dir: str | os.PathLike[str], doc_ids: Sequence[int] | np.ndarray,
+                 chunk_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The token ids (m, T) int64 of the given (doc_id, chunk_id) pairs, in order, read from only the pieces
+    holding them; a pair not in the dataset is one DataError line."""
+    directory = Path(dataset_dir)
+    manifest = _complete(directory)
+    found = _chunk_indices(directory, manifest, _as_ids(doc_ids, "doc_ids"), _as_ids(chunk_ids, "chunk_ids"))
+    rows = _chunk_columns(directory, manifest, found, ["token_ids"])["token_ids"]
+    return np.array([np.asarray(row, np.int64) for row in rows]).reshape(len(found), -1)
 
 
 def _decode(manifest: dict[str, Any], directory: Path, token_ids: np.ndarray) -> list[str]:
