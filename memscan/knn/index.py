@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,8 +35,8 @@ from memscan import checks, files, folders, layout
 from memscan.fields import setting
 from memscan.errors import DataError, InputError
 from memscan.knn import exact, kmeans, tuning
-from memscan.knn.shards import (OWN_FILE, Engine, InProcess, Shards, entry_names, file_names, fill_shard, load_shard,
-                                 nlist, row_ranges)
+from memscan.knn.shards import (OWN_FILE, Engine, InProcess, LocalShards, Shards, entry_names, file_names,
+                                 fill_shard, load_shard, nlist, row_ranges)
 from memscan.knn.tuning import MIN_TRAIN_PER_LIST, auto_factory
 from memscan.results import StageResult
 
@@ -677,21 +677,34 @@ class KnnIndex:
     def _joined(self, k: int, batch_rows: int, products: int,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, InnerMaxima | None]:
         self.check_k(k, exclude_self=True)
-        parts, maxima = [], []
-        with tqdm(total=self.shards.ntotal, desc="self-join", unit="vec", unit_scale=True, disable=None,
-                  leave=False) as progress:
-            for X, meta in self.dataset.iter_batches(split=self.split, layer=self.layer, batch_rows=batch_rows):
-                found = self.shards.search_with_products(X, self.candidates(k, True), products) if products else None
-                ids = found.I if found is not None else self.shards.search(X, self.candidates(k, True), grouped=True)[1]
-                parts.append((meta["row_id"], *self._finish(X, ids, k, meta["row_id"])))
-                # the nearest found join the candidates: a pattern alone in its probed lists still has products
-                maxima.append(None if found is None else self._largest_other(
-                    X, np.concatenate([found.J, parts[-1][2]], axis=1), meta["row_id"]))
+        n = self.shards.ntotal
+        D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        value, partner, complete = np.full(n, -np.inf), np.full(n, -1, np.int64), bool(products)
+        with tqdm(total=n, desc="self-join", unit="vec", unit_scale=True, disable=None, leave=False) as progress:
+            for rows, X, ids, products_found in self._join_scans(self.candidates(k, True), batch_rows, products):
+                at = np.searchsorted(self.row_ids, rows)
+                D[at], I[at] = self._finish(X, ids, k, rows)
+                if products_found is None:
+                    complete = False
+                elif complete:   # the nearest found join the candidates: one alone in its lists still has products
+                    value[at], partner[at] = self._largest_other(X, np.concatenate([products_found, I[at]], 1), rows)
                 progress.update(len(X))
-        row_ids, D, I = (np.concatenate(column) for column in zip(*parts))
-        whole = None if any(part is None for part in maxima) else InnerMaxima(
-            *(np.concatenate(column) for column in zip(*maxima)))
-        return row_ids, D, I, whole
+        return self.row_ids, D, I, InnerMaxima(value, partner) if complete else None
+
+    def _join_scans(self, count: int, batch_rows: int, products: int,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """The self-join's candidates by block: (row ids, X, `count` nearest candidates' row ids, the `products`
+        largest products' row ids or None). One IVF-Flat held here scans its own lists, reading nothing from the
+        dataset (`Shard.self_join_scans`); else the dataset's batches are searched through every shard."""
+        shard = self.shards.local_shard()
+        scans = shard.self_join_scans(count, products, batch_rows) if shard is not None else None
+        if scans is not None:
+            yield from ((rows, X, found.I, found.J if products else None) for rows, X, found in scans)
+            return
+        for X, meta in self.dataset.iter_batches(split=self.split, layer=self.layer, batch_rows=batch_rows):
+            found = self.shards.search_with_products(X, count, products) if products else None
+            ids = found.I if found is not None else self.shards.search(X, count, grouped=True)[1]
+            yield meta["row_id"], X, ids, None if found is None else found.J
 
     def _largest_other(self, X: np.ndarray, candidates: np.ndarray, query_ids: np.ndarray) -> InnerMaxima:
         """Each query's largest exact inner product (float64) with a candidate other than itself, and that
@@ -739,6 +752,19 @@ class KnnIndex:
         log.debug("exact search of %d patterns through %.1f lists each", len(X), scanned / max(1, len(X)))
         return self._finish(X, ids, k, query_ids)
 
+    def pattern_blocks(self, block_rows: int = 65536) -> Callable[[], Iterator[exact.Block]]:
+        """The indexed patterns as a re-startable iterator of (row ids, X) blocks in row order: copied out of the
+        index's own codes where they are the vectors as added and held in this process (no Parquet decoding:
+        at ten million patterns a pass costs seconds, not minutes), else read from the dataset."""
+        if not (self.shards.exact_codes and isinstance(self.shards, LocalShards)):
+            return dataset_blocks(self.dataset, self.split, self.layer, block_rows)
+
+        def blocks() -> Iterator[exact.Block]:
+            for start in range(0, self.shards.ntotal, block_rows):
+                rows = self.row_ids[start:start + block_rows]
+                yield rows, self.shards.reconstruct(rows)
+        return blocks
+
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Indexed patterns' vectors (m, n) float32, in the order given: from the index's own codes where they
         are the vectors as added (Flat, IVF-Flat, HNSW-Flat: an O(m) lookup), else read from the dataset."""
@@ -755,13 +781,12 @@ class KnnIndex:
 
     def truth(self, request: exact.Request) -> np.ndarray:
         """The exact scores (m, k) of `request` against the indexed split and layer, in a pass of its own."""
-        database = dataset_blocks(self.dataset, self.split, self.layer)
-        return self.engine.knn_each([request], database)[0][0]
+        return self.engine.knn_each([request], self.pattern_blocks())[0][0]
 
-    def recall_of(self, request: exact.Request, truth: np.ndarray) -> dict[str, Any]:
+    def recall_of(self, request: exact.Request, truth: np.ndarray, found: np.ndarray | None = None) -> dict[str, Any]:
         """1-recall@1 and k-recall@k of the self-join on `request`'s patterns against their exact `truth`
-        (`recall_at`)."""
-        approx, _ = self.search(request.X, request.k, request.ids)
+        (`recall_at`): `found` is what a self-join made found for them (m, k), else they are searched now."""
+        approx = found if found is not None else self.search(request.X, request.k, request.ids)[0]
         at_1, at_k = recall_at(approx, truth, self.metric)
         return {"queries": len(request.ids), "k": request.k, "recall_1_at_1": at_1, "recall_k_at_k": at_k,
                 "search": self.search_params}

@@ -49,14 +49,45 @@ def _groups(lists: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
             yield int(probes[start]), queries[start:stop]
 
 
+PRODUCT_ELEMENTS = 1 << 24   # one list's scores are computed for this many (query, vector) pairs at a time
+
+
+def _pieces(subset: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """`subset` in pieces whose scores against `size` vectors hold at most PRODUCT_ELEMENTS: a list probed by
+    many queries (a large cluster) never makes one product of all of them."""
+    step = max(1, PRODUCT_ELEMENTS // max(1, size))
+    return (subset[start:start + step] for start in range(0, len(subset), step))
+
+
+def own_list_blocks(ivf: Any, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The IVF's stored vectors as self-join queries, whole lists at a time (at least `block_rows` vectors a
+    block, but for the last): (local ids (m,), vectors (m, d), the lists each probes (m, nprobe)). At nprobe 1
+    that is the list each vector was added to, its nearest centroid: no coarse search, and each list is read
+    by one block only; else the quantizer's nprobe nearest."""
+    read = list_vectors(ivf)
+    parts: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for number in range(ivf.nlist):
+        ids, vectors = read(number)
+        if len(ids):
+            parts.append((number, ids, vectors))
+        if parts and (number == ivf.nlist - 1 or sum(len(ids) for _, ids, _ in parts) >= block_rows):
+            local, X = np.concatenate([ids for _, ids, _ in parts]), np.concatenate([v for _, _, v in parts])
+            if ivf.nprobe == 1:
+                lists = np.repeat([number for number, _, _ in parts], [len(ids) for _, ids, _ in parts])[:, None]
+            else:
+                lists = ivf.quantizer.search(X, ivf.nprobe)[1]
+            parts = []
+            yield local, X, lists
+
+
 def scan_lists(X: np.ndarray, lists: np.ndarray, k: int, vectors_of: ListVectors) -> tuple[np.ndarray, np.ndarray]:
     """For each query X (nq, n) the k largest inner products over the vectors of its probed `lists` (nq, p):
     (scores (nq, k) float32, descending; local ids (nq, k), -1 where fewer)."""
     heap = faiss.ResultHeap(len(X), k, keep_max=True)
     for number, subset in _groups(lists):
         ids, vectors = vectors_of(number)
-        if len(ids):
-            heap.add_result_subset(subset, X[subset] @ vectors.T, ids)
+        for piece in _pieces(subset, len(ids)):
+            heap.add_result_subset(piece, X[piece] @ vectors.T, ids)
     heap.finalize()
     return heap.D, heap.I
 
@@ -73,21 +104,30 @@ class BothScans(NamedTuple):
 
 def scan_both(X: np.ndarray, lists: np.ndarray, k: int, products: int, vectors_of: ListVectors) -> BothScans:
     """The k nearest and the `products` largest inner products of each query X (nq, n) over the vectors of its
-    probed `lists` (nq, p), both from one product per list: ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y (float32,
-    as FAISS's own scan; callers recompute their candidates' scores exactly)."""
+    probed `lists` (nq, p) (none where `products` is 0), both from one product per list. The product is of
+    residuals from the list's mean, so float32's rounding of ||x - y||^2 = ||x - c||^2 + ||y - c||^2 -
+    2 (x - c).(y - c) scales with the cluster's spread, not the patterns' norms; x.y adds back the centre's
+    terms. Callers still recompute their candidates' scores exactly."""
     nearest = faiss.ResultHeap(len(X), k, keep_max=False)
-    largest = faiss.ResultHeap(len(X), products, keep_max=True)
-    squares = np.einsum("ij,ij->i", X, X)
+    largest = faiss.ResultHeap(len(X), products, keep_max=True) if products else None
     for number, subset in _groups(lists):
         ids, vectors = vectors_of(number)
-        if not len(ids):
-            continue
-        G = X[subset] @ vectors.T
-        largest.add_result_subset(subset, G, ids)
-        G *= -2
-        G += squares[subset, None]
-        G += np.einsum("ij,ij->i", vectors, vectors)[None, :]
-        nearest.add_result_subset(subset, G, ids)
+        center = vectors.mean(axis=0)
+        residuals = vectors - center
+        residual_squares = np.einsum("ij,ij->i", residuals, residuals)[None, :]
+        center_terms = (vectors @ center - center @ center)[None, :]
+        for piece in _pieces(subset, len(ids)):
+            queries = X[piece]
+            query_residuals = queries - center
+            G = query_residuals @ residuals.T
+            if largest is not None:
+                largest.add_result_subset(piece, G + (queries @ center)[:, None] + center_terms, ids)
+            G *= -2
+            G += np.einsum("ij,ij->i", query_residuals, query_residuals)[:, None]
+            G += residual_squares
+            nearest.add_result_subset(piece, G, ids)
     nearest.finalize()
+    if largest is None:
+        return BothScans(nearest.D, nearest.I, np.empty((len(X), 0), np.float32), np.empty((len(X), 0), np.int64))
     largest.finalize()
     return BothScans(nearest.D, nearest.I, largest.D, largest.I)

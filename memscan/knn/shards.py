@@ -157,10 +157,30 @@ class Shard:
         """The k nearest of each query (as `search`) and the `products` largest inner products over the same
         probed lists, both from one product per list (`scan.scan_both`), ids as row ids; None unless a CPU
         IVF-Flat of metric L2 (whose stored vectors are the patterns)."""
+        ivf = self._scannable()
+        return None if ivf is None else self._scanned(ivf, X, ivf.quantizer.search(X, ivf.nprobe)[1], k, products)
+
+    def self_join_scans(self, k: int, products: int, block_rows: int,
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray, scan.BothScans]] | None:
+        """Every stored vector searched as `search_with_products` would, whole inverted lists at a time
+        (`scan.own_list_blocks`: at nprobe 1 each vector probes the list it was added to, so no coarse search
+        runs and each list is read once): (row ids, vectors, found) per block, none of them read from the
+        dataset; None unless a CPU IVF-Flat of metric L2. Neighbours are this shard's only."""
+        ivf = self._scannable()
+        if ivf is None:
+            return None
+        return ((self.row_ids_of(local), X, self._scanned(ivf, X, lists, k, products))
+                for local, X, lists in scan.own_list_blocks(ivf, block_rows))
+
+    def _scannable(self) -> Any:
+        """The shard's IVF-Flat of metric L2 held on the CPU (its stored vectors are the patterns), else None."""
         ivf = faiss.downcast_index(self.index)
         if self.gpu_index is not None or type(ivf) is not faiss.IndexIVFFlat or ivf.metric_type != faiss.METRIC_L2:
             return None
-        _, lists = ivf.quantizer.search(X, ivf.nprobe)
+        return ivf
+
+    def _scanned(self, ivf: Any, X: np.ndarray, lists: np.ndarray, k: int, products: int) -> scan.BothScans:
+        """`scan.scan_both` over `lists`, queries left short by small lists searched wider (`_fill`), as row ids."""
         found = scan.scan_both(X, lists, k, products, scan.list_vectors(ivf))
         D, ids = self._fill(X, k, found.D, self.row_ids_of(found.I))
         return scan.BothScans(D, ids, found.P, self.row_ids_of(found.J))

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from memscan.knn import exact
+from memscan.knn.mips import RECALL_QUERIES
 from memscan.query import largest, separation
 from memscan.query.context import Layer
 from memscan.query.distances import PatternMeta, SelfJoin
 
 log = logging.getLogger(__name__)
-
-RECALL_QUERIES = 200   # the self-join's recall sample, where the index measured none at build
 
 
 class Checked(NamedTuple):
@@ -40,16 +41,19 @@ def checked(layer: Layer, patterns: PatternMeta, joined: SelfJoin) -> Checked:
     requests: dict[str, exact.Request] = {}
     if first is not None and first.found is None:
         requests["largest"] = first.request
-    if layer.approximate and layer.index.measured_recall is None:
+    if layer.approximate:   # measured on the join made, which need not be the index's search (its own lists)
         requests["recall"] = layer.index.recall_request(RECALL_QUERIES, layer.settings.k, layer.settings.seed)
     if inner is not None:
         requests.update({f"inner products: {name}": sample for name, sample in inner[1].items()})
     answers = dict(zip(requests, layer.engine.knn_each(list(requests.values()), layer.pattern_blocks,
                                                        block_rows=layer.blocks.knn_rows)))
     log.debug("layer %d: one exact pass for %s", layer.layer, ", ".join(requests) or "nothing")
+    recall = None
+    if "recall" in requests:
+        sample = requests["recall"]
+        found = joined.D[np.searchsorted(patterns.row_id, sample.ids), :sample.k]
+        recall = layer.index.recall_of(sample, answers["recall"][0], found)
     joined, verified = largest.verify_largest(layer, patterns, joined, first, answers.get("largest"))
-    recall = (layer.index.recall_of(requests["recall"], answers["recall"][0]) if "recall" in requests
-              else layer.index.measured_recall if layer.approximate else None)
     mips, through_join = None, None
     if inner is not None:
         index, samples = inner

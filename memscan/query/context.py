@@ -62,7 +62,10 @@ class Layer:
 
     @property
     def pattern_blocks(self) -> Callable[[], Iterator[exact.Block]]:
-        """The patterns of this layer as a re-startable iterator of (row ids, X) blocks of `pattern_rows`."""
+        """The patterns of this layer as a re-startable iterator of (row ids, X) blocks of `pattern_rows`: from
+        the index where it holds them (`KnnIndex.pattern_blocks`), else from the dataset."""
+        if self.own:
+            return self.index.pattern_blocks(self.blocks.pattern_rows)
         return dataset_blocks(self.patterns, self.pattern_split, self.layer, self.blocks.pattern_rows)
 
 
