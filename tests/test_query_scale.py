@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import clustered
+from faiss.contrib.inspect_tools import get_invlist
 
 import memscan
 from memscan import analysis, query, store, theory
@@ -403,7 +404,11 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
     layer = context.open_layer(index, data, 0, QuerySettings(k=2), leave_one_out=False)
     patterns = distances.pattern_meta(layer)
     approx = distances.self_join(layer, patterns)
-    found = checks.checked(layer, patterns, approx)
+
+    def fresh() -> distances.SelfJoin:   # the verification replaces rows in place: each check gets its own copy
+        return distances.SelfJoin(approx.D.copy(), approx.I.copy(), approx.s.copy(), approx.maxima)
+
+    found = checks.checked(layer, patterns, fresh())
     joined, verified = found.joined, found.verified
     top = patterns.row_id[np.argsort(-approx.s)[:20]]
     through_lists = index.exact_within(index.vectors(top), 2, top, np.full(20, np.sqrt(approx.D[:, -1].max())))
@@ -430,7 +435,7 @@ def test_the_largest_nearest_other_distances_are_searched_again_exactly(kind, tm
         assert verified.rounds == 1   # the first round's margin held every s_i that corrections let in
         with pytest.MonkeyPatch.context() as patch:   # without it, corrections bring them in round by round
             patch.setattr(largest, "VERIFY_MARGIN", 1.0)
-            rerun = checks.checked(layer, patterns, approx)
+            rerun = checks.checked(layer, patterns, fresh())
             again, round_by_round = rerun.joined, rerun.verified
         assert round_by_round.rounds > 1 and round_by_round.largest_exact
         top = np.argsort(-again.s)[:20]
@@ -704,3 +709,47 @@ def test_one_scan_gives_the_nearest_and_the_largest_products_of_the_probed_lists
         assert set(both.J[row]) == set(2 * members[np.argsort(-products)[:10]])
     hnsw = Shard(faiss.IndexHNSWFlat(16, 8), np.arange(0), {})
     assert hnsw.search_with_products(X[:5], 3, 4) is None     # only an IVF-Flat's lists hold the vectors
+
+
+def test_the_self_join_scans_each_list_whole_and_matches_brute_force_over_it():
+    """Shard.self_join_scans at nprobe 1: every stored vector once, searched over the list it was added to, its
+    k nearest and largest products those of brute force (float64) over that list. The patterns sit far from the
+    origin (||x||^2 ~ 1e5, neighbours ~ 1 apart), where float32's x.x + y.y - 2 x.y would misorder them: the
+    scan's products of residuals from the list's mean must not. At nprobe 2 it equals the shard's own scan."""
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(2000, 16)) + 80).astype(np.float32)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 12)
+    ivf.train(X)
+    ivf.add(X)
+    shard = Shard(ivf, np.arange(2000) * 2, {"nprobe": 1})
+    blocks = list(shard.self_join_scans(6, 10, block_rows=500))
+    rows = np.concatenate([rows for rows, _, _ in blocks])
+    assert np.array_equal(np.sort(rows), np.arange(2000) * 2) and len(blocks) < 12   # whole lists, some together
+    own_list = np.empty(2000, np.int64)
+    for number in range(ivf.nlist):
+        own_list[get_invlist(ivf.invlists, number)[0]] = number
+    for block_rows, block_X, found in blocks:
+        assert np.array_equal(block_X, X[block_rows // 2])
+        for row, D, I, P in zip(block_rows // 2, found.D, found.I, found.P):
+            members = np.flatnonzero(own_list == own_list[row])
+            distances = ((X[members].astype(np.float64) - X[row]) ** 2).sum(1)
+            products = X[members].astype(np.float64) @ X[row].astype(np.float64)
+            assert set(I) == set(2 * members[np.argsort(distances)[:6]])
+            np.testing.assert_allclose(D, np.sort(distances)[:6], rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(P, -np.sort(-products)[:10], rtol=1e-6)
+    shard.set_parameter("nprobe", 2)
+    for block_rows, block_X, found in shard.self_join_scans(6, 10, block_rows=500):
+        assert np.array_equal(found.I, shard.search_with_products(block_X, 6, 10).I)
+
+
+def test_an_indexs_own_patterns_are_read_from_its_codes_as_the_dataset_holds_them(data, ivf, tmp_path):
+    """KnnIndex.pattern_blocks: an IVF-Flat's codes give the same blocks, bytes and row order, as the dataset;
+    an index whose codes are not the vectors (SQ8) reads the dataset."""
+    flat, blocks = KnnIndex.load(ivf), dataset_blocks(store.ActivationDataset(data), "train", 0, 700)
+    expected = list(blocks())
+    build(data, tmp_path / "sq8", IndexSettings(factory="IVF16,SQ8", nprobe=4))
+    for index in (flat, KnnIndex.load(tmp_path / "sq8")):
+        found = list(index.pattern_blocks(700)())
+        assert len(found) == len(expected)
+        for (rows, X), (want_rows, want_X) in zip(found, expected):
+            assert np.array_equal(rows, want_rows) and np.array_equal(X, want_X) and X.dtype == np.float32

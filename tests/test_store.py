@@ -155,6 +155,34 @@ def test_reader_keeps_only_a_row_range_across_shard_and_row_group_boundaries(ref
             np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), np.stack(expected.vec.to_numpy()))
 
 
+def test_a_split_stored_apart_is_read_without_decoding_the_other_row_groups(tmp_path, monkeypatch):
+    """Row groups whose statistics exclude the split (or layer) are skipped; `columns` reads no vectors. The rows
+    read are those a full read would give (also where the splits interleave, as a wrong skip would lose them)."""
+    monkeypatch.setattr(writers, "ROW_GROUP_BYTES", 40 * 4 * 4)
+    X = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+    store.write_vectors(tmp_path / "apart", X, ["train"] * 900 + ["test"] * 100, shard_rows=250)
+    store.write_vectors(tmp_path / "mixed", X, ["train", "test"] * 500, shard_rows=250)
+    read_groups: list[int] = []
+    original = pq.ParquetFile.iter_batches
+
+    def spying(self, *args, row_groups=None, columns=None, **kwargs):
+        if columns is not None and "vec" in columns:
+            read_groups.extend(row_groups)
+        return original(self, *args, row_groups=row_groups, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spying)
+    for name, expected in (("apart", np.arange(900, 1000)), ("mixed", np.arange(1, 1000, 2))):
+        dataset, read_groups[:] = store.ActivationDataset(tmp_path / name), []
+        blocks = list(dataset.iter_batches(split="test", batch_rows=64))
+        assert np.array_equal(np.concatenate([b[1]["row_id"] for b in blocks]), expected)
+        np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), X[expected])
+        groups = sum(pq.ParquetFile(path).metadata.num_row_groups
+                     for path in (tmp_path / name / "vectors").glob("part-*.parquet"))
+        assert len(read_groups) < groups / 5 if name == "apart" else len(read_groups) == groups
+        columns = dataset.columns("test", None, ("row_id", "split"))
+        assert np.array_equal(columns["row_id"], expected) and set(columns["split"]) == {"test"}
+
+
 def test_shards_are_sized_and_listed_in_the_manifest(reference):
     manifest = json.loads((reference / store.MANIFEST).read_text())
     assert manifest["complete"] and manifest["counts"]["chunks"] == {

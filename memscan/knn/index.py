@@ -47,7 +47,7 @@ SHARD_PARAMS = ("nprobe", "efSearch")     # FAISS's own, set on every shard
 # k_factor: candidates re-ranked exactly per neighbour wanted; compressed codes (PQ) misorder
 # near neighbours, and fetching a few times k lets the exact re-ranking put them right.
 SEARCH_PARAMS = (*SHARD_PARAMS, "k_factor")
-PRODUCT_CANDIDATES = 10      # a self-join's largest products kept per pattern: its own, the best, float32's misorder
+PRODUCT_CANDIDATES = 2       # a self-join's largest products kept per pattern: its own and the best other
 TUNE_QUERIES = 1_000         # the recall sample a search parameter is chosen on: +-0.007 at a recall of 0.95
 
 
@@ -776,7 +776,7 @@ class KnnIndex:
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(self.row_ids), size=min(queries, len(self.row_ids)), replace=False))
         query_ids = self.row_ids[pick]
-        return exact.Request(query_ids, self.dataset.take(query_ids), min(k, self.shards.ntotal - 1), self.metric,
+        return exact.Request(query_ids, self.vectors(query_ids), min(k, self.shards.ntotal - 1), self.metric,
                              exclude_self=True)
 
     def truth(self, request: exact.Request) -> np.ndarray:

@@ -102,6 +102,18 @@ class BothScans(NamedTuple):
     J: np.ndarray
 
 
+def _largest_of_rows(P: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `count` largest values of P (r, m), overwritten, and their columns: (r, min(count, m)) each.
+    A few passes of argmax cost less than a heap over every element when `count` is a handful."""
+    rows, taken = np.arange(len(P)), min(count, P.shape[1])
+    top, columns = np.empty((len(P), taken), np.float32), np.empty((len(P), taken), np.int64)
+    for rank in range(taken):
+        columns[:, rank] = column = P.argmax(axis=1)
+        top[:, rank] = P[rows, column]
+        P[rows, column] = -np.inf
+    return top, columns
+
+
 def scan_both(X: np.ndarray, lists: np.ndarray, k: int, products: int, vectors_of: ListVectors) -> BothScans:
     """The k nearest and the `products` largest inner products of each query X (nq, n) over the vectors of its
     probed `lists` (nq, p) (none where `products` is 0), both from one product per list. The product is of
@@ -115,13 +127,16 @@ def scan_both(X: np.ndarray, lists: np.ndarray, k: int, products: int, vectors_o
         center = vectors.mean(axis=0)
         residuals = vectors - center
         residual_squares = np.einsum("ij,ij->i", residuals, residuals)[None, :]
-        center_terms = (vectors @ center - center @ center)[None, :]
+        center64 = center.astype(np.float64)   # x.y = (x - c).(y - c) + x.c + y.c - c.c: the centre's terms in float64
+        center_terms = (vectors @ center64 - center64 @ center64)[None, :].astype(np.float32)
         for piece in _pieces(subset, len(ids)):
             queries = X[piece]
             query_residuals = queries - center
             G = query_residuals @ residuals.T
             if largest is not None:
-                largest.add_result_subset(piece, G + (queries @ center)[:, None] + center_terms, ids)
+                row_terms = (queries @ center64).astype(np.float32)[:, None]
+                top, columns = _largest_of_rows(G + row_terms + center_terms, products)
+                largest.add_result_subset(piece, top, ids[columns])
             G *= -2
             G += np.einsum("ij,ij->i", query_residuals, query_residuals)[:, None]
             G += residual_squares

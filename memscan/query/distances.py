@@ -25,17 +25,16 @@ class PatternMeta(NamedTuple):
 
 
 def pattern_meta(layer: Layer) -> PatternMeta:
-    """Row id, next token, loss and squared norm of every pattern, streamed (vectors not kept)."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in PatternMeta._fields}
-    batches = layer.patterns.iter_batches(split=layer.pattern_split, layer=layer.layer,
-                                          columns=("row_id", "next_token_id", "nll"),
-                                          batch_rows=layer.blocks.pattern_rows)
-    for X, meta in batches:
-        for name in ("row_id", "next_token_id", "nll"):
-            parts[name].append(meta[name])
+    """Row id, next token, loss and squared norm of every pattern: the columns read without the vectors, the norms
+    streamed from the layer's pattern blocks (the index's own codes where it holds them; vectors not kept)."""
+    columns = layer.patterns.columns(layer.pattern_split, layer.layer, ("row_id", "next_token_id", "nll"))
+    norms, row_ids = [], []
+    for ids, X in layer.pattern_blocks():
         X64 = X.astype(np.float64)
-        parts["sq_norm"].append(np.einsum("ij,ij->i", X64, X64))
-    patterns = PatternMeta(*(np.concatenate(parts[name]) for name in PatternMeta._fields))
+        norms.append(np.einsum("ij,ij->i", X64, X64))
+        row_ids.append(ids)
+    assert np.array_equal(np.concatenate(row_ids), columns["row_id"])   # both read the split and layer in row order
+    patterns = PatternMeta(columns["row_id"], columns["next_token_id"], columns["nll"], np.concatenate(norms))
     exact.check_rms(math.sqrt(float(patterns.sq_norm.mean())), f"split '{layer.pattern_split}' at layer {layer.layer}")
     return patterns
 

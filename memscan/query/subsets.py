@@ -16,6 +16,7 @@ from memscan.query.distances import PatternMeta, SelfJoin
 from memscan.query.summary import SubsetSummary
 
 SUBSET_MISS = 1e-4       # the chance that a subset member's deeper neighbour list holds no other member
+PLAN_ROWS = 1 << 18      # members whose self-join lists are looked through at once
 
 
 class SubsetNearest(NamedTuple):
@@ -100,7 +101,10 @@ def _plan(layer: Layer, patterns: PatternMeta, joined: SelfJoin, fraction: float
     member = np.zeros(d, bool)
     member[chosen] = True
     rows = np.flatnonzero(member)
-    listed, sq = _first_members(joined.I[rows], joined.D[rows], member, patterns.row_id)
+    listed, sq = np.empty(len(rows), bool), np.empty(len(rows))
+    for start in range(0, len(rows), PLAN_ROWS):   # the lists' copies held a block at a time
+        part = slice(start, start + PLAN_ROWS)
+        listed[part], sq[part] = _first_members(joined.I[rows[part]], joined.D[rows[part]], member, patterns.row_id)
     return _Plan(fraction, member, rows, listed, sq)
 
 

@@ -101,8 +101,9 @@ class ActivationDataset:
             group_rows = parquet.metadata.row_group(0).num_rows
             first = (max(start, shard["row_start"]) - shard["row_start"]) // group_rows
             last = (min(stop, shard["row_stop"]) - shard["row_start"] - 1) // group_rows
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted,
-                                              row_groups=list(range(first, last + 1))):
+            groups = [group for group in range(first, last + 1)
+                      if self._may_hold(parquet.metadata.row_group(group), split, layer)]
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted, row_groups=groups):
                 batch = self._filter(batch, split, layer, (start, stop))
                 while batch.num_rows:
                     head, batch = batch.slice(0, batch_rows - pending_rows), batch.slice(batch_rows - pending_rows)
@@ -116,10 +117,30 @@ class ActivationDataset:
 
     def row_ids(self, split: str | None = None, layer: int | None = None) -> np.ndarray:
         """Row ids (int64, ascending) of a split and layer, from the metadata columns alone (no vectors read)."""
-        parts = [self._filter(batch, split, layer, (0, self.total_rows)).column("row_id").to_numpy()
-                 for shard in self.shards
-                 for batch in self._open_checked(shard).iter_batches(columns=self._filter_columns)]
-        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+        return self.columns(split, layer)["row_id"]
+
+    def columns(self, split: str | None = None, layer: int | None = None,
+                columns: Sequence[str] = ("row_id",)) -> dict[str, np.ndarray]:
+        """Per-row `columns` (each (m,), row order) of a split and layer, no vectors read: what `iter_batches`
+        gives beside X, for a pass that takes the vectors from elsewhere (an index's own codes)."""
+        wanted = list(dict.fromkeys([*columns, *self._filter_columns]))
+        batches = [self._filter(batch, split, layer, (0, self.total_rows))
+                   for shard in self.shards for batch in self._open_checked(shard).iter_batches(columns=wanted)]
+        return {name: (np.concatenate([column_numpy(batch.column(name)) for batch in batches]) if batches
+                       else np.empty(0, np.int64)) for name in columns}
+
+    def _may_hold(self, group: pq.RowGroupMetaData, split: str | None, layer: int | None) -> bool:
+        """Whether a row group's statistics (min and max per column) allow a row of this split, layer and site:
+        a split stored apart (a dataset's test rows at its end) is read without decoding the others' vectors."""
+        wanted = {"split": split, "layer": layer, "site": None if self._one_site else self.site}
+        for number in range(group.num_columns):
+            column = group.column(number)
+            value = wanted.get(column.path_in_schema)
+            statistics = column.statistics if column.is_stats_set else None
+            if value is not None and statistics is not None and statistics.has_min_max and not (
+                    statistics.min <= value <= statistics.max):
+                return False
+        return True
 
     def take(self, row_ids: np.ndarray) -> np.ndarray:
         """Vectors of the given row ids (rows of this site), float32 (m, n) in the order given; reads only their
