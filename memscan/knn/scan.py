@@ -124,6 +124,8 @@ def scan_both(X: np.ndarray, lists: np.ndarray, k: int, products: int, vectors_o
     largest = faiss.ResultHeap(len(X), products, keep_max=True) if products else None
     for number, subset in _groups(lists):
         ids, vectors = vectors_of(number)
+        if not len(ids):   # an empty list: nothing to score, and no mean to take
+            continue
         center = vectors.mean(axis=0)
         residuals = vectors - center
         residual_squares = np.einsum("ij,ij->i", residuals, residuals)[None, :]
