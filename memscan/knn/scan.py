@@ -66,17 +66,19 @@ def own_list_blocks(ivf: Any, block_rows: int) -> Iterator[tuple[np.ndarray, np.
     by one block only; else the quantizer's nprobe nearest."""
     read = list_vectors(ivf)
     parts: list[tuple[int, np.ndarray, np.ndarray]] = []
+    held = 0
     for number in range(ivf.nlist):
         ids, vectors = read(number)
         if len(ids):
             parts.append((number, ids, vectors))
-        if parts and (number == ivf.nlist - 1 or sum(len(ids) for _, ids, _ in parts) >= block_rows):
+            held += len(ids)
+        if parts and (number == ivf.nlist - 1 or held >= block_rows):
             local, X = np.concatenate([ids for _, ids, _ in parts]), np.concatenate([v for _, _, v in parts])
             if ivf.nprobe == 1:
                 lists = np.repeat([number for number, _, _ in parts], [len(ids) for _, ids, _ in parts])[:, None]
             else:
                 lists = ivf.quantizer.search(X, ivf.nprobe)[1]
-            parts = []
+            parts, held = [], 0
             yield local, X, lists
 
 
